@@ -1,0 +1,62 @@
+# deskgen — the two commands a newcomer needs: `make serve` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODELS ?= models/tiny
+# A machine without an NVIDIA GPU declares logical GPUs so the production graph (captioner 0.25 GPU,
+# generator 1 GPU) schedules unchanged; the models then run on the CPU.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+LOGICAL_GPUS ?= 2
+RAY_ENV := $(if $(HAS_GPU),,RAY_OVERRIDE_RESOURCES='{"GPU":$(LOGICAL_GPUS)}')
+
+.PHONY: install models serve test test-unit test-serve test-cluster lint bench-cpu bench-gpu cluster-up cluster-down clean
+
+install: $(VENV)/.installed
+
+# torch first: on a CPU machine the local CPU wheel (torch==2.13.0); elsewhere the CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(if $(HAS_GPU),$(BIN)/pip install -q torch==2.13.0,$(BIN)/pip install -q torch==2.13.0)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+models: install $(MODELS)/.complete
+
+$(MODELS)/.complete:
+	DESKGEN_MODELS=$(MODELS) $(BIN)/python -m deskgen.tiny --out $(MODELS)
+
+serve: models
+	$(RAY_ENV) $(BIN)/serve run serve_config.yaml
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test-unit: models
+	$(BIN)/python -m pytest -m unit -q
+
+test-serve: models
+	$(RAY_ENV) $(BIN)/python -m pytest -m serve -q
+
+test-cluster: models
+	$(BIN)/python -m pytest -m cluster -q
+
+test: lint models
+	$(RAY_ENV) $(BIN)/python -m pytest -m "unit or serve or cluster" -q
+
+bench-cpu: models
+	$(RAY_ENV) $(BIN)/python -m bench.cpu
+
+bench-gpu: install
+	$(BIN)/python -m bench.gpu
+
+cluster-up: models
+	cluster/local.sh start
+
+cluster-down:
+	cluster/local.sh stop
+
+clean:
+	rm -rf $(MODELS) .pytest_cache .mypy_cache .ruff_cache

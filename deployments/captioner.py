@@ -1,0 +1,71 @@
+"""BLIP captioning + prompt building as a Ray Serve deployment on a fractional GPU (cpu without one)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREFIXES, build_prompt, rank_keywords
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class CaptionerConfig(BaseModel):
+    """The captioner's ``user_config``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_PREFIXES), max_length=8)
+    max_keywords: int = Field(8, ge=1, le=32)
+    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=2000)
+    max_batch_size: int = Field(4, ge=1, le=32)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
+class Captioner:
+    """Captions desk photos (unconditional + one caption per prefix), ranks the objects they name
+    and builds the SDXL prompt. Concurrent requests are captioned in one batch."""
+
+    def __init__(self, model_id: str, device: str | None = None, dtype: str | None = None) -> None:
+        from deskgen.captioner import Captioner as BlipCaptioner
+
+        self.captioner = BlipCaptioner.from_pretrained(model_id, device=device, dtype=dtype)
+        self.config = CaptionerConfig()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.config = CaptionerConfig.model_validate(user_config)
+        self.captioner.set_prefixes(self.config.prefixes)
+        self.caption_batch.set_max_batch_size(self.config.max_batch_size)  # type: ignore[attr-defined]
+        self.caption_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def caption_batch(self, images: list[Image.Image]) -> list[tuple[Any, float]]:
+        start = time.perf_counter()
+        caption_sets = await asyncio.to_thread(self.captioner.caption_batch, images)
+        seconds = time.perf_counter() - start
+        return [(captions, seconds) for captions in caption_sets]
+
+    async def caption(self, image: Image.Image, style: str | None = None) -> dict[str, Any]:
+        """Captions, ranked keywords and the prompt pair for one RGB image."""
+        captions, seconds = await self.caption_batch(image)
+        texts = captions.texts()
+        keywords = rank_keywords(texts)
+        prompt = build_prompt(
+            texts, keywords, style, max_keywords=self.config.max_keywords, negative_prompt=self.config.negative_prompt
+        )
+        return {
+            "captions": captions.as_dict(),
+            "keywords": [{"name": k.name, "count": k.count} for k in keywords],
+            "prompt": prompt.prompt,
+            "negative_prompt": prompt.negative_prompt,
+            "seconds": seconds,
+        }
+
+    def ping(self) -> str:
+        return "ok"

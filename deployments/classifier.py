@@ -1,0 +1,71 @@
+"""The desk gate as a Ray Serve deployment: CPU replicas, requests batched with ``@serve.batch``.
+
+Only this deployment's process imports TensorFlow (inside :class:`deskgen.classifier.DeskClassifier`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger("ray.serve")
+
+
+class ClassifierConfig(BaseModel):
+    """The classifier's ``user_config``: cheap knobs changed without restarting replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="score >= threshold means a desk setup")
+    max_batch_size: int = Field(8, ge=1, le=64, description="images per forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0, description="wait this long to fill a batch")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+class Classifier:
+    """Scores photos with the VGG16 gate; batches concurrent requests into one forward pass."""
+
+    def __init__(self, model_path: str, tf_threads: int | None = None) -> None:
+        from deskgen.classifier import DeskClassifier
+        from deskgen.paths import resolve
+
+        self.gate = DeskClassifier.load(resolve(model_path), tf_threads=tf_threads)
+        self.config = ClassifierConfig()
+        self.batch_sizes: list[int] = []
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.config = ClassifierConfig.model_validate(user_config)
+        self.gate.threshold = self.config.threshold
+        self.classify_batch.set_max_batch_size(self.config.max_batch_size)  # type: ignore[attr-defined]
+        self.classify_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def classify_batch(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        scores = await asyncio.to_thread(self.gate.score_batch, images)
+        seconds = time.perf_counter() - start
+        self.batch_sizes.append(len(images))
+        threshold = self.config.threshold
+        return [
+            {"score": s, "is_desk": s >= threshold, "threshold": threshold, "batch_size": len(images), "seconds": seconds}
+            for s in scores
+        ]
+
+    async def classify(self, image: Image.Image) -> dict[str, Any]:
+        """``{"score", "is_desk", "threshold", "batch_size", "seconds"}`` for one RGB image."""
+        return await self.classify_batch(image)  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        sizes = self.batch_sizes
+        return {"batches": len(sizes), "images": sum(sizes), "max_batch": max(sizes, default=0)}
+
+    def ping(self) -> str:
+        return "ok"

@@ -1,0 +1,72 @@
+"""Errors the model layer raises on bad input; the ingress maps each to one HTTP status.
+
+Every error carries a stable machine-readable ``code`` and, where one input is at fault, the
+``field`` that holds it, so a client can point at the offending value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DeskgenError(Exception):
+    """Base class. ``status`` is the HTTP status the ingress answers with."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.extra = extra
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        body.update(self.extra)
+        return body
+
+
+class InvalidParameter(DeskgenError):
+    """A parameter is outside its documented range or malformed (400)."""
+
+    status = 400
+    code = "invalid_parameter"
+
+
+class UnknownMix(DeskgenError):
+    """A mix name or an adapter inside an ad-hoc mix does not exist (404)."""
+
+    status = 404
+    code = "unknown_mix"
+
+
+class PayloadTooLarge(DeskgenError):
+    """The upload is larger than the configured byte or pixel limit (413)."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class NotAnImage(DeskgenError):
+    """The upload cannot be decoded as an image (415)."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotADeskSetup(DeskgenError):
+    """The gate scored the photo below the threshold (422); carries the score."""
+
+    status = 422
+    code = "not_a_desk_setup"
+
+
+class ModelFilesMissing(RuntimeError):
+    """A configured model path does not exist. Raised at start-up, never per request."""
+
+    def __init__(self, what: str, path: str, hint: str = "build the tiny models with `make models`") -> None:
+        super().__init__(f"{what} not found at {path!r}: {hint}")
+        self.path = path

@@ -1,0 +1,54 @@
+"""Composes the deskgen application: three stages behind one HTTP ingress.
+
+``serve_config.yaml`` points at ``graph:app``. ``app`` is a typed builder, so the config's ``args``
+(model locations — the only change needed for real weights) arrive validated as :class:`DeskgenArgs`.
+Resources, autoscaling and ``user_config`` come from the config's ``deployments`` section.
+"""
+
+# No `from __future__ import annotations` here: Serve reads the builder's annotation at runtime to
+# validate `args` into DeskgenArgs, and a string annotation would skip that.
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from deployments.captioner import Captioner
+from deployments.classifier import Classifier
+from deployments.generator import Generator
+from deployments.ingress import Ingress
+
+
+class DeskgenArgs(BaseModel):
+    """Where the models are. Relative paths resolve against the project root; a hub id
+    (``owner/name``) loads from the Hugging Face cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classifier_model: str = Field("models/tiny/classifier/desk_gate.keras", description="a Keras .keras file")
+    captioner_model: str = Field("models/tiny/blip", description="BLIP folder or hub id")
+    generator_model: str = Field("models/tiny/sdxl", description="SDXL folder or hub id")
+    lora_dir: str = Field("models/tiny/loras", description="folder of <adapter>.safetensors files")
+    device: str | None = Field(None, description="force a torch device (default: cuda if available, else cpu)")
+    dtype: str | None = Field(None, description="force a torch dtype (default: fp16/bf16 on cuda, fp32 on cpu)")
+    tf_threads: int | None = Field(None, ge=1, description="TensorFlow threads per classifier replica")
+    generator_options: dict[str, object] = Field(
+        default_factory=dict, description="extra deskgen.generator.GeneratorSettings fields (speed flags)"
+    )
+
+
+def build_app(args: DeskgenArgs) -> Application:
+    settings = {
+        "model_id": args.generator_model,
+        "lora_dir": args.lora_dir,
+        "device": args.device,
+        "dtype": args.dtype,
+        **args.generator_options,
+    }
+    return Ingress.bind(
+        classifier=Classifier.bind(args.classifier_model, tf_threads=args.tf_threads),
+        captioner=Captioner.bind(args.captioner_model, device=args.device, dtype=args.dtype),
+        generator=Generator.bind(settings),
+    )
+
+
+#: The import path of serve_config.yaml. A builder function: `serve run graph:app` calls it with no args.
+app = build_app

@@ -1,0 +1,103 @@
+"""The serve tier: the real application from serve_config.yaml on a real local Ray, over real HTTP.
+
+The app is deployed exactly as `serve run serve_config.yaml` / `serve deploy` do (the YAML validated
+into ServeDeploySchema and applied by the Serve controller), with a few test overrides: one replica
+per stage, tiny generation defaults and a tight generator queue so backpressure is reachable.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from deskgen.paths import PROJECT_ROOT
+
+APP = "deskgen"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def production_config() -> dict[str, Any]:
+    return yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+
+
+def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (app,) = config["applications"]
+    return next(d for d in app["deployments"] if d["name"] == name)
+
+
+def test_config(port: int, models: Path) -> dict[str, Any]:
+    config = copy.deepcopy(production_config())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (app,) = config["applications"]
+    app["args"] = {
+        "classifier_model": str(models / "classifier" / "desk_gate.keras"),
+        "captioner_model": str(models / "blip"),
+        "generator_model": str(models / "sdxl"),
+        "lora_dir": str(models / "loras"),
+    }
+    for d in app["deployments"]:
+        d.pop("autoscaling_config", None)
+        d["num_replicas"] = 1
+    ingress = deployment(config, "Ingress")["user_config"]
+    ingress.update(default_steps=2, default_width=64, default_height=64, max_side=512, request_timeout_s=60)
+    generator = deployment(config, "Generator")
+    generator.update(max_ongoing_requests=1, max_queued_requests=2)
+    return config
+
+
+def deploy(config: dict[str, Any]) -> None:
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=config["http_options"])
+    client.deploy_apps(schema, _blocking=True)
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_models: Path) -> Iterator[dict[str, Any]]:
+    """Deploy the app once per session; yields {"url", "config", "deploy_seconds"}."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    config = test_config(port, tiny_models)
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+    start = time.perf_counter()
+    deploy(config)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=60) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("deskgen never became ready")
+            time.sleep(0.5)
+    yield {"url": url, "config": config, "deploy_seconds": time.perf_counter() - start}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture()
+def client(serve_app: dict[str, Any]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serve_app["url"], timeout=120) as c:
+        yield c
+
+
+def generator_info() -> dict[str, Any]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Generator", APP)
+    return handle.info.remote().result()  # type: ignore[no-any-return]

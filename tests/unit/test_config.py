@@ -1,0 +1,86 @@
+"""serve_config.yaml is valid for Ray and for every deployment's own config model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deployments.captioner import CaptionerConfig
+from deployments.classifier import ClassifierConfig
+from deployments.ingress import IngressConfig
+from deskgen.mixes import NAMED_MIXES, MixCatalog
+from deskgen.paths import PROJECT_ROOT
+from graph import DeskgenArgs
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+
+
+def deployments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    (app,) = config["applications"]
+    return {d["name"]: d for d in app["deployments"]}
+
+
+def test_config_validates_against_rays_schema(config: dict[str, Any]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "graph:app"
+    assert {d.name for d in app.deployments} == {"Ingress", "Classifier", "Captioner", "Generator"}
+
+
+def test_resources_match_the_brief(config: dict[str, Any]) -> None:
+    d = deployments(config)
+    assert d["Captioner"]["ray_actor_options"]["num_gpus"] == 0.25
+    assert d["Generator"]["ray_actor_options"]["num_gpus"] == 1
+    assert "num_gpus" not in d["Classifier"]["ray_actor_options"]
+    for name in ("Classifier", "Generator"):
+        auto = d[name]["autoscaling_config"]
+        assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
+    # A classifier replica must be able to fill a whole batch.
+    assert d["Classifier"]["max_ongoing_requests"] >= d["Classifier"]["user_config"]["max_batch_size"]
+
+
+def test_user_configs_parse_into_the_deployments_models(config: dict[str, Any]) -> None:
+    d = deployments(config)
+    ingress = IngressConfig.model_validate(d["Ingress"]["user_config"])
+    ClassifierConfig.model_validate(d["Classifier"]["user_config"])
+    CaptionerConfig.model_validate(d["Captioner"]["user_config"])
+    (app,) = config["applications"]
+    DeskgenArgs.model_validate(app["args"])
+    # The config's catalogue is the documented one, and every mix in it resolves.
+    assert ingress.mixes == NAMED_MIXES
+    catalog = MixCatalog(["dalle", "ott", "3d"], ingress.mixes)
+    assert catalog.resolve("ott_3d").id == "3d:0.5+ott:0.7"
+    assert sum(ingress.ab_split.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"ab_split": {"nope": 1.0}}, "not one of the named mixes"),
+        ({"ab_split": {"mix": 0}}, "must be > 0"),
+        ({"colour": "blue"}, "Extra inputs"),
+        ({"default_guidance": 99}, "less than or equal to 30"),
+    ],
+)
+def test_bad_ingress_config_is_refused(patch: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment.replace("[", r"\[")):
+        IngressConfig.model_validate(patch)
+
+
+def test_unknown_config_keys_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        ClassifierConfig.model_validate({"treshold": 0.4})
+    with pytest.raises(ValidationError):
+        CaptionerConfig.model_validate({"prefixes": ["a"] * 9})
+    with pytest.raises(ValidationError):
+        DeskgenArgs.model_validate({"generator": "x"})

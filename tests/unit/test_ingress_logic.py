@@ -1,0 +1,50 @@
+"""The ingress's pure decisions: A/B arm choice, response format, error mapping."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from deployments.ingress import choose_format, error_for, pick_arm
+from deskgen.errors import NotADeskSetup, UnknownMix
+
+pytestmark = pytest.mark.unit
+
+
+def test_pick_arm_is_sticky_and_proportional() -> None:
+    split = {"dalle_ott": 0.7, "ott_3d": 0.3}
+    arms = [pick_arm(split, f"user-{i}", "salt") for i in range(4000)]
+    assert [pick_arm(split, f"user-{i}", "salt") for i in range(50)] == arms[:50]
+    share = collections.Counter(arms)["dalle_ott"] / len(arms)
+    assert 0.67 <= share <= 0.73
+    # Another salt reshuffles users between arms but keeps the proportions.
+    reshuffled = [pick_arm(split, f"user-{i}", "other") for i in range(4000)]
+    assert reshuffled != arms
+    assert 0.67 <= reshuffled.count("dalle_ott") / 4000 <= 0.73
+
+
+def test_pick_arm_single_arm_and_unnormalised_shares() -> None:
+    assert {pick_arm({"mix": 5.0}, f"u{i}", "s") for i in range(100)} == {"mix"}
+    arms = [pick_arm({"a": 1, "b": 3}, f"u{i}", "s") for i in range(4000)]
+    assert 0.22 <= arms.count("a") / 4000 <= 0.28
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [("", "png"), ("*/*", "png"), ("image/png", "png"), ("application/json", "json"),
+     ("text/event-stream", "sse"), ("application/json, text/event-stream;q=0.9", "sse")],
+)
+def test_choose_format(accept: str, expected: str) -> None:
+    assert choose_format(accept) == expected
+
+
+def test_error_mapping() -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    status, body, headers = error_for(NotADeskSetup("low", field="image", score=0.1, threshold=0.5), 5)
+    assert status == 422 and body["error"] == {"code": "not_a_desk_setup", "message": "low", "field": "image", "score": 0.1, "threshold": 0.5}
+    assert error_for(UnknownMix("x", field="mix"), 5)[0] == 404
+    status, body, headers = error_for(BackPressureError(num_queued_requests=3, max_queued_requests=2), 7)
+    assert status == 503 and headers == {"Retry-After": "7"} and body["error"]["code"] == "overloaded"
+    assert error_for(TimeoutError(), 5)[0] == 504
