@@ -32,12 +32,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16/32-bit greyscale: scale the real value range to 8 bit (PIL's convert("L") clips).
+        # Wide greyscale. PIL's convert("L") clips at 255, so map values ourselves:
+        # - 16-bit: the format's full range 0..65535 -> 0..255, as a viewer shows it. (Stretching
+        #   min..max instead turned a uniformly white 16-bit PNG black and brightened dim photos.)
+        # - 32-bit int / float have no fixed range: values already in 0..255 are kept, anything
+        #   else is stretched from its min..max (a constant image is clipped to 0..255).
         import numpy as np
 
         arr = np.asarray(image, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+        if mode.startswith("I;16"):
+            scaled = arr * (255.0 / 65535.0)
+        elif (lo >= 0.0 and hi <= 255.0) or hi <= lo:
+            scaled = np.clip(arr, 0.0, 255.0)
+        else:
+            scaled = (arr - lo) * (255.0 / (hi - lo))
         return Image.fromarray(scaled.round().astype("uint8"), mode="L").convert("RGB")
     return image.convert("RGB")
 

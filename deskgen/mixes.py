@@ -128,6 +128,8 @@ class MixCatalog:
 
     def resolve(self, spec: str, *, field: str = "mix") -> Mix:
         spec = spec.strip()
+        if not spec:
+            raise InvalidParameter(f"`{field}` is empty: name a mix or write `adapter:weight+...`.", field=field)
         if spec in self.named:
             return self.named[spec]
         if spec == BASE_MIX_ID:

@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+
+# Tiny models run at their fastest on one thread: on 2 busy cores, torch's default thread pool
+# spins and made single tiny calls 10-100x slower (measured). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest

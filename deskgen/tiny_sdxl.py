@@ -1,0 +1,482 @@
+"""A tiny, randomly initialised SDXL pipeline and three tiny style LoRAs, built offline in seconds.
+
+    build(out)  ->  out/sdxl/                    StableDiffusionXLPipeline.save_pretrained folder
+                    out/loras/dalle.safetensors  kohya_ss layout (SGM block numbering, lora_te1_/lora_te2_)
+                    out/loras/3d.safetensors     kohya_ss layout
+                    out/loras/ott.safetensors    diffusers/peft layout (StableDiffusionXLPipeline.save_lora_weights)
+
+The pipeline keeps SDXL's architecture at toy widths: the UNet has SDXL's block layout (Down, CrossAttnDown,
+CrossAttnDown and the mirrored up blocks, ``layers_per_block=2`` so kohya's SGM numbering maps onto it the
+way it maps onto the real UNet), ``addition_embed_type="text_time"`` and linear projections; the VAE has 4
+levels, so the latent scale factor is 8 as in the real one; two CLIP text encoders (the second with a
+projection, pooled into the time embedding) with byte-level BPE tokenizers learned in code from a small
+corpus. The LoRAs have non-zero up *and* down weights, large enough that switching mixes visibly changes
+a 64x64 image. Everything is seeded, so two builds write identical tensors.
+
+:func:`build` ends with :func:`verify`, which reloads the folder through ``from_pretrained`` and
+``load_lora_weights`` and checks that every module written into each LoRA file arrived, with its weights,
+in the pipeline, and that each LoRA changes the image: a conversion that silently drops keys fails the build.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+SEED = 1234
+LORA_RANK = 4
+#: kohya scales a LoRA by alpha / rank; alpha != rank exercises that path.
+KOHYA_ALPHA = 2.0
+#: diffusers-layout files carry a LoraConfig in their metadata; lora_alpha != r exercises it.
+DIFFUSERS_ALPHA = 2
+#: Multiplier on the LoRA up weights; chosen so one adapter at weight 1 moves a 64x64, 2-step image by
+#: about 20 grey levels on average (measured by :func:`verify`): a switch is visible by eye.
+LORA_STRENGTH = 4.0
+#: :func:`verify` fails a build whose LoRAs move the image by less than this (grey levels, mean).
+MIN_VISIBLE_CHANGE = 5.0
+#: name -> (layout, seed). Different seeds give each style a different direction.
+LORAS: dict[str, tuple[str, int]] = {"dalle": ("kohya", 11), "ott": ("diffusers", 22), "3d": ("kohya", 33)}
+
+UNET_ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# A small corpus of desk-setup and style words; the tokenizers learn their merges from it, so prompts
+# about desks tokenize into a few tokens per word, as with the real CLIP vocabulary.
+CORPUS = """
+a photo of a desk setup with a monitor keyboard mouse lamp plant and a chair in a bright room
+a minimal workspace with a laptop on a wooden desk next to a window with natural light
+a cozy gaming setup with rgb lights two monitors a mechanical keyboard and headphones
+a modern home office with a standing desk a white wall shelves books and a coffee mug
+a clean desk with a computer speakers a microphone a webcam cables and a desk mat
+an illustration of a desk in the style of dalle digital art vibrant colors soft shadows
+an over the top maximalist desk setup neon lights posters figures and many gadgets
+a 3d render of a desk setup isometric low poly clay render blender octane soft lighting
+high quality detailed sharp focus professional photography studio lighting realistic
+blurry low quality noisy distorted deformed bad proportions text watermark messy cluttered
+background cartoon anime painting sketch wood metal glass black white gray green blue red
+""".split()
+
+_SPECIAL_BOS = "<|startoftext|>"
+_SPECIAL_EOS = "<|endoftext|>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the byte-level alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def learn_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Learn up to ``num_merges`` BPE merges (CLIP style: the last symbol of a word carries ``</w>``)."""
+    byte_map = _bytes_to_unicode()
+    counts = collections.Counter(words)
+    vocab: dict[tuple[str, ...], int] = {}
+    for word, count in counts.items():
+        chars = [byte_map[b] for b in word.encode("utf-8")]
+        chars[-1] += "</w>"
+        vocab[tuple(chars)] = count
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for symbols, count in vocab.items():
+            for pair in itertools.pairwise(symbols):
+                pairs[pair] += count
+        if not pairs:
+            break
+        # Ties broken by the pair itself so the merges do not depend on dict order.
+        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]
+        merges.append(best)
+        merged: dict[tuple[str, ...], int] = {}
+        for symbols, count in vocab.items():
+            out: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = count
+        vocab = merged
+    return merges
+
+
+def build_tokenizer(num_merges: int = 300) -> Any:
+    """A CLIPTokenizer with CLIP's vocabulary layout (bytes, bytes+``</w>``, merges, specials)."""
+    from transformers import CLIPTokenizer
+
+    merges = learn_bpe(CORPUS, num_merges)
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(pair) for pair in merges]
+    tokens += [_SPECIAL_BOS, _SPECIAL_EOS]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    # model_max_length must be 77: the default (~1e30) would make the pipeline pad prompts to it.
+    return CLIPTokenizer(
+        vocab=vocab,
+        # The tokenizers backend wants (a, b) tuples; transformers' annotation says list[str].
+        merges=merges,  # type: ignore[arg-type]
+        model_max_length=77,
+        bos_token=_SPECIAL_BOS,
+        eos_token=_SPECIAL_EOS,
+        pad_token=_SPECIAL_EOS,
+        unk_token=_SPECIAL_EOS,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def build_pipeline() -> Any:
+    """The tiny StableDiffusionXLPipeline (fp32, CPU, seeded)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(SEED)
+    tokenizer = build_tokenizer()
+    special = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        # CLIP pools the hidden state at the first eos token; the ids must match the tokenizer's.
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "num_hidden_layers": 2,  # the pipeline reads hidden_states[-2], as SDXL's clip skip
+    }
+    te1_hidden, te2_hidden, pooled_dim = 32, 48, 32
+    te1_cfg = CLIPTextConfig(hidden_size=te1_hidden, intermediate_size=64, num_attention_heads=4, projection_dim=pooled_dim, **special)
+    te2_cfg = CLIPTextConfig(hidden_size=te2_hidden, intermediate_size=96, num_attention_heads=4, projection_dim=pooled_dim, **special)
+    text_encoder = CLIPTextModel(te1_cfg)
+    text_encoder_2 = CLIPTextModelWithProjection(te2_cfg)
+
+    addition_time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 64),
+        layers_per_block=2,  # as SDXL: kohya's SGM numbering (input_blocks.{1+3i+j}) assumes it
+        norm_num_groups=8,
+        attention_head_dim=(1, 2, 4),  # diffusers' name for the number of heads, as in SDXL's config
+        transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=te1_hidden + te2_hidden,  # the two encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        # 6 micro-conditioning numbers (original size, crop, target size) + the pooled text embedding.
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + pooled_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),  # 4 levels: latent scale factor 8
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRAs
+# --------------------------------------------------------------------------------------------------
+
+
+def _kohya_unet_module(diffusers_name: str, layers_per_block: int) -> str:
+    """``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` -> kohya's SGM-numbered name
+    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``."""
+    parts = diffusers_name.split(".")
+    per_block = layers_per_block + 1
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        head = f"input_blocks.{1 + per_block * int(parts[1]) + int(parts[3])}.1"
+        rest = parts[4:]
+    elif parts[0] == "mid_block" and parts[1] == "attentions":
+        head = "middle_block.1"
+        rest = parts[3:]
+    elif parts[0] == "up_blocks" and parts[2] == "attentions":
+        head = f"output_blocks.{per_block * int(parts[1]) + int(parts[3])}.1"
+        rest = parts[4:]
+    else:
+        raise ValueError(f"no SGM name for UNet module {diffusers_name!r}")
+    return "lora_unet_" + ".".join([head, *rest]).replace(".", "_")
+
+
+def lora_targets(pipe: Any) -> dict[str, dict[str, tuple[int, int]]]:
+    """component -> {module name: (in_features, out_features)} of every attention projection a LoRA targets."""
+    import torch
+
+    targets: dict[str, dict[str, tuple[int, int]]] = {}
+    for component, suffixes in (
+        ("unet", UNET_ATTN_PROJECTIONS),
+        ("text_encoder", TE_ATTN_PROJECTIONS),
+        ("text_encoder_2", TE_ATTN_PROJECTIONS),
+    ):
+        found: dict[str, tuple[int, int]] = {}
+        for name, module in getattr(pipe, component).named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(tuple("." + s for s in suffixes)):
+                if component == "unet" and ".transformer_blocks." not in name:
+                    continue
+                found[name] = (module.in_features, module.out_features)
+        targets[component] = found
+    return targets
+
+
+def _random_lora(
+    targets: dict[str, dict[str, tuple[int, int]]], seed: int
+) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """component -> module -> (down [r, in], up [out, r]), both non-zero, seeded."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for component, modules in targets.items():
+        weights[component] = {}
+        for name in sorted(modules):
+            in_f, out_f = modules[name]
+            # Scaled like the base layer's init so the delta is comparable to the weight it perturbs.
+            down = torch.randn(LORA_RANK, in_f, generator=gen) / in_f**0.5
+            up = LORA_STRENGTH * torch.randn(out_f, LORA_RANK, generator=gen) / LORA_RANK**0.5
+            weights[component][name] = (down.contiguous(), up.contiguous())
+    return weights
+
+
+def _file_module_name(component: str, name: str) -> str:
+    """The module name as LoRA files in the wild spell it.
+
+    transformers 5 flattened ``CLIPTextModel`` (``encoder.layers.0...``), but every SDXL LoRA trained so
+    far names the first text encoder's modules ``text_model.encoder.layers.0...``; writing that form makes
+    the tiny files exercise the same key mapping on load as real ones.
+    """
+    if component == "text_encoder" and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
+def _write_kohya(path: Path, weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], layers: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    for component, modules in weights.items():
+        for name, (down, up) in modules.items():
+            if component == "unet":
+                key = _kohya_unet_module(name, layers)
+            else:
+                key = prefixes[component] + _file_module_name(component, name).replace(".", "_")
+            # kohya alphas are stored as 0-d tensors; its trainers save fp16 weights, we keep fp32.
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(KOHYA_ALPHA)
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK)})
+
+
+def _write_diffusers(path: Path, weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    metadata: dict[str, dict[str, Any]] = {}
+    for component, modules in weights.items():
+        layers[component] = {}
+        for name, (down, up) in modules.items():
+            file_name = _file_module_name(component, name)
+            layers[component][f"{file_name}.lora_A.weight"] = down
+            layers[component][f"{file_name}.lora_B.weight"] = up
+        # As diffusers' SDXL LoRA training scripts write it: short target names, matched by suffix.
+        targets = UNET_ATTN_PROJECTIONS if component == "unet" else TE_ATTN_PROJECTIONS
+        metadata[component] = {"r": LORA_RANK, "lora_alpha": DIFFUSERS_ALPHA, "target_modules": list(targets)}
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(path.parent),
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"],
+        weight_name=path.name,
+        unet_lora_adapter_metadata=metadata["unet"],
+        text_encoder_lora_adapter_metadata=metadata["text_encoder"],
+        text_encoder_2_lora_adapter_metadata=metadata["text_encoder_2"],
+    )
+
+
+def _canonicalise_header(path: Path) -> None:
+    """Rewrite a .safetensors header with sorted keys, so a rebuild is byte-identical.
+
+    safetensors serialises ``__metadata__`` from a Rust HashMap, whose order changes per process; the
+    adapters' sha256 goes into every image's metadata, so it should not change between identical builds.
+    Tensor offsets are relative to the end of the header, so re-serialising the header is safe.
+    """
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 with spaces
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+
+
+def expected_weights(pipe: Any) -> dict[str, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """LoRA name -> the (down, up) weights :func:`build` writes for every targeted module (recomputed from seeds)."""
+    targets = lora_targets(pipe)
+    return {name: _random_lora(targets, seed) for name, (_, seed) in LORAS.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Build and verify
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block. Tiny models gain nothing from more, and on a busy
+    machine (2 cores shared with other jobs) two OpenMP threads made a 64x64 generation ~50x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build(out: Path) -> None:
+    """Write ``out/sdxl`` and ``out/loras/{dalle,ott,3d}.safetensors``, then :func:`verify` them."""
+    with one_torch_thread():
+        _build(Path(out))
+
+
+def _build(out: Path) -> None:
+    pipe = build_pipeline()
+    pipe.save_pretrained(str(out / "sdxl"))
+    lora_dir = out / "loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    layers = pipe.unet.config.layers_per_block
+    for name, weights in expected_weights(pipe).items():
+        layout = LORAS[name][0]
+        path = lora_dir / f"{name}.safetensors"
+        if layout == "kohya":
+            _write_kohya(path, weights, layers)
+        else:
+            _write_diffusers(path, weights)
+        _canonicalise_header(path)
+    verify(out)
+
+
+def verify(out: Path, *, size: int = 64, steps: int = 2) -> dict[str, float]:
+    """Reload ``out`` the way the service does and check each LoRA arrived whole and changes the image.
+
+    For every module written into a LoRA file, the loaded pipeline must hold a LoRA layer for that
+    adapter whose A/B weights equal the file's down/up weights (kohya and peft layouts alike). Returns
+    the mean absolute pixel change (0-255) each adapter at weight 1 causes; raises RuntimeError if a
+    module is missing, a weight differs, or an adapter leaves the image unchanged.
+    """
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from deskgen.loras import quiet_adapter_load
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(Path(out) / "sdxl"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    expected = expected_weights(pipe)
+
+    def render() -> Any:
+        image = pipe(
+            "a desk setup",
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            width=size,
+            height=size,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="np",
+        ).images[0]
+        return np.round(image * 255).astype(np.int16)
+
+    base = render()
+    changes: dict[str, float] = {}
+    for name in LORAS:
+        with quiet_adapter_load():
+            pipe.load_lora_weights(str(Path(out) / "loras"), weight_name=f"{name}.safetensors", adapter_name=name)
+        for component, modules in expected[name].items():
+            model = getattr(pipe, component)
+            for module_name, (down, up) in modules.items():
+                try:
+                    layer = model.get_submodule(module_name)
+                    got_down = layer.lora_A[name].weight
+                    got_up = layer.lora_B[name].weight
+                except (AttributeError, KeyError) as exc:
+                    raise RuntimeError(f"LoRA {name!r}: {component}.{module_name} was not loaded ({exc})") from exc
+                if not (torch.equal(got_down, down) and torch.equal(got_up, up)):
+                    raise RuntimeError(f"LoRA {name!r}: {component}.{module_name} loaded with different weights")
+        pipe.set_adapters([name], adapter_weights=[1.0])
+        changes[name] = float(np.abs(render() - base).mean())
+        if changes[name] < MIN_VISIBLE_CHANGE:
+            raise RuntimeError(f"LoRA {name!r} changes the {size}x{size} image by only {changes[name]:.3f} grey levels")
+    pipe.disable_lora()
+    if not np.array_equal(render(), base):
+        raise RuntimeError("the image with LoRAs disabled differs from the base image")
+    log.info("tiny LoRAs verified; mean pixel change per adapter: %s", json.dumps(changes))
+    return changes

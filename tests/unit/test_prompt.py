@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from deskgen.errors import InvalidParameter
+from deskgen.prompt import (
+    DEFAULT_NEGATIVE_PROMPT,
+    PROMPT_TOKEN_BUDGET,
+    Keyword,
+    Prompt,
+    build_prompt,
+    rank_keywords,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def clip_ish_tokens(text: str) -> int:
+    """Words plus commas: what the brief asks the prompt to keep well under CLIP's 77."""
+    return len(re.findall(r"\w+|,", text))
+
+
+# ---------------------------------------------------------------- rank_keywords
+
+
+def test_counts_captions_not_occurrences() -> None:
+    ranked = rank_keywords(["monitor monitor monitor", "a lamp", "a lamp on a desk"])
+    assert ranked == [Keyword("lamp", 2), Keyword("monitor", 1)]
+
+
+def test_synonyms_and_plurals_merge_into_one_canonical_name() -> None:
+    captions = [
+        "two monitors",
+        "a computer screen",
+        "a large display",
+        "screens and a mug",
+        "a cup of coffee",
+    ]
+    ranked = rank_keywords(captions)
+    assert ranked == [Keyword("monitor", 4), Keyword("mug", 2)]
+
+
+def test_multi_word_terms_win_over_their_words() -> None:
+    # "desk lamp" is one lamp; "computer mouse" is a mouse and not also a computer.
+    assert rank_keywords(["a desk lamp", "a computer mouse"]) == [Keyword("lamp", 1), Keyword("mouse", 1)]
+    assert rank_keywords(["a computer monitor"]) == [Keyword("monitor", 1)]
+
+
+def test_order_is_count_descending_then_first_appearance() -> None:
+    captions = [
+        "a keyboard and a plant",  # keyboard first seen before plant
+        "a plant next to a mouse",
+        "a keyboard, a mouse",
+        "headphones",
+    ]
+    ranked = rank_keywords(captions)
+    assert [k.name for k in ranked] == ["keyboard", "plant", "mouse", "headphones"]
+    assert [k.count for k in ranked] == [2, 2, 2, 1]
+
+
+def test_non_objects_and_partial_words_are_ignored() -> None:
+    assert rank_keywords(["a desk in a bright room with a view", "an empty office"]) == []
+    # Word boundaries: "lampshade", "monitoring" and "screensaver" are not lamps/monitors.
+    assert rank_keywords(["a lampshade", "monitoring", "a screensaver"]) == []
+
+
+def test_matching_is_case_insensitive_and_tolerates_spacing() -> None:
+    assert rank_keywords(["A MONITOR", "Desk   Lamp", "KEYBOARD."]) == [
+        Keyword("monitor", 1),
+        Keyword("lamp", 1),
+        Keyword("keyboard", 1),
+    ]
+
+
+def test_custom_vocabulary_replaces_the_builtin_one() -> None:
+    vocabulary = {"cat": "cat", "cats": "cat", "monitor": "screen"}
+    assert rank_keywords(["two cats on a monitor", "a cat"], vocabulary) == [
+        Keyword("cat", 2),
+        Keyword("screen", 1),
+    ]
+
+
+def test_no_captions_no_keywords() -> None:
+    assert rank_keywords([]) == []
+    assert rank_keywords(["", "   "]) == []
+
+
+# ---------------------------------------------------------------- build_prompt
+
+
+def test_keywords_named_by_more_captions_come_first() -> None:
+    keywords = [Keyword("lamp", 1), Keyword("monitor", 3), Keyword("keyboard", 2), Keyword("plant", 1)]
+    result = build_prompt(["a monitor and a keyboard"], keywords)
+    assert result.prompt.startswith("a desk setup with monitor, keyboard, lamp, plant, ")
+    assert result.prompt.endswith("high quality, detailed, professional photo")
+
+
+def test_prompt_from_ranked_captions() -> None:
+    captions = [
+        "a desk with a computer monitor and a keyboard",
+        "a monitor, a lamp and a plant",
+        "monitor and lamp",
+    ]
+    result = build_prompt(captions, rank_keywords(captions), "watercolor")
+    assert result == Prompt(
+        prompt=(
+            "a desk setup with monitor, lamp, keyboard, plant, watercolor style, "
+            "a monitor a lamp and a plant, high quality, detailed, professional photo"
+        ),
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+    )
+
+
+def test_style_is_included_and_style_is_not_doubled() -> None:
+    keywords = [Keyword("monitor", 1)]
+    assert ", isometric 3d render style, " in build_prompt([], keywords, "isometric 3d render").prompt
+    assert ", pixel art style, " in build_prompt([], keywords, "  pixel art style ").prompt
+    assert " style" not in build_prompt([], keywords).prompt
+
+
+def test_max_keywords_and_no_keywords() -> None:
+    keywords = [Keyword(name, 1) for name in ("monitor", "lamp", "mouse", "plant")]
+    assert build_prompt([], keywords, max_keywords=2).prompt.startswith(
+        "a desk setup with monitor, lamp, high"
+    )
+    assert build_prompt([], []).prompt == "a desk setup, high quality, detailed, professional photo"
+    assert build_prompt([], keywords, max_keywords=0).prompt.startswith("a desk setup, high quality")
+
+
+def test_looping_caption_is_collapsed_in_the_summary() -> None:
+    captions = ["a laptop a laptop a laptop a laptop and a mug"]
+    result = build_prompt(captions, rank_keywords(captions))
+    assert ", a laptop and a mug, " in result.prompt
+
+
+def test_prompt_stays_under_clip_budget_with_long_inputs() -> None:
+    keywords = [
+        Keyword(name, 10 - i)
+        for i, name in enumerate(
+            [
+                "monitor",
+                "keyboard",
+                "mouse",
+                "lamp",
+                "plant",
+                "mouse pad",
+                "led lights",
+                "picture frame",
+                "mug",
+            ]
+        )
+    ]
+    long_caption = "a very long caption about a large modern desk with " + "many small things " * 10
+    style = ("impressionist oil painting, thick brush strokes, warm golden hour light, " * 4)[:200]
+    result = build_prompt([long_caption], keywords, style, max_keywords=20)
+    assert clip_ish_tokens(result.prompt) <= PROMPT_TOKEN_BUDGET < 77
+    # The objects and the style survive the budget; the summary is what gives way.
+    assert result.prompt.startswith("a desk setup with monitor, keyboard, mouse, ")
+    assert style.strip() in result.prompt
+
+
+def test_default_and_custom_negative_prompt() -> None:
+    assert build_prompt([], []).negative_prompt == DEFAULT_NEGATIVE_PROMPT
+    assert "watermark" in DEFAULT_NEGATIVE_PROMPT
+    assert build_prompt([], [], negative_prompt="blurry").negative_prompt == "blurry"
+
+
+def test_build_prompt_is_deterministic() -> None:
+    captions = ["a monitor and a lamp", "a lamp", "a plant and a mug"]
+    keywords = rank_keywords(captions)
+    assert build_prompt(captions, keywords, "neon") == build_prompt(list(captions), list(keywords), "neon")
+
+
+@pytest.mark.parametrize(
+    ("style", "rule"),
+    [
+        ("x" * 201, "at most 200 characters"),
+        ("neon\nglow", "control"),
+        ("neon\x00", "control"),
+        ("   ", "non-blank"),
+        (42, "must be a string"),
+    ],
+)
+def test_bad_style_is_rejected_naming_the_field(style: object, rule: str) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        build_prompt([], [], style)  # type: ignore[arg-type]
+    assert info.value.field == "style"
+    assert "`style`" in info.value.message
+    assert rule in info.value.message
+    assert info.value.to_dict()["code"] == "invalid_parameter"
+
+
+def test_negative_max_keywords_is_rejected() -> None:
+    with pytest.raises(InvalidParameter, match="`max_keywords` must be an integer >= 0 but is -1"):
+        build_prompt([], [], max_keywords=-1)
