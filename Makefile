@@ -8,7 +8,7 @@ MODELS ?= models/tiny
 # generator 1 GPU) schedules unchanged; the models then run on the CPU.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LOGICAL_GPUS ?= 2
-RAY_ENV := $(if $(HAS_GPU),,RAY_OVERRIDE_RESOURCES='{"GPU":$(LOGICAL_GPUS)}')
+RAY_ENV := RAY_OVERRIDE_RESOURCES='{$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
 .PHONY: install models serve test test-unit test-serve test-cluster lint bench-cpu bench-gpu cluster-up cluster-down clean
 
@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(if $(HAS_GPU),$(BIN)/pip install -q torch==2.13.0,$(BIN)/pip install -q torch==2.13.0)
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -38,13 +38,13 @@ test-unit: models
 	$(BIN)/python -m pytest -m unit -q
 
 test-serve: models
-	$(RAY_ENV) $(BIN)/python -m pytest -m serve -q
+	$(BIN)/python -m pytest -m serve -q
 
 test-cluster: models
 	$(BIN)/python -m pytest -m cluster -q
 
 test: lint models
-	$(RAY_ENV) $(BIN)/python -m pytest -m "unit or serve or cluster" -q
+	$(BIN)/python -m pytest -m "unit or serve or cluster" -q
 
 bench-cpu: models
 	$(RAY_ENV) $(BIN)/python -m bench.cpu

@@ -43,10 +43,11 @@ def build_app(args: DeskgenArgs) -> Application:
         "dtype": args.dtype,
         **args.generator_options,
     }
-    return Ingress.bind(
-        classifier=Classifier.bind(args.classifier_model, tf_threads=args.tf_threads),
-        captioner=Captioner.bind(args.captioner_model, device=args.device, dtype=args.dtype),
-        generator=Generator.bind(settings),
+    # Serve's decorators return Deployment objects that mypy sees as the plain classes.
+    return Ingress.bind(  # type: ignore[attr-defined, no-any-return]
+        classifier=Classifier.bind(args.classifier_model, tf_threads=args.tf_threads),  # type: ignore[attr-defined]
+        captioner=Captioner.bind(args.captioner_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
+        generator=Generator.bind(settings),  # type: ignore[attr-defined]
     )
 
 

@@ -37,7 +37,7 @@ class Classifier:
         from deskgen.classifier import DeskClassifier
         from deskgen.paths import resolve
 
-        self.gate = DeskClassifier.load(resolve(model_path), tf_threads=tf_threads)
+        self.gate = DeskClassifier.load(resolve(model_path), intra_op_threads=tf_threads)
         self.config = ClassifierConfig()
         self.batch_sizes: list[int] = []
 

@@ -116,7 +116,8 @@ class Generator:
                 result = work.result()
                 self.generations += 1
                 metadata = dict(result.metadata, replica=_replica_id())
-                yield {"event": "done", "png": result.png(), "metadata": metadata}
+                # Timings stay out of the PNG so the same seed + mix gives the same bytes.
+                yield {"event": "done", "png": result.png(timings=False), "metadata": metadata}
             finally:
                 # The caller went away (timeout, disconnect): stop at the next step.
                 cancel.set()

@@ -6,11 +6,13 @@ with ``multiplexed_model_id`` so a mix lands on a replica that already holds it;
 JSON or server-sent events by the ``Accept`` header. It never imports TensorFlow or torch.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Serve pickles this class by value, and FastAPI must
+# resolve the route annotations (Request) in the replica, where string annotations cannot be.
 
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -26,8 +28,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -86,7 +86,7 @@ class IngressConfig(BaseModel):
         return split
 
     @model_validator(mode="after")
-    def _arms_are_named_mixes(self) -> IngressConfig:
+    def _arms_are_named_mixes(self) -> "IngressConfig":
         for arm in [*self.ab_split, self.default_mix]:
             if arm not in self.mixes:
                 raise ValueError(f"{arm!r} is not one of the named mixes {sorted(self.mixes)}")
@@ -238,16 +238,90 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-# ----------------------------------------------------------------------------------------------
-# The ingress deployment
-# ----------------------------------------------------------------------------------------------
-
 api = FastAPI(
     title="deskgen",
     version="1.0.0",
     description="Upload a desk photo, get a new desk-setup image in a LoRA style mix.",
 )
 
+
+def _awaitable(call: Any) -> Awaitable[Any]:
+    if asyncio.iscoroutine(call) or isinstance(call, asyncio.Future):
+        return call  # type: ignore[no-any-return]
+
+    async def wait() -> Any:
+        return await call
+
+    return wait()
+
+
+def _request_id(request: Request) -> str:
+    rid: str | None = getattr(request.state, "request_id", None)
+    if rid is None:
+        given = request.headers.get("x-request-id", "")
+        rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
+
+
+# Errors: every error is JSON {"error": {"code", "message", "field"?}, "request_id"}. Routes catch
+# their own (see json_errors); handlers here cover what fails before a route runs.
+
+def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """HTTP status, JSON body and extra headers for an exception (already unwrapped)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, DeskgenError):
+        return exc.status, {"error": exc.to_dict()}, {}
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        err = validation_error(exc)
+        return err.status, {"error": err.to_dict()}, {}
+    if isinstance(exc, BackPressureError):
+        return 503, error_body("overloaded", "deskgen is at capacity: retry after Retry-After seconds."), retry
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
+        return 503, error_body("unavailable", f"a stage replica is unavailable ({type(exc).__name__}): retry."), retry
+    if isinstance(exc, TimeoutError):
+        return 504, error_body("timeout", "the request did not finish within its deadline (`timeout_s`)."), {}
+    log.error("unexpected error: %r", exc, exc_info=exc)
+    return 500, error_body("internal", f"internal error: {type(exc).__name__}"), {}
+
+
+def json_error(request: Request, exc: BaseException, retry_after_s: int = 5) -> JSONResponse:
+    status, body, headers = error_for(unwrap(exc), retry_after_s)
+    body["request_id"] = _request_id(request)
+    return error_response(status, body, headers | {"X-Request-Id": body["request_id"]})
+
+
+def json_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Answer any exception a route raises as JSON with its status (Retry-After from the live config)."""
+
+    @functools.wraps(route)
+    async def wrapper(self: "Ingress", request: Request) -> Any:
+        try:
+            return await route(self, request)
+        except Exception as exc:
+            return json_error(request, exc, self.config.retry_after_s)
+
+    return wrapper
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return json_error(request, exc)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = error_body(code, str(exc.detail)) | {"request_id": _request_id(request)}
+    return error_response(exc.status_code, body, dict(exc.headers or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The ingress deployment
+# ----------------------------------------------------------------------------------------------
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @serve.ingress(api)
@@ -264,7 +338,6 @@ class Ingress:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig.model_validate(user_config)
-        _RETRY_AFTER_S[0] = self.config.retry_after_s
         self._catalog = None  # rebuilt against the new named mixes on next use
         log.info("ingress config: default_mix=%s ab_split=%s", self.config.default_mix, self.config.ab_split)
 
@@ -398,7 +471,8 @@ class Ingress:
         return JSONResponse({"ready": ready, "stages": results}, status_code=200 if ready else 503)
 
     @api.get("/v1/mixes")
-    async def mixes(self) -> dict[str, Any]:
+    @json_errors
+    async def mixes(self, request: Request) -> dict[str, Any]:
         """Adapters, named mixes (with canonical ids) and the live A/B split."""
         catalog = await self.catalog()
         total = sum(self.config.ab_split.values())
@@ -411,6 +485,7 @@ class Ingress:
         }
 
     @api.post("/v1/classify", openapi_extra=_image_body(ImageForm))
+    @json_errors
     async def classify(self, request: Request) -> dict[str, Any]:
         """Desk score of a photo (200 either way; /v1/generate answers 422 below the threshold)."""
         _, raw = await self.parse(request, ImageForm, image="required")
@@ -419,6 +494,7 @@ class Ingress:
         return {"score": verdict["score"], "is_desk": verdict["is_desk"], "threshold": verdict["threshold"]}
 
     @api.post("/v1/caption", openapi_extra=_image_body(ImageForm))
+    @json_errors
     async def caption(self, request: Request) -> dict[str, Any]:
         """Captions, ranked keywords and the prompt a photo would give."""
         form, raw = await self.parse(request, ImageForm, image="required")
@@ -427,6 +503,7 @@ class Ingress:
         return result
 
     @api.post("/v1/text2img", openapi_extra=_json_body(Text2ImgRequest))
+    @json_errors
     async def text2img(self, request: Request) -> Response:
         """A prompt straight to the generator (no gate, no captions)."""
         started = time.perf_counter()
@@ -438,6 +515,7 @@ class Ingress:
         return await self.respond(request, output, params, mix, info, body.timeout_s, started, prelude=[])
 
     @api.post("/v1/generate", openapi_extra=_image_body(GenerateForm))
+    @json_errors
     async def generate(self, request: Request) -> Response:
         """classify -> caption -> prompt -> generate. PNG by default; JSON or SSE by `Accept`."""
         started = time.perf_counter()
@@ -506,7 +584,7 @@ class Ingress:
         deadline = started + (timeout_s or self.config.request_timeout_s)
         handle = self.generator.options(multiplexed_model_id=mix.id)
         if output == "sse":
-            stream = handle.options(stream=True).generate_stream.remote(params)
+            stream: Any = handle.options(stream=True).generate_stream.remote(params)
             # Pull the first event before answering, so an error still gets its status code.
             first = await self.deadline(stream.__anext__(), deadline, cancel=stream.cancel)
             return StreamingResponse(
@@ -561,8 +639,8 @@ class Ingress:
         started: float,
         deadline: float,
     ) -> AsyncIterator[bytes]:
-        for event in prelude:
-            yield event
+        for chunk in prelude:
+            yield chunk
         event: dict[str, Any] | None = first
         t = time.perf_counter()
         try:
@@ -584,65 +662,3 @@ class Ingress:
         except Exception as exc:
             status, body, _ = error_for(unwrap(exc), self.config.retry_after_s)
             yield sse("error", body | {"status": status})
-
-def _awaitable(call: Any) -> Awaitable[Any]:
-    if asyncio.iscoroutine(call) or isinstance(call, asyncio.Future):
-        return call  # type: ignore[no-any-return]
-
-    async def wait() -> Any:
-        return await call
-
-    return wait()
-
-
-def _request_id(request: Request) -> str:
-    rid: str | None = getattr(request.state, "request_id", None)
-    if rid is None:
-        given = request.headers.get("x-request-id", "")
-        rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
-        request.state.request_id = rid
-    return rid
-
-
-# Exception handlers: every error is JSON {"error": {"code", "message", "field"?}, "request_id"}.
-# Registered per exception class (not on Exception) so Starlette answers without re-raising.
-
-_RETRY_AFTER_S = [5]  # the live user_config value; one Ingress per replica process
-
-
-def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """HTTP status, JSON body and extra headers for an exception (already unwrapped)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    retry = {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, DeskgenError):
-        return exc.status, {"error": exc.to_dict()}, {}
-    if isinstance(exc, (ValidationError, RequestValidationError)):
-        err = validation_error(exc)
-        return err.status, {"error": err.to_dict()}, {}
-    if isinstance(exc, BackPressureError):
-        return 503, error_body("overloaded", "deskgen is at capacity: retry after Retry-After seconds."), retry
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
-        return 503, error_body("unavailable", f"a stage replica is unavailable ({type(exc).__name__}): retry."), retry
-    if isinstance(exc, TimeoutError):
-        return 504, error_body("timeout", "the request did not finish within its deadline (`timeout_s`)."), {}
-    log.error("unexpected error: %r", exc, exc_info=exc)
-    return 500, error_body("internal", f"internal error: {type(exc).__name__}"), {}
-
-
-async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
-    status, body, headers = error_for(unwrap(exc), _RETRY_AFTER_S[0])
-    body["request_id"] = _request_id(request)
-    return error_response(status, body, headers | {"X-Request-Id": body["request_id"]})
-
-
-for _exc_class in (DeskgenError, RequestValidationError, ValidationError, TimeoutError, RayServeException, RayError):
-    api.add_exception_handler(_exc_class, _handle_error)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = error_body(code, str(exc.detail)) | {"request_id": _request_id(request)}
-    return error_response(exc.status_code, body, dict(exc.headers or {}))

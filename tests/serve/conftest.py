@@ -58,13 +58,27 @@ def test_config(port: int, models: Path) -> dict[str, Any]:
     return config
 
 
-def deploy(config: dict[str, Any]) -> None:
+def deploy(config: dict[str, Any], timeout_s: float = 300) -> None:
+    """Apply ``config`` through the Serve controller (what `serve deploy` does) and wait until the
+    app is RUNNING; a failed deployment raises with Serve's own messages."""
+    from ray import serve
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
     client = serve_start(http_options=config["http_options"])
-    client.deploy_apps(schema, _blocking=True)
+    client.deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            details = {name: d.message for name, d in app.deployments.items() if d.message}
+            raise RuntimeError(f"deskgen {app.status}: {app.message} {details}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"deskgen not RUNNING after {timeout_s} s: {app}")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +89,7 @@ def serve_app(tiny_models: Path) -> Iterator[dict[str, Any]]:
 
     port = free_port()
     config = test_config(port, tiny_models)
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+    ray.init(num_cpus=4, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve", log_to_driver=False)
     start = time.perf_counter()
     deploy(config)
     url = f"http://127.0.0.1:{port}"

@@ -88,7 +88,7 @@ def test_generate_json_reports_every_stage(client: httpx.Client, desk_photo: byt
     body = response.json()
     assert body["desk_score"] >= 0.5
     assert body["captions"]["unconditional"]
-    assert [prefix for prefix, _ in body["captions"]["conditional"]] == list(DEFAULT_PREFIXES)
+    assert [c["prefix"] for c in body["captions"]["conditional"]] == list(DEFAULT_PREFIXES)
     assert isinstance(body["keywords"], list)
     assert "cyberpunk" in body["prompt"]
     assert body["mix"] == {"id": "dalle:1.0", "name": "dalle_only", "weights": {"dalle": 1.0}, "source": "request", "arm": None}
@@ -162,7 +162,8 @@ def test_ab_split_is_within_tolerance_and_sticky(client: httpx.Client) -> None:
         return response.headers["x-deskgen-ab-arm"]
 
     users = [f"user-{i}" for i in range(300)]
-    with ThreadPoolExecutor(4) as pool:
+    # 3 clients: the generator holds 1 running + 2 queued (test config), so none is refused.
+    with ThreadPoolExecutor(3) as pool:
         arms = list(pool.map(arm, users))
         anonymous = list(pool.map(arm, [None] * 100))
     share = arms.count("dalle_ott") / len(arms)
