@@ -298,7 +298,7 @@ def json_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
     """Answer any exception a route raises as JSON with its status (Retry-After from the live config)."""
 
     @functools.wraps(route)
-    async def wrapper(self: "Ingress", request: Request) -> Any:
+    async def wrapper(self: "IngressRoutes", request: Request) -> Any:
         try:
             return await route(self, request)
         except Exception as exc:
@@ -323,10 +323,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 # The ingress deployment
 # ----------------------------------------------------------------------------------------------
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
-@serve.ingress(api)
-class Ingress:
-    """Routes, validation, A/B arm choice and response formats. Holds no model."""
+class IngressRoutes:
+    """Routes, validation, A/B arm choice and response formats. Holds no model.
+
+    A plain class, wrapped into the ``Ingress`` deployment at the end of the module: Serve then
+    pickles it by reference, so the replica imports this module whole (a class decorated in place
+    is pickled by value at decoration time and misses everything defined after it)."""
 
     def __init__(self, classifier: DeploymentHandle, captioner: DeploymentHandle, generator: DeploymentHandle) -> None:
         self.classifier = classifier
@@ -662,3 +664,8 @@ class Ingress:
         except Exception as exc:
             status, body, _ = error_for(unwrap(exc), self.config.retry_after_s)
             yield sse("error", body | {"status": status})
+
+
+Ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)(
+    serve.ingress(api)(IngressRoutes)
+)

@@ -1,0 +1,233 @@
+"""The app on a local multi-node cluster: placement, autoscaling, routing by mix, losing a replica.
+
+The tests run in file order on one session cluster (conftest.py); each leaves it as it found it
+(one Classifier replica, two Generator replicas). Measured times are printed (`pytest -s`) and
+collected in the session's ``[cluster] measurements`` line; nothing asserts on a duration except
+the generous bounds that keep every wait finite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster.conftest import APP, Outcome, RunningCluster, deployment, production_config, run_load
+
+pytestmark = pytest.mark.cluster
+
+MIX_A = "dalle_only"
+MIX_B = "ott_only"
+
+
+def sample_png(cluster: RunningCluster) -> bytes:
+    return sorted((cluster.samples / "true").glob("*.png"))[0].read_bytes()
+
+
+def mix_id(client: httpx.Client, name: str) -> str:
+    mixes = client.get("/v1/mixes").json()["named_mixes"]
+    return str(mixes[name]["id"])
+
+
+def text2img(client: httpx.Client, mix: str, seed: int) -> httpx.Response:
+    return client.post("/v1/text2img", json={"prompt": "a tidy desk with a lamp", "mix": mix, "seed": seed})
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) placement
+# ----------------------------------------------------------------------------------------------
+
+
+def test_replicas_run_on_the_nodes_their_resources_pin(local_cluster: RunningCluster) -> None:
+    """Ingress and Classifier (``cpu_node``) on the CPU head; Captioner and Generator (GPUs) on GPU
+    nodes. Read from Serve's details through the dashboard (node ids) and the state API (resources)."""
+    kinds = local_cluster.node_kinds()
+    assert sorted(kinds.values()) == ["cpu"] + ["gpu"] * 2, kinds
+    placed: dict[str, list[str]] = {}
+    for name in ("Ingress", "Classifier", "Captioner", "Generator"):
+        replicas = local_cluster.running(name)
+        assert replicas, f"no RUNNING {name} replica"
+        placed[name] = sorted(kinds[r.node_id] for r in replicas)
+        for r in replicas:  # the pid Serve reports is a live replica process of this machine
+            cmdline = Path(f"/proc/{r.pid}/cmdline").read_bytes()
+            assert f"ServeReplica:{APP}:{name}".encode() in cmdline, (r, cmdline[:200])
+    print(f"\n[cluster] placement: {placed}")
+    assert placed == {"Ingress": ["cpu"], "Classifier": ["cpu"], "Captioner": ["gpu"], "Generator": ["gpu", "gpu"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) autoscaling
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_classify_burst_scales_the_classifier_out_and_back_in(local_cluster: RunningCluster) -> None:
+    """64 closed-loop clients on /v1/classify: Serve adds a Classifier replica, and removes it
+    once the burst is over. The deployed autoscaling_config is production's, unchanged."""
+    deployed = deployment(local_cluster.config, "Classifier")["autoscaling_config"]
+    assert deployed == deployment(production_config(), "Classifier")["autoscaling_config"]
+    assert len(local_cluster.running("Classifier")) == 1
+    png = sample_png(local_cluster)
+
+    async def classify(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post("/v1/classify", files={"image": ("desk.png", png, "image/png")})
+
+    async def burst() -> tuple[list[Outcome], float | None, float | None]:
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(local_cluster.url, classify, concurrency=64, stop=stop))
+        started = time.monotonic()
+        decided = running = None
+        try:
+            while time.monotonic() - started < 120:
+                await asyncio.sleep(0.5)
+                replicas = await asyncio.to_thread(local_cluster.replicas, "Classifier")
+                if decided is None and len(replicas) > 1:
+                    decided = time.monotonic() - started
+                if sum(r.state == "RUNNING" for r in replicas) >= 2:
+                    running = time.monotonic() - started
+                    break
+        finally:
+            stop.set()
+        return await load, decided, running
+
+    outcomes, decided, running = asyncio.run(burst())
+    ended = time.monotonic()
+    statuses = {o.status for o in outcomes}
+    assert decided is not None and running is not None, f"no second Classifier replica within 120 s ({len(outcomes)} requests)"
+    assert statuses == {200}, [o for o in outcomes if o.status != 200][:3]
+
+    down = None
+    while time.monotonic() - ended < 120:
+        replicas = local_cluster.replicas("Classifier")
+        if len(replicas) == 1 and replicas[0].state == "RUNNING":
+            down = time.monotonic() - ended
+            break
+        time.sleep(0.5)
+    assert down is not None, "the Classifier did not scale back to 1 replica within 120 s of the burst"
+    local_cluster.measurements.update(
+        classifier_upscale_decision_s=decided, classifier_upscale_running_s=running, classifier_downscale_s=down
+    )
+    print(
+        f"\n[cluster] classify burst: {len(outcomes)} requests; 2nd replica decided after {decided:.1f} s, "
+        f"RUNNING after {running:.1f} s; back to 1 replica {down:.1f} s after the burst"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) routing by mix
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_mix_is_served_by_the_generator_replica_holding_it(local_cluster: RunningCluster) -> None:
+    """With two Generator replicas, the requests of a mix keep going to the replica that loaded it
+    (X-Deskgen-Replica), and ``Generator.info`` routed by the mix's id reports the same replica."""
+    replica_ids = {r.replica_id for r in local_cluster.running("Generator")}
+    assert len(replica_ids) == 2
+    with httpx.Client(base_url=local_cluster.url, timeout=60) as client:
+        holders: dict[str, str] = {}
+        for name in (MIX_A, MIX_B):
+            mix = mix_id(client, name)
+            first = text2img(client, name, seed=1)
+            assert first.status_code == 200, first.text
+            assert first.headers["content-type"] == "image/png"
+            assert first.headers["x-deskgen-mix"] == mix
+            holders[mix] = first.headers["x-deskgen-replica"]
+            assert holders[mix] in replica_ids
+            # The replica reports its loaded mixes to the controller every 0.1 s and the controller
+            # pushes them to the ingress's router: give that a moment before relying on it.
+            time.sleep(1.0)
+            served_by = [text2img(client, name, seed=2 + i).headers.get("x-deskgen-replica") for i in range(6)]
+            assert served_by == [holders[mix]] * 6, (name, holders[mix], served_by)
+
+    for mix, holder in holders.items():
+        infos = local_cluster.generator_info(mix=mix, calls=4)
+        assert [i["replica"] for i in infos] == [holder], (mix, holder, infos)
+        assert mix in infos[0]["cached_mixes"]
+    everyone = {i["replica"]: i for i in local_cluster.generator_info(calls=16)}
+    assert set(everyone) == replica_ids
+    for mix, holder in holders.items():
+        others = [rid for rid in replica_ids if rid != holder]
+        assert all(mix not in everyone[rid]["cached_mixes"] for rid in others), everyone
+    print(f"\n[cluster] mix holders: {holders}")
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) losing a replica under load
+# ----------------------------------------------------------------------------------------------
+
+
+def test_killing_a_generator_replica_under_load_loses_no_accepted_request(local_cluster: RunningCluster) -> None:
+    """SIGKILL of the busiest Generator replica's process while 6 clients send /v1/text2img.
+
+    "Accepted" = answered with anything but a 503 carrying Retry-After: a 503 + Retry-After is the
+    service declining a request cleanly, and the clients retry it (waiting min(Retry-After, 1 s)).
+    So: no transport error, no other status, every 503 carries Retry-After, every request ends in
+    200 within its retries — and the service answers again within seconds."""
+    before = {r.replica_id: r for r in local_cluster.running("Generator")}
+    assert len(before) == 2
+    seeds = iter(range(1000, 100000))
+
+    async def generate(client: httpx.AsyncClient) -> httpx.Response:
+        seed = next(seeds)
+        mix = MIX_A if seed % 2 else MIX_B
+        return await client.post("/v1/text2img", json={"prompt": "a desk by a window", "mix": mix, "seed": seed})
+
+    async def scenario() -> tuple[list[Outcome], str, float, float | None]:
+        stop = asyncio.Event()
+        done: list[Outcome] = []
+        load = asyncio.create_task(
+            run_load(local_cluster.url, generate, concurrency=6, stop=stop, max_attempts=30, outcomes=done)
+        )
+        try:
+            # 1. Warm load until both replicas have answered, then kill the busiest one.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                if sum(o.status == 200 for o in done) >= 12:
+                    break
+            served = [o.replica for o in done if o.status == 200]
+            victim = max(before, key=served.count)
+            pid = before[victim].pid
+            assert pid is not None
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            # 2. Keep the load on until Serve has replaced the replica (and 2 s more).
+            replaced = None
+            while time.monotonic() - killed_at < 90:
+                await asyncio.sleep(0.5)
+                now = {r.replica_id for r in await asyncio.to_thread(local_cluster.running, "Generator")}
+                if len(now) == 2 and victim not in now:
+                    replaced = time.monotonic() - killed_at
+                    break
+            await asyncio.sleep(2.0)
+        finally:
+            stop.set()
+        return await load, victim, killed_at, replaced
+
+    outcomes, victim, killed_at, replaced = asyncio.run(scenario())
+    lost = [o for o in outcomes if o.status != 200]
+    assert not lost, f"{len(lost)} of {len(outcomes)} requests did not end in 200: {lost[:3]}"
+    after_kill = [o for o in outcomes if o.started >= killed_at]
+    assert after_kill, "no request was sent after the kill"
+    first_ok_after_kill = min(o.finished for o in after_kill) - killed_at
+    # Requests in flight at the kill: how long until they (after retries) got their image.
+    in_flight = [o for o in outcomes if o.started < killed_at < o.finished]
+    worst_in_flight = max((o.finished - killed_at for o in in_flight), default=0.0)
+    retried = sum(o.retry_afters for o in outcomes)
+    assert replaced is not None, f"replica {victim} was not replaced within 90 s"
+    local_cluster.measurements.update(
+        kill_first_success_after_s=first_ok_after_kill,
+        kill_worst_in_flight_s=worst_in_flight,
+        kill_replica_replaced_s=replaced,
+    )
+    print(
+        f"\n[cluster] killed generator {victim}: {len(outcomes)} requests, all 200; {retried} clean 503s retried; "
+        f"{len(in_flight)} in flight at the kill, all answered within {worst_in_flight:.1f} s; "
+        f"first success of a request sent after the kill {first_ok_after_kill:.2f} s; "
+        f"replacement RUNNING after {replaced:.1f} s"
+    )
+
