@@ -8,7 +8,11 @@ MODELS ?= models/tiny
 # generator 1 GPU) schedules unchanged; the models then run on the CPU.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LOGICAL_GPUS ?= 2
-RAY_ENV := RAY_OVERRIDE_RESOURCES='{$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
+# The graph asks for 3.5 CPUs (Ingress 0.5, one replica of each stage 1): a smaller machine declares
+# 4 logical CPUs so it schedules (replicas then share the cores). `cpu_node` marks this node as one
+# that may run the CPU deployments (serve_config.yaml pins them to it).
+LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
+RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
 .PHONY: install models serve test test-unit test-serve test-cluster lint bench-cpu bench-gpu cluster-up cluster-down clean
 

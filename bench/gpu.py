@@ -1,0 +1,851 @@
+"""The GPU benchmark suite: full-size SDXL + a LoRA mix at 1024x1024, diffusers baseline vs production.
+
+    python -m bench.gpu [--fullsize DIR] [--profiles production,fused,compiled] [--n 3] [--set FIELD=VALUE ...]
+                        [--only sdxl,blip,vgg] [--no-write]
+    make bench-gpu
+    python -m bench.gpu --tiny      # the same code path on models/tiny, CPU, 64 px, 2 steps (a check, not a benchmark)
+
+One command, nothing to install beyond the project's dependencies. In one run it
+
+1. builds the full-size random-weight models on the GPU (:mod:`bench.fullsize`, skipped when already
+   in ``--fullsize``): SDXL in fp16, the rank-32 ``dalle``/``ott``/``3d`` kohya LoRAs, BLIP-base, VGG16;
+2. **baseline** — plain diffusers: ``StableDiffusionXLPipeline.from_pretrained(dtype=float16)``,
+   ``load_lora_weights`` for the mix's adapters, ``set_adapters`` (unfused), diffusers' default attention;
+3. **the generator** — :class:`deskgen.generator.DeskGenerator` in one or more configurations
+   (:data:`PROFILES`): ``production`` is exactly what serve_config.yaml deploys (GeneratorSettings
+   defaults < its ``args.generator_options``); ``fused`` adds ``fuse_hot_mix`` = the measured mix;
+   ``compiled`` adds ``compile`` (torch.compile with hot-swapped LoRA slots); ``--set`` overrides any
+   GeneratorSettings field in all of them. Each is reported flag by flag (``DeskGenerator.describe()``)
+   with what the loaded pipeline actually runs (dtype, attention processors, channels_last, compiled);
+4. for each, at 1024x1024, 30 steps, CFG 5, mix ``ott_3d``: seconds per image (warm, p50 of N), peak
+   VRAM (``torch.cuda.max_memory_allocated``, of the warm generations and of load + first generation),
+   the first generation, and three switches between two cached mixes (``activate_mix``), each followed
+   by a generation: switch time, base loads, and whether it recompiled (``torch._dynamo`` graph counter);
+5. BLIP-base (the Captioner, fp16) and the VGG16 gate (TensorFlow, in a child process with memory
+   growth on, so it neither grabs the GPU nor distorts torch's peak) on the GPU;
+6. prints the goals beside the results and APPENDS the tables to BENCHMARKS.md; with ``$OUT`` set,
+   also writes ``$OUT/bench_gpu.json`` and ``$OUT/bench_gpu.md``.
+
+Budget on an H100: build ~1-2 min, baseline and each uncompiled configuration well under a minute,
+``compiled`` a few minutes (torch.compile of the UNet at load): about 6-9 minutes in all. Drop
+``compiled`` from ``--profiles`` for a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    DEFAULT_FULLSIZE_DIR,
+    Table,
+    append_report,
+    command_line,
+    desk_photo,
+    machine,
+    p50,
+    percentile,
+    render_section,
+    s,
+    write_out_dir,
+)
+from deskgen.errors import InvalidParameter, ModelFilesMissing
+from deskgen.paths import PROJECT_ROOT, models_dir, resolve
+
+log = logging.getLogger("bench.gpu")
+
+PARTS = ("sdxl", "blip", "vgg")
+PROMPT = "a cozy desk setup with two monitors, a mechanical keyboard, a lamp and a plant, warm evening light"
+NEGATIVE = "blurry, low quality, deformed, text, watermark"
+SEED = 42
+HOT_MIX, OTHER_MIX = "ott_3d", "dalle_ott"
+
+#: What the suite is judged against (printed beside the results).
+GOAL_S_PER_IMAGE_H100 = 1.5
+GOAL_SPEEDUP = 2.0
+GOAL_PEAK_VRAM_GIB = 9.0
+GOAL_SWITCH_S = 0.1
+
+REFERENCE_ROWS = [
+    ("Old system: SDXL (Fluently-XL-v2) + LoRA mix, 1024², T4", "~26 s/image", "8.7-11 GB"),
+    ("Old system: same, L4", "~12 s/image", "8.7-11 GB"),
+    ("Old system: same, A100", "~4 s/image", "8.7-11 GB"),
+    ("diffusers published: SDXL 1024², 30 steps, A100, bf16 + SDPA", "3.31 s/image", ""),
+    ("diffusers published: same + torch.compile", "2.54 s/image", ""),
+    ("Old system: BLIP-base", "", "1.2 GB"),
+    ("Old system: VGG16 gate, A100 / CPU", "~42 ms / ~175 ms", ""),
+]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The generation every SDXL measurement runs, and where it runs."""
+
+    device: str
+    size: int
+    steps: int
+    n: int
+    guidance: float = 5.0
+    baseline_dtype: str = "float16"
+    tiny: bool = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+# --------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return torch.cuda.max_memory_allocated() / 1024**3
+
+
+def allocated_gib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.memory_allocated() / 1024**3 if device.startswith("cuda") else None
+
+
+def free_device(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def gib(value: float | None) -> str:
+    return "n/a (CPU)" if value is None else f"{value:.2f}"
+
+
+def dynamo_counters() -> dict[str, int]:
+    """torch._dynamo's compile counters: a new graph (``unique_graphs``) means a (re)compilation."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {"unique_graphs": 0, "frames_ok": 0}
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]), "frames_ok": int(counters["frames"]["ok"])}
+
+
+@contextmanager
+def nan_watch() -> Iterator[list[str]]:
+    """Collects the NumPy cast warnings a NaN image raises when it is converted to 8-bit pixels."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield found
+    found += [str(w.message) for w in caught if "invalid value" in str(w.message)]
+
+
+def image_ok(image: Any) -> bool:
+    """A usable (if random-weight, noisy) image: not one flat colour, which is what NaNs turn into."""
+    import numpy as np
+
+    return float(np.asarray(image, dtype=np.float32).std()) > 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# SDXL: baseline and production
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SdxlResult:
+    label: str
+    load_s: float
+    first_s: float
+    times_s: list[float]
+    peak_gen_gib: float | None
+    peak_all_gib: float | None
+    images_ok: bool
+    nan_warnings: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def p50_s(self) -> float:
+        return p50(self.times_s)
+
+
+def mix_weights(name: str) -> dict[str, float]:
+    from deskgen.mixes import NAMED_MIXES
+
+    return dict(NAMED_MIXES[name])
+
+
+@dataclass
+class _Timed:
+    first_s: float
+    times_s: list[float]
+    peak_all_gib: float | None
+    peak_gen_gib: float | None
+    ok: bool
+    nans: int
+
+
+def time_generations(generate: Callable[[], Any], sc: Scenario) -> _Timed:
+    """One first generation (warm-up, or compilation), then ``sc.n`` timed ones. Peak VRAM: since the
+    caller's last reset (load + first generation), and of the timed generations alone."""
+    ok, nans = True, 0
+    with nan_watch() as found:
+        start = time.perf_counter()
+        ok &= image_ok(generate())
+        sync(sc.device)
+        first_s = time.perf_counter() - start
+    nans += len(found)
+    peak_all = peak_gib(sc.device)
+    reset_peak(sc.device)
+    times = []
+    for _ in range(sc.n):
+        with nan_watch() as found:
+            start = time.perf_counter()
+            ok &= image_ok(generate())
+            sync(sc.device)
+            times.append(time.perf_counter() - start)
+        nans += len(found)
+    return _Timed(first_s, times, peak_all, peak_gib(sc.device), ok, nans)
+
+
+def run_baseline(sdxl_dir: Path, lora_dir: Path, sc: Scenario) -> SdxlResult:
+    """Plain diffusers: fp16 pipeline, the mix's adapters loaded and set unfused, default attention."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from deskgen.loras import quiet_adapter_load
+
+    reset_peak(sc.device)
+    start = time.perf_counter()
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir), dtype=getattr(torch, sc.baseline_dtype))
+    pipe.to(sc.device)
+    pipe.set_progress_bar_config(disable=True)
+    weights = mix_weights(HOT_MIX)
+    for name in weights:
+        with quiet_adapter_load():
+            pipe.load_lora_weights(str(lora_dir), weight_name=f"{name}.safetensors", adapter_name=name)
+    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+    sync(sc.device)
+    load_s = time.perf_counter() - start
+
+    def generate() -> Any:
+        return pipe(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=sc.steps,
+            guidance_scale=sc.guidance,
+            width=sc.size,
+            height=sc.size,
+            generator=torch.Generator(device=sc.device).manual_seed(SEED),
+            output_type="pil",
+        ).images[0]
+
+    t = time_generations(generate, sc)
+    return SdxlResult(
+        label=f"baseline: diffusers {sc.baseline_dtype}, {len(weights)} LoRAs unfused",
+        load_s=load_s,
+        first_s=t.first_s,
+        times_s=t.times_s,
+        peak_gen_gib=t.peak_gen_gib,
+        peak_all_gib=t.peak_all_gib,
+        images_ok=t.ok,
+        nan_warnings=t.nans,
+        details={"pipeline": describe_pipeline(pipe), "adapters": weights},
+    )  # the pipeline goes with this frame; the caller frees the device memory
+
+
+#: Generator configurations measured besides the baseline: GeneratorSettings overrides applied on top
+#: of the production settings (defaults < serve_config.yaml generator_options < --set). ``production``
+#: is exactly what serve_config.yaml deploys; the others are the speed flags an operator may turn on.
+PROFILES: dict[str, dict[str, Any]] = {
+    "production": {},
+    "fused": {"fuse_hot_mix": HOT_MIX},
+    "compiled": {"compile": True},
+    "compiled_fused": {"compile": True, "fuse_hot_mix": HOT_MIX},
+}
+DEFAULT_PROFILES = ("production", "fused", "compiled")
+
+
+def production_settings(sdxl_dir: Path, lora_dir: Path, device: str, overrides: dict[str, Any]) -> Any:
+    """GeneratorSettings as production builds them: dataclass defaults < serve_config.yaml's
+    ``generator_options`` < ``overrides``; ``model_id``/``lora_dir``/``device`` point at the bench's
+    models. A name that is not a GeneratorSettings field raises InvalidParameter."""
+    import yaml
+
+    from deskgen.generator import GeneratorSettings
+
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    options = dict(app.get("args", {}).get("generator_options") or {})
+    values = {**options, **overrides, "model_id": str(sdxl_dir), "lora_dir": str(lora_dir), "device": device}
+    known = {f.name for f in dataclasses.fields(GeneratorSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidParameter(
+            f"`--set` names {unknown}, which are not GeneratorSettings fields; the fields are {sorted(known)}.",
+            field="set",
+        )
+    return GeneratorSettings(**values)
+
+
+def serve_config_generator_options() -> dict[str, Any]:
+    import yaml
+
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    return dict(app.get("args", {}).get("generator_options") or {})
+
+
+def attention_processors(pipe: Any) -> list[str]:
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    try:
+        return sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    except AttributeError:
+        return ["unknown"]
+
+
+def is_compiled(module: Any) -> bool:
+    """``torch.compile(module)`` wraps it (``_orig_mod``); ``module.compile()`` sets ``_compiled_call_impl``."""
+    if module is None:
+        return False
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def describe_pipeline(pipe: Any) -> dict[str, Any]:
+    """What the loaded pipeline actually runs, read from its modules (whatever the settings call it)."""
+    import torch
+
+    unet = pipe.unet
+    inner = getattr(unet, "_orig_mod", unet)
+    conv = inner.conv_in.weight
+    return {
+        "unet dtype": str(conv.dtype).removeprefix("torch."),
+        "unet compiled": is_compiled(unet),
+        "unet channels_last": bool(conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()),
+        "attention processors": attention_processors(pipe),
+        "vae dtype": str(pipe.vae.dtype).removeprefix("torch."),
+        "vae config force_upcast": bool(getattr(pipe.vae.config, "force_upcast", False)),
+        "text encoder dtype": str(pipe.text_encoder.dtype).removeprefix("torch."),
+    }
+
+
+def run_generator(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrides: dict[str, Any]) -> SdxlResult:
+    """DeskGenerator with production settings + the profile's flags: load (in compile mode this compiles
+    at ``compile_warmup_size``), cache two mixes, warm up, time, then switch between the mixes."""
+    from deskgen.generator import DeskGenerator, GenerationParams
+    from deskgen.mixes import Mix
+
+    settings = production_settings(sdxl_dir, lora_dir, sc.device, {**PROFILES[profile], **overrides})
+    hot, other = Mix.from_weights(mix_weights(HOT_MIX)), Mix.from_weights(mix_weights(OTHER_MIX))
+    params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=sc.steps,
+                              guidance=sc.guidance, width=sc.size, height=sc.size)
+
+    graphs_before = dynamo_counters()["unique_graphs"]
+    reset_peak(sc.device)
+    start = time.perf_counter()
+    gen = DeskGenerator.from_pretrained(settings)
+    # Both mixes cached as the Serve deployment caches them (its multiplexed loader calls ensure_adapters).
+    gen.ensure_adapters(hot.adapters)
+    gen.ensure_adapters(other.adapters)
+    sync(sc.device)
+    load_s = time.perf_counter() - start
+    graphs_at_load = dynamo_counters()["unique_graphs"] - graphs_before
+
+    t = time_generations(lambda: gen.generate(params, hot).image, sc)
+    graphs_warm = dynamo_counters()["unique_graphs"] - graphs_before
+
+    # Switches between the two cached mixes, each followed by a generation (a recompile shows there).
+    loads_before = DeskGenerator.base_loads
+    switches: list[dict[str, Any]] = []
+    ok, nans = t.ok, t.nans
+    for target in (other, hot, other):
+        graphs = dynamo_counters()["unique_graphs"]
+        sync(sc.device)
+        start = time.perf_counter()
+        reported = gen.activate_mix(target)
+        sync(sc.device)
+        switch_s = time.perf_counter() - start
+        with nan_watch() as found:
+            start = time.perf_counter()
+            ok &= image_ok(gen.generate(params, target).image)
+            sync(sc.device)
+            next_s = time.perf_counter() - start
+        nans += len(found)
+        switches.append({"to": target.id, "switch_s": switch_s, "activate_mix_reported_s": reported,
+                         "next_generation_s": next_s, "new_graphs": dynamo_counters()["unique_graphs"] - graphs})
+
+    return SdxlResult(
+        label=f"{profile}: DeskGenerator " + (", ".join(f"{k}={v!r}" for k, v in PROFILES[profile].items()) or
+                                              "(serve_config.yaml settings)"),
+        load_s=load_s,
+        first_s=t.first_s,
+        times_s=t.times_s,
+        peak_gen_gib=t.peak_gen_gib,
+        peak_all_gib=t.peak_all_gib,
+        images_ok=ok,
+        nan_warnings=nans,
+        details={
+            "profile": profile,
+            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("model_id", "lora_dir")},
+            "effective": gen.describe(),
+            "pipeline": describe_pipeline(gen.pipe),
+            "warmup_s": gen.warmup_s,
+            "graphs_compiled_at_load": graphs_at_load,
+            "graphs_compiled_by_first_generation": graphs_warm - graphs_at_load,
+            "compiled": graphs_warm > 0,
+            "switches": switches,
+            "base_reloads_during_switches": DeskGenerator.base_loads - loads_before,
+            "recompiled_on_switch": any(sw["new_graphs"] > 0 for sw in switches),
+        },
+    )  # the generator goes with this frame; the caller frees the device memory
+
+
+# --------------------------------------------------------------------------------------------------
+# BLIP-base and the VGG16 gate
+# --------------------------------------------------------------------------------------------------
+
+
+def run_blip(blip_dir: Path, device: str, n: int) -> dict[str, Any]:
+    from deskgen.captioner import Captioner
+
+    photo = desk_photo()
+    # The Captioner's own default (fp16 on a GPU, fp32 on the CPU), named so the table can say it.
+    dtype = "float16" if device.startswith("cuda") else "float32"
+    reset_peak(device)
+    start = time.perf_counter()
+    captioner = Captioner.from_pretrained(str(blip_dir), device=device, dtype=dtype)
+    load_s = time.perf_counter() - start
+    weights_gib = allocated_gib(device)
+    prefixes = len(captioner.prefixes)
+
+    def timed(k: int) -> list[float]:
+        captioner.caption(photo)  # warm
+        out = []
+        for _ in range(k):
+            start = time.perf_counter()
+            captioner.caption(photo)
+            sync(device)
+            out.append(time.perf_counter() - start)
+        return out
+
+    full = timed(n)
+    captioner.set_prefixes([])
+    single = timed(n)
+    result = {
+        "dtype": dtype,
+        "load_s": load_s,
+        "prefixes": prefixes,
+        "set_s": full,
+        "single_s": single,
+        "weights_gib": weights_gib,
+        "peak_gib": peak_gib(device),
+        "max_new_tokens": captioner.max_new_tokens,
+    }
+    return result
+
+
+def run_gate_subprocess(keras_file: Path, n: int, *, cpu_only: bool) -> dict[str, Any]:
+    """The gate in a child process: TensorFlow must not share the process (and the GPU allocator) with torch."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gate.json"
+        command = [sys.executable, "-m", "bench.gpu", "--gate-worker", str(keras_file), "--gate-json", str(out),
+                   "--n", str(n)]
+        env = dict(os.environ)
+        if cpu_only:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the gate worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def gate_worker(keras_file: Path, out_json: Path, n: int) -> None:
+    """Run by :func:`run_gate_subprocess`: VGG16 gate timings on TensorFlow's first GPU (or the CPU)."""
+    import numpy as np
+
+    from deskgen.classifier import DeskClassifier, import_keras
+
+    import_keras()
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)  # do not take the whole GPU
+    photo = desk_photo()
+    start = time.perf_counter()
+    gate = DeskClassifier.load(keras_file)
+    load_s = time.perf_counter() - start
+    x = gate.preprocess([photo])
+    x8 = np.repeat(x, 8, axis=0)
+
+    def timed(fn: Callable[[], Any], k: int) -> list[float]:
+        for _ in range(3):
+            fn()
+        out = []
+        for _ in range(k):
+            start = time.perf_counter()
+            np.asarray(fn())  # the result on the host: the GPU work is done
+            out.append(time.perf_counter() - start)
+        return out
+
+    result = {
+        "device": "GPU: " + ", ".join(g.name for g in gpus) if gpus else "CPU (TensorFlow sees no GPU)",
+        "load_s": load_s,
+        "predict_s": timed(lambda: gate.model.predict(x, verbose=0), n),
+        "predict_on_batch_s": timed(lambda: gate.model.predict_on_batch(x), n),
+        "score_s": timed(lambda: gate.score_batch([photo]), n),
+        "batch8_s": timed(lambda: gate.model.predict_on_batch(x8), n),
+    }
+    if gpus:
+        try:
+            result["peak_gib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 1024**3
+        except (ValueError, RuntimeError):
+            pass
+    out_json.write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**NOT met**")
+
+
+def sdxl_tables(sc: Scenario, base: SdxlResult | None, runs: list[SdxlResult], gpu_name: str) -> list[Table]:
+    model = "tiny SDXL" if sc.tiny else "SDXL full size (2.57 B UNet, random weights)"
+    what = f"{model} + mix `{HOT_MIX}`, {sc.size}x{sc.size}, {sc.steps} steps, CFG {sc.guidance}"
+    main = Table(
+        f"{what} — s/image warm, N={sc.n}",
+        ["configuration", "s/image p50", "min", "max", "vs baseline", "first generation s", "load s",
+         "peak VRAM GiB (generation)", "peak VRAM GiB (load + first)", "images ok"],
+    )
+    for r in [*([base] if base else []), *runs]:
+        speedup = f"{base.p50_s / r.p50_s:.2f}x" if base else ""
+        main.add(r.label, s(r.p50_s), s(min(r.times_s)), s(max(r.times_s)), speedup, s(r.first_s, 1), s(r.load_s, 1),
+                 gib(r.peak_gen_gib), gib(r.peak_all_gib),
+                 "yes" if r.images_ok and not r.nan_warnings else f"NO ({r.nan_warnings} NaN casts)")
+    main.notes += [
+        "load s: from_pretrained + both mixes' adapters (+ fusing the hot mix; + the compile warm-up at "
+        "`compile_warmup_size` when compiling). first generation: the first call at this size after load.",
+        f"serve_config.yaml `generator_options` in this run: {serve_config_generator_options() or '{}'}.",
+    ]
+    tables = [main]
+
+    if runs:
+        fields = list(runs[0].details["effective"])
+        flags = Table("Effective speed flags (`DeskGenerator.describe()`) and what each pipeline runs",
+                      ["flag", *[r.details["profile"] for r in runs]])
+        for key in fields:
+            flags.add(f"`{key}`", *[f"`{r.details['effective'].get(key)!r}`" for r in runs])
+        for key in runs[0].details["pipeline"]:
+            cells = [r.details["pipeline"][key] for r in runs]
+            flags.add(key, *[", ".join(c) if isinstance(c, list) else str(c) for c in cells])
+        flags.add("dynamo graphs compiled at load / by the first generation",
+                  *[f"{r.details['graphs_compiled_at_load']} / {r.details['graphs_compiled_by_first_generation']}"
+                    for r in runs])
+        tables.append(flags)
+
+        sw = Table(f"Mix switches ({HOT_MIX} ↔ {OTHER_MIX}, both cached), each followed by a generation",
+                   ["configuration", "switch to", "switch s", "next generation s", "new dynamo graphs"])
+        for r in runs:
+            for row in r.details["switches"]:
+                sw.add(r.details["profile"], f"`{row['to']}`", f"{row['switch_s']:.4f}", s(row["next_generation_s"]),
+                       row["new_graphs"])
+        sw.notes.append("Base pipeline loads during the switches: "
+                        + ", ".join(f"{r.details['profile']} {r.details['base_reloads_during_switches']}" for r in runs)
+                        + ". A fused hot mix is unfused (exact base weights restored) when another mix is "
+                        "activated and fused again when it comes back: that is part of its switch time.")
+        tables.append(sw)
+
+        goals = Table("Goals", ["goal", *[r.details["profile"] for r in runs]])
+        is_h100 = "H100" in gpu_name
+        goals.add(f"≤ {GOAL_S_PER_IMAGE_H100} s/image on an H100",
+                  *[f"{r.p50_s:.2f} s: {verdict(r.p50_s <= GOAL_S_PER_IMAGE_H100 if is_h100 else None)}" for r in runs])
+        if base is not None:
+            goals.add(f"≥ {GOAL_SPEEDUP:g}x faster than the baseline",
+                      *[f"{base.p50_s / r.p50_s:.2f}x: {verdict(base.p50_s / r.p50_s >= GOAL_SPEEDUP)}" for r in runs])
+        goals.add(f"peak VRAM ≤ {GOAL_PEAK_VRAM_GIB:g} GB (generation)",
+                  *[f"{gib(r.peak_gen_gib)}: {verdict(None if r.peak_gen_gib is None else r.peak_gen_gib <= GOAL_PEAK_VRAM_GIB)}"
+                    for r in runs])
+        cells = []
+        for r in runs:
+            worst = max(row["switch_s"] for row in r.details["switches"])
+            reloads = r.details["base_reloads_during_switches"]
+            cells.append(f"max {worst:.3f} s, {reloads} reloads: {verdict(worst <= GOAL_SWITCH_S and reloads == 0)}")
+        goals.add(f"mix switch ≤ {GOAL_SWITCH_S} s, no base reload", *cells)
+        goals.add("no recompilation on a switch",
+                  *[("" if r.details["compiled"] else "not compiled; ")
+                    + f"{sum(row['new_graphs'] for row in r.details['switches'])} new graphs: "
+                    + verdict(not r.details["recompiled_on_switch"]) for r in runs])
+        if not is_h100:
+            goals.notes.append(f"The s/image goal is for an H100; this run is on {gpu_name or 'the CPU'}.")
+        tables.append(goals)
+    return tables
+
+
+def blip_table(r: dict[str, Any], device: str, model: str) -> Table:
+    t = Table(f"{model} on {device}, {r['dtype']}, greedy, max_new_tokens={r['max_new_tokens']}",
+              ["measurement", "N", "p50 s", "max s"])
+    t.add(f"caption set: unconditional + {r['prefixes']} prefixes", len(r["set_s"]), s(p50(r["set_s"]), 3), s(max(r["set_s"]), 3))
+    t.add("one caption (unconditional)", len(r["single_s"]), s(p50(r["single_s"]), 3), s(max(r["single_s"]), 3))
+    t.add("load", 1, s(r["load_s"], 1), "")
+    t.notes.append(f"VRAM: weights {gib(r['weights_gib'])} GiB, peak {gib(r['peak_gib'])} GiB (allocated by torch; "
+                   "nvidia-smi adds the CUDA context, ~0.5 GB). Random weights decode to max_new_tokens.")
+    return t
+
+
+def gate_table(r: dict[str, Any], model: str) -> Table:
+    t = Table(f"{model} — TensorFlow on {r['device']}", ["measurement", "N", "p50 ms", "p99 ms"])
+    for key, label in (("predict_s", "`model.predict`, 1 image"), ("predict_on_batch_s", "`predict_on_batch`, 1 image"),
+                       ("score_s", "`DeskClassifier.score_batch` (preprocess + predict_on_batch), 1 photo"),
+                       ("batch8_s", "`predict_on_batch`, batch of 8")):
+        t.add(label, len(r[key]), f"{p50(r[key]) * 1000:.1f}", f"{percentile(r[key], 99) * 1000:.1f}")
+    if "peak_gib" in r:
+        t.notes.append(f"TensorFlow peak GPU memory {r['peak_gib']:.2f} GiB.")
+    return t
+
+
+def reference_table() -> Table:
+    t = Table("Reference figures (the system we replace, and published diffusers numbers)", ["what", "time", "VRAM"])
+    for row in REFERENCE_ROWS:
+        t.add(*row)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["compile=true", "dtype=float16"]`` -> ``{"compile": True, "dtype": "float16"}`` (JSON values, else strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidParameter(f"`--set` takes FIELD=VALUE but got {pair!r}.", field="set")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def parse_profiles(spec: str) -> tuple[str, ...]:
+    profiles = tuple(p.strip() for p in spec.split(",") if p.strip())
+    unknown = [p for p in profiles if p not in PROFILES]
+    if unknown or not profiles:
+        raise InvalidParameter(f"`--profiles` must name profiles of {list(PROFILES)} but is {spec!r}.", field="profiles")
+    return profiles
+
+
+def parse_parts(only: str | None) -> tuple[str, ...]:
+    if only is None:
+        return PARTS
+    parts = tuple(p.strip() for p in only.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise InvalidParameter(f"`--only` must name parts of {list(PARTS)} but is {only!r}.", field="only")
+    return parts
+
+
+def locate_models(args: argparse.Namespace, parts: tuple[str, ...]) -> tuple[Scenario, dict[str, Path]]:
+    """The scenario and model paths: tiny models on the CPU for ``--tiny``, else full size on the GPU
+    (building what is missing, directly on the GPU)."""
+    import torch
+
+    if args.tiny:
+        tiny = resolve(args.models) if args.models else models_dir()
+        if not (tiny / ".complete").is_file():
+            raise ModelFilesMissing("tiny models", str(tiny), hint="run `make models`")
+        paths = {"sdxl": tiny / "sdxl", "loras": tiny / "loras", "blip": tiny / "blip",
+                 "vgg": tiny / "classifier" / "desk_gate.keras"}
+        return Scenario(device="cpu", size=64, steps=2, n=args.n or 2, baseline_dtype="float32", tiny=True), paths
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench.gpu needs a CUDA GPU; run `python -m bench.gpu --tiny` to check the code path on the CPU.")
+    from bench import fullsize
+
+    out = fullsize.check_out_dir(args.fullsize)
+    wanted = {"sdxl": ("sdxl", "loras"), "blip": ("blip",), "vgg": ("vgg",)}
+    build_parts = [p for part in parts for p in wanted[part]]
+    torch_parts = [p for p in build_parts if p != "vgg"]
+    if torch_parts:
+        fullsize.build(out, torch_parts, device="cuda")
+    if "vgg" in build_parts and not fullsize.is_built(out, "vgg"):
+        # Built in a child process without CUDA: TensorFlow here would reserve the whole GPU.
+        subprocess.run([sys.executable, "-m", "bench.fullsize", "--out", str(out), "--only", "vgg"], check=True,
+                       cwd=PROJECT_ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    paths = {"sdxl": fullsize.part_dir(out, "sdxl"), "loras": fullsize.part_dir(out, "loras"),
+             "blip": fullsize.part_dir(out, "blip"), "vgg": fullsize.vgg_path(out)}
+    return Scenario(device="cuda", size=args.size, steps=args.steps, n=args.n or 3), paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fullsize", type=Path, default=DEFAULT_FULLSIZE_DIR,
+                        help=f"full-size models folder, built on the GPU if missing (default {DEFAULT_FULLSIZE_DIR})")
+    parser.add_argument("--only", default=None, help=f"comma-separated parts of {','.join(PARTS)} (default: all)")
+    parser.add_argument("--n", type=int, default=None, help="timed generations after the warm-up (default 3; --tiny 2)")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a GeneratorSettings field of the production run (repeatable)")
+    parser.add_argument("--profiles", default=",".join(DEFAULT_PROFILES),
+                        help=f"generator configurations to measure, of {','.join(PROFILES)} (default: %(default)s)")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure only the generator configurations")
+    parser.add_argument("--tiny", action="store_true",
+                        help="run the same code path on the tiny models on the CPU at 64 px, 2 steps (implies --no-write)")
+    parser.add_argument("--models", default=None, help="tiny models folder for --tiny (default: $DESKGEN_MODELS or models/tiny)")
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--gate-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gate-json", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.n is not None and args.n < 1:
+        raise InvalidParameter(f"`--n` must be >= 1 but is {args.n}.", field="n")
+
+    if args.gate_worker is not None:
+        gate_worker(args.gate_worker, args.gate_json, args.n or 20)
+        return
+
+    # Everything is local: never let a hub lookup wait on a network the GPU machine does not have.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    parts = parse_parts(args.only)
+    profiles = parse_profiles(args.profiles)
+    overrides = parse_overrides(args.set)
+    for profile in profiles:  # a bad --set fails now, not after minutes of building
+        production_settings(Path("/unused"), Path("/unused"), "cpu", {**PROFILES[profile], **overrides})
+    started = time.perf_counter()
+    sc, paths = locate_models(args, parts)
+    if sc.tiny:
+        import torch
+
+        # Compile (if asked) at the tiny size, not at production's 1024 px; one thread, as a 1-CPU replica
+        # (and steadier on a shared machine).
+        overrides.setdefault("compile_warmup_size", sc.size)
+        torch.set_num_threads(1)
+    build_s = time.perf_counter() - started
+    host = machine()
+    gpu_name = host.gpus[0] if host.gpus and sc.cuda else ""
+    log.info("models ready in %.1f s; scenario %s", build_s, sc)
+
+    payload: dict[str, Any] = {"scenario": dataclasses.asdict(sc), "build_s": build_s, "machine": dataclasses.asdict(host)}
+    base: SdxlResult | None = None
+    runs: list[SdxlResult] = []
+    failures: list[str] = []
+    extra: list[Table] = []
+    preface = [f"Models: {paths['sdxl'].parent} (ready in {build_s:.0f} s"
+               + ("; tiny models)." if sc.tiny else "; full-size parts missing there are built on the GPU first).")]
+    if sc.tiny:
+        preface.insert(0, "**--tiny: a code-path check on the tiny models on the CPU, not a benchmark.**")
+    title = "GPU suite (--tiny check)" if sc.tiny else "GPU suite"
+
+    def report() -> str:
+        """The section so far; also written to $OUT after every stage, so a run cut short still reports."""
+        tables = sdxl_tables(sc, base, runs, gpu_name) if "sdxl" in parts else []
+        tables += [*extra, reference_table()]
+        if failures:
+            failed = Table("Failures", ["stage", "error"])
+            for line in failures:
+                failed.add(*line.split(": ", 1))
+            tables.insert(0, failed)
+        section = render_section(title, tables, command=command_line(), wall_s=time.perf_counter() - started,
+                                 host=host, preface=preface)
+        payload.update(tables=[t.as_dict() for t in tables], wall_s=time.perf_counter() - started, failures=failures)
+        payload["sdxl"] = {"baseline": dataclasses.asdict(base) if base else None,
+                           "generator": [dataclasses.asdict(r) for r in runs]}
+        write_out_dir("bench_gpu", section, payload)
+        return section
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        # One failing stage (a compile error, an OOM) must not lose the others' numbers: it is reported
+        # in the Failures table and the run goes on.
+        try:
+            return fn()
+        except Exception as exc:
+            log.exception("stage %s failed", name)
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+            return None
+        finally:
+            free_device(sc.device)
+            log.info("%s done at %.0f s", name, time.perf_counter() - started)
+            report()
+
+    # Cheap stages first and compiled profiles last: if a compile runs long, everything else is in.
+    profiles_first = [p for p in profiles if not PROFILES[p].get("compile")]
+    profiles_last = [p for p in profiles if PROFILES[p].get("compile")]
+    if "sdxl" in parts:
+        if not args.skip_baseline:
+            base = stage("baseline", lambda: run_baseline(paths["sdxl"], paths["loras"], sc))
+        for profile in profiles_first:
+            result = stage(profile, functools.partial(run_generator, profile, paths["sdxl"], paths["loras"], sc, overrides))
+            if result is not None:
+                runs.append(result)
+    if "blip" in parts:
+        blip = stage("blip", lambda: run_blip(paths["blip"], sc.device, n=3 if sc.tiny else 5))
+        if blip is not None:
+            payload["blip"] = blip
+            extra.append(blip_table(blip, gpu_name or sc.device, "tiny BLIP" if sc.tiny else "BLIP-base (224 M params)"))
+    if "vgg" in parts:
+        gate = stage("vgg", lambda: run_gate_subprocess(paths["vgg"], n=5 if sc.tiny else 20, cpu_only=not sc.cuda))
+        if gate is not None:
+            payload["vgg"] = gate
+            extra.append(gate_table(gate, "tiny gate" if sc.tiny else "VGG16 gate (14.8 M params, 224x224)"))
+    if "sdxl" in parts:
+        for profile in profiles_last:
+            result = stage(profile, functools.partial(run_generator, profile, paths["sdxl"], paths["loras"], sc, overrides))
+            if result is not None:
+                runs.append(result)
+
+    section = report()
+    print(section)
+    if os.environ.get("OUT"):
+        log.info("wrote %s/bench_gpu.md and bench_gpu.json", os.environ["OUT"])
+    if not (args.no_write or sc.tiny):
+        append_report(section)
+        log.info("appended to %s", PROJECT_ROOT / "BENCHMARKS.md")
+    if failures:
+        raise SystemExit(f"{len(failures)} stage(s) failed: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()
