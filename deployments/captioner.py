@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deskgen.batching import DynamicBatcher
 from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREFIXES, build_prompt, rank_keywords
 
 if TYPE_CHECKING:
@@ -37,14 +38,15 @@ class Captioner:
 
         self.captioner = BlipCaptioner.from_pretrained(model_id, device=device, dtype=dtype)
         self.config = CaptionerConfig()
+        # Batches form when the model is free (see deskgen/batching.py for why not @serve.batch).
+        self.batcher = DynamicBatcher(self.caption_batch, max_batch_size=self.config.max_batch_size,
+                                      max_wait_s=self.config.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = CaptionerConfig.model_validate(user_config)
         self.captioner.set_prefixes(self.config.prefixes)
-        self.caption_batch.set_max_batch_size(self.config.max_batch_size)  # type: ignore[attr-defined]
-        self.caption_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.batcher.configure(max_batch_size=self.config.max_batch_size, max_wait_s=self.config.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def caption_batch(self, images: list[Image.Image]) -> list[tuple[Any, float]]:
         start = time.perf_counter()
         caption_sets = await asyncio.to_thread(self.captioner.caption_batch, images)
@@ -53,7 +55,7 @@ class Captioner:
 
     async def caption(self, image: Image.Image, style: str | None = None) -> dict[str, Any]:
         """Captions, ranked keywords and the prompt pair for one RGB image."""
-        captions, seconds = await self.caption_batch(image)
+        captions, seconds = await self.batcher.submit(image)
         texts = captions.texts()
         keywords = rank_keywords(texts)
         prompt = build_prompt(

@@ -1,6 +1,9 @@
-"""The desk gate as a Ray Serve deployment: CPU replicas, requests batched with ``@serve.batch``.
+"""The desk gate as a Ray Serve deployment: CPU replicas, concurrent requests batched.
 
-Only this deployment's process imports TensorFlow (inside :class:`deskgen.classifier.DeskClassifier`).
+Batching uses :class:`deskgen.batching.DynamicBatcher` rather than ``@serve.batch``, which in Serve
+2.60 forms batches while the previous one runs and so yields batches of one under real load (see
+deskgen/batching.py and BENCHMARKS.md). Only this deployment's process imports TensorFlow (inside
+:class:`deskgen.classifier.DeskClassifier`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+
+from deskgen.batching import DynamicBatcher
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -26,7 +31,9 @@ class ClassifierConfig(BaseModel):
 
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="score >= threshold means a desk setup")
     max_batch_size: int = Field(8, ge=1, le=64, description="images per forward pass")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0, description="wait this long to fill a batch")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, le=1.0, description="an idle replica waits this long for a first batch to fill"
+    )
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
@@ -39,20 +46,18 @@ class Classifier:
 
         self.gate = DeskClassifier.load(resolve(model_path), intra_op_threads=tf_threads)
         self.config = ClassifierConfig()
-        self.batch_sizes: list[int] = []
+        self.batcher = DynamicBatcher(self.classify_batch, max_batch_size=self.config.max_batch_size,
+                                      max_wait_s=self.config.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = ClassifierConfig.model_validate(user_config)
         self.gate.threshold = self.config.threshold
-        self.classify_batch.set_max_batch_size(self.config.max_batch_size)  # type: ignore[attr-defined]
-        self.classify_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.batcher.configure(max_batch_size=self.config.max_batch_size, max_wait_s=self.config.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def classify_batch(self, images: list[Image.Image]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         scores = await asyncio.to_thread(self.gate.score_batch, images)
         seconds = time.perf_counter() - start
-        self.batch_sizes.append(len(images))
         threshold = self.config.threshold
         return [
             {"score": s, "is_desk": s >= threshold, "threshold": threshold, "batch_size": len(images), "seconds": seconds}
@@ -61,10 +66,10 @@ class Classifier:
 
     async def classify(self, image: Image.Image) -> dict[str, Any]:
         """``{"score", "is_desk", "threshold", "batch_size", "seconds"}`` for one RGB image."""
-        return await self.classify_batch(image)  # type: ignore[no-any-return]
+        return await self.batcher.submit(image)
 
     def stats(self) -> dict[str, Any]:
-        sizes = self.batch_sizes
+        sizes = self.batcher.batch_sizes
         return {"batches": len(sizes), "images": sum(sizes), "max_batch": max(sizes, default=0)}
 
     def ping(self) -> str:
