@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import copy
 import io
 import logging
 import os
@@ -104,19 +103,11 @@ def bench_serve_config(port: int, tiny: Path, classifier_model: Path) -> dict[st
     """serve_config.yaml with the overrides of tests/serve/conftest.py: loopback port, tiny models, one
     replica per stage (no autoscaling: replicas appearing mid-run would distort the numbers), and the
     FULL-SIZE VGG16 gate as ``classifier_model``. Everything else (queues, batching) is production."""
-    import yaml
+    from deskgen.serve_config import load_serve_config, with_models
 
-    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    config = copy.deepcopy(config)
+    config = with_models(load_serve_config(), tiny, classifier_model=str(classifier_model))
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
-    app["args"] = {
-        **app.get("args", {}),
-        "classifier_model": str(classifier_model),
-        "captioner_model": str(tiny / "blip"),
-        "generator_model": str(tiny / "sdxl"),
-        "lora_dir": str(tiny / "loras"),
-    }
     for deployment in app["deployments"]:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1

@@ -245,6 +245,10 @@ api = FastAPI(
 )
 
 
+def _given(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
 def _awaitable(call: Any) -> Awaitable[Any]:
     if asyncio.iscoroutine(call) or isinstance(call, asyncio.Future):
         return call  # type: ignore[no-any-return]
@@ -429,12 +433,13 @@ class IngressRoutes:
         c = self.config
         params = GenerationParams(
             prompt=prompt,
-            negative_prompt=options.negative_prompt or negative_prompt or DEFAULT_NEGATIVE_PROMPT,
-            seed=options.seed if options.seed is not None else random.randint(0, MAX_SEED),
-            steps=options.steps if options.steps is not None else c.default_steps,
-            guidance=options.guidance if options.guidance is not None else c.default_guidance,
-            width=options.width if options.width is not None else c.default_width,
-            height=options.height if options.height is not None else c.default_height,
+            # An explicit "" means no negative prompt; omitted means the captioner's or the default.
+            negative_prompt=_given(options.negative_prompt, _given(negative_prompt, DEFAULT_NEGATIVE_PROMPT)),
+            seed=_given(options.seed, random.randint(0, MAX_SEED)),
+            steps=_given(options.steps, c.default_steps),
+            guidance=_given(options.guidance, c.default_guidance),
+            width=_given(options.width, c.default_width),
+            height=_given(options.height, c.default_height),
         )
         return params.validate(c.limits)
 

@@ -15,7 +15,6 @@ Traffic goes to 127.0.0.1 only; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import random
@@ -37,31 +36,17 @@ import yaml
 from cluster.dashboard import ReplicaInfo
 from cluster.local import LocalCluster
 from deskgen.paths import PROJECT_ROOT
+from deskgen.serve_config import deployment_config as deployment
+from deskgen.serve_config import load_serve_config, with_models
 
 APP = "deskgen"
 LOCAL_SH = PROJECT_ROOT / "cluster" / "local.sh"
 GPU_NODES = 2
 
 
-def production_config() -> dict[str, Any]:
-    return yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-
-
-def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
-    (app,) = config["applications"]
-    return next(d for d in app["deployments"] if d["name"] == name)
-
-
 def cluster_test_config(models: Path) -> dict[str, Any]:
     """serve_config.yaml with the overrides listed in the module docstring, nothing else."""
-    config = copy.deepcopy(production_config())
-    (app,) = config["applications"]
-    app["args"] = {
-        "classifier_model": str(models / "classifier" / "desk_gate.keras"),
-        "captioner_model": str(models / "blip"),
-        "generator_model": str(models / "sdxl"),
-        "lora_dir": str(models / "loras"),
-    }
+    config = with_models(load_serve_config(), models)
     generator = deployment(config, "Generator")
     generator.pop("autoscaling_config", None)
     generator["num_replicas"] = 2

@@ -17,7 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.conftest import APP, Outcome, RunningCluster, deployment, production_config, run_load
+from deskgen.serve_config import deployment_config as deployment
+from deskgen.serve_config import load_serve_config
+from tests.cluster.conftest import APP, Outcome, RunningCluster, run_load
 
 pytestmark = pytest.mark.cluster
 
@@ -69,7 +71,7 @@ def test_a_classify_burst_scales_the_classifier_out_and_back_in(local_cluster: R
     """64 closed-loop clients on /v1/classify: Serve adds a Classifier replica, and removes it
     once the burst is over. The deployed autoscaling_config is production's, unchanged."""
     deployed = deployment(local_cluster.config, "Classifier")["autoscaling_config"]
-    assert deployed == deployment(production_config(), "Classifier")["autoscaling_config"]
+    assert deployed == deployment(load_serve_config(), "Classifier")["autoscaling_config"]
     assert len(local_cluster.running("Classifier")) == 1
     png = sample_png(local_cluster)
 

@@ -7,7 +7,6 @@ per stage, tiny generation defaults and a tight generator queue so backpressure 
 
 from __future__ import annotations
 
-import copy
 import socket
 import time
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from deskgen.paths import PROJECT_ROOT
+from deskgen.serve_config import deployment_config as deployment
+from deskgen.serve_config import load_serve_config, with_models
 
 APP = "deskgen"
 
@@ -29,25 +28,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def production_config() -> dict[str, Any]:
-    return yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-
-
-def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
-    (app,) = config["applications"]
-    return next(d for d in app["deployments"] if d["name"] == name)
-
-
 def test_config(port: int, models: Path) -> dict[str, Any]:
-    config = copy.deepcopy(production_config())
+    config = with_models(load_serve_config(), models)
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
-    app["args"] = {
-        "classifier_model": str(models / "classifier" / "desk_gate.keras"),
-        "captioner_model": str(models / "blip"),
-        "generator_model": str(models / "sdxl"),
-        "lora_dir": str(models / "loras"),
-    }
     for d in app["deployments"]:
         d.pop("autoscaling_config", None)
         d["num_replicas"] = 1

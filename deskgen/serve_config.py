@@ -1,0 +1,44 @@
+"""Reading serve_config.yaml, the production source of truth, for the tools that deploy variants of
+it (the serve and cluster test tiers, the benchmarks): they change a few fields and keep the rest."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deskgen.paths import PROJECT_ROOT
+
+SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
+
+
+def load_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
+    """The config as plain data (a fresh copy each call)."""
+    return yaml.safe_load(path.read_text())  # type: ignore[no-any-return]
+
+
+def deployment_config(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``deployments`` entry called ``name`` of the (single) application; KeyError if absent."""
+    (app,) = config["applications"]
+    for deployment in app["deployments"]:
+        if deployment["name"] == name:
+            return deployment  # type: ignore[no-any-return]
+    raise KeyError(f"no deployment {name!r} in the config")
+
+
+def with_models(config: dict[str, Any], models: Path, **args: str) -> dict[str, Any]:
+    """A copy of ``config`` whose app ``args`` point at the model folder ``models`` (the layout
+    ``python -m deskgen.tiny`` writes); ``args`` override single entries."""
+    config = copy.deepcopy(config)
+    (app,) = config["applications"]
+    app["args"] = {
+        **app.get("args", {}),
+        "classifier_model": str(models / "classifier" / "desk_gate.keras"),
+        "captioner_model": str(models / "blip"),
+        "generator_model": str(models / "sdxl"),
+        "lora_dir": str(models / "loras"),
+        **args,
+    }
+    return config
