@@ -274,7 +274,7 @@ def test_timeout_is_504_and_the_generation_is_cancelled(client: httpx.Client) ->
     started = time.perf_counter()
     response = text2img(client, steps=150, width=512, height=512, timeout_s=0.5)
     assert_error(response, 504, "timeout")
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 10  # answered at the deadline, not after the 150 steps
     # The cancelled generation stops at its next step, so the replica is free again at once.
     assert text2img(client, seed=2).status_code == 200
     assert generator_info()["generations"] == before + 1
