@@ -305,3 +305,10 @@ def test_health_ready_and_docs(client: httpx.Client) -> None:
     assert {"/v1/generate", "/v1/classify", "/v1/caption", "/v1/text2img", "/v1/mixes", "/healthz", "/readyz"} <= set(paths)
     assert "multipart/form-data" in paths["/v1/generate"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
+
+
+def test_negative_prompt_default_and_explicit_empty(client: httpx.Client) -> None:
+    default = read_png_metadata(text2img(client, seed=1).content)
+    empty = read_png_metadata(text2img(client, seed=1, negative_prompt="").content)
+    assert default["negative_prompt"].startswith("blurry, low quality")
+    assert empty["negative_prompt"] == ""
