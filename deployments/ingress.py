@@ -396,6 +396,10 @@ class IngressRoutes:
                     if key != "image" or image == "none":
                         raise InvalidParameter(f"`{key}` is not a known file field.", field=key)
                     raw_image = await value.read()
+                elif key == "image":
+                    raise InvalidParameter(
+                        "`image` must be a file part (curl: -F image=@desk.jpg), not a text field.", field="image"
+                    )
                 else:
                     fields[key] = value
         elif content_type == "application/json":

@@ -244,6 +244,8 @@ def test_missing_or_malformed_image_is_400(client: httpx.Client) -> None:
     assert_error(client.post("/v1/generate", json={"image_b64": "%%%"}), 400, "invalid_parameter", "image_b64", "base64")
     assert_error(client.post("/v1/generate", content=b"{nope", headers={"Content-Type": "application/json"}), 400, "invalid_parameter", "body")
     assert_error(client.post("/v1/text2img", json={"prompt": ""}), 400, "invalid_parameter", "prompt")
+    as_text = client.post("/v1/generate", files={"image": (None, "desk.jpg")})  # a text part, no file
+    assert_error(as_text, 400, "invalid_parameter", "image", "file part")
 
 
 def test_unknown_mix_and_adapter_are_404(client: httpx.Client) -> None:
