@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deskgen.errors import InvalidParameter
 from deskgen.paths import PROJECT_ROOT
 
 BENCHMARKS_MD = PROJECT_ROOT / "BENCHMARKS.md"
@@ -29,6 +30,21 @@ BENCHMARKS_MD = PROJECT_ROOT / "BENCHMARKS.md"
 #: Where bench.fullsize writes (and the suites look for) the full-size random-weight models. Never
 #: inside the repository: the SDXL folder alone is ~7 GB.
 DEFAULT_FULLSIZE_DIR = Path(os.environ.get("DESKGEN_FULLSIZE", "/tmp/deskgen-fullsize"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Command lines
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_choices(spec: str | None, choices: Sequence[str], *, option: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ("a", "b"), each one of ``choices``; None -> all of them. Else InvalidParameter."""
+    if spec is None:
+        return tuple(choices)
+    picked = tuple(p.strip() for p in spec.split(",") if p.strip())
+    if not picked or any(p not in choices for p in picked):
+        raise InvalidParameter(f"`{option}` must name some of {list(choices)} but is {spec!r}.", field=option.lstrip("-"))
+    return picked
 
 
 # --------------------------------------------------------------------------------------------------

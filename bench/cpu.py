@@ -46,6 +46,7 @@ from bench.common import (
     machine,
     ms,
     p50,
+    parse_choices,
     percentile,
     render_section,
     s,
@@ -494,16 +495,6 @@ def bench_blip(blip_dir: Path, photo: Image.Image, n: int) -> tuple[Table, dict[
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_sections(only: str | None) -> tuple[str, ...]:
-    if only is None:
-        return SECTIONS
-    sections = tuple(x.strip() for x in only.split(",") if x.strip())
-    unknown = [x for x in sections if x not in SECTIONS]
-    if unknown or not sections:
-        raise InvalidParameter(f"`--only` must name sections of {list(SECTIONS)} but is {only!r}.", field="only")
-    return sections
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help="tiny models folder (default: $DESKGEN_MODELS or models/tiny)")
@@ -514,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print the tables, do not append them to BENCHMARKS.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sections = parse_sections(args.only)
+    sections = parse_choices(args.only, SECTIONS, option="--only")
     if args.n < 1:
         raise InvalidParameter(f"`--n` must be >= 1 but is {args.n}.", field="n")
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from bench.common import DEFAULT_FULLSIZE_DIR
+from bench.common import DEFAULT_FULLSIZE_DIR, parse_choices
 from deskgen.errors import InvalidParameter
 from deskgen.paths import PROJECT_ROOT
 
@@ -471,17 +471,6 @@ def is_built(out: Path, part: str) -> bool:
     return (part_dir(out, part) / COMPLETE_MARKER).is_file()
 
 
-def parse_parts(only: str | None) -> tuple[str, ...]:
-    """``"sdxl,loras"`` -> ("sdxl", "loras"); None -> every part. Unknown part -> InvalidParameter."""
-    if only is None:
-        return PARTS
-    parts = tuple(p.strip() for p in only.split(",") if p.strip())
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise InvalidParameter(f"`--only` must name parts of {list(PARTS)} but is {only!r}.", field="only")
-    return parts
-
-
 def check_out_dir(out: Path) -> Path:
     """``out`` resolved; refuses the repository (gigabytes of random weights do not belong in git)."""
     resolved = out.expanduser().resolve()
@@ -540,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here is downloaded
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    timings = build(args.out, parse_parts(args.only), device=args.device, force=args.force)
+    timings = build(args.out, parse_choices(args.only, PARTS, option="--only"), device=args.device, force=args.force)
     print(f"full-size models in {check_out_dir(args.out)}: " + (", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) or "already built"))
 
 

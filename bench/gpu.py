@@ -58,6 +58,7 @@ from bench.common import (
     desk_photo,
     machine,
     p50,
+    parse_choices,
     percentile,
     render_section,
     s,
@@ -669,24 +670,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def parse_profiles(spec: str) -> tuple[str, ...]:
-    profiles = tuple(p.strip() for p in spec.split(",") if p.strip())
-    unknown = [p for p in profiles if p not in PROFILES]
-    if unknown or not profiles:
-        raise InvalidParameter(f"`--profiles` must name profiles of {list(PROFILES)} but is {spec!r}.", field="profiles")
-    return profiles
-
-
-def parse_parts(only: str | None) -> tuple[str, ...]:
-    if only is None:
-        return PARTS
-    parts = tuple(p.strip() for p in only.split(",") if p.strip())
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise InvalidParameter(f"`--only` must name parts of {list(PARTS)} but is {only!r}.", field="only")
-    return parts
-
-
 def locate_models(args: argparse.Namespace, parts: tuple[str, ...]) -> tuple[Scenario, dict[str, Path]]:
     """The scenario and model paths: tiny models on the CPU for ``--tiny``, else full size on the GPU
     (building what is missing, directly on the GPU)."""
@@ -749,8 +732,8 @@ def main(argv: list[str] | None = None) -> None:
     # Everything is local: never let a hub lookup wait on a network the GPU machine does not have.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parts = parse_parts(args.only)
-    profiles = parse_profiles(args.profiles)
+    parts = parse_choices(args.only, PARTS, option="--only")
+    profiles = parse_choices(args.profiles, list(PROFILES), option="--profiles")
     overrides = parse_overrides(args.set)
     for profile in profiles:  # a bad --set fails now, not after minutes of building
         production_settings(Path("/unused"), Path("/unused"), "cpu", {**PROFILES[profile], **overrides})

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bench import fullsize
+from bench.common import parse_choices
 from deskgen.errors import InvalidParameter
 from deskgen.paths import PROJECT_ROOT
 
@@ -142,10 +143,10 @@ def test_random_lora_is_seeded_and_bounded() -> None:
 
 
 def test_parts_and_out_dir_are_validated(tmp_path: Path) -> None:
-    assert fullsize.parse_parts(None) == ("sdxl", "loras", "blip", "vgg")
-    assert fullsize.parse_parts("vgg, blip") == ("vgg", "blip")
-    with pytest.raises(InvalidParameter, match="`--only` must name parts of"):
-        fullsize.parse_parts("sdxl,unet")
+    assert parse_choices(None, fullsize.PARTS, option="--only") == ("sdxl", "loras", "blip", "vgg")
+    assert parse_choices("vgg, blip", fullsize.PARTS, option="--only") == ("vgg", "blip")
+    with pytest.raises(InvalidParameter, match="`--only` must name some of"):
+        parse_choices("sdxl,unet", fullsize.PARTS, option="--only")
     with pytest.raises(InvalidParameter, match="must be outside the repository"):
         fullsize.check_out_dir(PROJECT_ROOT / "models" / "full")
     assert fullsize.check_out_dir(tmp_path) == tmp_path.resolve()
