@@ -84,3 +84,17 @@ def test_unknown_config_keys_are_refused() -> None:
         CaptionerConfig.model_validate({"prefixes": ["a"] * 9})
     with pytest.raises(ValidationError):
         DeskgenArgs.model_validate({"generator": "x"})
+
+
+def test_importing_the_graph_loads_no_model_library() -> None:
+    """The ingress process imports graph.py and every deployment module: none may pull in TensorFlow,
+    torch, diffusers or transformers (models load in the replicas' constructors)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, graph, deployments.ingress\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

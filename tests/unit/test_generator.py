@@ -26,16 +26,10 @@ from deskgen.generator import (
 from deskgen.mixes import NAMED_MIXES, Mix, MixCatalog
 from deskgen.pngmeta import read_png_metadata
 from deskgen.tiny_sdxl import one_torch_thread
+from tests.unit.generator_common import PARAMS, settings_for
 
 pytestmark = pytest.mark.unit
 
-PARAMS = GenerationParams(prompt="a desk setup with a monitor and a lamp", seed=7, steps=3, width=64, height=64)
-
-
-def settings_for(tiny_models: Path, lora_dir: Path | None = None) -> GeneratorSettings:
-    return GeneratorSettings(
-        model_id=str(tiny_models / "sdxl"), lora_dir=str(lora_dir or tiny_models / "loras"), device="cpu"
-    )
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -27,17 +27,12 @@ from deskgen.generator import (
 )
 from deskgen.mixes import Mix, MixCatalog
 from deskgen.tiny_sdxl import one_torch_thread
+from tests.unit.generator_common import PARAMS, settings_for
 
 unit = pytest.mark.unit
 
-PARAMS = GenerationParams(prompt="a desk setup with a monitor and a lamp", seed=7, steps=3, width=64, height=64)
 HOT = "ott_3d"  # 3d:0.5+ott:0.7
 MIXES = ["base", "dalle_only", "ott_3d", "mix", "dalle_ott"]
-
-
-def settings_for(tiny_models: Path, lora_dir: Path | None = None, **flags: Any) -> GeneratorSettings:
-    values = {"device": "cpu", **flags}
-    return GeneratorSettings(model_id=str(tiny_models / "sdxl"), lora_dir=str(lora_dir or tiny_models / "loras"), **values)
 
 
 @pytest.fixture(scope="module", autouse=True)
