@@ -6,11 +6,15 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 -m bench.gpu
 #
-# Without TensorFlow there, the VGG16 stage is reported under "Failures"; the rest runs.
+# The image has no TensorFlow: the VGG16 stage runs the same gate on Keras' torch backend (keras and its
+# two small dependencies travel too). regex travels because transformers checks its minimum version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  diffusers==0.42.1 peft==0.21.2 transformers==5.24.0
+  diffusers==0.42.1 peft==0.21.2 transformers==5.24.0 keras==3.15.1 namex==0.1.0
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+  regex==2026.11.19 optree==0.20.0
 ls -la .whl

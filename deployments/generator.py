@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import serve
 
-from deskgen.generator import GenerationParams, GeneratorSettings
+from deskgen.generator import GenerationParams, settings_from_options
 from deskgen.mixes import BASE_MIX_ID, Mix, parse_mix_spec
 
 log = logging.getLogger("ray.serve")
@@ -59,7 +59,7 @@ class Generator:
     def __init__(self, settings: dict[str, Any]) -> None:
         from deskgen.generator import DeskGenerator
 
-        self.generator = DeskGenerator.from_pretrained(GeneratorSettings(**settings))
+        self.generator = DeskGenerator.from_pretrained(settings_from_options(settings))
         # One generation at a time, and the multiplexed loader runs inside the same lock: a mix
         # can never be evicted while another request of this replica is using it.
         self._lock = asyncio.Lock()

@@ -24,19 +24,26 @@ image's metadata carries under ``runtime``):
   pixels of images larger than the VAE's tile) / one image of a batch at a time (same pixels).
 - ``fuse_hot_mix`` = None: a mix fused into the base weights while it is active (base speed); any other
   mix first restores the exact base weights. ``fuse_backup`` = ``"cpu"``: where that exact copy lives.
-- ``compile`` = off: ``torch.compile`` the UNet (``compile_mode`` = ``"default"``), warmed up at load at
-  ``compile_warmup_size`` = 1024 px. Implies ``hotswap``.
-- ``hotswap`` (= ``compile``): UNet LoRAs hot-swapped into ``hotswap_slots`` = 3 fixed slots padded to
-  ``hotswap_rank`` (None: the largest adapter rank), so a compiled UNet never recompiles on a switch. The
-  text encoders are not compiled: the text-encoder half of each LoRA loads the normal peft way.
+- ``compile``: on for CUDA, off on CPU. ``torch.compile`` (``compile_mode`` = ``"default"``) of the UNet's
+  blocks (``compile_scope`` = ``"blocks"``: every transformer block and resnet; ``"unet"``: one graph),
+  warmed up at load at ``compile_warmup_size`` = 1024 px. Implies ``hotswap``.
+- ``hotswap`` (= ``compile or fp8``): UNet LoRAs hot-swapped into ``hotswap_slots`` = 3 fixed slots
+  padded to ``hotswap_rank`` (None: the largest adapter rank), so a compiled UNet never recompiles on a
+  switch. The text encoders are not compiled: the text-encoder half of each LoRA loads the normal peft way.
+- ``fp8`` = off: the UNet's token linears in float8 (:mod:`deskgen.fp8`); not with ``fuse_hot_mix``.
+- ``deepcache_interval`` = None: DeepCache (:mod:`deskgen.deepcache`), an approximate speed tier that
+  changes the image; never on by default, offered as the named profile ``deepcache``.
 
-Why these defaults: bf16 has fp32's range, so nothing overflows (no VAE upcast, no NaN guard) and it
-is as fast as fp16 on Ampere/Hopper; SDPA is what torch 2 runs anyway, now explicit and reported;
-channels_last lets cuDNN pick its NHWC convolution kernels. ``compile`` is off by default: it costs the
-replica a warm-up at start (minutes for the real UNet, at ``compile_warmup_size``; another image size,
-or CFG off, recompiles once on first use), which autoscaling pays on every new replica; turn it
-on per deployment once a benchmark on the target GPU shows it pays. ``fuse_hot_mix`` is per deployment
-too: only the operator knows which mix is hot.
+Why these defaults (measured on an H200 at 1024 px, 30 steps, BENCHMARKS.md "GPU suite"): bf16 has
+fp32's range, so nothing overflows (no VAE upcast, no NaN guard) and it is as fast as fp16 on
+Ampere/Hopper; SDPA is what torch 2 runs anyway, now explicit and reported; channels_last lets cuDNN
+pick its NHWC convolution kernels. Unfused LoRA branches cost more than anything else (5.1 s/image
+with two adapters vs 2.2 s fused: thousands of small kernels per step), so the hot mix is fused
+(``fuse_hot_mix``, per deployment: only the operator knows which mix is hot). Compiling the blocks
+took the fused mix from 2.19 to 1.78 s and hot-swapped mixes from 5.1 to 3.6 s, for a warm-up of
+~15-50 s at replica start (before it takes traffic), so it is on for CUDA. FP8 halves the UNet's
+linear weights (peak 7.1 GiB instead of 8.7-9.0) but its unfused slots keep it slow (4.7 s); DeepCache
+every third step cut 1.78 s to 0.74 s at a measurable distance from the exact image.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from deskgen.deepcache import DeepCache
+    from deskgen.fp8 import Fp8Report
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "fluently/Fluently-XL-v2"
@@ -74,6 +84,23 @@ MAX_GUIDANCE = 30.0
 DTYPES = ("float32", "float16", "bfloat16")
 ATTENTIONS = ("sdpa", "eager", "default")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: ``unet``: one graph of the whole UNet; ``blocks``: each transformer block and resnet compiled on its
+#: own (regional compilation: blocks of one shape share one compiled graph, so it compiles in a
+#: fraction of the time, and the UNet's own forward stays eager, which DeepCache needs).
+COMPILE_SCOPES = ("unet", "blocks")
+#: The UNet block classes ``compile_scope="blocks"`` compiles.
+COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+#: Named speed profiles: GeneratorSettings fields a deployment selects with ``speed_profile`` in its
+#: ``generator_options`` (its own fields override the profile's). ``exact`` is the default; the others
+#: trade something measurable (BENCHMARKS.md "GPU suite") for speed or memory.
+SPEED_PROFILES: dict[str, dict[str, Any]] = {
+    "exact": {},
+    # Approximate: every third denoising step full, the others reuse the deep features (0.74 s vs 1.78 s).
+    "deepcache": {"deepcache_interval": 3},
+    # Low memory: FP8 UNet linears, LoRAs in hot-swap slots (peak 7.1 GiB; slower than a fused mix).
+    "fp8": {"fp8": True, "fuse_hot_mix": None},
+    "fp8_deepcache": {"fp8": True, "fuse_hot_mix": None, "deepcache_interval": 3},
+}
 FUSE_BACKUPS = ("cpu", "device")
 #: The pipeline components that carry LoRA layers.
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -198,6 +225,44 @@ def hot_mix_from_spec(spec: str, *, field: str = "fuse_hot_mix") -> Mix:
     return mix
 
 
+def _check_compile_combination(compile_: bool, settings: GeneratorSettings) -> None:
+    """Raise InvalidParameter for settings that cannot go with ``compile_`` (the effective compile flag)."""
+    if compile_ and settings.hotswap is False:
+        raise InvalidParameter(
+            "`hotswap` must be on (or null) when `compile` is on: a compiled UNet with one peft adapter per "
+            "LoRA recompiles on every mix switch.",
+            field="hotswap",
+        )
+    if compile_ and settings.deepcache_interval is not None and settings.compile_scope == "unet":
+        raise InvalidParameter(
+            "`deepcache_interval` needs `compile_scope: blocks` when `compile` is on: DeepCache switches the "
+            "UNet's own forward between two paths per step, so only its blocks can be compiled.",
+            field="deepcache_interval",
+        )
+
+
+def settings_from_options(options: dict[str, Any]) -> GeneratorSettings:
+    """GeneratorSettings from a deployment's options: the fields of ``options["speed_profile"]`` (a name
+    in :data:`SPEED_PROFILES`, default ``exact``) overridden by the other keys. An unknown profile or
+    field raises InvalidParameter naming it."""
+    import dataclasses
+
+    values = dict(options)
+    profile = values.pop("speed_profile", None) or "exact"
+    if not isinstance(profile, str) or profile not in SPEED_PROFILES:
+        raise InvalidParameter(
+            f"`speed_profile` must be one of {sorted(SPEED_PROFILES)} but is {profile!r}.", field="speed_profile"
+        )
+    known = {f.name for f in dataclasses.fields(GeneratorSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidParameter(
+            f"`{unknown[0]}` is not a generator setting; the settings are {sorted(known)} and `speed_profile`.",
+            field=unknown[0],
+        )
+    return GeneratorSettings(**{**SPEED_PROFILES[profile], **values})
+
+
 @dataclass(frozen=True)
 class GeneratorSettings:
     """Static settings of a generator; changing any of them means loading a new pipeline.
@@ -231,9 +296,12 @@ class GeneratorSettings:
     #: ``"cpu"`` | ``"device"``: where the exact copy of the layers a fuse overwrites is kept.
     fuse_backup: str = "cpu"
     #: ``torch.compile`` the UNet; LoRAs are then hot-swapped into fixed slots (no recompile on a switch).
-    compile: bool = False
+    #: None: on for CUDA (measured 1.2-1.4x on an H200, BENCHMARKS.md), off on the CPU.
+    compile: bool | None = None
     #: The ``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``, ...).
     compile_mode: str = "default"
+    #: What is compiled: ``unet`` (one graph) or ``blocks`` (regional; see :data:`COMPILE_SCOPES`).
+    compile_scope: str = "blocks"
     #: Hot-swap the UNet half of adapters into fixed LoRA slots instead of adding one peft adapter per
     #: LoRA (what keeps a compiled UNet from recompiling). None: on exactly when ``compile`` is; it may be
     #: on without ``compile`` (to test or measure it), not off with it.
@@ -246,6 +314,11 @@ class GeneratorSettings:
     #: Compile mode: generate once at this square size at load time, so the replica compiles before it
     #: takes traffic. None: compile on the first request instead.
     compile_warmup_size: int | None = 1024
+    #: UNet token linears in FP8 (:mod:`deskgen.fp8`). Implies ``hotswap``; not with ``fuse_hot_mix``.
+    fp8: bool = False
+    #: DeepCache (:mod:`deskgen.deepcache`): every ``deepcache_interval``-th step full, the others reuse
+    #: the deep features. Changes the image: a speed profile of its own, None (off) by default; eager only.
+    deepcache_interval: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -253,17 +326,30 @@ class GeneratorSettings:
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_flag("channels_last", self.channels_last, optional=True)
         _check_flag("vae_upcast", self.vae_upcast, optional=True)
-        for name in ("vae_tiling", "vae_slicing", "compile"):
+        for name in ("vae_tiling", "vae_slicing"):
             _check_flag(name, getattr(self, name))
+        _check_flag("compile", self.compile, optional=True)
         _check_flag("hotswap", self.hotswap, optional=True)
-        if self.compile and self.hotswap is False:
+        _check_flag("fp8", self.fp8)
+        if self.fp8 and self.hotswap is False:
             raise InvalidParameter(
-                "`hotswap` must be on (or null) when `compile` is on: a compiled UNet with one peft adapter per "
-                "LoRA recompiles on every mix switch.",
+                "`hotswap` must be on (or null) when `fp8` is on: peft cannot add adapters to FP8 layers, so "
+                "LoRAs go into slots built before the conversion.",
                 field="hotswap",
             )
+        if self.fp8 and self.fuse_hot_mix is not None:
+            raise InvalidParameter(
+                "`fuse_hot_mix` must be null when `fp8` is on: an FP8 weight cannot hold a fused LoRA delta exactly.",
+                field="fuse_hot_mix",
+            )
+        if self.deepcache_interval is not None:
+            from deskgen.deepcache import MAX_INTERVAL
+
+            _check_int("deepcache_interval", self.deepcache_interval, 2, MAX_INTERVAL)
+        _check_compile_combination(bool(self.compile), self)
         _check_choice("fuse_backup", self.fuse_backup, FUSE_BACKUPS)
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        _check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         _check_int("hotswap_slots", self.hotswap_slots, 1, 16)
         if self.hotswap_rank is not None:
             _check_int("hotswap_rank", self.hotswap_rank, 1, 1024)
@@ -315,6 +401,8 @@ class GeneratorSettings:
                 f"`vae_upcast` applies to float16 only but is True with dtype {dtype!r}.", field="vae_upcast"
             )
         hot = hot_mix_from_spec(self.fuse_hot_mix) if self.fuse_hot_mix is not None else None
+        compile_ = cuda if self.compile is None else self.compile
+        _check_compile_combination(compile_, self)
         return RuntimeSettings(
             device=device,
             dtype=dtype,
@@ -325,12 +413,15 @@ class GeneratorSettings:
             vae_slicing=self.vae_slicing,
             fuse_hot_mix=hot.id if hot is not None else None,
             fuse_backup=self.fuse_backup,
-            compile=self.compile,
+            compile=compile_,
             compile_mode=self.compile_mode,
-            hotswap=self.compile if self.hotswap is None else self.hotswap,
+            compile_scope=self.compile_scope,
+            hotswap=(compile_ or self.fp8) if self.hotswap is None else self.hotswap,
             hotswap_slots=self.hotswap_slots,
             hotswap_rank=self.hotswap_rank,
             compile_warmup_size=self.compile_warmup_size,
+            fp8=self.fp8,
+            deepcache_interval=self.deepcache_interval,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -357,10 +448,13 @@ class RuntimeSettings:
     fuse_backup: str = "cpu"
     compile: bool = False
     compile_mode: str = "default"
+    compile_scope: str = "blocks"
     hotswap: bool = False
     hotswap_slots: int = 3
     hotswap_rank: int | None = None
     compile_warmup_size: int | None = 1024
+    fp8: bool = False
+    deepcache_interval: int | None = None
 
     def hot_mix(self) -> Mix | None:
         return hot_mix_from_spec(self.fuse_hot_mix) if self.fuse_hot_mix is not None else None
@@ -396,6 +490,24 @@ def optimise_pipeline(pipe: Any, runtime: RuntimeSettings) -> None:
         pipe.vae.enable_tiling()
     if runtime.vae_slicing:
         pipe.vae.enable_slicing()
+
+
+def compile_unet(unet: Any, mode: str, scope: str) -> int:
+    """``torch.compile`` the UNet (``scope="unet"``) or each of its :data:`COMPILED_BLOCKS` (``"blocks"``),
+    in place and lazily (the first call per shape compiles). Returns the number of modules wrapped."""
+    if scope == "unet":
+        unet.compile(mode=mode)
+        return 1
+    import torch
+
+    blocks = [m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
+    # Every compiled block runs through nn.Module._call_impl, one code object to dynamo: its cache must
+    # hold one entry per block shape (SDXL: 2 transformer and ~15 resnet shapes), and static shapes keep
+    # one specialised graph per shape instead of dynamic-shape kernels.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(mode=mode, dynamic=False)
+    return len(blocks)
 
 
 @dataclass
@@ -697,10 +809,28 @@ class DeskGenerator:
         pipe.set_progress_bar_config(disable=True)
         if self.runtime.hotswap:
             self._build_slots()
+        self.fp8_report: Fp8Report | None = None
+        if self.runtime.fp8:
+            from deskgen.fp8 import quantize_unet_linears
+
+            timer = _Timer()
+            self.fp8_report = quantize_unet_linears(self.pipe.unet)
+            log.info(
+                "fp8: %d UNet linears (%.0f%% of its parameters) in float8_e4m3 in %.2f s, %.2f GB saved",
+                self.fp8_report.layers, 100 * self.fp8_report.fraction, timer.seconds(), self.fp8_report.bytes_saved / 1e9,
+            )  # fmt: skip
+        self._deepcache: DeepCache | None = None
+        if self.runtime.deepcache_interval is not None:
+            from deskgen.deepcache import DeepCache
+
+            self._deepcache = DeepCache(self.pipe.unet, self.runtime.deepcache_interval)
         if self.runtime.compile:
             timer = _Timer()
-            self.pipe.unet.compile(mode=self.runtime.compile_mode)
-            log.info("UNet wrapped by torch.compile(mode=%r) in %.2f s", self.runtime.compile_mode, timer.seconds())
+            compile_unet(self.pipe.unet, self.runtime.compile_mode, self.runtime.compile_scope)
+            log.info(
+                "UNet (%s) wrapped by torch.compile(mode=%r) in %.2f s",
+                self.runtime.compile_scope, self.runtime.compile_mode, timer.seconds(),
+            )  # fmt: skip
 
     @property
     def active_mix_id(self) -> str:
@@ -1042,6 +1172,8 @@ class DeskGenerator:
                 return callback_kwargs
 
             timer = _Timer()
+            if self._deepcache is not None:
+                self._deepcache.reset()
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
             output = self.pipe(
                 prompt=params.prompt,

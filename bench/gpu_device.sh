@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The one command a lent GPU machine runs for the GPU suite (issue 15), through the device tool:
+#
+#   bench/gpu_wheels.sh                       # here, once: the wheels the GPU image lacks, into .whl/
+#   device run, carry [".whl"]:  bench/gpu_device.sh [extra bench.gpu options]
+#
+# It installs the wheels, prints the GPU and library versions, and runs `python -m bench.gpu` with a
+# deadline (DEADLINE_S, default 480 s after the suite starts) so stages that would not finish are
+# skipped and reported instead of being cut off. Results: $OUT/bench_gpu.{md,json,log}; append
+# bench_gpu.md to BENCHMARKS.md here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/deskgen-gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv
+echo "cpus $(nproc); $(gcc --version | head -1)"
+python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" || exit 1
+python3 -m bench.gpu --n 6 --deadline-s "${DEADLINE_S:-480}" --no-write \
+  --order production,fused,compiled_fp8,compiled_fp8_deepcache,blip,vgg,compiled_fused "$@" 2>&1 | tee "$OUT/bench_gpu.log"
