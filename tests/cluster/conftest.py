@@ -8,7 +8,9 @@ in what a test on a 2-core machine needs:
 * Generator: ``num_replicas: 2`` instead of autoscaling (routing by mix and the replica kill need two);
 * Ingress ``user_config``: 64 px, 2 steps (tiny generations) and ``retry_after_s: 1`` (clients retry soon).
 
-Everything else — resources, the Classifier's autoscaling_config, queue limits — is production's.
+Everything else — resources, the Classifier's autoscaling_config, queue limits — is production's
+(``DESKGEN_CLUSTER_CONTROL=no-autoscale`` caps the Classifier at one replica: the control run in which
+the autoscaling test must fail).
 Traffic goes to 127.0.0.1 only; every wait is bounded.
 """
 
@@ -47,6 +49,9 @@ GPU_NODES = 2
 def cluster_test_config(models: Path) -> dict[str, Any]:
     """serve_config.yaml with the overrides listed in the module docstring, nothing else."""
     config = with_models(load_serve_config(), models)
+    if os.environ.get("DESKGEN_CLUSTER_CONTROL") == "no-autoscale":
+        # The control run of the autoscaling test: a Classifier that may never scale out must fail it.
+        deployment(config, "Classifier")["autoscaling_config"]["max_replicas"] = 1
     generator = deployment(config, "Generator")
     generator.pop("autoscaling_config", None)
     generator["num_replicas"] = 2
