@@ -1,7 +1,11 @@
 """Render the production cluster configs from serve_config.yaml, so they can never drift from it.
 
-    python -m cluster.render            # (re)write cluster/kuberay-rayservice.yaml and cluster/aws-cluster.yaml
+    python -m cluster.render            # (re)write the reference files cluster/kuberay-rayservice.yaml and
+                                        # cluster/aws-cluster.yaml (images from registry.invalid: not deployable)
     python -m cluster.render --check    # exit 1 when the committed files differ from a fresh render
+    python -m cluster.render --image-repo ghcr.io/acme/deskgen --out build/cluster
+                                        # deployable files, images from the registry you pushed them to
+                                        # (DESKGEN_IMAGE_REPO works too; a deployable render without one fails)
 
 Both files describe the same three node groups:
 
@@ -22,8 +26,11 @@ verbatim as ``serveConfigV2``; the cluster launcher config runs ``serve deploy s
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +49,22 @@ PYTHON_TAG = "py311"
 #: Ray's own images; cluster/Dockerfile builds the deskgen images FROM them.
 RAY_CPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-{PYTHON_TAG}"
 RAY_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-{PYTHON_TAG}-gpu"
-#: The images the clusters run: the project installed on top of the Ray images (cluster/Dockerfile).
-#: Push them to your registry and change this prefix (then re-render).
-APP_IMAGE_REPO = "deskgen"
-APP_CPU_IMAGE = f"{APP_IMAGE_REPO}:{RAY_VERSION}-{PYTHON_TAG}"
-APP_GPU_IMAGE = f"{APP_IMAGE_REPO}:{RAY_VERSION}-{PYTHON_TAG}-gpu"
+#: The images the clusters run: the project installed on top of the Ray images (cluster/Dockerfile),
+#: pushed to a registry whose repository a deployable render must be given (``--image-repo``). The
+#: committed reference files name ``registry.invalid`` (a reserved domain that never resolves), so
+#: applying them unchanged fails at the first pull, visibly, instead of pulling docker.io/library/deskgen.
+REFERENCE_IMAGE_REPO = "registry.invalid/deskgen"
+CPU_TAG = f"{RAY_VERSION}-{PYTHON_TAG}"
+GPU_TAG = f"{RAY_VERSION}-{PYTHON_TAG}-gpu"
+IMAGE_REPO_ENV = "DESKGEN_IMAGE_REPO"
+#: ``[registry-host[:port]/]path`` in Docker's reference grammar (lowercase path components).
+_IMAGE_REPO = re.compile(
+    r"(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
+#: Nodes idle this long are removed, by both autoscalers (KubeRay's and the launcher's): GPU nodes take
+#: minutes to come back (image pull, SDXL load, compile warm-up), so not sooner.
+IDLE_TIMEOUT_S = 300
 #: Where cluster/Dockerfile installs the project (PROJECT_ROOT inside the containers).
 APP_DIR = "/home/ray/deskgen"
 
@@ -195,6 +213,82 @@ def plan(config: dict[str, Any], cpu_shape: NodeShape, gpu_shape: NodeShape) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Inputs: the image repository and a strict reading of serve_config.yaml
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Images:
+    """The CPU and GPU images of one render."""
+
+    repo: str
+
+    @property
+    def cpu(self) -> str:
+        return f"{self.repo}:{CPU_TAG}"
+
+    @property
+    def gpu(self) -> str:
+        return f"{self.repo}:{GPU_TAG}"
+
+
+REFERENCE_IMAGES = Images(REFERENCE_IMAGE_REPO)
+
+
+def deploy_images(repo: str | None) -> Images:
+    """The images of a deployable render: ``repo`` (or ``$DESKGEN_IMAGE_REPO``). Raises ValueError, naming
+    the option, when neither is set, when it is not a repository reference, or when it is the reference
+    files' placeholder."""
+    repo = repo or os.environ.get(IMAGE_REPO_ENV) or None
+    if repo is None:
+        raise ValueError(
+            f"a deployable render needs `--image-repo` (or ${IMAGE_REPO_ENV}): the repository you pushed the "
+            f"images to, e.g. ghcr.io/acme/deskgen for ghcr.io/acme/deskgen:{GPU_TAG}; build and push them with "
+            "cluster/Dockerfile (docs/CLUSTER.md). Without one a cluster would pull docker.io/library/deskgen."
+        )
+    if not _IMAGE_REPO.fullmatch(repo) or ":" in repo.rsplit("/", 1)[-1]:
+        raise ValueError(
+            f"`--image-repo` must be a repository without a tag, like ghcr.io/acme/deskgen, but is {repo!r}."
+        )
+    if repo == REFERENCE_IMAGE_REPO or repo.startswith("registry.invalid/"):
+        raise ValueError(f"`--image-repo` {repo!r} is the reference files' placeholder; name your registry.")
+    return Images(repo)
+
+
+def unknown_keys(given: Any, kept: Any, path: str = "") -> list[str]:
+    """Keys of ``given`` (the YAML as written) that ``kept`` (what a schema made of it) dropped."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        out = []
+        for key, value in given.items():
+            where = f"{path}.{key}" if path else str(key)
+            out += [where] if key not in kept else unknown_keys(value, kept[key], where)
+        return out
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        return [k for i, (g, c) in enumerate(zip(given, kept, strict=True)) for k in unknown_keys(g, c, f"{path}[{i}]")]
+    return []
+
+
+def check_serve_config(config: dict[str, Any]) -> None:
+    """Validate ``config`` with Serve's own ``ServeDeploySchema`` and reject the keys it does not know:
+    Serve's pydantic models ignore unknown keys, so a typo (``max_replica``) would deploy silently with
+    the default. Raises ValueError naming every unknown key."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    unknown = unknown_keys(config, schema.model_dump(exclude_unset=True, by_alias=True, warnings=False))
+    # The schema keeps autoscaling_config as a plain dict: check it against Serve's AutoscalingConfig too.
+    for i, app in enumerate(config.get("applications") or []):
+        for j, deployment in enumerate(app.get("deployments") or []):
+            autoscaling = deployment.get("autoscaling_config")
+            if isinstance(autoscaling, dict):
+                kept = AutoscalingConfig.model_validate(autoscaling).model_dump(exclude_unset=True, warnings=False)
+                unknown += unknown_keys(autoscaling, kept, f"applications[{i}].deployments[{j}].autoscaling_config")
+    if unknown:
+        raise ValueError(f"serve_config.yaml: Serve's schema does not know {unknown}; a typo would be ignored silently.")
+
+
+# ----------------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------------
 
@@ -215,7 +309,13 @@ def _kube_limits(shape: NodeShape) -> dict[str, Any]:
     return {"limits": limits, "requests": dict(limits)}
 
 
-def render_kuberay(config_text: str, config: dict[str, Any]) -> dict[str, Any]:
+#: Ray's object store lives in /dev/shm; a container's default /dev/shm is 64 MB, so every pod mounts
+#: a memory-backed volume there (it counts against the container's memory limit).
+SHM_VOLUME = {"name": "shared-mem", "emptyDir": {"medium": "Memory"}}
+SHM_MOUNT = {"name": "shared-mem", "mountPath": "/dev/shm"}
+
+
+def render_kuberay(config_text: str, config: dict[str, Any], images: Images = REFERENCE_IMAGES) -> dict[str, Any]:
     """A KubeRay ``RayService``: serve_config.yaml as ``serveConfigV2`` on a head + cpu + gpu cluster."""
     plans = {p.name: p for p in plan(config, KUBE_CPU, KUBE_GPU)}
     http_port = int(config.get("http_options", {}).get("port", 8000))
@@ -226,8 +326,9 @@ def render_kuberay(config_text: str, config: dict[str, Any]) -> dict[str, Any]:
             "image": image,
             "resources": _kube_limits(p.shape),
             "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+            "volumeMounts": [dict(SHM_MOUNT)],
         }
-        spec: dict[str, Any] = {"containers": [container]}
+        spec: dict[str, Any] = {"containers": [container], "volumes": [copy.deepcopy(SHM_VOLUME)]}
         if p.shape.gpus:
             spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         return {
@@ -253,7 +354,7 @@ def render_kuberay(config_text: str, config: dict[str, Any]) -> dict[str, Any]:
                 "authOptions": {"mode": "token"},
                 # Serve autoscaling asks for replicas; the in-tree autoscaler adds pods for them.
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 60},
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": IDLE_TIMEOUT_S},
                 "headGroupSpec": {
                     # num-cpus 0: no replica is ever scheduled next to the GCS and the controller.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
@@ -262,7 +363,7 @@ def render_kuberay(config_text: str, config: dict[str, Any]) -> dict[str, Any]:
                             "containers": [
                                 {
                                     "name": "ray-head",
-                                    "image": APP_CPU_IMAGE,
+                                    "image": images.cpu,
                                     "resources": _kube_limits(KUBE_HEAD),
                                     "ports": [
                                         {"containerPort": 6379, "name": "gcs-server"},
@@ -270,21 +371,23 @@ def render_kuberay(config_text: str, config: dict[str, Any]) -> dict[str, Any]:
                                         {"containerPort": 10001, "name": "client"},
                                         {"containerPort": http_port, "name": "serve"},
                                     ],
+                                    "volumeMounts": [dict(SHM_MOUNT)],
                                 }
-                            ]
+                            ],
+                            "volumes": [copy.deepcopy(SHM_VOLUME)],
                         }
                     },
                 },
                 "workerGroupSpecs": [
-                    worker_group(plans["cpu"], APP_CPU_IMAGE),
-                    worker_group(plans["gpu"], APP_GPU_IMAGE),
+                    worker_group(plans["cpu"], images.cpu),
+                    worker_group(plans["gpu"], images.gpu),
                 ],
             },
         },
     }
 
 
-def render_aws(config: dict[str, Any]) -> dict[str, Any]:
+def render_aws(config: dict[str, Any], images: Images = REFERENCE_IMAGES) -> dict[str, Any]:
     """A Ray cluster-launcher config for AWS with the same head / cpu / gpu groups (``ray up``)."""
     plans = {p.name: p for p in plan(config, AWS_CPU, AWS_GPU)}
     start_env = "ulimit -n 65536; RAY_AUTH_MODE=token"
@@ -308,11 +411,11 @@ def render_aws(config: dict[str, Any]) -> dict[str, Any]:
         "cluster_name": "deskgen",
         "max_workers": plans["cpu"].max_nodes + plans["gpu"].max_nodes,
         "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 5,
+        "idle_timeout_minutes": IDLE_TIMEOUT_S // 60,
         "provider": {"type": "aws", "region": "us-west-2", "cache_stopped_nodes": False},
         "auth": {"ssh_user": "ubuntu"},
         "docker": {
-            "image": APP_CPU_IMAGE,
+            "image": images.cpu,
             "container_name": "ray_container",
             "pull_before_run": True,
             "run_options": ["--ulimit nofile=65536:65536"],
@@ -329,8 +432,8 @@ def render_aws(config: dict[str, Any]) -> dict[str, Any]:
                     "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 100, "VolumeType": "gp3"}}],
                 },
             },
-            "cpu": node_type(plans["cpu"], APP_CPU_IMAGE, 100),
-            "gpu": node_type(plans["gpu"], APP_GPU_IMAGE, 200),
+            "cpu": node_type(plans["cpu"], images.cpu, 100),
+            "gpu": node_type(plans["gpu"], images.gpu, 200),
         },
         "head_start_ray_commands": [
             "ray stop",
@@ -361,18 +464,40 @@ def dump(document: dict[str, Any], title: str) -> str:
     return HEADER + f"# {title}\n" + body
 
 
-def render_all(serve_config: Path = SERVE_CONFIG) -> dict[Path, str]:
-    """The text of every generated file, keyed by its path."""
+def group_sizes_note(config: dict[str, Any]) -> str:
+    """Why the two targets' GPU (and CPU) groups differ in size: the same replicas on other node shapes."""
+    kube = {p.name: p for p in plan(config, KUBE_CPU, KUBE_GPU)}
+    aws = {p.name: p for p in plan(config, AWS_CPU, AWS_GPU)}
+    parts = []
+    for name in ("cpu", "gpu"):
+        k, a = kube[name], aws[name]
+        parts.append(
+            f"{name} group: the same replicas ({', '.join(f'{d.deployment} <= {d.max_replicas}' for d in k.demands)}) "
+            f"packed onto {k.shape.cpus:g} CPU / {k.shape.gpus:g} GPU pods (max {k.max_nodes}) and "
+            f"{a.shape.instance_type} nodes of {a.shape.cpus:g} CPU / {a.shape.gpus:g} GPU (max {a.max_nodes})"
+        )
+    return "\n".join(f"# {line}." for line in parts)
+
+
+def render_all(serve_config: Path = SERVE_CONFIG, images: Images = REFERENCE_IMAGES, where: str = "cluster") -> dict[Path, str]:
+    """The text of every generated file, keyed by its path (``where``/<name>, relative to the project)."""
     text, config = load_serve_config(serve_config)
+    check_serve_config(config)
+    folder = ROOT / where
+    sizes = group_sizes_note(config)
+    images_note = (
+        f"# Images: {images.cpu}, {images.gpu} — the reference rendering; deploy a render with --image-repo."
+        if images == REFERENCE_IMAGES else f"# Images: {images.cpu}, {images.gpu}."
+    )
     return {
-        KUBERAY_FILE: dump(
-            render_kuberay(text, config),
-            f"KubeRay RayService (Ray {RAY_VERSION}): kubectl apply -f cluster/kuberay-rayservice.yaml",
+        folder / KUBERAY_FILE.name: dump(
+            render_kuberay(text, config, images),
+            f"KubeRay RayService (Ray {RAY_VERSION}): kubectl apply -f {where}/{KUBERAY_FILE.name}\n{images_note}\n{sizes}",
         ),
-        AWS_FILE: dump(
-            render_aws(config),
-            f"Ray cluster launcher, AWS (Ray {RAY_VERSION}): ray up cluster/aws-cluster.yaml, then "
-            "serve deploy serve_config.yaml (docs/CLUSTER.md)",
+        folder / AWS_FILE.name: dump(
+            render_aws(config, images),
+            f"Ray cluster launcher, AWS (Ray {RAY_VERSION}): ray up {where}/{AWS_FILE.name}, then "
+            f"serve deploy serve_config.yaml (docs/CLUSTER.md)\n{images_note}\n{sizes}",
         ),
     }
 
@@ -394,7 +519,24 @@ def stale_files(rendered: dict[Path, str]) -> dict[Path, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if a committed file differs from a fresh render")
+    parser.add_argument("--image-repo", default=None,
+                        help=f"the registry repository of the images (default ${IMAGE_REPO_ENV}); makes a deployable render")
+    parser.add_argument("--out", default=None,
+                        help="folder of a deployable render, relative to the project (default build/cluster)")
     args = parser.parse_args(argv)
+    deployable = args.image_repo is not None or args.out is not None or bool(os.environ.get(IMAGE_REPO_ENV))
+    if deployable and not args.check:
+        try:
+            images = deploy_images(args.image_repo)
+        except ValueError as exc:
+            print(f"cluster.render: {exc}", file=sys.stderr)
+            return 2
+        out = args.out or "build/cluster"
+        (ROOT / out).mkdir(parents=True, exist_ok=True)
+        for path, text in render_all(images=images, where=out).items():
+            path.write_text(text)
+            print(f"wrote {path}")
+        return 0
     rendered = render_all()
     if args.check:
         stale = stale_files(rendered)

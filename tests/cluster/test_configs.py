@@ -91,7 +91,7 @@ def test_ray_is_pinned_to_one_version_everywhere(rayservice: dict[str, Any], lau
         t["docker"]["worker_image"] for t in launcher["available_node_types"].values() if "docker" in t
     ]
     for image in images:
-        assert re.fullmatch(rf"{re.escape(render.APP_IMAGE_REPO)}:{re.escape(render.RAY_VERSION)}-py311(-gpu)?", image), image
+        assert re.fullmatch(rf"{re.escape(render.REFERENCE_IMAGE_REPO)}:{re.escape(render.RAY_VERSION)}-py311(-gpu)?", image), image
     dockerfile = (PROJECT_ROOT / "cluster" / "Dockerfile").read_text()
     assert f"ARG RAY_IMAGE={render.RAY_GPU_IMAGE}\n" in dockerfile
     assert render.RAY_CPU_IMAGE in dockerfile and render.RAY_GPU_IMAGE == f"rayproject/ray:{render.RAY_VERSION}-py311-gpu"
@@ -256,3 +256,176 @@ def test_raising_max_replicas_grows_the_group(serve_config: dict[str, Any]) -> N
     generator["autoscaling_config"]["max_replicas"] += 4
     after = {p.name: p.max_nodes for p in render.plan(config, render.KUBE_CPU, render.KUBE_GPU)}
     assert after == {"cpu": before["cpu"], "gpu": before["gpu"] + 2}  # two generators per 2-GPU pod
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: a deployable render names its registry; the committed files cannot be pulled by accident
+# ----------------------------------------------------------------------------------------------
+
+
+def all_images(rayservice: dict[str, Any], launcher: dict[str, Any]) -> list[str]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    images = [c["image"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]]
+    for group in cluster["workerGroupSpecs"]:
+        images += [c["image"] for c in group["template"]["spec"]["containers"]]
+    images += [launcher["docker"]["image"]]
+    return images + [t["docker"]["worker_image"] for t in launcher["available_node_types"].values() if "docker" in t]
+
+
+def test_a_deployable_render_uses_the_given_registry(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.render", "--image-repo", "ghcr.io/acme/deskgen", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path
+    rendered = load(folder / render.KUBERAY_FILE.name), load(folder / render.AWS_FILE.name)
+    images = set(all_images(*rendered))
+    assert images == {f"ghcr.io/acme/deskgen:{render.CPU_TAG}", f"ghcr.io/acme/deskgen:{render.GPU_TAG}"}
+    # Everything but the images is the reference rendering.
+    reference = load(render.KUBERAY_FILE)
+    assert json.dumps(rendered[0]).replace("ghcr.io/acme/deskgen", render.REFERENCE_IMAGE_REPO) == json.dumps(reference)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {}, "a deployable render needs `--image-repo` (or $DESKGEN_IMAGE_REPO)"),
+        (["--image-repo", "ghcr.io/acme/deskgen:v1"], {}, "`--image-repo` must be a repository without a tag"),
+        (["--image-repo", "Not A Repo"], {}, "`--image-repo` must be a repository without a tag"),
+        (["--image-repo", "registry.invalid/deskgen"], {}, "is the reference files' placeholder"),
+    ],
+)  # fmt: skip
+def test_a_deployable_render_without_a_registry_fails_loudly(
+    args: list[str], env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    import os
+
+    environment = {k: v for k, v in os.environ.items() if k != render.IMAGE_REPO_ENV} | env
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.render", "--out", str(tmp_path / "never-written"), *args],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, env=environment,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "never-written").exists()
+
+
+def test_the_reference_files_name_an_unresolvable_registry(rayservice: dict[str, Any], launcher: dict[str, Any]) -> None:
+    assert {image.split("/")[0] for image in all_images(rayservice, launcher)} == {"registry.invalid"}
+    assert "--image-repo" in render.KUBERAY_FILE.read_text().split("apiVersion")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The two targets agree, and pods give Ray's object store real shared memory
+# ----------------------------------------------------------------------------------------------
+
+
+def test_both_targets_remove_idle_nodes_after_the_same_time(rayservice: dict[str, Any], launcher: dict[str, Any]) -> None:
+    kube_s = rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert kube_s == launcher["idle_timeout_minutes"] * 60 == render.IDLE_TIMEOUT_S
+
+
+def test_group_sizes_differ_only_by_node_shape_and_say_so(serve_config: dict[str, Any]) -> None:
+    header = render.KUBERAY_FILE.read_text().split("apiVersion")[0]
+    for line in render.group_sizes_note(serve_config).splitlines():
+        assert line in header and line in render.AWS_FILE.read_text()
+    kube = {p.name: p for p in render.plan(serve_config, render.KUBE_CPU, render.KUBE_GPU)}
+    aws = {p.name: p for p in render.plan(serve_config, render.AWS_CPU, render.AWS_GPU)}
+    for name in ("cpu", "gpu"):  # the same replicas; node counts follow from the shapes alone
+        assert kube[name].demands == aws[name].demands
+        total_gpus = sum(d.gpus * d.max_replicas for d in kube[name].demands)
+        assert kube[name].max_nodes * kube[name].shape.gpus >= total_gpus
+        assert aws[name].max_nodes * aws[name].shape.gpus >= total_gpus
+
+
+def test_every_pod_mounts_memory_backed_dev_shm(rayservice: dict[str, Any]) -> None:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for spec in specs:
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+            assert volumes[mount["name"]]["emptyDir"] == {"medium": "Memory"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The real schemas: KubeRay's CRD, Ray's cluster-launcher schema, Serve's models with unknown keys refused
+# ----------------------------------------------------------------------------------------------
+
+CRD_SCHEMA = PROJECT_ROOT / "tests" / "data" / "kuberay" / "rayservice-v1.schema.json"
+
+
+def crd_unknown_fields(document: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Fields of ``document`` the structural schema does not declare. The API server prunes them
+    silently (``kubectl apply --validate=strict`` refuses them): for a config, that is a typo lost."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    out: list[str] = []
+    if isinstance(document, dict):
+        properties = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key, value in document.items():
+            where = f"{path}.{key}" if path else key
+            if properties is not None and key in properties:
+                out += crd_unknown_fields(value, properties[key], where)
+            elif isinstance(extra, dict):
+                out += crd_unknown_fields(value, extra, where)
+            elif properties is not None or extra is False:
+                out.append(where)
+    elif isinstance(document, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(document):
+            out += crd_unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return out
+
+
+def crd_problems(document: dict[str, Any]) -> list[str]:
+    import jsonschema
+
+    schema = json.loads(CRD_SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+    return errors + [f"{field}: unknown field" for field in crd_unknown_fields(document, schema)]
+
+
+def test_the_rayservice_is_valid_against_kuberays_crd(rayservice: dict[str, Any]) -> None:
+    assert crd_problems(rayservice) == []
+
+
+def test_the_crd_check_catches_typos_and_wrong_types(rayservice: dict[str, Any]) -> None:
+    broken = copy.deepcopy(rayservice)
+    cluster = broken["spec"]["rayClusterConfig"]
+    cluster["workerGroupSpecs"][0]["maxReplica"] = 3
+    cluster["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    cluster["autoscalerOptions"]["idleTimeoutSeconds"] = "five minutes"
+    problems = crd_problems(broken)
+    assert "spec.rayClusterConfig.workerGroupSpecs[0].maxReplica: unknown field" in problems
+    assert "spec.rayClusterConfig.workerGroupSpecs[1].template.spec.containers[0].volumeMount: unknown field" in problems
+    assert any(p.startswith("spec.rayClusterConfig.autoscalerOptions.idleTimeoutSeconds: ") for p in problems)
+
+
+def test_the_launcher_config_is_valid_against_rays_schema_file(launcher: dict[str, Any]) -> None:
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(launcher, schema)
+    broken = copy.deepcopy(launcher)
+    broken["idle_timeout_minute"] = 5
+    with pytest.raises(jsonschema.ValidationError, match="idle_timeout_minute"):
+        jsonschema.validate(broken, schema)
+
+
+def test_serve_config_keys_are_all_known_to_serve(serve_config: dict[str, Any]) -> None:
+    render.check_serve_config(serve_config)
+    for where, mutate in [
+        ("applications[0].deployments[1].autoscaling_config.max_replica",
+         lambda c: c["applications"][0]["deployments"][1]["autoscaling_config"].update(max_replica=3)),
+        ("applications[0].deployments[0].ray_actor_option",
+         lambda c: c["applications"][0]["deployments"][0].update(ray_actor_option={})),
+        ("http_options.prot", lambda c: c["http_options"].update(prot=8000)),
+    ]:  # fmt: skip
+        broken = copy.deepcopy(serve_config)
+        mutate(broken)
+        with pytest.raises(ValueError, match=re.escape(f"['{where}']")):
+            render.check_serve_config(broken)
