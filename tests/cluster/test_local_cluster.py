@@ -89,11 +89,18 @@ def busy_pids(cluster: RunningCluster) -> list[int]:
 
 
 def set_affinity(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of each process (affinity is per thread: a Ray actor runs its work, gRPC and
+    TensorFlow in threads other than the main one); threads started later inherit it."""
     for pid in pids:
         try:
-            os.sched_setaffinity(pid, cpus)
-        except (ProcessLookupError, PermissionError):
+            threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+        except OSError:
             continue
+        for tid in threads:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except (ProcessLookupError, PermissionError, OSError):
+                continue
 
 
 def test_a_classify_burst_scales_the_classifier_out_and_back_in(local_cluster: RunningCluster) -> None:
