@@ -72,25 +72,18 @@ def test_replicas_run_on_the_nodes_their_resources_pin(local_cluster: RunningClu
 WAIT_S = 120.0
 
 
-def busy_pids(cluster: RunningCluster) -> list[int]:
-    """The processes a classify burst keeps busy: this test process (the load), every Serve proxy, the
-    Ingress and the RUNNING Classifier replicas."""
-    pids = [os.getpid()]
-    for name in ("Ingress", "Classifier"):
-        pids += [r.pid for r in cluster.running(name) if r.pid is not None]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"ProxyActor" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+def classifier_pids(cluster: RunningCluster) -> list[int]:
+    return [r.pid for r in cluster.running("Classifier") if r.pid is not None]
 
 
-def set_affinity(pids: list[int], cpus: set[int]) -> None:
-    """Every thread of each process (affinity is per thread: a Ray actor runs its work, gRPC and
-    TensorFlow in threads other than the main one); threads started later inherit it."""
+#: The niceness of the Classifier replica that is RUNNING when the burst starts. CFS gives a nice-0
+#: thread ~70x the CPU share of a nice-19 one when both want it.
+SLOW_REPLICA_NICENESS = 19
+
+
+def set_niceness(pids: list[int], niceness: int) -> None:
+    """Every thread of each process (niceness is per thread on Linux: a Ray actor runs its work, gRPC
+    and TensorFlow in threads other than the main one); threads started later inherit it."""
     for pid in pids:
         try:
             threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
@@ -98,28 +91,32 @@ def set_affinity(pids: list[int], cpus: set[int]) -> None:
             continue
         for tid in threads:
             try:
-                os.sched_setaffinity(tid, cpus)
-            except (ProcessLookupError, PermissionError, OSError):
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+            except OSError:  # gone, or (unprivileged) not allowed to lower it back
                 continue
 
 
 def test_a_classify_burst_scales_the_classifier_out_and_back_in(local_cluster: RunningCluster) -> None:
-    """Closed-loop clients on /v1/classify, added ``target_ongoing_requests`` at a time every
-    ``look_back_period_s`` (never more than needed: the tiny gate answers so fast that many in-flight
-    requests sit in the proxy and ingress, not at the Classifier) until Serve decides to add a
-    Classifier replica. The load stays on — so Serve keeps wanting the replica — but from the decision
-    on, the processes it keeps busy are confined to CPU 0: the new replica starts on the other CPU, as it
-    would on a node of its own, instead of being starved by the burst on this machine's two cores. It
-    must reach RUNNING and serve; once the load stops, Serve removes it. The deployed autoscaling_config
-    is production's, unchanged. Control: with ``max_replicas: 1`` (DESKGEN_CLUSTER_CONTROL=no-autoscale)
-    no decision comes and this test fails."""
+    """A burst on /v1/classify until Serve adds a Classifier replica; the new replica reaches RUNNING
+    and serves; once the burst ends, Serve removes it. The deployed autoscaling_config is production's.
+
+    On this machine every "node" shares the same two cores, and the tiny gate answers in milliseconds:
+    closed-loop clients then saturate the proxy and ingress while few requests are in flight at the
+    Classifier, so Serve's ongoing-request metric only crosses ``target_ongoing_requests`` in spikes
+    and a replica it starts is withdrawn again (seen here, also with the busy processes confined to one
+    CPU), or starves. So the replica running when the burst starts is made the bottleneck, as the real
+    VGG16 gate is in production: it runs at nice 19. Requests then queue at the Classifier, the metric
+    stays above the target, and the new replica (nice 0, like a replica on a node of its own) gets the
+    CPU it needs to start. Clients are added ``target_ongoing_requests`` at a time every
+    ``look_back_period_s`` until Serve decides, and the burst goes on until the new replica is RUNNING.
+    Control: with ``max_replicas: 1`` (DESKGEN_CLUSTER_CONTROL=no-autoscale) no decision comes and
+    this test fails."""
     deployed = deployment(local_cluster.config, "Classifier")["autoscaling_config"]
     if os.environ.get("DESKGEN_CLUSTER_CONTROL") != "no-autoscale":
         assert deployed == deployment(load_serve_config(), "Classifier")["autoscaling_config"]
     assert len(local_cluster.running("Classifier")) == 1
     png = sample_png(local_cluster)
     step, step_s, most = int(deployed["target_ongoing_requests"]), float(deployed["look_back_period_s"]), 64
-    all_cpus = os.sched_getaffinity(0)
 
     async def classify(client: httpx.AsyncClient) -> httpx.Response:
         return await client.post("/v1/classify", files={"image": ("desk.png", png, "image/png")})
@@ -130,7 +127,8 @@ def test_a_classify_burst_scales_the_classifier_out_and_back_in(local_cluster: R
         loads: list[asyncio.Task[list[Outcome]]] = []
         started = time.monotonic()
         decided = running = None
-        pinned: list[int] = []
+        slow = await asyncio.to_thread(classifier_pids, local_cluster)
+        set_niceness(slow, SLOW_REPLICA_NICENESS)
         try:
             while decided is None and time.monotonic() - started < WAIT_S:
                 if len(loads) * step < most and time.monotonic() - started >= len(loads) * step_s:
@@ -141,23 +139,26 @@ def test_a_classify_burst_scales_the_classifier_out_and_back_in(local_cluster: R
                 if len(await asyncio.to_thread(local_cluster.replicas, "Classifier")) > 1:
                     decided = time.monotonic() - started
             if decided is not None:
-                if len(all_cpus) > 1:
-                    pinned = await asyncio.to_thread(busy_pids, local_cluster)
-                    set_affinity(pinned, {min(all_cpus)})
                 while running is None and time.monotonic() - started - decided < WAIT_S:
                     await asyncio.sleep(0.25)
                     replicas = await asyncio.to_thread(local_cluster.replicas, "Classifier")
+                    if os.environ.get("DESKGEN_CLUSTER_DEBUG"):
+                        print("DBG", round(time.monotonic() - started, 1), [(r.state, r.pid) for r in replicas],
+                              len(outcomes), Path("/proc/loadavg").read_text().split()[:3], flush=True)
                     if sum(r.state == "RUNNING" for r in replicas) >= 2:
                         running = time.monotonic() - started - decided
         finally:
             stop.set()
-            set_affinity(pinned, all_cpus)
+            set_niceness(slow, 0)
             await asyncio.gather(*loads)
         return outcomes, decided, running, len(loads) * step
 
     outcomes, decided, running, clients = asyncio.run(burst())
     assert decided is not None, f"Serve did not add a Classifier replica within {WAIT_S:.0f} s ({len(outcomes)} requests)"
-    assert running is not None, f"the second Classifier replica was not RUNNING within {WAIT_S:.0f} s of the decision"
+    assert running is not None, (
+        f"the second Classifier replica was not RUNNING within {WAIT_S:.0f} s of the decision; replicas now: "
+        f"{[(r.state, r.pid, r.node_id[:8]) for r in local_cluster.replicas('Classifier')]}"
+    )
     assert {o.status for o in outcomes} == {200}, [o for o in outcomes if o.status != 200][:3]
     # The service answers while Serve has two replicas.
     with httpx.Client(base_url=local_cluster.url, timeout=60) as client:
