@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 models: install $(MODELS)/.complete
 
 $(MODELS)/.complete:
-	DESKGEN_MODELS=$(MODELS) $(BIN)/python -m deskgen.tiny --out $(MODELS)
+	DESKGEN_MODELS=$(MODELS) $(BIN)/python -m deskgen.tools.tiny --out $(MODELS)
 
 serve: models
 	$(RAY_ENV) $(BIN)/serve run serve_config.yaml

@@ -15,6 +15,7 @@ from deployments.captioner import Captioner
 from deployments.classifier import Classifier
 from deployments.generator import Generator
 from deployments.ingress import Ingress
+from deskgen.generator.settings import settings_from_options
 
 
 class DeskgenArgs(BaseModel):
@@ -31,23 +32,24 @@ class DeskgenArgs(BaseModel):
     dtype: str | None = Field(None, description="force a torch dtype (default: fp16/bf16 on cuda, fp32 on cpu)")
     tf_threads: int | None = Field(None, ge=1, description="TensorFlow threads per classifier replica")
     generator_options: dict[str, object] = Field(
-        default_factory=dict, description="extra deskgen.generator.GeneratorSettings fields (speed flags)"
+        default_factory=dict,
+        description="deskgen.generator.GeneratorSettings fields (speed flags) and `speed_profile`; checked at build",
     )
 
 
 def build_app(args: DeskgenArgs) -> Application:
-    settings = {
-        "model_id": args.generator_model,
-        "lora_dir": args.lora_dir,
-        "device": args.device,
-        "dtype": args.dtype,
-        **args.generator_options,
-    }
+    # Typed here, at `serve run` / `serve deploy` time: a misspelt generator option fails the deploy with
+    # a message naming it, not the GPU replica minutes later. No model library is imported for this.
+    settings = settings_from_options(
+        {"model_id": args.generator_model, "lora_dir": args.lora_dir, "device": args.device, "dtype": args.dtype,
+         **args.generator_options}
+    )  # fmt: skip
     # Serve's decorators return Deployment objects that mypy sees as the plain classes.
     return Ingress.bind(  # type: ignore[attr-defined, no-any-return]
         classifier=Classifier.bind(args.classifier_model, tf_threads=args.tf_threads),  # type: ignore[attr-defined]
         captioner=Captioner.bind(args.captioner_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
         generator=Generator.bind(settings),  # type: ignore[attr-defined]
+        lora_dir=args.lora_dir,
     )
 
 

@@ -95,11 +95,11 @@ def s(seconds: float, digits: int = 2) -> str:
 
 
 def desk_photo(width: int = 1024, height: int = 768) -> Any:
-    """A deterministic RGB "upload" of a desk scene (:func:`deskgen.samples.desk_scene`), phone-photo sized."""
+    """A deterministic RGB "upload" of a desk scene (:func:`deskgen.tools.samples.desk_scene`), phone-photo sized."""
     import numpy as np
     from PIL import Image
 
-    from deskgen.samples import desk_scene
+    from deskgen.tools.samples import desk_scene
 
     scene = desk_scene(np.random.default_rng(0), size=512)
     return scene.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)

@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     tiny = resolve(args.models) if args.models else models_dir()
     if not (tiny / ".complete").is_file():
-        raise ModelFilesMissing("tiny models", str(tiny), hint="run `make models` (or python -m deskgen.tiny --out DIR)")
+        raise ModelFilesMissing("tiny models", str(tiny), hint="run `make models` (or python -m deskgen.tools.tiny --out DIR)")
     fullsize = args.fullsize.expanduser().resolve()
     needed = [p for p, section in (("vgg", "gate"), ("blip", "blip")) if section in sections]
     ensure_fullsize(fullsize, needed)

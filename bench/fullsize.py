@@ -42,6 +42,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from bench.common import DEFAULT_FULLSIZE_DIR, parse_choices
+from deskgen import kohya
 from deskgen.errors import InvalidParameter
 from deskgen.paths import PROJECT_ROOT
 
@@ -181,11 +182,11 @@ def count_params(module: Any) -> int:
 
 
 def build_tokenizer() -> Any:
-    """The code-built CLIP BPE tokenizer of the tiny SDXL (:func:`deskgen.tiny_sdxl.build_tokenizer`).
+    """The code-built CLIP BPE tokenizer of the tiny SDXL (:func:`deskgen.tools.tiny_sdxl.build_tokenizer`).
 
     Its ids are far below :data:`CLIP_VOCAB_SIZE`; the text encoders keep the full 49,408-row embedding
     tables, and their bos/eos/pad ids are set to this tokenizer's (CLIP pools at the first eos)."""
-    from deskgen.tiny_sdxl import build_tokenizer as tiny_clip_tokenizer
+    from deskgen.tools.tiny_sdxl import build_tokenizer as tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     if len(tokenizer) > CLIP_VOCAB_SIZE:
@@ -268,41 +269,10 @@ def build_sdxl(out: Path, *, device: str, dtype: str = "float16") -> dict[str, i
 # --------------------------------------------------------------------------------------------------
 
 
-def kohya_unet_name(diffusers_name: str, layers_per_block: int = 2) -> str:
-    """A UNet attention module's kohya_ss name, in the original SGM block numbering.
-
-    ``down_blocks.i.attentions.j`` -> ``input_blocks.{1+3i+j}.1``, ``mid_block.attentions.0`` ->
-    ``middle_block.1``, ``up_blocks.i.attentions.j`` -> ``output_blocks.{3i+j}.1`` (3 = layers + 1:
-    each SGM level also holds a down/upsampler), then dots become underscores:
-    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ->
-    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``.
-    """
-    parts = diffusers_name.split(".")
-    per_level = layers_per_block + 1
-    if parts[0] == "down_blocks" and parts[2] == "attentions":
-        head, rest = f"input_blocks.{1 + per_level * int(parts[1]) + int(parts[3])}.1", parts[4:]
-    elif parts[0] == "mid_block" and parts[1] == "attentions":
-        head, rest = "middle_block.1", parts[3:]
-    elif parts[0] == "up_blocks" and parts[2] == "attentions":
-        head, rest = f"output_blocks.{per_level * int(parts[1]) + int(parts[3])}.1", parts[4:]
-    else:
-        raise ValueError(f"no SGM name for UNet module {diffusers_name!r}")
-    return "lora_unet_" + ".".join([head, *rest]).replace(".", "_")
-
-
-def kohya_text_encoder_name(component: str, module_name: str) -> str:
-    """``lora_te1_``/``lora_te2_`` + the module name as LoRA files spell it (``text_model.encoder...``:
-    transformers 5 dropped the ``text_model.`` level of ``CLIPTextModel``, files in the wild keep it)."""
-    prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
-    if not module_name.startswith("text_model."):
-        module_name = "text_model." + module_name
-    return prefix + module_name.replace(".", "_")
-
-
 def lora_targets(components: dict[str, Any]) -> dict[str, dict[str, tuple[int, int]]]:
     """component -> {module: (in_features, out_features)}: every UNet transformer-block attention
     projection (to_q/to_k/to_v/to_out.0) and every text-encoder self-attention projection."""
-    from deskgen.tiny_sdxl import lora_targets as attention_targets
+    from deskgen.tools.tiny_sdxl import lora_targets as attention_targets
 
     return attention_targets(SimpleNamespace(**components))
 
@@ -315,10 +285,10 @@ def kohya_key_shapes(
     for component, modules in targets.items():
         for name in sorted(modules):
             in_f, out_f = modules[name]
-            key = kohya_unet_name(name, layers_per_block) if component == "unet" else kohya_text_encoder_name(component, name)
-            shapes[f"{key}.lora_down.weight"] = (rank, in_f)
-            shapes[f"{key}.lora_up.weight"] = (out_f, rank)
-            shapes[f"{key}.alpha"] = ()
+            key = kohya.module_key(component, name, layers_per_block)
+            shapes[key + kohya.DOWN] = (rank, in_f)
+            shapes[key + kohya.UP] = (out_f, rank)
+            shapes[key + kohya.ALPHA] = ()
     return shapes
 
 
@@ -386,7 +356,7 @@ def blip_vocabulary() -> dict[str, int]:
     """A BERT-shaped vocabulary of exactly :data:`BLIP_VOCAB_SIZE` ids: BERT's special ids, the tiny
     BLIP's words (so prefixes tokenize to real words), ``[unusedN]`` fillers, then [DEC] and [ENC]."""
     from deskgen.prompt import DEFAULT_PREFIXES, DESK_VOCABULARY
-    from deskgen.tiny_blip import COMMON_WORDS, PUNCTUATION
+    from deskgen.tools.tiny_blip import COMMON_WORDS, PUNCTUATION
 
     words: list[str] = [*PUNCTUATION, *COMMON_WORDS]
     for term in DESK_VOCABULARY:

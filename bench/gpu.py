@@ -362,11 +362,9 @@ def production_settings(sdxl_dir: Path, lora_dir: Path, device: str, overrides: 
 
 
 def serve_config_generator_options() -> dict[str, Any]:
-    import yaml
+    from deskgen.serve_config import app_args, load_serve_config
 
-    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    (app,) = config["applications"]
-    return dict(app.get("args", {}).get("generator_options") or {})
+    return dict(app_args(load_serve_config()).get("generator_options") or {})
 
 
 def attention_processors(pipe: Any) -> list[str]:
@@ -468,8 +466,8 @@ def run_generator(
         details={
             "profile": profile,
             "fp8": dataclasses.asdict(gen.fp8_report) if gen.fp8_report is not None else None,
-            "deepcache_steps": ({"full": gen._deepcache.full_steps, "shallow": gen._deepcache.shallow_steps}
-                                if gen._deepcache is not None else None),
+            "deepcache_steps": ({"full": gen.deepcache.full_steps, "shallow": gen.deepcache.shallow_steps}
+                                if gen.deepcache is not None else None),
             "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("model_id", "lora_dir")},
             "effective": gen.describe(),
             "pipeline": describe_pipeline(gen.pipe),

@@ -196,9 +196,9 @@ def serve_start(cluster: LocalCluster, config_path: Path) -> None:
 
     ``serve deploy`` cannot change HTTP options once Serve runs (it only warns), so starting Serve
     first is how the unchanged production config is deployed on a local port."""
-    import yaml
+    from deskgen.serve_config import load_serve_config
 
-    config = yaml.safe_load(config_path.read_text())
+    config = load_serve_config(config_path)
     http_options = dict(config.get("http_options") or {})
     http_options.update(host=cluster.values["HTTP_HOST"], port=int(cluster.values["HTTP_PORT"]))
     os.environ.update(cluster.client_env())

@@ -38,8 +38,9 @@ from typing import Any
 
 import yaml
 
+from deskgen.serve_config import SERVE_CONFIG, read_serve_config
+
 ROOT = Path(__file__).resolve().parent.parent
-SERVE_CONFIG = ROOT / "serve_config.yaml"
 KUBERAY_FILE = ROOT / "cluster" / "kuberay-rayservice.yaml"
 AWS_FILE = ROOT / "cluster" / "aws-cluster.yaml"
 
@@ -126,12 +127,6 @@ AWS_GPU = NodeShape(cpus=48, gpus=4, memory="192Gi", instance_type="g5.12xlarge"
 # ----------------------------------------------------------------------------------------------
 # Planning: which deployment goes to which group, and how many nodes each group needs
 # ----------------------------------------------------------------------------------------------
-
-
-def load_serve_config(path: Path = SERVE_CONFIG) -> tuple[str, dict[str, Any]]:
-    """The config's text (embedded verbatim) and its parsed form."""
-    text = path.read_text()
-    return text, yaml.safe_load(text)
 
 
 def demands(config: dict[str, Any]) -> list[Demand]:
@@ -481,7 +476,7 @@ def group_sizes_note(config: dict[str, Any]) -> str:
 
 def render_all(serve_config: Path = SERVE_CONFIG, images: Images = REFERENCE_IMAGES, where: str = "cluster") -> dict[Path, str]:
     """The text of every generated file, keyed by its path (``where``/<name>, relative to the project)."""
-    text, config = load_serve_config(serve_config)
+    text, config = read_serve_config(serve_config)
     check_serve_config(config)
     folder = ROOT / where
     sizes = group_sizes_note(config)

@@ -10,10 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deskgen.batching import DynamicBatcher
+from deskgen.contracts import CaptionResult
 from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREFIXES, build_prompt, rank_keywords
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from deskgen.captioner import Captioner as BlipCaptioner
+    from deskgen.captioner import CaptionSet
 
 
 class CaptionerConfig(BaseModel):
@@ -31,12 +35,17 @@ class CaptionerConfig(BaseModel):
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class Captioner:
     """Captions desk photos (unconditional + one caption per prefix), ranks the objects they name
-    and builds the SDXL prompt. Concurrent requests are captioned in one batch."""
+    and builds the SDXL prompt. Concurrent requests are captioned in one batch. ``captioner`` injects an
+    already loaded BLIP captioner (tests); otherwise ``model_id`` loads one."""
 
-    def __init__(self, model_id: str, device: str | None = None, dtype: str | None = None) -> None:
-        from deskgen.captioner import Captioner as BlipCaptioner
+    def __init__(
+        self, model_id: str, device: str | None = None, dtype: str | None = None, *, captioner: BlipCaptioner | None = None
+    ) -> None:
+        if captioner is None:
+            from deskgen.captioner import Captioner as BlipCaptioner
 
-        self.captioner = BlipCaptioner.from_pretrained(model_id, device=device, dtype=dtype)
+            captioner = BlipCaptioner.from_pretrained(model_id, device=device, dtype=dtype)
+        self.captioner = captioner
         self.config = CaptionerConfig()
         # Batches form when the model is free (see deskgen/batching.py for why not @serve.batch).
         self.batcher = DynamicBatcher(self.caption_batch, max_batch_size=self.config.max_batch_size,
@@ -47,13 +56,13 @@ class Captioner:
         self.captioner.set_prefixes(self.config.prefixes)
         self.batcher.configure(max_batch_size=self.config.max_batch_size, max_wait_s=self.config.batch_wait_timeout_s)
 
-    async def caption_batch(self, images: list[Image.Image]) -> list[tuple[Any, float]]:
+    async def caption_batch(self, images: list[Image.Image]) -> list[tuple[CaptionSet, float]]:
         start = time.perf_counter()
         caption_sets = await asyncio.to_thread(self.captioner.caption_batch, images)
         seconds = time.perf_counter() - start
         return [(captions, seconds) for captions in caption_sets]
 
-    async def caption(self, image: Image.Image, style: str | None = None) -> dict[str, Any]:
+    async def caption(self, image: Image.Image, style: str | None = None) -> CaptionResult:
         """Captions, ranked keywords and the prompt pair for one RGB image."""
         captions, seconds = await self.batcher.submit(image)
         texts = captions.texts()
@@ -61,13 +70,20 @@ class Captioner:
         prompt = build_prompt(
             texts, keywords, style, max_keywords=self.config.max_keywords, negative_prompt=self.config.negative_prompt
         )
-        return {
-            "captions": captions.as_dict(),
-            "keywords": [{"name": k.name, "count": k.count} for k in keywords],
-            "prompt": prompt.prompt,
-            "negative_prompt": prompt.negative_prompt,
-            "seconds": seconds,
-        }
+        return CaptionResult(
+            captions=captions.as_dict(),
+            keywords=tuple(keywords),
+            prompt=prompt.prompt,
+            negative_prompt=prompt.negative_prompt,
+            seconds=seconds,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batcher.batches_total, "images": self.batcher.items_total}
+
+    def check_health(self) -> None:
+        """Raise if the model keeps failing (Serve then replaces the replica)."""
+        self.batcher.check_health()
 
     def ping(self) -> str:
         return "ok"

@@ -17,9 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deskgen.batching import DynamicBatcher
+from deskgen.contracts import GateVerdict
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from deskgen.classifier import DeskClassifier
 
 log = logging.getLogger("ray.serve")
 
@@ -38,13 +41,16 @@ class ClassifierConfig(BaseModel):
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class Classifier:
-    """Scores photos with the VGG16 gate; batches concurrent requests into one forward pass."""
+    """Scores photos with the VGG16 gate; batches concurrent requests into one forward pass. ``gate``
+    injects an already loaded :class:`DeskClassifier` (tests); otherwise ``model_path`` loads one."""
 
-    def __init__(self, model_path: str, tf_threads: int | None = None) -> None:
-        from deskgen.classifier import DeskClassifier
-        from deskgen.paths import resolve
+    def __init__(self, model_path: str, tf_threads: int | None = None, *, gate: DeskClassifier | None = None) -> None:
+        if gate is None:
+            from deskgen.classifier import DeskClassifier
+            from deskgen.paths import resolve
 
-        self.gate = DeskClassifier.load(resolve(model_path), intra_op_threads=tf_threads)
+            gate = DeskClassifier.load(resolve(model_path), intra_op_threads=tf_threads)
+        self.gate = gate
         self.config = ClassifierConfig()
         self.batcher = DynamicBatcher(self.classify_batch, max_batch_size=self.config.max_batch_size,
                                       max_wait_s=self.config.batch_wait_timeout_s)
@@ -54,23 +60,28 @@ class Classifier:
         self.gate.threshold = self.config.threshold
         self.batcher.configure(max_batch_size=self.config.max_batch_size, max_wait_s=self.config.batch_wait_timeout_s)
 
-    async def classify_batch(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+    async def classify_batch(self, images: list[Image.Image]) -> list[GateVerdict]:
         start = time.perf_counter()
         scores = await asyncio.to_thread(self.gate.score_batch, images)
         seconds = time.perf_counter() - start
         threshold = self.config.threshold
         return [
-            {"score": s, "is_desk": s >= threshold, "threshold": threshold, "batch_size": len(images), "seconds": seconds}
+            GateVerdict(score=s, is_desk=s >= threshold, threshold=threshold, batch_size=len(images), seconds=seconds)
             for s in scores
         ]
 
-    async def classify(self, image: Image.Image) -> dict[str, Any]:
-        """``{"score", "is_desk", "threshold", "batch_size", "seconds"}`` for one RGB image."""
+    async def classify(self, image: Image.Image) -> GateVerdict:
+        """The verdict for one RGB image (batched with concurrent calls)."""
         return await self.batcher.submit(image)
+
+    def check_health(self) -> None:
+        """Raise if the model keeps failing (Serve then replaces the replica)."""
+        self.batcher.check_health()
 
     def stats(self) -> dict[str, Any]:
         sizes = self.batcher.batch_sizes
-        return {"batches": len(sizes), "images": sum(sizes), "max_batch": max(sizes, default=0)}
+        return {"batches": self.batcher.batches_total, "images": self.batcher.items_total,
+                "max_batch": max(sizes, default=0), "window": len(sizes)}
 
     def ping(self) -> str:
         return "ok"

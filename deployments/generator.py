@@ -4,6 +4,10 @@ Each LoRA mix is a multiplexed model id (its canonical id, see :mod:`deskgen.mix
 ``@serve.multiplexed`` caches per id is a :class:`LoadedMix` — a light handle whose adapters are
 loaded into the replica's single pipeline — so Serve routes a mix's requests to replicas that
 already hold it, and evicting a mix drops only adapters no other cached mix uses, never the base.
+
+:class:`GeneratorReplica` is the replica's logic without Ray (mix cache and release, one generation
+at a time, events, health), unit-tested on the tiny model; :class:`Generator` is the thin Serve
+wrapper that adds ``@serve.multiplexed`` routing and the replica's identity.
 """
 
 from __future__ import annotations
@@ -12,18 +16,31 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from deskgen.generator import GenerationParams, settings_from_options
+from deskgen.contracts import (
+    GeneratedImage,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationStarted,
+    GenerationStep,
+)
+from deskgen.errors import DeskgenError
 from deskgen.mixes import BASE_MIX_ID, Mix, parse_mix_spec
+
+if TYPE_CHECKING:
+    from deskgen.generator import DeskGenerator, GeneratorSettings
 
 log = logging.getLogger("ray.serve")
 
 #: Mixes cached per replica (LRU). Adapters are small next to the base, so a handful fit easily.
 MAX_CACHED_MIXES = 4
+#: Unexpected generation failures in a row after which the replica reports itself unhealthy (a CUDA
+#: error, say, poisons the process: Serve then replaces the replica). Bad requests do not count.
+UNHEALTHY_AFTER_FAILURES = 3
 
 
 class GenerationCancelled(Exception):
@@ -46,64 +63,69 @@ class LoadedMix:
         self._release = release
         self._released = False
 
-    def __del__(self) -> None:
+    def release(self) -> None:
         if not self._released:
             self._released = True
             self._release(self)
 
+    def __del__(self) -> None:
+        self.release()
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
-class Generator:
-    """Generates images with the replica's one pipeline, one generation at a time."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        from deskgen.generator import DeskGenerator
+class GeneratorReplica:
+    """One replica's generation logic, Ray-free: a :class:`DeskGenerator`, the mixes cached for it,
+    one generation at a time (the mix load happens inside the same lock, so a mix can never be evicted
+    while another request of this replica is using it), events as typed values."""
 
-        self.generator = DeskGenerator.from_pretrained(settings_from_options(settings))
-        # One generation at a time, and the multiplexed loader runs inside the same lock: a mix
-        # can never be evicted while another request of this replica is using it.
-        self._lock = asyncio.Lock()
-        self._cached: dict[str, Mix] = {}
+    def __init__(self, generator: DeskGenerator, replica_id: Callable[[], str] = lambda: "local") -> None:
+        self.generator = generator
+        self.replica_id = replica_id
+        self.lock = asyncio.Lock()
+        self.cached: dict[str, Mix] = {}
         self.mix_loads = 0
         self.generations = 0
+        self.failures_in_a_row = 0
+        self.last_failure: str | None = None
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_CACHED_MIXES)
-    async def get_mix(self, mix_id: str) -> LoadedMix:
+    async def load_mix(self, mix_id: str) -> LoadedMix:
+        """Load the adapters of ``mix_id`` (what ``@serve.multiplexed`` calls on a cache miss)."""
         mix = mix_from_id(mix_id)
         await asyncio.to_thread(self.generator.ensure_adapters, mix.adapters)
-        self._cached[mix.id] = mix
+        self.cached[mix.id] = mix
         self.mix_loads += 1
-        return LoadedMix(mix, self._release)
+        return LoadedMix(mix, self.release)
 
-    def _release(self, loaded: LoadedMix) -> None:
-        self._cached.pop(loaded.mix.id, None)
-        keep = {name for mix in self._cached.values() for name in mix.adapters}
+    def release(self, loaded: LoadedMix) -> None:
+        """A mix left the cache: drop the adapters no other cached mix uses (the hot mix's stay)."""
+        self.cached.pop(loaded.mix.id, None)
+        keep = {name for mix in self.cached.values() for name in mix.adapters}
         dropped = self.generator.unload_adapters(keep)
         log.info("evicted mix %s; dropped adapters %s", loaded.mix.id, dropped)
 
-    async def generate_stream(self, params: GenerationParams) -> AsyncIterator[dict[str, Any]]:
-        """Events: ``started`` (mix active on this replica), one ``step`` per denoising step, then
-        ``done`` with the PNG bytes and metadata. The mix comes from the multiplexed model id."""
+    async def stream(
+        self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]
+    ) -> AsyncIterator[GenerationEvent]:
+        """Started (mix active on this replica), one step per denoising step, then the image. ``get_mix``
+        loads (or finds cached) the mix, inside the replica's lock."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        events: asyncio.Queue[GenerationStep] = asyncio.Queue()
         cancel = threading.Event()
 
         def on_step(step: int, total: int) -> None:
             if cancel.is_set():
                 raise GenerationCancelled
-            loop.call_soon_threadsafe(events.put_nowait, {"event": "step", "step": step, "total": total})
+            loop.call_soon_threadsafe(events.put_nowait, GenerationStep(step=step, total=total))
 
         queued_at = time.perf_counter()
-        async with self._lock:
+        async with self.lock:
             try:
-                # 1. Load (or find cached) the mix inside the lock.
-                loaded = await self.get_mix(serve.get_multiplexed_model_id() or BASE_MIX_ID)
-                yield {"event": "started", "mix_id": loaded.mix.id, "replica": _replica_id(),
-                       "queued_s": time.perf_counter() - queued_at}
-                # 2. Generate in a worker thread; relay its step events as they come.
-                work = asyncio.ensure_future(
-                    asyncio.to_thread(self.generator.generate, params, loaded.mix, on_step)
-                )
+                loaded = await get_mix()
+                yield GenerationStarted(mix_id=loaded.mix.id, replica=self.replica_id(),
+                                        queued_s=time.perf_counter() - queued_at)  # fmt: skip
+                # Generate in a worker thread; relay its step events as they come.
+                work = asyncio.ensure_future(asyncio.to_thread(
+                    self.generator.generate, request.params, loaded.mix, on_step, limits=request.limits
+                ))  # fmt: skip
                 while not work.done():
                     getter = asyncio.ensure_future(events.get())
                     await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
@@ -113,35 +135,108 @@ class Generator:
                         getter.cancel()
                 while not events.empty():
                     yield events.get_nowait()
-                result = work.result()
-                self.generations += 1
-                metadata = dict(result.metadata, replica=_replica_id())
-                # Timings stay out of the PNG so the same seed + mix gives the same bytes.
-                yield {"event": "done", "png": result.png(timings=False), "metadata": metadata}
+                yield self._image(request, self._result(work))
             finally:
                 # The caller went away (timeout, disconnect): stop at the next step.
                 cancel.set()
 
-    async def generate(self, params: GenerationParams) -> dict[str, Any]:
-        """``{"png": bytes, "metadata": dict}`` for one image."""
-        async for event in self.generate_stream(params):
-            if event["event"] == "done":
-                return {"png": event["png"], "metadata": event["metadata"]}
-        raise RuntimeError("generation ended without a result")
+    def _result(self, work: asyncio.Future[Any]) -> Any:
+        try:
+            result = work.result()
+        except (DeskgenError, GenerationCancelled):
+            raise  # the request's fault, or its caller left: the replica is fine
+        except Exception as exc:
+            self.failures_in_a_row += 1
+            self.last_failure = f"{type(exc).__name__}: {exc}"
+            raise
+        self.failures_in_a_row = 0
+        self.generations += 1
+        return result
+
+    async def generate(self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]) -> GeneratedImage:
+        """The image alone: the same generation as :meth:`stream` without relaying step events."""
+        cancel = threading.Event()
+
+        def on_step(step: int, total: int) -> None:
+            if cancel.is_set():
+                raise GenerationCancelled
+
+        async with self.lock:
+            try:
+                loaded = await get_mix()
+                work = asyncio.ensure_future(asyncio.to_thread(
+                    self.generator.generate, request.params, loaded.mix, on_step, limits=request.limits
+                ))  # fmt: skip
+                await asyncio.wait({work})
+                return self._image(request, self._result(work))
+            finally:
+                cancel.set()  # the caller went away (timeout, disconnect): stop at the next step
+
+    def _image(self, request: GenerationRequest, result: Any) -> GeneratedImage:
+        replica = self.replica_id()
+        return GeneratedImage(
+            # Timings stay out of the PNG so the same seed + mix gives the same bytes.
+            png=result.png(timings=False),
+            params=request.params,
+            metadata=dict(result.metadata, replica=replica),
+            replica=replica,
+        )
+
+    def check_health(self) -> None:
+        """Raise if the replica should be replaced: unexpected failures kept coming."""
+        if self.failures_in_a_row >= UNHEALTHY_AFTER_FAILURES:
+            raise RuntimeError(
+                f"{self.failures_in_a_row} generations in a row failed unexpectedly; last: {self.last_failure}"
+            )
 
     def info(self) -> dict[str, Any]:
-        """Adapters, cached mixes and load counters of this replica (tests and /v1/mixes read it)."""
+        """Adapters, cached mixes and load counters of this replica (tests and ops read it)."""
         return {
-            "replica": _replica_id(),
+            "replica": self.replica_id(),
             "model_id": self.generator.model_id,
             "adapters": self.generator.available_adapters(),
             "loaded_adapters": sorted(self.generator.loaded_adapters()),
-            "cached_mixes": sorted(self._cached),
+            "cached_mixes": sorted(self.cached),
             "active_mix": self.generator.active_mix_id,
             "base_loads": type(self.generator).base_loads,
             "mix_loads": self.mix_loads,
             "generations": self.generations,
         }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
+class Generator:
+    """Generates images with the replica's one pipeline, one generation at a time. ``generator``
+    injects an already loaded :class:`DeskGenerator` (tests); otherwise ``settings`` load one."""
+
+    def __init__(self, settings: GeneratorSettings, *, generator: DeskGenerator | None = None) -> None:
+        if generator is None:
+            from deskgen.generator import DeskGenerator
+
+            generator = DeskGenerator.from_pretrained(settings)
+        self.replica = GeneratorReplica(generator, _replica_id)
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_CACHED_MIXES)
+    async def get_mix(self, mix_id: str) -> LoadedMix:
+        return await self.replica.load_mix(mix_id)
+
+    def _get_mix(self) -> Awaitable[LoadedMix]:
+        return self.get_mix(serve.get_multiplexed_model_id() or BASE_MIX_ID)  # type: ignore[no-any-return]
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Events of one generation; the mix comes from the multiplexed model id."""
+        async for event in self.replica.stream(request, self._get_mix):
+            yield event
+
+    async def generate(self, request: GenerationRequest) -> GeneratedImage:
+        """The image alone (no step events cross the process boundary)."""
+        return await self.replica.generate(request, self._get_mix)
+
+    def info(self) -> dict[str, Any]:
+        return self.replica.info()
+
+    def check_health(self) -> None:
+        self.replica.check_health()
 
     def ping(self) -> str:
         return "ok"

@@ -32,16 +32,40 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deskgen.contracts import (
+    CaptionResult,
+    GateVerdict,
+    GeneratedImage,
+    GenerationEvent,
+    GenerationRequest,
+)
 from deskgen.errors import DeskgenError, InvalidParameter, NotADeskSetup, NotAnImage, PayloadTooLarge
-from deskgen.generator import GenerationParams, SizeLimits
+from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
+from deskgen.limits import (
+    DEFAULT_SIZE_LIMITS,
+    DEFAULT_UPLOAD_LIMITS,
+    MAX_GUIDANCE,
+    MAX_MIX_SPEC_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STYLE_CHARS,
+    MAX_TIMEOUT_S,
+    MAX_USER_ID_CHARS,
+    MIN_GUIDANCE,
+    SIDE_MULTIPLE,
+    SizeLimits,
+)
+from deskgen.loras import LoraRegistry
 from deskgen.mixes import NAMED_MIXES, Mix, MixCatalog
+from deskgen.paths import resolve
 from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
-MAX_SEED = 2**32 - 1
+#: The prompt /v1/generate validates its options with before the captions exist (replaced by theirs).
+PENDING_PROMPT = "(from the captions)"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 OutputFormat = Literal["png", "json", "sse"]
 
@@ -66,16 +90,19 @@ class IngressConfig(BaseModel):
     )
     ab_salt: str = Field("deskgen-ab-v1", description="change it to reshuffle which users land in which arm")
     default_steps: int = Field(30, ge=1)
-    default_guidance: float = Field(5.0, ge=0.0, le=30.0)
-    default_width: int = Field(1024, ge=8)
-    default_height: int = Field(1024, ge=8)
-    min_side: int = Field(64, ge=8)
-    max_side: int = Field(2048, ge=8)
-    max_steps: int = Field(150, ge=1)
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_pixels: int = Field(40_000_000, ge=1)
-    request_timeout_s: float = Field(120.0, gt=0)
+    default_guidance: float = Field(5.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    default_width: int = Field(1024, ge=SIDE_MULTIPLE)
+    default_height: int = Field(1024, ge=SIDE_MULTIPLE)
+    min_side: int = Field(DEFAULT_SIZE_LIMITS.min_side, ge=SIDE_MULTIPLE)
+    max_side: int = Field(DEFAULT_SIZE_LIMITS.max_side, ge=SIDE_MULTIPLE)
+    max_steps: int = Field(DEFAULT_SIZE_LIMITS.max_steps, ge=1)
+    max_upload_bytes: int = Field(DEFAULT_UPLOAD_LIMITS.max_upload_bytes, ge=1024)
+    max_pixels: int = Field(DEFAULT_UPLOAD_LIMITS.max_pixels, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S)
     retry_after_s: int = Field(5, ge=1)
+    catalog_ttl_s: float = Field(
+        5.0, ge=0.0, le=3600.0, description="how long the adapter list read from lora_dir is reused"
+    )
 
     @field_validator("ab_split")
     @classmethod
@@ -102,28 +129,28 @@ class GenerationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mix: str | None = Field(None, max_length=300, description="a named mix, `adapter:weight+...`, or `base`")
+    mix: str | None = Field(None, max_length=MAX_MIX_SPEC_CHARS, description="a named mix, `adapter:weight+...`, or `base`")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted (and reported)")
     steps: int | None = Field(None, ge=1)
-    guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
-    width: int | None = Field(None, ge=8, description="a multiple of 8")
-    height: int | None = Field(None, ge=8, description="a multiple of 8")
-    negative_prompt: str | None = Field(None, max_length=2000)
-    user_id: str | None = Field(None, min_length=1, max_length=200, description="makes the A/B arm sticky")
-    timeout_s: float | None = Field(None, gt=0, le=600, description="deadline for this request")
+    guidance: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)
+    width: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
+    height: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    user_id: str | None = Field(None, min_length=1, max_length=MAX_USER_ID_CHARS, description="makes the A/B arm sticky")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="deadline for this request")
 
 
 class GenerateForm(GenerationOptions):
     """/v1/generate: the photo (multipart `image`, or `image_b64` in JSON) plus options."""
 
-    style: str | None = Field(None, max_length=200, description="a style concept woven into the prompt")
+    style: str | None = Field(None, max_length=MAX_STYLE_CHARS, description="a style concept woven into the prompt")
     image_b64: str | None = Field(None, description="JSON only: the photo, base64")
 
 
 class Text2ImgRequest(GenerationOptions):
     """/v1/text2img: a prompt straight to the generator."""
 
-    prompt: str = Field(..., min_length=1, max_length=2000)
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
 class ImageForm(BaseModel):
@@ -132,7 +159,7 @@ class ImageForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_b64: str | None = None
-    style: str | None = Field(None, max_length=200)
+    style: str | None = Field(None, max_length=MAX_STYLE_CHARS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,12 +361,24 @@ class IngressRoutes:
     pickles it by reference, so the replica imports this module whole (a class decorated in place
     is pickled by value at decoration time and misses everything defined after it)."""
 
-    def __init__(self, classifier: DeploymentHandle, captioner: DeploymentHandle, generator: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        classifier: DeploymentHandle,
+        captioner: DeploymentHandle,
+        generator: DeploymentHandle,
+        lora_dir: str | None = None,
+    ) -> None:
         self.classifier = classifier
         self.captioner = captioner
         self.generator = generator
         self.config = IngressConfig()
-        self._adapters: list[str] | None = None
+        #: The adapters are the ``*.safetensors`` files in the generators' ``lora_dir``, listed here
+        #: without asking a GPU replica (and re-listed every ``catalog_ttl_s``, so a file added there is
+        #: usable without a restart). Where the folder is not visible from the ingress's node, the
+        #: list comes from a Generator replica instead (same refresh).
+        self.lora_dir = resolve(lora_dir) if lora_dir else None
+        self._adapters: tuple[str, ...] | None = None
+        self._adapters_at = 0.0
         self._catalog: MixCatalog | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -349,12 +388,24 @@ class IngressRoutes:
 
     # -- mixes ---------------------------------------------------------------------------------
 
-    async def catalog(self) -> MixCatalog:
-        if self._adapters is None:
+    async def adapters(self) -> tuple[str, ...]:
+        now = time.monotonic()
+        if self._adapters is not None and now - self._adapters_at < self.config.catalog_ttl_s:
+            return self._adapters
+        if self.lora_dir is not None and self.lora_dir.is_dir():
+            names = tuple(LoraRegistry(self.lora_dir).names())
+        else:
             info = await self.generator.info.remote()
-            self._adapters = list(info["adapters"])
+            names = tuple(info["adapters"])
+        if names != self._adapters:
+            self._catalog = None
+        self._adapters, self._adapters_at = names, now
+        return names
+
+    async def catalog(self) -> MixCatalog:
+        adapters = await self.adapters()
         if self._catalog is None:
-            self._catalog = MixCatalog(self._adapters, self.config.mixes)
+            self._catalog = MixCatalog(list(adapters), self.config.mixes)
         return self._catalog
 
     async def choose_mix(self, requested: str | None, user_id: str | None) -> tuple[Mix, dict[str, Any]]:
@@ -433,7 +484,7 @@ class IngressRoutes:
         return parsed, raw_image
 
     def params(self, options: GenerationOptions, prompt: str, negative_prompt: str | None) -> GenerationParams:
-        """Fill omitted options from the configured defaults and check the generator's rules."""
+        """Fill omitted options from the configured defaults and check them against the live limits."""
         c = self.config
         params = GenerationParams(
             prompt=prompt,
@@ -449,15 +500,15 @@ class IngressRoutes:
 
     # -- stage calls -----------------------------------------------------------------------------
 
-    async def classify_or_reject(self, image: Any) -> dict[str, Any]:
-        verdict: dict[str, Any] = await self.classifier.classify.remote(image)
-        if not verdict["is_desk"]:
+    async def classify_or_reject(self, image: Any) -> GateVerdict:
+        verdict: GateVerdict = await self.classifier.classify.remote(image)
+        if not verdict.is_desk:
             raise NotADeskSetup(
-                f"`image` does not look like a desk setup: its score {verdict['score']:.4f} is below "
-                f"the threshold {verdict['threshold']}.",
+                f"`image` does not look like a desk setup: its score {verdict.score:.4f} is below "
+                f"the threshold {verdict.threshold}.",
                 field="image",
-                score=verdict["score"],
-                threshold=verdict["threshold"],
+                score=verdict.score,
+                threshold=verdict.threshold,
             )
         return verdict
 
@@ -495,14 +546,43 @@ class IngressRoutes:
             "ab_salt": self.config.ab_salt,
         }
 
+    @api.get("/v1/limits")
+    async def limits(self) -> dict[str, Any]:
+        """The live request limits and defaults (the ingress's ``user_config`` plus the fixed bounds of
+        :mod:`deskgen.limits`): what a client may send without a 400."""
+        c = self.config
+        return {
+            "min_side": c.min_side,
+            "max_side": c.max_side,
+            "side_multiple": SIDE_MULTIPLE,
+            "max_steps": c.max_steps,
+            "max_seed": MAX_SEED,
+            "guidance": [MIN_GUIDANCE, MAX_GUIDANCE],
+            "max_prompt_chars": MAX_PROMPT_CHARS,
+            "max_style_chars": MAX_STYLE_CHARS,
+            "max_user_id_chars": MAX_USER_ID_CHARS,
+            "max_mix_spec_chars": MAX_MIX_SPEC_CHARS,
+            "max_upload_bytes": c.max_upload_bytes,
+            "max_pixels": c.max_pixels,
+            "max_timeout_s": MAX_TIMEOUT_S,
+            "request_timeout_s": c.request_timeout_s,
+            "defaults": {
+                "steps": c.default_steps,
+                "guidance": c.default_guidance,
+                "width": c.default_width,
+                "height": c.default_height,
+                "mix": c.default_mix,
+            },
+        }
+
     @api.post("/v1/classify", openapi_extra=_image_body(ImageForm))
     @json_errors
     async def classify(self, request: Request) -> dict[str, Any]:
         """Desk score of a photo (200 either way; /v1/generate answers 422 below the threshold)."""
         _, raw = await self.parse(request, ImageForm, image="required")
         image = self.decode(raw)
-        verdict = await self.deadline(self.classifier.classify.remote(image), None)
-        return {"score": verdict["score"], "is_desk": verdict["is_desk"], "threshold": verdict["threshold"]}
+        verdict: GateVerdict = await self.deadline(self.classifier.classify.remote(image), None)
+        return verdict.public()
 
     @api.post("/v1/caption", openapi_extra=_image_body(ImageForm))
     @json_errors
@@ -510,8 +590,8 @@ class IngressRoutes:
         """Captions, ranked keywords and the prompt a photo would give."""
         form, raw = await self.parse(request, ImageForm, image="required")
         image = self.decode(raw)
-        result: dict[str, Any] = await self.deadline(self.captioner.caption.remote(image, form.style), None)
-        return result
+        result: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), None)
+        return result.public()
 
     @api.post("/v1/text2img", openapi_extra=_json_body(Text2ImgRequest))
     @json_errors
@@ -531,8 +611,11 @@ class IngressRoutes:
         """classify -> caption -> prompt -> generate. PNG by default; JSON or SSE by `Accept`."""
         started = time.perf_counter()
         form, raw = await self.parse(request, GenerateForm, image="required")
-        image = self.decode(raw)
+        # 0. Everything that can refuse the request, before any model runs: the options against the
+        #    live limits (the prompt comes from the captions later), the mix, the photo.
+        self.params(form, PENDING_PROMPT, None)
         mix, mix_info = await self.choose_mix(form.mix, form.user_id)
+        image = self.decode(raw)
         output = choose_format(request.headers.get("accept", ""))
         timeout = form.timeout_s or self.config.request_timeout_s
         deadline = started + timeout
@@ -543,21 +626,23 @@ class IngressRoutes:
         classify_s = time.perf_counter() - t
         # 2. Captions -> keywords -> prompt.
         t = time.perf_counter()
-        captioned: dict[str, Any] = await self.deadline(self.captioner.caption.remote(image, form.style), deadline)
+        captioned: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), deadline)
         caption_s = time.perf_counter() - t
-        params = self.params(form, captioned["prompt"], captioned["negative_prompt"])
+        params = self.params(form, captioned.prompt, captioned.negative_prompt)
         info = {
-            "desk_score": verdict["score"],
-            "captions": captioned["captions"],
-            "keywords": captioned["keywords"],
+            "desk_score": verdict.score,
+            "captions": captioned.captions,
+            "keywords": captioned.keyword_dicts(),
             "style": form.style,
             "mix": mix_info,
             "timings": {"classify_s": classify_s, "caption_s": caption_s},
         }
-        prelude = [
-            sse("classified", {"score": verdict["score"], "threshold": verdict["threshold"]}),
-            sse("captioned", {k: info[k] for k in ("captions", "keywords")} | {"prompt": params.prompt}),
-        ]
+        prelude = []
+        if output == "sse":
+            prelude = [
+                sse("classified", {"score": verdict.score, "threshold": verdict.threshold}),
+                sse("captioned", {k: info[k] for k in ("captions", "keywords")} | {"prompt": params.prompt}),
+            ]
         # 3. Generate, routed by the mix's multiplexed id.
         return await self.respond(request, output, params, mix, info, timeout, started, prelude=prelude)
 
@@ -594,8 +679,9 @@ class IngressRoutes:
         request_id = _request_id(request)
         deadline = started + (timeout_s or self.config.request_timeout_s)
         handle = self.generator.options(multiplexed_model_id=mix.id)
+        generation = GenerationRequest(params=params, limits=self.config.limits)
         if output == "sse":
-            stream: Any = handle.options(stream=True).generate_stream.remote(params)
+            stream: Any = handle.options(stream=True).generate_stream.remote(generation)
             # Pull the first event before answering, so an error still gets its status code.
             first = await self.deadline(stream.__anext__(), deadline, cancel=stream.cancel)
             return StreamingResponse(
@@ -604,16 +690,15 @@ class IngressRoutes:
                 headers={"X-Request-Id": request_id, "X-Deskgen-Mix": mix.id, "Cache-Control": "no-cache"},
             )
         t = time.perf_counter()
-        result: dict[str, Any] = await self.deadline(handle.generate.remote(params), deadline)
+        result: GeneratedImage = await self.deadline(handle.generate.remote(generation), deadline)
         info["timings"]["generate_s"] = time.perf_counter() - t
         info["timings"]["total_s"] = time.perf_counter() - started
-        metadata = result["metadata"]
         headers = {
             "X-Request-Id": request_id,
             "X-Deskgen-Mix": mix.id,
             "X-Deskgen-Mix-Source": info["mix"]["source"],
             "X-Deskgen-Seed": str(params.seed),
-            "X-Deskgen-Replica": str(metadata.get("replica", "")),
+            "X-Deskgen-Replica": result.replica,
             "Server-Timing": ", ".join(f"{k.removesuffix('_s')};dur={v * 1000:.1f}" for k, v in info["timings"].items()),
         }
         if info["mix"]["arm"] is not None:
@@ -621,13 +706,14 @@ class IngressRoutes:
         if "desk_score" in info:
             headers["X-Deskgen-Desk-Score"] = f"{info['desk_score']:.6f}"
         if output == "json":
-            return JSONResponse(self.json_result(result, info, params, request_id), headers=headers)
-        return Response(result["png"], media_type="image/png", headers=headers)
+            return JSONResponse(self.json_result(result, info, request_id), headers=headers)
+        return Response(result.png, media_type="image/png", headers=headers)
 
-    def json_result(self, result: dict[str, Any], info: dict[str, Any], params: GenerationParams, request_id: str) -> dict[str, Any]:
+    def json_result(self, result: GeneratedImage, info: dict[str, Any], request_id: str) -> dict[str, Any]:
+        params = result.params
         return {
             "request_id": request_id,
-            "image_b64": base64.b64encode(result["png"]).decode(),
+            "image_b64": base64.b64encode(result.png).decode(),
             "media_type": "image/png",
             **info,
             "prompt": params.prompt,
@@ -637,13 +723,13 @@ class IngressRoutes:
             "guidance": params.guidance,
             "width": params.width,
             "height": params.height,
-            "metadata": result["metadata"],
+            "metadata": result.metadata,
         }
 
     async def sse_events(
         self,
         stream: Any,
-        first: dict[str, Any],
+        first: GenerationEvent,
         prelude: list[bytes],
         info: dict[str, Any],
         request_id: str,
@@ -652,18 +738,16 @@ class IngressRoutes:
     ) -> AsyncIterator[bytes]:
         for chunk in prelude:
             yield chunk
-        event: dict[str, Any] | None = first
+        event: GenerationEvent | None = first
         t = time.perf_counter()
         try:
             while event is not None:
-                if event["event"] == "done":
+                if isinstance(event, GeneratedImage):
                     info["timings"]["generate_s"] = time.perf_counter() - t
                     info["timings"]["total_s"] = time.perf_counter() - started
-                    params = GenerationParams(**{k: event["metadata"][k] for k in (
-                        "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")})
-                    yield sse("done", self.json_result(event, info, params, request_id))
+                    yield sse(event.event, self.json_result(event, info, request_id))
                     return
-                yield sse(event["event"], {k: v for k, v in event.items() if k != "event"})
+                yield sse(event.event, event.public())
                 try:
                     event = await self.deadline(stream.__anext__(), deadline, cancel=stream.cancel)
                 except StopAsyncIteration:

@@ -11,11 +11,17 @@ from everything that queued meanwhile — the rule of Triton's and TF Serving's 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+#: How many recent batch sizes :attr:`DynamicBatcher.batch_sizes` keeps (a replica lives for days).
+BATCH_WINDOW = 1024
+#: Failed batches in a row after which :meth:`DynamicBatcher.check_health` reports the model broken.
+UNHEALTHY_AFTER_FAILURES = 3
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -35,7 +41,12 @@ class DynamicBatcher(Generic[T, R]):
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self.batch_sizes: list[int] = []
+        #: Sizes of the last :data:`BATCH_WINDOW` batches; the totals count every batch since start.
+        self.batch_sizes: deque[int] = deque(maxlen=BATCH_WINDOW)
+        self.batches_total = 0
+        self.items_total = 0
+        self.failures_in_a_row = 0
+        self.last_failure: str | None = None
 
     def configure(self, *, max_batch_size: int, max_wait_s: float) -> None:
         if max_batch_size < 1:
@@ -63,19 +74,30 @@ class DynamicBatcher(Generic[T, R]):
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
+            self.batches_total += 1
+            self.items_total += len(batch)
             # 3. Run it; meanwhile new arrivals queue up and form the next batch right after.
             try:
                 results = await self._run_batch([item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             except Exception as exc:
+                self.failures_in_a_row += 1
+                self.last_failure = f"{type(exc).__name__}: {exc}"
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self.failures_in_a_row = 0
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    def check_health(self) -> None:
+        """Raise RuntimeError once :data:`UNHEALTHY_AFTER_FAILURES` batches in a row failed: a deployment's
+        ``check_health`` calls this, so Serve replaces a replica whose model broke."""
+        if self.failures_in_a_row >= UNHEALTHY_AFTER_FAILURES:
+            raise RuntimeError(f"{self.failures_in_a_row} batches in a row failed; last: {self.last_failure}")
 
     async def _wait_to_fill(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """The captioning stage: BLIP captions of a desk photo, one unconditional and one per conditional prefix.
 
 Ray-free on purpose: ``deployments/captioner.py`` wraps a :class:`Captioner` and adds batching and
-``user_config``; unit tests drive this class directly on the tiny BLIP (``deskgen.tiny_blip``).
+``user_config``; unit tests drive this class directly on the tiny BLIP (``deskgen.tools.tiny_blip``).
 
 How a batch is captioned (``caption_batch``):
   1. Every image goes through :func:`deskgen.images.to_rgb` and BLIP's image processor (the PIL backend,

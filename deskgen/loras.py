@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from deskgen import kohya
 from deskgen.errors import InvalidParameter, ModelFilesMissing, UnknownMix
 from deskgen.mixes import ADAPTER_NAME_RE, validate_adapter_name
 
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 LORA_SUFFIX = ".safetensors"
 LoraLayout = Literal["kohya", "diffusers"]
 
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_KOHYA_DOWN = ".lora_down.weight"
 _PEFT_A = (".lora_A.weight", ".lora_A.default.weight", ".lora.down.weight", "_lora.down.weight")
 
 
@@ -101,7 +100,7 @@ class LoraRegistry:
         """``"kohya"`` for kohya_ss/sd-scripts keys (``lora_unet_...lora_down.weight``), ``"diffusers"`` for
         diffusers/peft keys (``unet....lora_A.weight``). Raises InvalidParameter for anything else."""
         keys = read_safetensors_keys(self.path(name))
-        if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
+        if any(k.startswith(kohya.PREFIXES) for k in keys):
             return "kohya"
         if any(k.endswith(_PEFT_A) for k in keys):
             return "diffusers"
@@ -113,7 +112,7 @@ class LoraRegistry:
     def module_count(self, name: str) -> int:
         """How many layers the file adapts (one per down/A matrix), whatever its layout."""
         keys = read_safetensors_keys(self.path(name))
-        return sum(1 for k in keys if k.endswith((_KOHYA_DOWN, *_PEFT_A)))
+        return sum(1 for k in keys if k.endswith((kohya.DOWN, *_PEFT_A)))
 
     def _inside(self, candidate: Path) -> bool:
         # resolve() follows symlinks: a link (or a link in the chain) leading out of the folder, or to
@@ -130,7 +129,7 @@ def quiet_adapter_load() -> Iterator[None]:
     """Silence the known-spurious warnings of ``load_lora_weights`` while it runs (not thread-safe: call under a lock)."""
     # transformers logs a "LOAD REPORT ... MISSING" table per text encoder on every adapter load, listing
     # the *other* adapters' keys (it expects all of them in each file). We check what loaded ourselves
-    # (deskgen.generator.DeskGenerator checks the layer count, deskgen.tiny_sdxl.verify the weights), so that warning is noise here.
+    # (deskgen.generator.DeskGenerator checks the layer count, deskgen.tools.tiny_sdxl.verify the weights), so that warning is noise here.
     # peft likewise warns "Already found a `peft_config` attribute" for every adapter after the first:
     # several adapters per model is exactly what we want.
     logger = logging.getLogger("transformers.integrations.peft")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-#: Default folder of the tiny models built by ``python -m deskgen.tiny``; override with DESKGEN_MODELS.
+#: Default folder of the tiny models built by ``python -m deskgen.tools.tiny``; override with DESKGEN_MODELS.
 DEFAULT_MODELS_DIR = "models/tiny"
 
 

@@ -1,5 +1,6 @@
-"""Reading serve_config.yaml, the production source of truth, for the tools that deploy variants of
-it (the serve and cluster test tiers, the benchmarks): they change a few fields and keep the rest."""
+"""Reading serve_config.yaml, the production source of truth: every reader goes through this module (the
+serve and cluster test tiers, the benchmarks, the cluster renderer and launcher). The tools that deploy
+variants of it change a few fields and keep the rest."""
 
 from __future__ import annotations
 
@@ -14,9 +15,21 @@ from deskgen.paths import PROJECT_ROOT
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 
 
+def read_serve_config(path: Path = SERVE_CONFIG) -> tuple[str, dict[str, Any]]:
+    """The config's text (the cluster renderer embeds it verbatim) and its parsed form."""
+    text = path.read_text()
+    return text, yaml.safe_load(text)
+
+
 def load_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
     """The config as plain data (a fresh copy each call)."""
-    return yaml.safe_load(path.read_text())  # type: ignore[no-any-return]
+    return read_serve_config(path)[1]
+
+
+def app_args(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``args`` of the (single) application: what ``graph:app`` is built with."""
+    (app,) = config["applications"]
+    return dict(app.get("args") or {})
 
 
 def deployment_config(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -30,7 +43,7 @@ def deployment_config(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 def with_models(config: dict[str, Any], models: Path, **args: str) -> dict[str, Any]:
     """A copy of ``config`` whose app ``args`` point at the model folder ``models`` (the layout
-    ``python -m deskgen.tiny`` writes); ``args`` override single entries."""
+    ``python -m deskgen.tools.tiny`` writes); ``args`` override single entries."""
     config = copy.deepcopy(config)
     (app,) = config["applications"]
     app["args"] = {

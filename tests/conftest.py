@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deskgen.paths import models_dir
-from deskgen.tiny import build_all, is_built
+from deskgen.tools.tiny import build_all, is_built
 
 
 @pytest.fixture(scope="session")

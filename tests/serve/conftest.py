@@ -7,6 +7,7 @@ per stage, tiny generation defaults and a tight generator queue so backpressure 
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -28,8 +29,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_config(port: int, models: Path) -> dict[str, Any]:
-    config = with_models(load_serve_config(), models)
+def test_config(port: int, models: Path, lora_dir: Path) -> dict[str, Any]:
+    config = with_models(load_serve_config(), models, lora_dir=str(lora_dir))
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
     for d in app["deployments"]:
@@ -66,13 +67,22 @@ def deploy(config: dict[str, Any], timeout_s: float = 300) -> None:
 
 
 @pytest.fixture(scope="session")
-def serve_app(tiny_models: Path) -> Iterator[dict[str, Any]]:
+def lora_dir(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The app's LoRA folder: a private copy of the tiny adapters, so a test may add or remove files."""
+    folder = tmp_path_factory.mktemp("loras")
+    for path in (tiny_models / "loras").glob("*.safetensors"):
+        shutil.copy2(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_models: Path, lora_dir: Path) -> Iterator[dict[str, Any]]:
     """Deploy the app once per session; yields {"url", "config", "deploy_seconds"}."""
     import ray
     from ray import serve
 
     port = free_port()
-    config = test_config(port, tiny_models)
+    config = test_config(port, tiny_models, lora_dir)
     ray.init(num_cpus=4, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve", log_to_driver=False)
     start = time.perf_counter()
     deploy(config)
@@ -99,3 +109,12 @@ def generator_info() -> dict[str, Any]:
 
     handle = serve.get_deployment_handle("Generator", APP)
     return handle.info.remote().result()  # type: ignore[no-any-return]
+
+
+def stage_stats() -> dict[str, int]:
+    """How much work each model stage has done so far: photos gated, photos captioned, images made."""
+    from ray import serve
+
+    classifier = serve.get_deployment_handle("Classifier", APP).stats.remote().result()
+    captioner = serve.get_deployment_handle("Captioner", APP).stats.remote().result()
+    return {"gated": classifier["images"], "captioned": captioner["images"], "generated": generator_info()["generations"]}

@@ -16,7 +16,7 @@ from PIL import Image
 
 from deskgen.pngmeta import read_png_metadata
 from deskgen.prompt import DEFAULT_PREFIXES
-from deskgen.samples import desk_scene, non_desk_scene
+from deskgen.tools.samples import desk_scene, non_desk_scene
 
 from .conftest import generator_info
 
@@ -89,7 +89,8 @@ def test_generate_json_reports_every_stage(client: httpx.Client, desk_photo: byt
     assert body["desk_score"] >= 0.5
     assert body["captions"]["unconditional"]
     assert [c["prefix"] for c in body["captions"]["conditional"]] == list(DEFAULT_PREFIXES)
-    assert isinstance(body["keywords"], list)
+    captioned = client.post("/v1/caption", files={"image": ("d.jpg", desk_photo, "image/jpeg")}, data={"style": "cyberpunk"})
+    assert body["keywords"] == captioned.json()["keywords"] and body["prompt"] == captioned.json()["prompt"]
     assert "cyberpunk" in body["prompt"]
     assert body["mix"] == {"id": "dalle:1.0", "name": "dalle_only", "weights": {"dalle": 1.0}, "source": "request", "arm": None}
     assert body["seed"] == 3

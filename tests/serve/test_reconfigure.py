@@ -1,5 +1,6 @@
 """A new config through the Serve controller (what `serve deploy` does) changes the A/B split
-without restarting any replica. Runs after test_api.py: it restores the original config at the end."""
+without restarting any replica. It restores the session's config in ``finally`` (and waits for it), so
+it runs in any order with the other tests of the tier."""
 
 from __future__ import annotations
 
@@ -41,4 +42,5 @@ def test_new_split_applies_without_restarting_replicas(client: httpx.Client, ser
         assert generator_after["base_loads"] == 1
     finally:
         deploy(serve_app["config"])
-        wait_for_split(client, {"dalle_ott": 0.7, "ott_3d": 0.3})
+        split = deployment(serve_app["config"], "Ingress")["user_config"]["ab_split"]
+        wait_for_split(client, {arm: share / sum(split.values()) for arm, share in split.items()})

@@ -90,3 +90,17 @@ def test_cancelled_callers_are_left_out_and_bad_settings_refused() -> None:
         DynamicBatcher(SlowModel(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_wait_s must be >= 0"):
         DynamicBatcher(SlowModel(), max_wait_s=-1)
+
+
+def test_batch_sizes_keep_a_bounded_window_and_exact_totals() -> None:
+    from deskgen.batching import BATCH_WINDOW
+
+    async def scenario() -> DynamicBatcher[int, int]:
+        batcher: DynamicBatcher[int, int] = DynamicBatcher(SlowModel(seconds=0.0), max_batch_size=1, max_wait_s=0.0)
+        for i in range(BATCH_WINDOW + 10):  # one at a time: one batch each
+            assert await batcher.submit(i) == 2 * i
+        return batcher
+
+    batcher = asyncio.run(scenario())
+    assert len(batcher.batch_sizes) == BATCH_WINDOW  # a long-lived replica does not grow without bound
+    assert (batcher.batches_total, batcher.items_total) == (BATCH_WINDOW + 10, BATCH_WINDOW + 10)

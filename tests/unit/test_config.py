@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from deployments.captioner import CaptionerConfig
@@ -13,6 +12,7 @@ from deployments.classifier import ClassifierConfig
 from deployments.ingress import IngressConfig
 from deskgen.mixes import NAMED_MIXES, MixCatalog
 from deskgen.paths import PROJECT_ROOT
+from deskgen.serve_config import load_serve_config
 from graph import DeskgenArgs
 
 pytestmark = pytest.mark.unit
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
-    return yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    return load_serve_config()
 
 
 def deployments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from deskgen.deepcache import DeepCache
 from deskgen.errors import InvalidParameter
 from deskgen.generator import DeskGenerator
 from deskgen.mixes import MixCatalog
-from deskgen.tiny_sdxl import one_torch_thread
+from deskgen.tools.tiny_sdxl import one_torch_thread
 from tests.unit.generator_common import PARAMS, settings_for, tiny_unet_inputs
 
 unit = pytest.mark.unit
@@ -93,7 +93,7 @@ def generators(tiny_models: Path) -> tuple[DeskGenerator, DeskGenerator]:
 @unit
 def test_a_deepcache_generator_schedules_steps_per_generation(generators: tuple[DeskGenerator, DeskGenerator]) -> None:
     _, cached = generators
-    cache = cached._deepcache
+    cache = cached.deepcache
     assert cache is not None
     mix = MixCatalog(["3d", "dalle", "ott"]).resolve("ott_3d")
     params = PARAMS.__class__(**{**PARAMS.__dict__, "steps": 7})

@@ -13,7 +13,7 @@ import torch
 from deskgen.fp8 import E4M3_MAX, Fp8Linear, quantize_unet_linears
 from deskgen.generator import DeskGenerator
 from deskgen.mixes import Mix, MixCatalog
-from deskgen.tiny_sdxl import one_torch_thread
+from deskgen.tools.tiny_sdxl import one_torch_thread
 from tests.unit.generator_common import PARAMS, settings_for
 
 unit = pytest.mark.unit

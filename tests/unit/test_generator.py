@@ -25,7 +25,7 @@ from deskgen.generator import (
 )
 from deskgen.mixes import NAMED_MIXES, Mix, MixCatalog
 from deskgen.pngmeta import read_png_metadata
-from deskgen.tiny_sdxl import one_torch_thread
+from deskgen.tools.tiny_sdxl import one_torch_thread
 from tests.unit.generator_common import PARAMS, settings_for
 
 pytestmark = pytest.mark.unit
@@ -173,8 +173,7 @@ def test_weights_scale_the_effect(gen: DeskGenerator) -> None:
 def test_switching_mixes_never_reloads_the_base(gen: DeskGenerator, catalog: MixCatalog) -> None:
     before = DeskGenerator.base_loads
     for name in ("dalle_only", "mix", "base", "ott_3d", "dalle_only"):
-        seconds = gen.activate_mix(catalog.resolve(name))
-        assert seconds >= 0.0
+        gen.activate_mix(catalog.resolve(name))
         assert gen.active_mix_id == catalog.resolve(name).id
     gen.generate(PARAMS, catalog.resolve("dalle_3d"))
     assert DeskGenerator.base_loads == before
@@ -393,7 +392,7 @@ def test_importing_the_generator_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, deskgen.generator, deskgen.loras, deskgen.tiny_sdxl; print('torch' in sys.modules)"
+    code = "import sys, deskgen.generator, deskgen.loras, deskgen.tools.tiny_sdxl; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

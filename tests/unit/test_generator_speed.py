@@ -25,8 +25,9 @@ from deskgen.generator import (
     GeneratorSettings,
     hot_mix_from_spec,
 )
+from deskgen.generator.adapters import SlotAdapters
 from deskgen.mixes import Mix, MixCatalog
-from deskgen.tiny_sdxl import one_torch_thread
+from deskgen.tools.tiny_sdxl import one_torch_thread
 from tests.unit.generator_common import PARAMS, settings_for, tiny_unet_inputs
 
 unit = pytest.mark.unit
@@ -286,33 +287,52 @@ def test_the_hot_mix_is_fused_at_load(fused: DeskGenerator, plain: DeskGenerator
     assert result.metadata["timings"]["activate_s"] == 0.0  # already active, already fused
 
 
-@unit
-def test_fused_hot_mix_matches_the_unfused_mix(fused: DeskGenerator, plain: DeskGenerator, catalog: MixCatalog) -> None:
-    """Fused is W' = W + s*B@A rounded once; unfused adds s*B(A(x)) to W x: another summation order, so
-    not bit-identical in floats. On the tiny model (64 px, 3 steps, fp32) the difference was 1e-6 to 1.2e-4
-    in the [0, 1] image (by machine and build of the tiny models) and 0 grey levels in the PNG; we allow one
-    grey level in the PNG and half of one in floats: rounding, where a wrong mix differs by far more."""
+#: How far the fused image may be from the unfused one, in the [0, 1] float image: half a grey level.
+#: Fusing changes only the fp32 summation order (W' = W + s*B@A rounded once instead of W x + s*B(A(x))),
+#: which moved the tiny model's image by 1e-6 to 1.2e-4 (by machine and build); a wrong fuse moves it by
+#: far more (the test below).
+FUSE_BOUND = 0.5 / 255
+
+
+def float_image(gen: DeskGenerator, mix: Mix) -> np.ndarray:
+    """The pipeline's float image (before PNG rounding) for PARAMS and ``mix``."""
     import torch
 
+    with gen.lock:
+        gen.activate_mix(mix)
+        out = gen.pipe(
+            prompt=PARAMS.prompt, negative_prompt=PARAMS.negative_prompt, num_inference_steps=PARAMS.steps,
+            guidance_scale=PARAMS.guidance, width=64, height=64, output_type="np",
+            generator=torch.Generator("cpu").manual_seed(PARAMS.seed),
+        )  # fmt: skip
+    return np.asarray(out.images[0], dtype=np.float64)
+
+
+@unit
+def test_fused_hot_mix_matches_the_unfused_mix(fused: DeskGenerator, plain: DeskGenerator, catalog: MixCatalog) -> None:
+    """Fused and unfused differ by summation order only: at most one grey level in the PNG and
+    :data:`FUSE_BOUND` in floats."""
     hot = catalog.resolve(HOT)
     fused_result = fused.generate(PARAMS, hot)
     unfused_result = plain.generate(PARAMS, hot)
     assert (fused_result.metadata["runtime"]["fused"], unfused_result.metadata["runtime"]["fused"]) == (True, False)
     assert np.abs(pixels(fused_result) - pixels(unfused_result)).max() <= 1
 
-    def floats(gen: DeskGenerator) -> np.ndarray:
-        with gen.lock:
-            gen.activate_mix(hot)
-            out = gen.pipe(
-                prompt=PARAMS.prompt, negative_prompt=PARAMS.negative_prompt, num_inference_steps=PARAMS.steps,
-                guidance_scale=PARAMS.guidance, width=64, height=64, output_type="np",
-                generator=torch.Generator("cpu").manual_seed(PARAMS.seed),
-            )  # fmt: skip
-        return np.asarray(out.images[0], dtype=np.float64)
-
-    float_diff = np.abs(floats(fused) - floats(plain)).max()
+    float_diff = np.abs(float_image(fused, hot) - float_image(plain, hot)).max()
     assert fused.fused_mix_id == hot.id
-    assert 0 < float_diff < 0.5 / 255, f"max abs difference fused vs unfused in the [0, 1] image: {float_diff:.3g}"
+    assert float_diff < FUSE_BOUND, f"max abs difference fused vs unfused in the [0, 1] image: {float_diff:.3g}"
+
+
+@unit
+def test_a_fuse_five_percent_off_fails_the_bound(tiny_models: Path, plain: DeskGenerator, catalog: MixCatalog) -> None:
+    """The bound can fail: the real fuse path given the hot mix's weights 5 % low (a wrong scale, as a
+    fuse that forgot alpha/rank would be far worse) is outside :data:`FUSE_BOUND` of the unfused mix."""
+    hot = catalog.resolve(HOT)
+    wrong = Mix.from_weights({name: 0.95 * weight for name, weight in hot.as_dict().items()})
+    broken = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_hot_mix=wrong.id))
+    diff = np.abs(float_image(broken, wrong) - float_image(plain, hot)).max()
+    assert broken.fused_mix_id == wrong.id
+    assert diff > FUSE_BOUND, f"a 5 % scale error moved the image by only {diff:.3g}"
 
 
 @unit
@@ -419,11 +439,13 @@ def test_hotswap_slots_match_peft_adapters(
 @unit
 def test_hotswap_switch_back_is_identical_and_scale_only(hotswap: DeskGenerator, catalog: MixCatalog) -> None:
     first = hotswap.generate(PARAMS, catalog.resolve("mix")).image.tobytes()
-    holds = dict(hotswap._slots.holds) if hotswap._slots else {}
+    assert isinstance(hotswap.adapters, SlotAdapters)
+    holds = dict(hotswap.adapters.slots.holds)
+    assert sorted(h for h in holds.values() if h is not None) == ["3d", "dalle", "ott"]
     hotswap.generate(PARAMS, catalog.resolve("dalle_only"))
     hotswap.generate(PARAMS, Mix(()))
     assert hotswap.generate(PARAMS, catalog.resolve("mix")).image.tobytes() == first
-    assert (hotswap._slots.holds if hotswap._slots else {}) == holds  # every adapter stayed in its slot
+    assert hotswap.adapters.slots.holds == holds  # every adapter stayed in its slot
 
 
 @unit
@@ -586,11 +608,11 @@ def test_compiled_unet_does_not_recompile_on_mix_switches(
     finally:
         eager_unet.float()
         compiled_unet.float()
-    if hot is None and gen._slots is not None:
+    if hot is None and isinstance(gen.adapters, SlotAdapters):
         # Control (the check can fail): diffusers' set_adapters turns the scale tensors back into floats.
         from torch._dynamo.exc import RecompileError
 
-        gen.pipe.unet.set_adapters(gen._slots.names, [0.0] * len(gen._slots.names))
+        gen.pipe.unet.set_adapters(gen.adapters.slots.names, [0.0] * len(gen.adapters.slots.names))
         with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(RecompileError):
             gen.generate(PARAMS, catalog.resolve("mix"))
 

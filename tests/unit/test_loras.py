@@ -122,7 +122,7 @@ def test_missing_folder_raises_model_files_missing(tmp_path: Path) -> None:
 def test_a_rebuild_is_byte_identical_and_verifies(tiny_models: Path, tmp_path: Path) -> None:
     # build() ends with tiny_sdxl.verify (every module of every LoRA loaded with its weights, each LoRA
     # changes the image), and the adapters' sha256 lands in image metadata: both must be stable.
-    from deskgen import tiny_sdxl
+    from deskgen.tools import tiny_sdxl
 
     tiny_sdxl.build(tmp_path)
 

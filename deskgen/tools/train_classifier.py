@@ -1,6 +1,6 @@
 """Fine-tune the desk gate on a two-class image folder and save it as a ``.keras`` file.
 
-    python -m deskgen.train_classifier DATA_DIR --out PATH.keras [--backbone vgg16|tiny]
+    python -m deskgen.tools.train_classifier DATA_DIR --out PATH.keras [--backbone vgg16|tiny]
         [--weights imagenet|none] [--epochs N] [--batch-size B] [--train-last-block]
         [--val-split 0.2] [--seed S] [--input-size PX] [--learning-rate LR]
 
@@ -50,7 +50,7 @@ def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"training images not found: {str(folder)!r} must be a folder of images "
-            "(generate a set with `python -m deskgen.samples DATA_DIR`)."
+            "(generate a set with `python -m deskgen.tools.samples DATA_DIR`)."
         )
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:

@@ -1,7 +1,7 @@
 """Build the tiny desk gate: a generated two-class sample set and a tiny VGG-shaped gate trained on it.
 
 Writes ``out/samples/{true,false}/*.png`` and ``out/classifier/desk_gate.keras``; called by
-:func:`deskgen.tiny.build_all`. The gate loads through the same :meth:`DeskClassifier.load` as a real
+:func:`deskgen.tools.tiny.build_all`. The gate loads through the same :meth:`DeskClassifier.load` as a real
 fine-tuned VGG16 file: pointing the config at another ``.keras`` file is the only change.
 
 Fixed seeds throughout; the classes are easy, so validation accuracy is 1.0. Budget: well under 20 s
@@ -31,8 +31,8 @@ MIN_VAL_ACCURACY = 0.95
 
 def build(out: Path) -> None:
     """Generate ``out/samples`` and train ``out/classifier/desk_gate.keras`` (tiny backbone, 64 px)."""
-    from deskgen.samples import generate_samples
-    from deskgen.train_classifier import train_gate
+    from deskgen.tools.samples import generate_samples
+    from deskgen.tools.train_classifier import train_gate
 
     start = time.perf_counter()
     samples = Path(out) / SAMPLES_DIR

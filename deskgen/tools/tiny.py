@@ -1,6 +1,6 @@
 """Build tiny, randomly initialised models of the production architectures, offline.
 
-    python -m deskgen.tiny --out models/tiny [--force]
+    python -m deskgen.tools.tiny --out models/tiny [--force]
 
 Writes, with fixed seeds:
   sdxl/                   a diffusers SDXL pipeline folder (tiny UNet/VAE/text encoders, tokenizers built in code)
@@ -34,7 +34,7 @@ def is_built(out: Path) -> bool:
 
 def build_all(out: Path, *, force: bool = False) -> dict[str, float]:
     """Build every tiny model into ``out``; returns seconds per part. A no-op when already built."""
-    from deskgen import tiny_blip, tiny_classifier, tiny_sdxl
+    from deskgen.tools import tiny_blip, tiny_classifier, tiny_sdxl
 
     if is_built(out) and not force:
         log.info("tiny models already built in %s (use --force to rebuild)", out)

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deskgen import kohya
+
 if TYPE_CHECKING:
     import torch
 
@@ -245,25 +247,6 @@ def build_pipeline() -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _kohya_unet_module(diffusers_name: str, layers_per_block: int) -> str:
-    """``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` -> kohya's SGM-numbered name
-    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``."""
-    parts = diffusers_name.split(".")
-    per_block = layers_per_block + 1
-    if parts[0] == "down_blocks" and parts[2] == "attentions":
-        head = f"input_blocks.{1 + per_block * int(parts[1]) + int(parts[3])}.1"
-        rest = parts[4:]
-    elif parts[0] == "mid_block" and parts[1] == "attentions":
-        head = "middle_block.1"
-        rest = parts[3:]
-    elif parts[0] == "up_blocks" and parts[2] == "attentions":
-        head = f"output_blocks.{per_block * int(parts[1]) + int(parts[3])}.1"
-        rest = parts[4:]
-    else:
-        raise ValueError(f"no SGM name for UNet module {diffusers_name!r}")
-    return "lora_unet_" + ".".join([head, *rest]).replace(".", "_")
-
-
 def lora_targets(pipe: Any) -> dict[str, dict[str, tuple[int, int]]]:
     """component -> {module name: (in_features, out_features)} of every attention projection a LoRA targets."""
     import torch
@@ -303,34 +286,18 @@ def _random_lora(
     return weights
 
 
-def _file_module_name(component: str, name: str) -> str:
-    """The module name as LoRA files in the wild spell it.
-
-    transformers 5 flattened ``CLIPTextModel`` (``encoder.layers.0...``), but every SDXL LoRA trained so
-    far names the first text encoder's modules ``text_model.encoder.layers.0...``; writing that form makes
-    the tiny files exercise the same key mapping on load as real ones.
-    """
-    if component == "text_encoder" and not name.startswith("text_model."):
-        return "text_model." + name
-    return name
-
-
 def _write_kohya(path: Path, weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], layers: int) -> None:
     import torch
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     for component, modules in weights.items():
         for name, (down, up) in modules.items():
-            if component == "unet":
-                key = _kohya_unet_module(name, layers)
-            else:
-                key = prefixes[component] + _file_module_name(component, name).replace(".", "_")
+            key = kohya.module_key(component, name, layers)
             # kohya alphas are stored as 0-d tensors; its trainers save fp16 weights, we keep fp32.
-            tensors[f"{key}.lora_down.weight"] = down
-            tensors[f"{key}.lora_up.weight"] = up
-            tensors[f"{key}.alpha"] = torch.tensor(KOHYA_ALPHA)
+            tensors[key + kohya.DOWN] = down
+            tensors[key + kohya.UP] = up
+            tensors[key + kohya.ALPHA] = torch.tensor(KOHYA_ALPHA)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK)})
 
 
@@ -342,7 +309,7 @@ def _write_diffusers(path: Path, weights: dict[str, dict[str, tuple[torch.Tensor
     for component, modules in weights.items():
         layers[component] = {}
         for name, (down, up) in modules.items():
-            file_name = _file_module_name(component, name)
+            file_name = kohya.file_module_name(component, name)
             layers[component][f"{file_name}.lora_A.weight"] = down
             layers[component][f"{file_name}.lora_B.weight"] = up
         # As diffusers' SDXL LoRA training scripts write it: short target names, matched by suffix.

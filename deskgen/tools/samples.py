@@ -1,6 +1,6 @@
 """A generated two-class image set for the desk gate: desk-like scenes vs. clearly not desks.
 
-    python -m deskgen.samples OUT_DIR [--n-per-class N] [--seed S] [--size PX]
+    python -m deskgen.tools.samples OUT_DIR [--n-per-class N] [--seed S] [--size PX]
 
 writes ``OUT_DIR/true/desk_0000.png ...`` and ``OUT_DIR/false/other_0000.png ...``. The tiny classifier
 is trained on them, and tests draw held-out scenes from other seeds through :func:`desk_scene` and

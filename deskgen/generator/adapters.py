@@ -1,0 +1,375 @@
+"""How LoRA adapters live in the pipeline: two strategies behind one interface.
+
+:class:`PeftAdapters` — one peft adapter per LoRA file in the UNet and both text encoders; a mix is
+``set_adapters`` with its weights. The default on the CPU and without ``compile``.
+
+:class:`SlotAdapters` — the UNet half of every adapter is hot-swapped into a fixed number of LoRA
+slots of one layout (:class:`HotswapSlots`), so a ``torch.compile``'d UNet never recompiles on a mix
+switch; the text-encoder half loads the peft way (the text encoders are not compiled).
+
+:class:`DeskGenerator <deskgen.generator.core.DeskGenerator>` holds one :class:`LoraStrategy` and never
+asks which: loading, checking, activating, naming the layers a fuse touches and deleting are the
+strategy's. ``public`` names are the adapters' file stems; ``peft`` names are what peft/diffusers call
+them (:func:`peft_adapter_name`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from deskgen.errors import InvalidParameter
+from deskgen.loras import LoraRegistry, quiet_adapter_load
+from deskgen.mixes import Mix
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: The pipeline components that carry LoRA layers.
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def peft_adapter_name(name: str) -> str:
+    """The adapter name inside peft/diffusers for public adapter ``name``."""
+    # A public name like "training" or "to" would collide with attributes of peft's ModuleDicts; a
+    # fixed prefix keeps every valid public name (deskgen.mixes.ADAPTER_NAME_RE) safe inside peft.
+    return f"style_{name}"
+
+
+def layers_with(pipe: Any, component: str, peft_names: Iterable[str]) -> list[Any]:
+    """The LoRA layers of ``pipe.<component>`` that hold any of ``peft_names``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = getattr(pipe, component, None)
+    if model is None:
+        return []
+    names = set(peft_names)
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and names & set(getattr(m, "lora_A", {}))]
+
+
+class LoraStrategy(Protocol):
+    """What :class:`DeskGenerator` asks of the way adapters live in its pipeline."""
+
+    #: ``peft`` or ``hotswap`` (reported in the generator's description).
+    kind: str
+
+    def load(self, public: str, peft: str, path: Path) -> None:
+        """Load one adapter file under ``peft``; raise (leaving nothing injected half-way is the caller's job
+        through :meth:`delete`) if the file cannot be loaded or does not fit."""
+
+    def loaded_layers(self, public: str, peft: str) -> int:
+        """How many of the model's layers received ``public``'s weights (diffusers only warns on a mismatch)."""
+
+    def check_mix(self, mix: Mix) -> None:
+        """Raise InvalidParameter if this strategy cannot hold ``mix`` at once."""
+
+    def apply(self, mix: Mix, loaded: dict[str, str]) -> None:
+        """Make ``mix`` (its adapters all loaded; ``loaded`` maps public -> peft names) the LoRA state."""
+
+    def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
+        """component -> the peft adapter names ``mix`` is made of there (what a fuse merges)."""
+
+    def delete(self, public: str, peft: str) -> None:
+        """Remove an adapter's layers (idempotent for a half-loaded one)."""
+
+
+class PeftAdapters:
+    """One peft adapter per LoRA in every component; a mix is ``set_adapters`` with its weights."""
+
+    kind = "peft"
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self._any_loaded = False
+
+    def load(self, public: str, peft: str, path: Path) -> None:
+        self._any_loaded = True
+        with quiet_adapter_load():
+            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=peft)
+
+    def loaded_layers(self, public: str, peft: str) -> int:
+        return sum(len(layers_with(self.pipe, component, [peft])) for component in LORA_COMPONENTS)
+
+    def check_mix(self, mix: Mix) -> None:
+        return None
+
+    def apply(self, mix: Mix, loaded: dict[str, str]) -> None:
+        if not mix.weights:
+            if loaded:
+                self.pipe.disable_lora()
+            return
+        # set_adapters does not undo disable_lora (peft keeps a separate "disabled" flag).
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([loaded[name] for name in mix.adapters], adapter_weights=[w for _, w in mix.weights])
+
+    def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
+        return {component: [loaded[name] for name in mix.adapters] for component in LORA_COMPONENTS}
+
+    def delete(self, public: str, peft: str) -> None:
+        self.pipe.delete_adapters([peft])
+
+
+@dataclass
+class UnetPart:
+    """The UNet half of an adapter file, kept ready for hot-swapping (hotswap mode)."""
+
+    state_dict: dict[str, Any]
+    network_alphas: dict[str, float] | None
+    metadata: dict[str, Any] | None
+    modules: list[str]  # UNet modules it adapts (those that exist in this UNet)
+    rank: int
+
+
+def read_adapter(pipe: Any, path: Path) -> tuple[dict[str, Any], dict[str, float] | None, dict[str, Any] | None]:
+    """``(state_dict, network_alphas, metadata)`` of a LoRA file in diffusers' naming (kohya converted),
+    UNet keys prefixed ``unet.``, text-encoder keys ``text_encoder.`` / ``text_encoder_2.``."""
+    with quiet_adapter_load():
+        state_dict, alphas, metadata = pipe.lora_state_dict(
+            str(path.parent), weight_name=path.name, unet_config=pipe.unet.config, return_lora_metadata=True
+        )
+    return state_dict, alphas, metadata
+
+
+def unet_part(
+    pipe: Any, state_dict: dict[str, Any], alphas: dict[str, float] | None, metadata: dict[str, Any] | None
+) -> UnetPart:
+    """The UNet half of an adapter read by :func:`read_adapter`, with the modules of this UNet it adapts
+    and its largest rank."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    unet_sd = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
+    peft_sd = {k.removeprefix("unet."): v for k, v in unet_sd.items()}
+    if peft_sd and not any("lora_A" in k for k in peft_sd):
+        peft_sd = convert_unet_state_dict_to_peft(peft_sd)
+    modules, rank = [], 0
+    for key, value in peft_sd.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removesuffix(".lora_A.weight")
+            rank = max(rank, int(value.shape[0]))
+            with contextlib.suppress(AttributeError):
+                pipe.unet.get_submodule(name)
+                modules.append(name)
+    return UnetPart(unet_sd, alphas, metadata, sorted(modules), rank)
+
+
+class HotswapSlots:
+    """Hotswap mode: ``count`` LoRA slots of one fixed layout in the UNet; adapters are hot-swapped in.
+
+    Built before compilation: every slot is created with zero weights on the union of the UNet layers
+    that the adapters in the LoRA folder adapt, at rank ``rank``, and peft's
+    ``prepare_model_for_compiled_hotswap`` turns each layer's scale into a tensor. (diffusers'
+    ``enable_lora_hotswap(target_rank=...)`` does the same, but only for the first adapter loaded; we
+    need every slot prepared before the compile.) From then on the compiled graph never changes:
+
+    - a switch copies an adapter's A/B weights into a slot, in place (``load_lora_adapter(...,
+      hotswap=True)``; layers it does not adapt are zeroed, smaller ranks zero-padded);
+    - mix weights are written into the scale tensors in place. NOT ``set_adapters``: it would replace
+      the tensors by Python floats (a recompile) and compute the scale from the slot's padded rank;
+    - every slot stays active; a slot not in the mix has scale 0, so its branch adds exactly 0.0.
+
+    The slot layout is fixed at load: an adapter added to the folder later that adapts other layers, or
+    has a larger rank, is refused with a RuntimeError (restart the replica to include it).
+    """
+
+    def __init__(self, pipe: Any, parts: dict[str, UnetPart], count: int, rank: int | None) -> None:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        self.pipe = pipe
+        self.names = [f"slot{i}" for i in range(count)]
+        self.union = sorted({m for part in parts.values() for m in part.modules})
+        self.rank = rank if rank is not None else max((part.rank for part in parts.values()), default=1)
+        too_big = sorted(name for name, part in parts.items() if part.rank > self.rank)
+        if too_big:
+            raise InvalidParameter(
+                f"`hotswap_rank` must be at least the rank of every adapter but is {self.rank}; "
+                f"{too_big} have rank {max(parts[n].rank for n in too_big)}.",
+                field="hotswap_rank",
+            )
+        unet = pipe.unet
+        if self.union:  # (no adapters at all: nothing to lay out, every mix is the base mix)
+            for slot in self.names:
+                # Fresh tensors per slot: peft may adopt them as the slot's parameters (no copy).
+                zeros = self._zero_adapter(unet, self.union, self.rank, dtype=unet.dtype, device=unet.device)
+                with quiet_adapter_load():
+                    unet.load_lora_adapter(zeros, prefix=None, adapter_name=slot, _pipeline=pipe)
+            unet.set_adapters(self.names, [0.0] * count)
+            prepare_model_for_compiled_hotswap(unet, target_rank=self.rank, config=unet.peft_config)
+        self._layers: dict[str, list[Any]] = {
+            slot: [m for m in unet.modules() if isinstance(m, LoraLayer) and slot in m.lora_A] for slot in self.names
+        }
+        self._unit: dict[str, list[torch.Tensor]] = {slot: self._scales(slot) for slot in self.names}
+        self.holds: dict[str, str | None] = dict.fromkeys(self.names)
+
+    @staticmethod
+    def _zero_adapter(unet: Any, modules: list[str], rank: int, *, dtype: Any, device: Any) -> dict[str, Any]:
+        import torch
+
+        state: dict[str, Any] = {}
+        for name in modules:
+            module = unet.get_submodule(name)
+            if hasattr(module, "get_base_layer"):  # already wrapped by peft (an earlier slot)
+                module = module.get_base_layer()
+            if isinstance(module, torch.nn.Linear):
+                a_shape: tuple[int, ...] = (rank, module.in_features)
+                b_shape: tuple[int, ...] = (module.out_features, rank)
+            elif isinstance(module, torch.nn.Conv2d):
+                a_shape = (rank, module.in_channels // module.groups, *module.kernel_size)
+                b_shape = (module.out_channels, rank, 1, 1)
+            else:
+                raise RuntimeError(f"hotswap mode cannot hot-swap LoRA on {name} ({type(module).__name__})")
+            state[f"{name}.lora_A.weight"] = torch.zeros(a_shape, dtype=dtype, device=device)
+            state[f"{name}.lora_B.weight"] = torch.zeros(b_shape, dtype=dtype, device=device)
+        return state
+
+    def _scales(self, slot: str) -> list[Any]:
+        # After a hot-swap each layer's scale tensor holds alpha/rank of the adapter now in the slot.
+        return [m.scaling[slot].clone() for m in self._layers[slot]]
+
+    def check_fits(self, name: str, part: UnetPart) -> None:
+        """Raise RuntimeError if adapter ``name`` cannot be hot-swapped into these slots."""
+        outside = sorted(set(part.modules) - set(self.union))
+        if outside:
+            raise RuntimeError(
+                f"LoRA {name!r} adapts {len(outside)} UNet layers (e.g. {outside[0]}) that the compiled LoRA "
+                "slots do not have; the slots are laid out from the adapters present at load time: restart "
+                "the replica to include it."
+            )
+        if part.rank > self.rank:
+            raise RuntimeError(
+                f"LoRA {name!r} has rank {part.rank} but the compiled LoRA slots have rank {self.rank} "
+                "(`hotswap_rank`): raise it and restart the replica."
+            )
+
+    def place(self, mix: Mix, parts: dict[str, UnetPart]) -> dict[str, str]:
+        """Put every adapter of ``mix`` in a slot (hot-swapping the missing ones); returns adapter -> slot."""
+        placed = {held: slot for slot, held in self.holds.items() if held in mix.adapters}
+        # Empty slots first, then slots holding an adapter this mix does not use.
+        free = sorted((s for s in self.names if self.holds[s] not in mix.adapters), key=lambda s: self.holds[s] is not None)
+        for name in mix.adapters:
+            if name in placed:
+                continue
+            slot = free.pop(0)
+            part = parts[name]
+            self.holds[slot] = None  # until the swap succeeded
+            with quiet_adapter_load():
+                self.pipe.unet.load_lora_adapter(
+                    part.state_dict, prefix="unet", network_alphas=part.network_alphas, metadata=part.metadata,
+                    adapter_name=slot, _pipeline=self.pipe, hotswap=True,
+                )  # fmt: skip
+            self._unit[slot] = self._scales(slot)
+            self.holds[slot] = name
+            placed[name] = slot
+        return placed
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Scale each slot's layers by ``weights[slot]`` (0 for a slot not named), in place."""
+        import torch
+
+        for slot in self.names:
+            scales = [m.scaling[slot] for m in self._layers[slot]]
+            torch._foreach_copy_(scales, torch._foreach_mul(self._unit[slot], weights.get(slot, 0.0)))
+
+    def release(self, name: str) -> None:
+        """Forget that ``name`` is in a slot (its weights stay there, at scale 0, until overwritten)."""
+        for slot, held in self.holds.items():
+            if held == name:
+                self.holds[slot] = None
+
+
+
+class SlotAdapters:
+    """The UNet half of each adapter in :class:`HotswapSlots`; the text-encoder half the peft way.
+
+    The slots are laid out at construction from every adapter in ``registry`` (the union of the layers
+    they adapt, at the largest rank unless ``rank`` is given), before any compilation.
+    """
+
+    kind = "hotswap"
+
+    def __init__(self, pipe: Any, registry: LoraRegistry, count: int, rank: int | None, device: str) -> None:
+        self.pipe = pipe
+        self.device = device
+        parts = {name: unet_part(pipe, *read_adapter(pipe, registry.path(name))) for name in registry.names()}
+        self.slots = HotswapSlots(pipe, parts, count, rank)
+        self.parts: dict[str, UnetPart] = {}  # loaded adapters' UNet halves, on the device
+
+    def load(self, public: str, peft: str, path: Path) -> None:
+        import torch
+
+        state_dict, alphas, metadata = read_adapter(self.pipe, path)
+        part = unet_part(self.pipe, state_dict, alphas, metadata)
+        self.slots.check_fits(public, part)
+        unet_dtype = self.pipe.unet.dtype
+        part.state_dict = {
+            k: v.to(device=self.device, dtype=unet_dtype if torch.is_floating_point(v) else v.dtype)
+            for k, v in part.state_dict.items()
+        }
+        for component in TEXT_ENCODERS:
+            with quiet_adapter_load():
+                self.pipe.load_lora_into_text_encoder(
+                    state_dict, network_alphas=alphas, text_encoder=getattr(self.pipe, component), prefix=component,
+                    lora_scale=self.pipe.lora_scale, adapter_name=peft, metadata=metadata, _pipeline=self.pipe,
+                )  # fmt: skip
+        self.parts[public] = part
+
+    def loaded_layers(self, public: str, peft: str) -> int:
+        text = sum(len(layers_with(self.pipe, component, [peft])) for component in TEXT_ENCODERS)
+        return text + len(self.parts[public].modules)
+
+    def check_mix(self, mix: Mix) -> None:
+        if len(mix.adapters) > len(self.slots.names):
+            raise InvalidParameter(
+                f"`mix` {mix.id!r} has {len(mix.adapters)} adapters but this generator holds at most "
+                f"{len(self.slots.names)} at once (`hotswap_slots`).",
+                field="mix",
+            )
+
+    def apply(self, mix: Mix, loaded: dict[str, str]) -> None:
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+            set_adapters_for_text_encoder,
+        )
+
+        placed = self.slots.place(mix, self.parts)
+        self.slots.set_weights({placed[name]: weight for name, weight in mix.weights})
+        for component in TEXT_ENCODERS:
+            encoder = getattr(self.pipe, component)
+            present = getattr(encoder, "peft_config", {})
+            pairs = [(loaded[n], w) for n, w in mix.weights if loaded[n] in present]
+            if pairs:
+                enable_lora_for_text_encoder(encoder)
+                set_adapters_for_text_encoder([n for n, _ in pairs], encoder, [w for _, w in pairs])
+            else:
+                disable_lora_for_text_encoder(encoder)
+
+    def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
+        names = [loaded[name] for name in mix.adapters]
+        slots = [slot for slot, held in self.slots.holds.items() if held in mix.adapters]
+        return {"unet": slots, "text_encoder": names, "text_encoder_2": names}
+
+    def delete(self, public: str, peft: str) -> None:
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for component in TEXT_ENCODERS:
+            encoder = getattr(self.pipe, component)
+            if peft in getattr(encoder, "peft_config", {}):
+                delete_adapter_layers(encoder, peft)
+        self.parts.pop(public, None)
+        self.slots.release(public)
+
+
+def build_strategy(pipe: Any, registry: LoraRegistry, *, hotswap: bool, slots: int, rank: int | None,
+                   device: str) -> PeftAdapters | SlotAdapters:  # fmt: skip
+    """The strategy the settings ask for."""
+    if hotswap:
+        return SlotAdapters(pipe, registry, slots, rank, device)
+    return PeftAdapters(pipe)

@@ -1,0 +1,401 @@
+"""DeskGenerator: ONE SDXL pipeline, the LoRA mixes applied to it, images with their recipe attached."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from deskgen.errors import InvalidParameter, ModelFilesMissing
+from deskgen.generator.adapters import (
+    PeftAdapters,
+    SlotAdapters,
+    build_strategy,
+    layers_with,
+    peft_adapter_name,
+)
+from deskgen.generator.fusing import Fused, PristineWeights
+from deskgen.generator.optimise import compile_unet, optimise_pipeline
+from deskgen.generator.params import GenerationParams, GenerationResult, StepCallback
+from deskgen.generator.settings import GeneratorSettings
+from deskgen.limits import DEFAULT_SIZE_LIMITS, SizeLimits
+from deskgen.loras import LoraRegistry
+from deskgen.mixes import Mix
+from deskgen.paths import resolve, resolve_model_id
+
+if TYPE_CHECKING:
+    from deskgen.deepcache import DeepCache
+    from deskgen.fp8 import Fp8Report
+
+log = logging.getLogger(__name__)
+
+#: What the compile-mode warm-up generates (per image size; CFG on, as every default request).
+WARMUP_PROMPT = "a desk setup"
+WARMUP_STEPS = 2
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class DeskGenerator:
+    """ONE base pipeline per object, and the LoRA mixes applied to it.
+
+    Responsibilities:
+    - load adapters from the :class:`LoraRegistry` once, lazily, under their public names, and check
+      that every layer a file names actually received its weights;
+    - activate a mix on the same pipeline (never a base reload) through its LoRA strategy
+      (:mod:`deskgen.generator.adapters`: peft adapters, or hot-swap slots for a compiled UNet); with
+      ``fuse_hot_mix``, fuse that mix into the base weights while it is active and restore the exact
+      base weights when another mix is asked for (:mod:`deskgen.generator.fusing`);
+    - unload adapters the caller no longer wants (idempotent; the hot mix's adapters stay);
+    - generate deterministically (same params + mix -> the same pixels) and attach the recipe,
+      including the effective speed flags (``metadata["runtime"]``).
+
+    One diffusers pipeline is not thread-safe and its LoRA state is shared by every call, so activating a
+    mix and generating with it happen together under ``self.lock`` (an RLock: callers such as a Serve
+    multiplexed loader may take it around several of these calls).
+
+    Determinism: on a given device, dtype and settings, the same seed + mix gives the same bytes, also
+    after switching away and back, and the base mix (or all weights 0) gives the bytes of a pipeline that
+    never loaded a LoRA. Two documented exceptions: the fused hot mix is not bit-identical to the same
+    mix unfused (the fused weight ``W + sum(s*B@A)`` is rounded once, the unfused path adds the branches
+    to the layer output: another summation order; ``tests/unit/test_generator_speed.py`` measures the
+    difference), and with ``compile`` the compiled UNet (other kernels, fused ops) is not bit-identical
+    to the eager one, so there "base bit-for-bit" means the compiled base of the same replica. Hot-swap
+    slots alone (``hotswap`` without ``compile``) change no bit on CPU fp32: the zero-padded rank and the
+    0-scale slots add exact zeros.
+    """
+
+    base_loads: ClassVar[int] = 0
+    _base_loads_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        pipe: Any,
+        registry: LoraRegistry,
+        *,
+        model_id: str,
+        settings: GeneratorSettings,
+        limits: SizeLimits = DEFAULT_SIZE_LIMITS,
+    ) -> None:
+        """Wrap an already loaded (and :func:`optimise_pipeline`-d) pipeline; ``settings`` resolved
+        (:meth:`GeneratorSettings.resolve`). Builds the LoRA strategy, converts to FP8, installs DeepCache
+        and compiles the UNet (lazily: the first generation per shape compiles), as the settings say."""
+        if not settings.is_resolved:
+            raise ValueError("DeskGenerator needs resolved settings (GeneratorSettings.resolve())")
+        self.pipe = pipe
+        self.registry = registry
+        self.model_id = model_id
+        self.runtime = settings
+        self.device: str = settings.device or "cpu"
+        self.dtype: str = settings.dtype or "float32"
+        #: Bounds :meth:`generate` enforces when the caller sends none.
+        self.limits = limits
+        self.lock = threading.RLock()
+        self._loaded: dict[str, str] = {}  # public adapter name -> peft adapter name
+        self._mix = Mix(())  # the active mix: what generate() runs unless told otherwise
+        self._in_sync = True  # whether the pipeline's LoRA layers currently compute self._mix
+        self._hot = settings.hot_mix()
+        self._pristine = PristineWeights(settings.fuse_backup)
+        self._fused: Fused | None = None
+        #: Seconds the load-time warm-up took (None if there was none).
+        self.warmup_s: float | None = None
+        pipe.set_progress_bar_config(disable=True)
+
+        timer = _Timer()
+        self.adapters: PeftAdapters | SlotAdapters = build_strategy(
+            pipe, registry, hotswap=bool(settings.hotswap), slots=settings.hotswap_slots, rank=settings.hotswap_rank,
+            device=self.device,
+        )  # fmt: skip
+        if isinstance(self.adapters, SlotAdapters):
+            slots = self.adapters.slots
+            self.runtime = dataclasses.replace(self.runtime, hotswap_rank=slots.rank)
+            log.info("hotswap: %d LoRA slots of rank %d on %d UNet layers, built in %.2f s",
+                     len(slots.names), slots.rank, len(slots.union), timer.seconds())  # fmt: skip
+        self.fp8_report: Fp8Report | None = None
+        if settings.fp8:
+            from deskgen.fp8 import quantize_unet_linears
+
+            timer = _Timer()
+            self.fp8_report = quantize_unet_linears(self.pipe.unet)
+            log.info(
+                "fp8: %d UNet linears (%.0f%% of its parameters) in float8_e4m3 in %.2f s, %.2f GB saved",
+                self.fp8_report.layers, 100 * self.fp8_report.fraction, timer.seconds(), self.fp8_report.bytes_saved / 1e9,
+            )  # fmt: skip
+        self.deepcache: DeepCache | None = None
+        if settings.deepcache_interval is not None:
+            from deskgen.deepcache import DeepCache
+
+            self.deepcache = DeepCache(self.pipe.unet, settings.deepcache_interval)
+        if settings.compile:
+            timer = _Timer()
+            compile_unet(self.pipe.unet, settings.compile_mode, settings.compile_scope)
+            log.info("UNet (%s) wrapped by torch.compile(mode=%r) in %.2f s",
+                     settings.compile_scope, settings.compile_mode, timer.seconds())  # fmt: skip
+
+    @property
+    def active_mix_id(self) -> str:
+        """Canonical id of the mix last activated (``"base"`` at first and after its adapters were unloaded)."""
+        return self._mix.id
+
+    @property
+    def fused_mix_id(self) -> str | None:
+        """Canonical id of the mix fused into the base weights right now, or None."""
+        return self._fused.mix.id if self._fused is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        """The effective speed flags of this generator (hotswap_rank resolved in hotswap mode)."""
+        return self.runtime.describe()
+
+    # -- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, settings: GeneratorSettings) -> DeskGenerator:
+        """Load the base pipeline named by ``settings.model_id`` (hub id or local folder) onto the device,
+        apply the speed settings, fuse the hot mix (if any) and, in compile mode, warm up (compile).
+
+        Raises ModelFilesMissing if a local model folder or the LoRA folder does not exist, InvalidParameter
+        (naming the field) for settings that do not fit this machine or the LoRA folder.
+        """
+        import torch
+        from diffusers import StableDiffusionXLPipeline
+
+        runtime = settings.resolve()
+        registry = LoraRegistry(resolve(settings.lora_dir))
+        hot = runtime.hot_mix()
+        if hot is not None:
+            missing = [name for name in hot.adapters if name not in registry.names()]
+            if missing:
+                # A setting that does not fit the LoRA folder: a configuration error (400), not a 404.
+                raise InvalidParameter(
+                    f"`fuse_hot_mix`: unknown adapter {missing[0]!r}; available adapters are {registry.names()}.",
+                    field="fuse_hot_mix",
+                )
+        source = resolve_model_id(settings.model_id)
+        if Path(source).is_absolute() and not Path(source).is_dir():
+            raise ModelFilesMissing("SDXL pipeline folder", source)
+        timer = _Timer()
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=getattr(torch, runtime.dtype or "float32"))
+        pipe.to(runtime.device)
+        optimise_pipeline(pipe, runtime)
+        with cls._base_loads_lock:
+            DeskGenerator.base_loads += 1
+        gen = cls(pipe, registry, model_id=settings.model_id, settings=runtime)
+        log.info("loaded %s in %.2f s with %s", settings.model_id, timer.seconds(), gen.describe())
+        if runtime.compile and runtime.compile_warmup_size is not None:
+            gen.warm_up(runtime.compile_warmup_size)
+        elif hot is not None:
+            gen.activate_mix(hot)
+        return gen
+
+    def warm_up(self, size: int) -> float:
+        """Generate once at ``size`` x ``size`` with the base mix (and once with the hot mix, if any, which
+        leaves it active), so compilation happens now rather than in a client's request. Returns seconds."""
+        timer = _Timer()
+        params = GenerationParams(prompt=WARMUP_PROMPT, steps=WARMUP_STEPS, width=size, height=size)
+        limits = SizeLimits(min_side=min(size, self.limits.min_side), max_side=max(size, self.limits.max_side))
+        for mix in [Mix(()), *([self._hot] if self._hot is not None else [])]:
+            self.generate(params, mix, limits=limits)
+        self.warmup_s = timer.seconds()
+        log.info("warm-up at %d px took %.1f s", size, self.warmup_s)
+        return self.warmup_s
+
+    def available_adapters(self) -> list[str]:
+        """Adapters the registry can load (not necessarily loaded yet)."""
+        return self.registry.names()
+
+    def loaded_adapters(self) -> set[str]:
+        """Adapters currently held by the pipeline."""
+        with self.lock:
+            return set(self._loaded)
+
+    def ensure_adapters(self, names: Iterable[str]) -> None:
+        """Load each adapter in ``names`` not loaded yet. An unknown name raises UnknownMix before any load;
+        a file whose layers do not all match the model raises RuntimeError and stays unloaded."""
+        with self.lock:
+            # Resolve every name first, so an unknown one fails before anything is loaded.
+            paths = {name: self.registry.path(name) for name in names if name not in self._loaded}
+            if paths:
+                # Never load into fused layers: restore the exact base first (re-fused on the next activate).
+                self._unfuse()
+            for name, path in paths.items():
+                peft = peft_adapter_name(name)
+                timer = _Timer()
+                # Loading activates the new adapter in diffusers: the LoRA state no longer matches the
+                # active mix, whether the load succeeds or not.
+                self._in_sync = False
+                try:
+                    self.adapters.load(name, peft, path)
+                except Exception:
+                    # A load that fails half-way may leave layers injected: remove them, keep the error.
+                    with contextlib.suppress(Exception):
+                        self.adapters.delete(name, peft)
+                    raise
+                self._loaded[name] = peft
+                self._check_loaded(name, peft, path)
+                log.info("loaded LoRA %s (%s layout) in %.3f s", name, self.registry.layout(name), timer.seconds())
+
+    def _check_loaded(self, name: str, peft: str, path: Path) -> None:
+        # diffusers warns, but does not fail, when a LoRA's keys do not match the model (e.g. a kohya
+        # name the conversion maps to a module that does not exist): count what really got weights.
+        loaded = self.adapters.loaded_layers(name, peft)
+        expected = self.registry.module_count(name)
+        if loaded != expected:
+            self._delete([name])
+            raise RuntimeError(
+                f"LoRA {name!r} ({path}): only {loaded} of its {expected} layers match this model; "
+                "is it a LoRA for SDXL, and for this base model?"
+            )
+
+    # -- mixes ----------------------------------------------------------------------------------
+
+    def activate_mix(self, mix: Mix) -> float:
+        """Make ``mix`` the pipeline's LoRA state; returns the seconds it took (0 if already active).
+
+        Loads missing adapters first; the base mix disables every LoRA. Unknown adapter -> UnknownMix; in
+        hotswap mode a mix with more adapters than ``hotswap_slots`` -> InvalidParameter. Activating the
+        hot mix fuses it; activating any other mix first restores the exact base weights.
+        """
+        with self.lock:
+            timer = _Timer()
+            if self._in_sync and self._mix == mix:
+                return 0.0
+            self.adapters.check_mix(mix)
+            self._unfuse()
+            # Until the new mix is fully applied the LoRA state matches no mix: a failure below (a bad
+            # file, a failed swap) leaves it marked so, and the next activation re-applies everything.
+            self._in_sync = False
+            self.ensure_adapters(mix.adapters)
+            self.adapters.apply(mix, self._loaded)
+            self._mix = mix
+            self._in_sync = True
+            if self._hot is not None and mix == self._hot:
+                self._fuse(mix)
+            return timer.seconds()
+
+    def _fuse(self, mix: Mix) -> None:
+        # Fuse the active mix into the base weights: the LoRA layers then run only their base layer.
+        # The exact base values of every layer touched are kept first, to be restored by _unfuse.
+        timer = _Timer()
+        names = self.adapters.peft_names(mix, self._loaded)
+        components: list[str] = []
+        params: list[Any] = []
+        for component, peft_names in names.items():
+            layers = layers_with(self.pipe, component, peft_names)
+            if layers:
+                components.append(component)
+                params += [p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)]
+        self._pristine.save(params)
+        for component in components:
+            self.pipe.fuse_lora(components=[component], adapter_names=names[component])
+        self._fused = Fused(mix, components, params)
+        log.info("fused %s into %d base tensors in %.3f s", mix.id, len(params), timer.seconds())
+
+    def _unfuse(self) -> None:
+        # unfuse_lora keeps diffusers' and peft's bookkeeping right (merged flags); its subtraction is
+        # then overwritten by the exact base values.
+        fused = self._fused
+        if fused is None:
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already unmerged")
+            self.pipe.unfuse_lora(components=fused.components)
+        self._pristine.restore(fused.params)
+        self._fused = None
+
+    def unload_adapters(self, keep: Iterable[str] = ()) -> list[str]:
+        """Delete every loaded adapter not in ``keep`` (nor in the hot mix); returns the deleted names (sorted).
+
+        Idempotent (a second call returns []). If the active mix used a deleted adapter, the pipeline falls
+        back to the base mix, so it never runs with a half-deleted mix.
+        """
+        keep = set(keep) | set(self._hot.adapters if self._hot is not None else ())
+        with self.lock:
+            doomed = sorted(name for name in self._loaded if name not in keep)
+            if doomed:
+                self._delete(doomed)
+            return doomed
+
+    def _delete(self, names: list[str]) -> None:
+        self._unfuse()  # never delete adapters from fused layers: restore the exact base first
+        with warnings.catch_warnings():
+            # peft: "Adapter X was active which is now deleted. Setting active adapter to Y." We re-apply below.
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            for name in names:
+                self.adapters.delete(name, self._loaded.pop(name))
+        # peft re-points its active adapters when one is deleted: re-apply the mix on the next activate.
+        self._in_sync = False
+        if set(self._mix.adapters) & set(names):
+            # The active mix lost an adapter: fall back to the base mix now rather than keep half of it.
+            self._mix = Mix(())
+            self.adapters.apply(self._mix, self._loaded)
+            self._in_sync = True
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(
+        self, params: GenerationParams, mix: Mix, on_step: StepCallback | None = None, *, limits: SizeLimits | None = None
+    ) -> GenerationResult:
+        """Draw one image of ``params`` with ``mix`` active, within ``limits`` (the caller's; default
+        :attr:`limits`).
+
+        Deterministic per device, dtype and settings: a ``torch.Generator`` seeded with ``params.seed``
+        drives all noise. ``on_step(step, total)`` runs after each denoising step (1..total, in order)
+        inside the lock, so it must be quick and must not call back into this generator from another thread.
+        """
+        import torch
+
+        # 1. Validate (again: a caller may bypass the ingress).
+        params.validate(limits or self.limits)
+        with self.lock:
+            # 2. Activate the mix on the one pipeline (fusing it if it is the hot mix).
+            activate_s = self.activate_mix(mix)
+            adapters = {name: self.registry.sha256(name) for name in mix.adapters}
+            runtime = {**self.describe(), "fused": self._fused is not None}
+
+            # 3. Denoise and decode.
+            def step_end(pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+                if on_step is not None:
+                    on_step(step_index + 1, pipe.num_timesteps)
+                return callback_kwargs
+
+            timer = _Timer()
+            if self.deepcache is not None:
+                self.deepcache.reset()
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            output = self.pipe(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance,
+                width=params.width,
+                height=params.height,
+                generator=generator,
+                callback_on_step_end=step_end if on_step is not None else None,
+                output_type="pil",
+            )
+            generate_s = timer.seconds()
+
+        # 4. Attach the recipe.
+        metadata: dict[str, Any] = {
+            **asdict(params),
+            "mix_id": mix.id,
+            "mix": mix.as_dict(),
+            "adapters": adapters,
+            "model_id": self.model_id,
+            "runtime": runtime,
+            "timings": {"activate_s": round(activate_s, 6), "generate_s": round(generate_s, 6)},
+        }
+        return GenerationResult(image=output.images[0], metadata=metadata)

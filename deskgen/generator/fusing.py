@@ -1,0 +1,68 @@
+"""Fusing a mix into the base weights, and restoring those weights exactly.
+
+peft's ``unmerge`` subtracts the delta again, which drifts (``(W + d) - d != W`` in floating point,
+worse in fp16, and it accumulates over fuse/unfuse cycles). :class:`PristineWeights` keeps an exact
+copy of every base parameter a fuse overwrites and puts it back bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from deskgen.mixes import Mix
+
+
+@dataclass
+class Fused:
+    """A mix fused into the base weights: which components, and the base parameters it overwrote."""
+
+    mix: Mix
+    components: list[str]
+    params: list[Any]
+
+
+class PristineWeights:
+    """Exact copies of the base-layer parameters that fusing overwrites; :meth:`restore` puts them back
+    bit for bit, where peft's ``unmerge`` subtracts the delta again and drifts (``(W + d) - d != W`` in
+    floating point, worse in fp16, and it accumulates over fuse/unfuse cycles).
+
+    A parameter is copied once for the life of the generator: only a fuse changes base weights, and every
+    unfuse restores them, so the first copy stays exact. ``where="cpu"`` keeps the copies in (pinned)
+    host memory — no GPU memory, a host-to-device copy per unfuse; ``"device"`` keeps them next to the
+    weights — fastest restore, costs their size in GPU memory.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._copies: dict[int, tuple[Any, Any]] = {}
+
+    def save(self, params: Iterable[Any]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for param in params:
+                entry = self._copies.get(id(param))
+                if entry is not None and entry[0] is param:
+                    continue
+                if self.where == "device" or param.device.type == "cpu":
+                    copy = param.detach().clone()
+                else:
+                    copy = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=True)
+                    copy.copy_(param.detach())
+                # The entry holds the parameter itself, so its id() cannot be reused while the copy lives.
+                self._copies[id(param)] = (param, copy)
+
+    def restore(self, params: Iterable[Any]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for param in params:
+                # From pinned memory the copy is asynchronous but stream-ordered before any later kernel.
+                param.data.copy_(self._copies[id(param)][1], non_blocking=True)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(copy.numel() * copy.element_size() for _, copy in self._copies.values())
+

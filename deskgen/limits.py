@@ -1,0 +1,50 @@
+"""Every limit a request is checked against, in one place.
+
+The ingress's ``user_config`` may change the request limits (:class:`RequestLimits`) with ``serve deploy``;
+the generator checks each request against the limits the ingress sent with it
+(:class:`deskgen.contracts.GenerationRequest`), so a limit raised in serve_config.yaml is raised
+everywhere at once. The constants below are the bounds no configuration can move (the range of a
+seed, the guidance a scheduler accepts); the dataclass defaults are production's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: A seed is a 32-bit unsigned integer (torch.Generator accepts more; clients and PNG metadata do not).
+MAX_SEED = 2**32 - 1
+#: Characters in a prompt or a negative prompt (the text encoders see 77 tokens; longer text is cut).
+MAX_PROMPT_CHARS = 2000
+#: Classifier-free guidance scale.
+MIN_GUIDANCE = 0.0
+MAX_GUIDANCE = 30.0
+#: Characters in a style concept woven into the prompt, and in a user id.
+MAX_STYLE_CHARS = 200
+MAX_USER_ID_CHARS = 200
+#: Characters in a mix specification (`adapter:weight+...`).
+MAX_MIX_SPEC_CHARS = 300
+#: A request's own deadline (`timeout_s`), seconds.
+MAX_TIMEOUT_S = 600.0
+#: The VAE works in 8-pixel cells: image sides are multiples of this.
+SIDE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """Bounds on the image side (pixels, inclusive) and on the number of denoising steps."""
+
+    min_side: int = 64
+    max_side: int = 2048
+    max_steps: int = 150
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on an uploaded photo: bytes on the wire, pixels once decoded."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+DEFAULT_SIZE_LIMITS = SizeLimits()
+DEFAULT_UPLOAD_LIMITS = UploadLimits()

@@ -1,0 +1,209 @@
+"""The deployments' own logic without Ray: models injected (the real tiny ones), methods called directly.
+
+Serve adds routing, ``@serve.multiplexed``'s LRU and process boundaries on top; here: which adapters a
+mix eviction releases, the typed events of a generation, the limits a request carries, health checks,
+batching and ``reconfigure`` of the CPU stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.captioner import Captioner as CaptionerDeployment
+from deployments.classifier import Classifier as ClassifierDeployment
+from deployments.generator import UNHEALTHY_AFTER_FAILURES, GeneratorReplica, LoadedMix
+from deskgen.contracts import (
+    CaptionResult,
+    GateVerdict,
+    GeneratedImage,
+    GenerationRequest,
+    GenerationStarted,
+    GenerationStep,
+)
+from deskgen.errors import InvalidParameter
+from deskgen.generator import DeskGenerator, GenerationParams
+from deskgen.limits import SizeLimits
+from deskgen.mixes import NAMED_MIXES, Mix
+from deskgen.pngmeta import read_png_metadata
+from deskgen.tools.tiny_sdxl import one_torch_thread
+from tests.unit.generator_common import PARAMS, settings_for
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+def mix_id(name: str) -> str:
+    return Mix.from_weights(NAMED_MIXES[name]).id
+
+
+@pytest.fixture()
+def replica(tiny_models: Path) -> GeneratorReplica:
+    return GeneratorReplica(DeskGenerator.from_pretrained(settings_for(tiny_models)), replica_id=lambda: "r1")
+
+
+# -- Generator: the mix cache and what its eviction releases --------------------------------------
+
+
+def test_evicting_a_mix_releases_only_adapters_no_cached_mix_uses(replica: GeneratorReplica) -> None:
+    async def scenario() -> None:
+        a = await replica.load_mix(mix_id("dalle_ott"))  # dalle + ott
+        b = await replica.load_mix(mix_id("ott_3d"))  # ott + 3d
+        assert replica.generator.loaded_adapters() == {"dalle", "ott", "3d"}
+        assert sorted(replica.cached) == sorted([a.mix.id, b.mix.id])
+        a.release()  # what Serve's LRU does on eviction (through __del__)
+        assert replica.generator.loaded_adapters() == {"ott", "3d"}  # ott stays: ott_3d still uses it
+        assert sorted(replica.cached) == [b.mix.id]
+        b.release()
+        assert replica.generator.loaded_adapters() == set()
+        assert replica.cached == {}
+        assert replica.mix_loads == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_loaded_mix_releases_once_also_when_collected(replica: GeneratorReplica) -> None:
+    released: list[str] = []
+
+    async def scenario() -> None:
+        loaded = await replica.load_mix(mix_id("dalle_only"))
+        first = LoadedMix(loaded.mix, lambda m: released.append(m.mix.id))
+        first.release()
+        del first  # __del__ after an explicit release (Serve's eviction, then the GC): no second release
+        gc.collect()
+        second = LoadedMix(loaded.mix, lambda m: released.append(m.mix.id))
+        del second  # collected without an explicit release: released once by __del__
+        gc.collect()
+
+    asyncio.run(scenario())
+    assert released == [mix_id("dalle_only")] * 2
+
+
+# -- Generator: typed events, limits from the request, health ------------------------------------
+
+
+def test_a_generation_streams_started_steps_and_the_image(replica: GeneratorReplica) -> None:
+    request = GenerationRequest(params=PARAMS)
+    mix = mix_id("mix")
+
+    async def scenario() -> tuple[list[object], GeneratedImage]:
+        events = [e async for e in replica.stream(request, lambda: replica.load_mix(mix))]
+        unary = await replica.generate(request, lambda: replica.load_mix(mix))
+        return events, unary
+
+    events, unary = asyncio.run(scenario())
+    started, *steps, done = events
+    assert isinstance(started, GenerationStarted) and started.mix_id == mix and started.replica == "r1"
+    assert [(s.step, s.total) for s in steps if isinstance(s, GenerationStep)] == [(i, PARAMS.steps) for i in range(1, PARAMS.steps + 1)]
+    assert isinstance(done, GeneratedImage) and done.params == PARAMS and done.replica == "r1"
+    assert done.png == unary.png  # the unary path draws the same image, without relaying steps
+    recipe = read_png_metadata(done.png)
+    assert recipe["mix_id"] == mix and recipe["seed"] == PARAMS.seed and "timings" not in recipe
+    assert done.metadata["replica"] == "r1" and "timings" in done.metadata
+    assert replica.generations == 2
+
+
+def test_the_generator_checks_the_limits_the_request_carries(replica: GeneratorReplica) -> None:
+    wide = GenerationParams(prompt="a desk", seed=1, steps=1, width=136, height=64)
+
+    async def run(limits: SizeLimits) -> GeneratedImage:
+        return await replica.generate(GenerationRequest(wide, limits), lambda: replica.load_mix("base"))
+
+    with pytest.raises(InvalidParameter, match=r"^`width` must be in \[64, 128\] but is 136\.$"):
+        asyncio.run(run(SizeLimits(max_side=128)))
+    image = asyncio.run(run(SizeLimits(max_side=256)))  # the ingress raised max_side: the generator follows
+    assert Image.open(io.BytesIO(image.png)).size == (136, 64)
+    assert replica.failures_in_a_row == 0  # a refused request is not the replica's fault
+    replica.check_health()
+
+
+def test_a_replica_whose_pipeline_keeps_failing_reports_unhealthy(replica: GeneratorReplica) -> None:
+    replica.check_health()
+    replica.generator.pipe.unet = None  # a poisoned pipeline: every generation now fails
+    request = GenerationRequest(params=PARAMS)
+    for _ in range(UNHEALTHY_AFTER_FAILURES):
+        with pytest.raises(Exception) as info:
+            asyncio.run(replica.generate(request, lambda: replica.load_mix("base")))
+        assert not isinstance(info.value, InvalidParameter)
+    with pytest.raises(RuntimeError, match=rf"^{UNHEALTHY_AFTER_FAILURES} generations in a row failed unexpectedly"):
+        replica.check_health()
+
+
+# -- Classifier and Captioner: typed results, batching, reconfigure, health ------------------------
+
+
+def photos(tiny_models: Path, n: int) -> list[Image.Image]:
+    files = sorted((tiny_models / "samples" / "true").glob("*.png"))[:n]
+    return [Image.open(f).convert("RGB") for f in files]
+
+
+def test_the_classifier_batches_concurrent_photos_and_follows_its_threshold(tiny_models: Path) -> None:
+    from deskgen.classifier import DeskClassifier
+
+    gate = DeskClassifier.load(tiny_models / "classifier" / "desk_gate.keras")
+    classifier = ClassifierDeployment.func_or_class("unused.keras", gate=gate)
+    images = photos(tiny_models, 4)
+
+    async def classify_all() -> list[GateVerdict]:
+        return list(await asyncio.gather(*(classifier.classify(im) for im in images)))
+
+    async def scenario() -> tuple[list[GateVerdict], list[GateVerdict]]:
+        # One event loop, as in a replica: the batcher's queue lives on it.
+        classifier.reconfigure({"threshold": 0.0, "max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+        permissive = await classify_all()
+        classifier.reconfigure({"threshold": 1.0})
+        return permissive, await classify_all()
+
+    verdicts, strict = asyncio.run(scenario())
+    assert all(isinstance(v, GateVerdict) and v.is_desk and v.threshold == 0.0 for v in verdicts)
+    assert [v.score for v in verdicts] == pytest.approx(gate.score_batch(images), abs=1e-6)
+    assert max(v.batch_size for v in verdicts) > 1  # concurrent calls shared a forward pass
+    # The new threshold applies to the next photos (a saturated tiny gate may score exactly 1.0).
+    assert all(v.threshold == 1.0 and v.is_desk == (v.score >= 1.0) for v in strict)
+    assert [v.score for v in strict] == pytest.approx([v.score for v in verdicts], abs=1e-6)
+    stats = classifier.stats()
+    assert stats["images"] == 8 and stats["batches"] < 8
+    classifier.check_health()
+
+
+def test_the_captioner_returns_a_typed_result_and_follows_its_prefixes(tiny_models: Path) -> None:
+    from deskgen.captioner import Captioner as BlipCaptioner
+
+    captioner = CaptionerDeployment.func_or_class(
+        "unused", captioner=BlipCaptioner.from_pretrained(str(tiny_models / "blip"), device="cpu")
+    )
+    image = photos(tiny_models, 1)[0]
+
+    async def scenario() -> tuple[CaptionResult, CaptionResult]:
+        # One event loop, as in a replica: the batcher's queue lives on it.
+        captioner.reconfigure({"prefixes": ["desk_setup:"], "max_keywords": 4})
+        styled = await captioner.caption(image, "cyberpunk")
+        captioner.reconfigure({"prefixes": []})
+        return styled, await captioner.caption(image)
+
+    result, plain = asyncio.run(scenario())
+    assert isinstance(result, CaptionResult)
+    assert [c["prefix"] for c in result.captions["conditional"]] == ["desk_setup:"]
+    assert "cyberpunk" in result.prompt
+    assert result.public()["keywords"] == [{"name": k.name, "count": k.count} for k in result.keywords]
+    assert plain.captions["conditional"] == []
+    captioner.check_health()
+
+
+def test_pixels_of_an_injected_generator_equal_a_loaded_one(tiny_models: Path, replica: GeneratorReplica) -> None:
+    """Injection changes nothing: the deployment's replica draws what a DeskGenerator draws."""
+    direct = DeskGenerator.from_pretrained(settings_for(tiny_models)).generate(PARAMS, Mix(())).image
+    served = asyncio.run(replica.generate(GenerationRequest(PARAMS), lambda: replica.load_mix("base")))
+    assert np.array_equal(np.asarray(direct), np.asarray(Image.open(io.BytesIO(served.png))))
