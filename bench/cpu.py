@@ -20,6 +20,9 @@ work, in about 5 minutes. The tables are appended to BENCHMARKS.md. No timing is
 Threads: torch runs with 1 thread in this process, as in a Serve replica with ``num_cpus: 1`` (Ray
 sets ``OMP_NUM_THREADS`` to the actor's CPUs; the report shows the value read from the generator
 replica). TensorFlow keeps its default pools in both places (``tf_threads`` is unset in the config).
+
+One file of sections (~600 lines), each a function that returns its table: the sections share the app
+they deploy and the run they are compared in.
 """
 
 from __future__ import annotations

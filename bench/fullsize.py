@@ -26,6 +26,9 @@ Every part is seeded. Use a folder outside the repository (default ``/tmp/deskge
 Measured on the 2-core CPU machine (shared): sdxl 71 s (peak RSS 7.6 GB), loras 21 s, blip 15 s,
 vgg 8 s. The SDXL folder loads through ``DeskGenerator.from_pretrained`` and the three LoRAs through
 ``ensure_adapters`` (736 of 736 layers each); fp16 outputs are finite.
+
+One file (~500 lines): the builders of the four full-size architectures share the meta-device and
+parameter-count helpers.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ One command, nothing to install beyond the project's dependencies. In one run it
 
 Measured on an H200 (2026-11-28): build 29 s, baseline and each eager profile ~40 s, a compiled profile
 ~50 s with a cold inductor cache (~20 s warm): the default set runs in about 6 minutes.
+
+One file on purpose (~1,000 lines): it is the one prepared command a lent GPU runs, with a short and
+expensive budget; every section, table and fallback it needs is here, read top to bottom before a run.
 """
 
 from __future__ import annotations

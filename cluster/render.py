@@ -21,6 +21,9 @@ Group sizes are derived: each deployment's replica ceiling (``autoscaling_config
 (``min_replicas``) gives the group's minimum. Raising ``max_replicas`` in serve_config.yaml and
 re-rendering is therefore all it takes to let a group grow. The RayService embeds serve_config.yaml
 verbatim as ``serveConfigV2``; the cluster launcher config runs ``serve deploy serve_config.yaml``.
+
+One file (~550 lines) for one output: planning, the strict reading of serve_config.yaml and both renderers
+share the plan, and a reader checks a rendered config against the code that wrote it.
 """
 
 from __future__ import annotations

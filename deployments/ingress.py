@@ -12,26 +12,41 @@ JSON or server-sent events by the ``Accept`` header. It never imports TensorFlow
 import asyncio
 import base64
 import binascii
-import functools
-import hashlib
 import json
 import logging
 import random
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.http_errors import (
+    error_body,
+    error_for,
+    error_response,
+    json_error,
+    json_errors,
+    request_id_of,
+    unwrap,
+    validation_error,
+)
+from deployments.http_io import OutputFormat, awaitable, choose_format, image_body, json_body, read_body, sse
+from deployments.ingress_models import (
+    GenerateForm,
+    GenerationOptions,
+    ImageForm,
+    IngressConfig,
+    Text2ImgRequest,
+)
+from deskgen.ab import pick_arm
 from deskgen.contracts import (
     CaptionResult,
     GateVerdict,
@@ -39,12 +54,10 @@ from deskgen.contracts import (
     GenerationEvent,
     GenerationRequest,
 )
-from deskgen.errors import DeskgenError, InvalidParameter, NotADeskSetup, NotAnImage, PayloadTooLarge
+from deskgen.errors import InvalidParameter, NotADeskSetup, NotAnImage
 from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
 from deskgen.limits import (
-    DEFAULT_SIZE_LIMITS,
-    DEFAULT_UPLOAD_LIMITS,
     MAX_GUIDANCE,
     MAX_MIX_SPEC_CHARS,
     MAX_PROMPT_CHARS,
@@ -54,10 +67,9 @@ from deskgen.limits import (
     MAX_USER_ID_CHARS,
     MIN_GUIDANCE,
     SIDE_MULTIPLE,
-    SizeLimits,
 )
 from deskgen.loras import LoraRegistry
-from deskgen.mixes import NAMED_MIXES, Mix, MixCatalog
+from deskgen.mixes import Mix, MixCatalog
 from deskgen.paths import resolve
 from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT
 
@@ -66,203 +78,6 @@ T = TypeVar("T")
 
 #: The prompt /v1/generate validates its options with before the captions exist (replaced by theirs).
 PENDING_PROMPT = "(from the captions)"
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-OutputFormat = Literal["png", "json", "sse"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration (user_config) and request models
-# ----------------------------------------------------------------------------------------------
-
-
-class IngressConfig(BaseModel):
-    """The ingress's ``user_config``: mix catalogue, A/B split, defaults and limits.
-
-    Every field can change with ``serve deploy`` of a new config; replicas are not restarted
-    (Serve calls ``reconfigure``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mixes: dict[str, dict[str, float]] = Field(default_factory=lambda: {k: dict(v) for k, v in NAMED_MIXES.items()})
-    default_mix: str = "mix"
-    ab_split: dict[str, float] = Field(
-        default_factory=dict, description="arm (a named mix) -> share; shares are normalised; empty = default_mix"
-    )
-    ab_salt: str = Field("deskgen-ab-v1", description="change it to reshuffle which users land in which arm")
-    default_steps: int = Field(30, ge=1)
-    default_guidance: float = Field(5.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
-    default_width: int = Field(1024, ge=SIDE_MULTIPLE)
-    default_height: int = Field(1024, ge=SIDE_MULTIPLE)
-    min_side: int = Field(DEFAULT_SIZE_LIMITS.min_side, ge=SIDE_MULTIPLE)
-    max_side: int = Field(DEFAULT_SIZE_LIMITS.max_side, ge=SIDE_MULTIPLE)
-    max_steps: int = Field(DEFAULT_SIZE_LIMITS.max_steps, ge=1)
-    max_upload_bytes: int = Field(DEFAULT_UPLOAD_LIMITS.max_upload_bytes, ge=1024)
-    max_pixels: int = Field(DEFAULT_UPLOAD_LIMITS.max_pixels, ge=1)
-    request_timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S)
-    retry_after_s: int = Field(5, ge=1)
-    catalog_ttl_s: float = Field(
-        5.0, ge=0.0, le=3600.0, description="how long the adapter list read from lora_dir is reused"
-    )
-
-    @field_validator("ab_split")
-    @classmethod
-    def _shares_positive(cls, split: dict[str, float]) -> dict[str, float]:
-        for arm, share in split.items():
-            if not share > 0:
-                raise ValueError(f"the share of arm {arm!r} must be > 0 but is {share}")
-        return split
-
-    @model_validator(mode="after")
-    def _arms_are_named_mixes(self) -> "IngressConfig":
-        for arm in [*self.ab_split, self.default_mix]:
-            if arm not in self.mixes:
-                raise ValueError(f"{arm!r} is not one of the named mixes {sorted(self.mixes)}")
-        return self
-
-    @property
-    def limits(self) -> SizeLimits:
-        return SizeLimits(min_side=self.min_side, max_side=self.max_side, max_steps=self.max_steps)
-
-
-class GenerationOptions(BaseModel):
-    """Options shared by /v1/generate and /v1/text2img. Omitted values take the configured defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mix: str | None = Field(None, max_length=MAX_MIX_SPEC_CHARS, description="a named mix, `adapter:weight+...`, or `base`")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted (and reported)")
-    steps: int | None = Field(None, ge=1)
-    guidance: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)
-    width: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
-    height: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    user_id: str | None = Field(None, min_length=1, max_length=MAX_USER_ID_CHARS, description="makes the A/B arm sticky")
-    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="deadline for this request")
-
-
-class GenerateForm(GenerationOptions):
-    """/v1/generate: the photo (multipart `image`, or `image_b64` in JSON) plus options."""
-
-    style: str | None = Field(None, max_length=MAX_STYLE_CHARS, description="a style concept woven into the prompt")
-    image_b64: str | None = Field(None, description="JSON only: the photo, base64")
-
-
-class Text2ImgRequest(GenerationOptions):
-    """/v1/text2img: a prompt straight to the generator."""
-
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-
-
-class ImageForm(BaseModel):
-    """/v1/classify and /v1/caption: just the photo (and, for caption, a style)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_b64: str | None = None
-    style: str | None = Field(None, max_length=MAX_STYLE_CHARS)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        error["field"] = field
-    error.update(extra)
-    return {"error": error}
-
-
-def error_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def validation_error(exc: ValidationError | RequestValidationError) -> InvalidParameter:
-    """The first pydantic error as one precise message: field, rule, value."""
-    first = exc.errors()[0]
-    field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query")) or None
-    if first.get("type") == "extra_forbidden":
-        return InvalidParameter(f"`{field}` is not a known field.", field=field)
-    value = first.get("input")
-    shown = f" but is {value!r}" if not isinstance(value, (dict, list)) and value is not None else ""
-    return InvalidParameter(f"`{field}`: {first.get('msg', 'invalid')}{shown}.", field=field)
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The original exception behind a RayTaskError from a replica."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
-        exc = exc.cause
-    return exc
-
-
-def choose_format(accept: str) -> OutputFormat:
-    accept = accept.lower()
-    if "text/event-stream" in accept:
-        return "sse"
-    if "application/json" in accept:
-        return "json"
-    return "png"
-
-
-def pick_arm(split: dict[str, float], user_id: str | None, salt: str) -> str:
-    """An arm of ``split`` in proportion to its share: sticky per ``user_id`` (a hash), random without."""
-    if user_id is None:
-        u = random.random()
-    else:
-        digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64
-    total = sum(split.values())
-    cumulative = 0.0
-    for arm, share in split.items():
-        cumulative += share / total
-        if u < cumulative:
-            return arm
-    return next(reversed(split))
-
-
-def sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
-
-
-async def read_body(request: Request, limit: int, field: str) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them all."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"`{field}`: the request body must be at most {limit} bytes but is {declared}.", field=field)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"`{field}`: the request body must be at most {limit} bytes.", field=field)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # lets request.form() parse what was already read
-    return body
-
-
-def _image_body(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema()
-    form_schema = {
-        "type": "object",
-        "properties": {"image": {"type": "string", "format": "binary"}}
-        | {k: v for k, v in schema.get("properties", {}).items() if k != "image_b64"},
-        "required": ["image"],
-    }
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"multipart/form-data": {"schema": form_schema}, "application/json": {"schema": schema}},
-        }
-    }
-
-
-def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 api = FastAPI(
@@ -276,68 +91,6 @@ def _given(value: T | None, default: T) -> T:
     return default if value is None else value
 
 
-def _awaitable(call: Any) -> Awaitable[Any]:
-    if asyncio.iscoroutine(call) or isinstance(call, asyncio.Future):
-        return call  # type: ignore[no-any-return]
-
-    async def wait() -> Any:
-        return await call
-
-    return wait()
-
-
-def _request_id(request: Request) -> str:
-    rid: str | None = getattr(request.state, "request_id", None)
-    if rid is None:
-        given = request.headers.get("x-request-id", "")
-        rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
-        request.state.request_id = rid
-    return rid
-
-
-# Errors: every error is JSON {"error": {"code", "message", "field"?}, "request_id"}. Routes catch
-# their own (see json_errors); handlers here cover what fails before a route runs.
-
-def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """HTTP status, JSON body and extra headers for an exception (already unwrapped)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    retry = {"Retry-After": str(retry_after_s)}
-    if isinstance(exc, DeskgenError):
-        return exc.status, {"error": exc.to_dict()}, {}
-    if isinstance(exc, (ValidationError, RequestValidationError)):
-        err = validation_error(exc)
-        return err.status, {"error": err.to_dict()}, {}
-    if isinstance(exc, BackPressureError):
-        return 503, error_body("overloaded", "deskgen is at capacity: retry after Retry-After seconds."), retry
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
-        return 503, error_body("unavailable", f"a stage replica is unavailable ({type(exc).__name__}): retry."), retry
-    if isinstance(exc, TimeoutError):
-        return 504, error_body("timeout", "the request did not finish within its deadline (`timeout_s`)."), {}
-    log.error("unexpected error: %r", exc, exc_info=exc)
-    return 500, error_body("internal", f"internal error: {type(exc).__name__}"), {}
-
-
-def json_error(request: Request, exc: BaseException, retry_after_s: int = 5) -> JSONResponse:
-    status, body, headers = error_for(unwrap(exc), retry_after_s)
-    body["request_id"] = _request_id(request)
-    return error_response(status, body, headers | {"X-Request-Id": body["request_id"]})
-
-
-def json_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Answer any exception a route raises as JSON with its status (Retry-After from the live config)."""
-
-    @functools.wraps(route)
-    async def wrapper(self: "IngressRoutes", request: Request) -> Any:
-        try:
-            return await route(self, request)
-        except Exception as exc:
-            return json_error(request, exc, self.config.retry_after_s)
-
-    return wrapper
-
-
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return json_error(request, exc)
@@ -346,7 +99,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = error_body(code, str(exc.detail)) | {"request_id": _request_id(request)}
+    body = error_body(code, str(exc.detail)) | {"request_id": request_id_of(request)}
     return error_response(exc.status_code, body, dict(exc.headers or {}))
 
 
@@ -526,7 +279,7 @@ class IngressRoutes:
         results: dict[str, str] = {}
         for name, handle in stages.items():
             try:
-                results[name] = await asyncio.wait_for(_awaitable(handle.ping.remote()), 5.0)
+                results[name] = await asyncio.wait_for(awaitable(handle.ping.remote()), 5.0)
             except Exception as exc:
                 results[name] = f"unavailable: {type(unwrap(exc)).__name__}"
         ready = all(v == "ok" for v in results.values())
@@ -575,7 +328,7 @@ class IngressRoutes:
             },
         }
 
-    @api.post("/v1/classify", openapi_extra=_image_body(ImageForm))
+    @api.post("/v1/classify", openapi_extra=image_body(ImageForm))
     @json_errors
     async def classify(self, request: Request) -> dict[str, Any]:
         """Desk score of a photo (200 either way; /v1/generate answers 422 below the threshold)."""
@@ -584,7 +337,7 @@ class IngressRoutes:
         verdict: GateVerdict = await self.deadline(self.classifier.classify.remote(image), None)
         return verdict.public()
 
-    @api.post("/v1/caption", openapi_extra=_image_body(ImageForm))
+    @api.post("/v1/caption", openapi_extra=image_body(ImageForm))
     @json_errors
     async def caption(self, request: Request) -> dict[str, Any]:
         """Captions, ranked keywords and the prompt a photo would give."""
@@ -593,7 +346,7 @@ class IngressRoutes:
         result: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), None)
         return result.public()
 
-    @api.post("/v1/text2img", openapi_extra=_json_body(Text2ImgRequest))
+    @api.post("/v1/text2img", openapi_extra=json_body(Text2ImgRequest))
     @json_errors
     async def text2img(self, request: Request) -> Response:
         """A prompt straight to the generator (no gate, no captions)."""
@@ -605,7 +358,7 @@ class IngressRoutes:
         info: dict[str, Any] = {"mix": mix_info, "timings": {}}
         return await self.respond(request, output, params, mix, info, body.timeout_s, started, prelude=[])
 
-    @api.post("/v1/generate", openapi_extra=_image_body(GenerateForm))
+    @api.post("/v1/generate", openapi_extra=image_body(GenerateForm))
     @json_errors
     async def generate(self, request: Request) -> Response:
         """classify -> caption -> prompt -> generate. PNG by default; JSON or SSE by `Accept`."""
@@ -657,7 +410,7 @@ class IngressRoutes:
         if deadline is None:
             deadline = time.perf_counter() + self.config.request_timeout_s
         try:
-            return await asyncio.wait_for(_awaitable(call), max(deadline - time.perf_counter(), 0.001))
+            return await asyncio.wait_for(awaitable(call), max(deadline - time.perf_counter(), 0.001))
         except TimeoutError:
             cancel = cancel or getattr(call, "cancel", None)
             if cancel is not None:
@@ -676,7 +429,7 @@ class IngressRoutes:
         *,
         prelude: list[bytes],
     ) -> Response:
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         deadline = started + (timeout_s or self.config.request_timeout_s)
         handle = self.generator.options(multiplexed_model_id=mix.id)
         generation = GenerationRequest(params=params, limits=self.config.limits)

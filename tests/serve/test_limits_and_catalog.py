@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.ingress import IngressConfig
+from deployments.ingress_models import IngressConfig
 from deskgen.pngmeta import read_png_metadata
 from deskgen.tools.samples import desk_scene
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from deployments.captioner import CaptionerConfig
 from deployments.classifier import ClassifierConfig
-from deployments.ingress import IngressConfig
+from deployments.ingress_models import IngressConfig
 from deskgen.mixes import NAMED_MIXES, MixCatalog
 from deskgen.paths import PROJECT_ROOT
 from deskgen.serve_config import load_serve_config
@@ -84,6 +84,17 @@ def test_unknown_config_keys_are_refused() -> None:
         CaptionerConfig.model_validate({"prefixes": ["a"] * 9})
     with pytest.raises(ValidationError):
         DeskgenArgs.model_validate({"generator": "x"})
+
+
+def test_a_misspelt_generator_option_fails_the_build_naming_it() -> None:
+    """`serve deploy` builds the graph: a typo in generator_options fails there, not in the GPU replica."""
+    from deskgen.errors import InvalidParameter
+    from graph import build_app
+
+    build_app(DeskgenArgs(generator_options={"fuse_hot_mix": "ott_3d"}))  # a valid option builds
+    with pytest.raises(InvalidParameter) as info:
+        build_app(DeskgenArgs(generator_options={"fuse_hot_mx": "ott_3d"}))
+    assert info.value.field == "fuse_hot_mx" and "not a generator setting" in info.value.message
 
 
 def test_importing_the_graph_loads_no_model_library() -> None:

@@ -6,7 +6,9 @@ import collections
 
 import pytest
 
-from deployments.ingress import choose_format, error_for, pick_arm
+from deployments.http_errors import error_for
+from deployments.http_io import choose_format
+from deskgen.ab import pick_arm
 from deskgen.errors import NotADeskSetup, UnknownMix
 
 pytestmark = pytest.mark.unit

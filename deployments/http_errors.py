@@ -1,0 +1,105 @@
+"""Every error the HTTP API answers is JSON ``{"error": {"code", "message", "field"?}, "request_id"}``.
+
+:func:`error_for` maps an exception (a :class:`deskgen.errors.DeskgenError`, a validation error, Serve's
+backpressure, a dead replica, a deadline) to its status, body and headers; routes wrap themselves in
+:func:`json_errors`; the ingress registers handlers for what fails before a route runs.
+"""
+
+import functools
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from deskgen.errors import DeskgenError, InvalidParameter
+
+log = logging.getLogger("ray.serve")
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    error.update(extra)
+    return {"error": error}
+
+
+def error_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> InvalidParameter:
+    """The first pydantic error as one precise message: field, rule, value."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query")) or None
+    if first.get("type") == "extra_forbidden":
+        return InvalidParameter(f"`{field}` is not a known field.", field=field)
+    value = first.get("input")
+    shown = f" but is {value!r}" if not isinstance(value, (dict, list)) and value is not None else ""
+    return InvalidParameter(f"`{field}`: {first.get('msg', 'invalid')}{shown}.", field=field)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind a RayTaskError from a replica."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
+
+
+def request_id_of(request: Request) -> str:
+    rid: str | None = getattr(request.state, "request_id", None)
+    if rid is None:
+        given = request.headers.get("x-request-id", "")
+        rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
+
+
+def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """HTTP status, JSON body and extra headers for an exception (already unwrapped)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, DeskgenError):
+        return exc.status, {"error": exc.to_dict()}, {}
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        err = validation_error(exc)
+        return err.status, {"error": err.to_dict()}, {}
+    if isinstance(exc, BackPressureError):
+        return 503, error_body("overloaded", "deskgen is at capacity: retry after Retry-After seconds."), retry
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
+        return 503, error_body("unavailable", f"a stage replica is unavailable ({type(exc).__name__}): retry."), retry
+    if isinstance(exc, TimeoutError):
+        return 504, error_body("timeout", "the request did not finish within its deadline (`timeout_s`)."), {}
+    log.error("unexpected error: %r", exc, exc_info=exc)
+    return 500, error_body("internal", f"internal error: {type(exc).__name__}"), {}
+
+
+def json_error(request: Request, exc: BaseException, retry_after_s: int = 5) -> JSONResponse:
+    status, body, headers = error_for(unwrap(exc), retry_after_s)
+    body["request_id"] = request_id_of(request)
+    return error_response(status, body, headers | {"X-Request-Id": body["request_id"]})
+
+
+def json_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Answer any exception a route raises as JSON with its status (Retry-After from the live config)."""
+
+    @functools.wraps(route)
+    async def wrapper(self: Any, request: Request) -> Any:
+        try:
+            return await route(self, request)
+        except Exception as exc:
+            return json_error(request, exc, self.config.retry_after_s)
+
+    return wrapper

@@ -1,0 +1,108 @@
+"""The ingress's typed inputs: its ``user_config`` (:class:`IngressConfig`) and the request bodies of the
+HTTP API (pydantic models; the OpenAPI document is generated from them). Bounds come from
+:mod:`deskgen.limits`, the one place limits live."""
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deskgen.limits import (
+    DEFAULT_SIZE_LIMITS,
+    DEFAULT_UPLOAD_LIMITS,
+    MAX_GUIDANCE,
+    MAX_MIX_SPEC_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STYLE_CHARS,
+    MAX_TIMEOUT_S,
+    MAX_USER_ID_CHARS,
+    MIN_GUIDANCE,
+    SIDE_MULTIPLE,
+    SizeLimits,
+)
+from deskgen.mixes import NAMED_MIXES
+
+
+class IngressConfig(BaseModel):
+    """The ingress's ``user_config``: mix catalogue, A/B split, defaults and limits.
+
+    Every field can change with ``serve deploy`` of a new config; replicas are not restarted
+    (Serve calls ``reconfigure``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mixes: dict[str, dict[str, float]] = Field(default_factory=lambda: {k: dict(v) for k, v in NAMED_MIXES.items()})
+    default_mix: str = "mix"
+    ab_split: dict[str, float] = Field(
+        default_factory=dict, description="arm (a named mix) -> share; shares are normalised; empty = default_mix"
+    )
+    ab_salt: str = Field("deskgen-ab-v1", description="change it to reshuffle which users land in which arm")
+    default_steps: int = Field(30, ge=1)
+    default_guidance: float = Field(5.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    default_width: int = Field(1024, ge=SIDE_MULTIPLE)
+    default_height: int = Field(1024, ge=SIDE_MULTIPLE)
+    min_side: int = Field(DEFAULT_SIZE_LIMITS.min_side, ge=SIDE_MULTIPLE)
+    max_side: int = Field(DEFAULT_SIZE_LIMITS.max_side, ge=SIDE_MULTIPLE)
+    max_steps: int = Field(DEFAULT_SIZE_LIMITS.max_steps, ge=1)
+    max_upload_bytes: int = Field(DEFAULT_UPLOAD_LIMITS.max_upload_bytes, ge=1024)
+    max_pixels: int = Field(DEFAULT_UPLOAD_LIMITS.max_pixels, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S)
+    retry_after_s: int = Field(5, ge=1)
+    catalog_ttl_s: float = Field(
+        5.0, ge=0.0, le=3600.0, description="how long the adapter list read from lora_dir is reused"
+    )
+
+    @field_validator("ab_split")
+    @classmethod
+    def _shares_positive(cls, split: dict[str, float]) -> dict[str, float]:
+        for arm, share in split.items():
+            if not share > 0:
+                raise ValueError(f"the share of arm {arm!r} must be > 0 but is {share}")
+        return split
+
+    @model_validator(mode="after")
+    def _arms_are_named_mixes(self) -> "IngressConfig":
+        for arm in [*self.ab_split, self.default_mix]:
+            if arm not in self.mixes:
+                raise ValueError(f"{arm!r} is not one of the named mixes {sorted(self.mixes)}")
+        return self
+
+    @property
+    def limits(self) -> SizeLimits:
+        return SizeLimits(min_side=self.min_side, max_side=self.max_side, max_steps=self.max_steps)
+
+
+class GenerationOptions(BaseModel):
+    """Options shared by /v1/generate and /v1/text2img. Omitted values take the configured defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mix: str | None = Field(None, max_length=MAX_MIX_SPEC_CHARS, description="a named mix, `adapter:weight+...`, or `base`")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted (and reported)")
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)
+    width: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
+    height: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    user_id: str | None = Field(None, min_length=1, max_length=MAX_USER_ID_CHARS, description="makes the A/B arm sticky")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="deadline for this request")
+
+
+class GenerateForm(GenerationOptions):
+    """/v1/generate: the photo (multipart `image`, or `image_b64` in JSON) plus options."""
+
+    style: str | None = Field(None, max_length=MAX_STYLE_CHARS, description="a style concept woven into the prompt")
+    image_b64: str | None = Field(None, description="JSON only: the photo, base64")
+
+
+class Text2ImgRequest(GenerationOptions):
+    """/v1/text2img: a prompt straight to the generator."""
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class ImageForm(BaseModel):
+    """/v1/classify and /v1/caption: just the photo (and, for caption, a style)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_b64: str | None = None
+    style: str | None = Field(None, max_length=MAX_STYLE_CHARS)
