@@ -252,6 +252,9 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
         return gen.generate(params, mix).png()
 
     http_s, local_s, failures = [], [], 0
+    floor_s: list[float] = []
+    json_s: list[float] = []
+    replica_model_s: list[float] = []
     with httpx.Client(base_url=app.url, timeout=120) as client:
         # Warm both: the replica loads the mix on its first request, the local generator likewise.
         for _ in range(3):
@@ -268,6 +271,16 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
             start = time.perf_counter()
             in_process()
             local_s.append(time.perf_counter() - start)
+            # Serve's floor here: a route that calls no stage (proxy + ingress only) ...
+            start = time.perf_counter()
+            client.get("/v1/limits")
+            floor_s.append(time.perf_counter() - start)
+            # ... and the same generation as JSON, whose metadata has the replica's own model time.
+            start = time.perf_counter()
+            answer = client.post("/v1/text2img", json=text2img_body(MIX_A, seed), headers={"Accept": "application/json"})
+            json_s.append(time.perf_counter() - start)
+            inner = answer.json()["metadata"]["timings"]
+            replica_model_s.append(inner["activate_s"] + inner["generate_s"])
 
     table = Table(
         f"Serving overhead — tiny SDXL, {SIDE}x{SIDE}, {STEPS} steps, CFG {GUIDANCE}, "
@@ -284,8 +297,16 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
     ):
         if stages.get(name):
             table.add(label, ms(p50(stages[name])), ms(percentile(stages[name], 99)))
+    table.add("Serve's floor: `GET /v1/limits` (proxy + ingress, no stage called)", ms(p50(floor_s)),
+              ms(percentile(floor_s, 99)))
+    outside = [j - m for j, m in zip(json_s, replica_model_s, strict=True)]
+    table.add("same generation as JSON: HTTP − the replica's own model time (its metadata `timings`)",
+              ms(p50(outside)), ms(percentile(outside, 99)))
     omp, worker_threads = ray_worker_threads()
     table.notes += [
+        "The overhead row compares against the driver's in-process run; the last row compares against the model "
+        "time inside the Generator replica (same process contention as the served path), so it is the serving "
+        "cost alone: two Serve hops, the ingress and PNG/JSON encoding.",
         f"Same tiny model, params and seed; served and in-process pixels identical: {'yes' if identical else 'NO'}; "
         f"non-200 answers: {failures}.",
         f"torch threads: in-process 1; a 1-CPU Ray worker (as the Generator replica) has OMP_NUM_THREADS={omp}, "
@@ -293,7 +314,7 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
         "p99 of N samples is the nearest-rank value (for N < 100: the maximum).",
     ]
     return table, {"http_s": http_s, "in_process_s": local_s, "stages_s": stages, "identical_pixels": identical,
-                   "failures": failures}
+                   "failures": failures, "floor_s": floor_s, "json_s": json_s, "replica_model_s": replica_model_s}
 
 
 def bench_throughput(app: ServeApp, local_p50: float) -> tuple[Table, dict[str, Any]]:
