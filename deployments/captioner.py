@@ -11,6 +11,7 @@ from ray import serve
 
 from deskgen.batching import DynamicBatcher
 from deskgen.contracts import CaptionResult
+from deskgen.limits import MAX_PREFIXES, MAX_PROMPT_CHARS
 from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREFIXES, build_prompt, rank_keywords
 
 if TYPE_CHECKING:
@@ -25,9 +26,9 @@ class CaptionerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_PREFIXES), max_length=8)
+    prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_PREFIXES), max_length=MAX_PREFIXES)
     max_keywords: int = Field(8, ge=1, le=32)
-    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=2000)
+    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=MAX_PROMPT_CHARS)
     max_batch_size: int = Field(4, ge=1, le=32)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
 

@@ -29,6 +29,7 @@ from deskgen.contracts import (
     GenerationStep,
 )
 from deskgen.errors import DeskgenError
+from deskgen.limits import UNHEALTHY_AFTER_FAILURES
 from deskgen.mixes import BASE_MIX_ID, Mix, parse_mix_spec
 
 if TYPE_CHECKING:
@@ -38,9 +39,6 @@ log = logging.getLogger("ray.serve")
 
 #: Mixes cached per replica (LRU). Adapters are small next to the base, so a handful fit easily.
 MAX_CACHED_MIXES = 4
-#: Unexpected generation failures in a row after which the replica reports itself unhealthy (a CUDA
-#: error, say, poisons the process: Serve then replaces the replica). Bad requests do not count.
-UNHEALTHY_AFTER_FAILURES = 3
 
 
 class GenerationCancelled(Exception):

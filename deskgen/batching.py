@@ -15,13 +15,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from deskgen.limits import UNHEALTHY_AFTER_FAILURES
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 #: How many recent batch sizes :attr:`DynamicBatcher.batch_sizes` keeps (a replica lives for days).
 BATCH_WINDOW = 1024
-#: Failed batches in a row after which :meth:`DynamicBatcher.check_health` reports the model broken.
-UNHEALTHY_AFTER_FAILURES = 3
 
 
 class DynamicBatcher(Generic[T, R]):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.images import to_rgb
+from deskgen.limits import MAX_PREFIX_CHARS, MAX_PREFIXES
 from deskgen.paths import resolve_model_id
 from deskgen.prompt import DEFAULT_PREFIXES
 
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "Salesforce/blip-image-captioning-base"
-MAX_PREFIXES = 8
-MAX_PREFIX_CHARS = 200
 DTYPES = ("float32", "float16", "bfloat16")
 
 

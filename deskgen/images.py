@@ -12,9 +12,10 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deskgen.errors import NotAnImage, PayloadTooLarge
+from deskgen.limits import DEFAULT_UPLOAD_LIMITS
 
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_BYTES = DEFAULT_UPLOAD_LIMITS.max_upload_bytes
+DEFAULT_MAX_PIXELS = DEFAULT_UPLOAD_LIMITS.max_pixels
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -27,6 +27,15 @@ MAX_MIX_SPEC_CHARS = 300
 MAX_TIMEOUT_S = 600.0
 #: The VAE works in 8-pixel cells: image sides are multiples of this.
 SIDE_MULTIPLE = 8
+#: Conditional caption prefixes the captioner may be configured with, and characters per prefix.
+MAX_PREFIXES = 8
+MAX_PREFIX_CHARS = 200
+#: A LoRA's weight in a mix.
+MIN_WEIGHT = 0.0
+MAX_WEIGHT = 2.0
+#: Unexpected model failures in a row (failed batches, failed generations) after which a replica's
+#: ``check_health`` reports it broken, so Serve replaces it. Bad requests do not count.
+UNHEALTHY_AFTER_FAILURES = 3
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from deskgen.errors import InvalidParameter, UnknownMix
+from deskgen.limits import MAX_WEIGHT, MIN_WEIGHT
 
 #: The id of the empty mix (no LoRA, or every weight 0).
 BASE_MIX_ID = "base"
-MIN_WEIGHT = 0.0
-MAX_WEIGHT = 2.0
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 NAMED_MIXES: dict[str, dict[str, float]] = {

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from deskgen.errors import InvalidParameter
+from deskgen.limits import MAX_STYLE_CHARS
 
 #: What SDXL should avoid; the generator's default when a request gives none.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -33,8 +34,6 @@ DEFAULT_PREFIXES: tuple[str, ...] = (
     "desk_setup:",
 )
 
-#: Longest accepted style text, in characters.
-MAX_STYLE_CHARS = 200
 
 #: Budget of the prompt in approximate CLIP tokens (words + punctuation marks). CLIP truncates at 77
 #: tokens including its start/end tokens, and BPE splits rare words into several pieces, so we stay

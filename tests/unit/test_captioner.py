@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deskgen.captioner import MAX_PREFIXES, Captioner, CaptionSet
+from deskgen.captioner import Captioner, CaptionSet
 from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.images import to_rgb
+from deskgen.limits import MAX_PREFIXES
 from deskgen.paths import PROJECT_ROOT
 from deskgen.prompt import DEFAULT_PREFIXES, rank_keywords
 

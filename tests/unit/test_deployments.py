@@ -19,7 +19,7 @@ from PIL import Image
 
 from deployments.captioner import Captioner as CaptionerDeployment
 from deployments.classifier import Classifier as ClassifierDeployment
-from deployments.generator import UNHEALTHY_AFTER_FAILURES, GeneratorReplica, LoadedMix
+from deployments.generator import GeneratorReplica, LoadedMix
 from deskgen.contracts import (
     CaptionResult,
     GateVerdict,
@@ -30,7 +30,7 @@ from deskgen.contracts import (
 )
 from deskgen.errors import InvalidParameter
 from deskgen.generator import DeskGenerator, GenerationParams
-from deskgen.limits import SizeLimits
+from deskgen.limits import UNHEALTHY_AFTER_FAILURES, SizeLimits
 from deskgen.mixes import NAMED_MIXES, Mix
 from deskgen.pngmeta import read_png_metadata
 from deskgen.tools.tiny_sdxl import one_torch_thread
