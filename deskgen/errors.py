@@ -64,6 +64,20 @@ class NotADeskSetup(DeskgenError):
     code = "not_a_desk_setup"
 
 
+class UnknownImage(DeskgenError):
+    """Feedback names an image id no exposure was recorded for (404)."""
+
+    status = 404
+    code = "unknown_image"
+
+
+class FeedbackConflict(DeskgenError):
+    """Feedback's user id is not the user the image was delivered to (409)."""
+
+    status = 409
+    code = "user_mismatch"
+
+
 class ModelFilesMissing(RuntimeError):
     """A configured model path does not exist. Raised at start-up, never per request."""
 

@@ -1,5 +1,10 @@
-"""A/B experiments of LoRA mixes: the statistics of a report (:mod:`deskgen.experiments.stats`).
+"""A/B experiments of LoRA mixes.
 
-Exposures, feedback, storage and the report routes build on these (issue 9); the statistics come
-first because every number a report shows is computed here, and tested against independent values.
+- :mod:`~deskgen.experiments.records`: the typed records (experiment, exposure, feedback);
+- :mod:`~deskgen.experiments.schema` + ``migrations/``: the tables and their Alembic migrations;
+- :mod:`~deskgen.experiments.store`: idempotent writes and per-user totals on SQLite (WAL) or PostgreSQL;
+- :mod:`~deskgen.experiments.stats`: the report's statistics, the user as the unit.
+
+Still to come (issue 9): the writer deployment with its buffer, exposures recorded by the ingress at
+delivery, ``POST /v1/feedback``, the report routes and page, and the PostgreSQL tier.
 """

@@ -1,0 +1,73 @@
+"""The typed records the ingress sends to the experiment store: an exposure per answered request, a
+feedback event per user action, and the experiment they belong to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+#: What a user may tell us about an image.
+FeedbackEvent = Literal["like", "dislike", "download", "select"]
+FEEDBACK_EVENTS: tuple[str, ...] = ("like", "dislike", "download", "select")
+#: How the mix of a request was chosen.
+MixSource = Literal["request", "header", "ab", "default"]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An A/B split with its salt and catalogue of mixes. Its id is a hash of all three: a ``serve deploy``
+    that changes any of them starts a new experiment, and the old one stays reportable."""
+
+    split: dict[str, float]
+    salt: str
+    mixes: dict[str, dict[str, float]]
+
+    @property
+    def id(self) -> str:
+        canonical = json.dumps({"split": self.split, "salt": self.salt, "mixes": self.mixes}, sort_keys=True)
+        return "exp-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """One answered request: the image id is the request id. ``outcome`` is ``ok`` for a delivered image,
+    otherwise the error code the client got (``not_a_desk_setup``, ``overloaded``, ``timeout``, ...)."""
+
+    image_id: str
+    experiment_id: str
+    user_id: str | None
+    arm: str | None
+    mix_id: str
+    mix_source: MixSource
+    outcome: str
+    status: int
+    style: str | None = None
+    seed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=now)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "image_id": self.image_id, "experiment_id": self.experiment_id, "user_id": self.user_id,
+            "arm": self.arm, "mix_id": self.mix_id, "mix_source": self.mix_source, "style": self.style,
+            "seed": self.seed, "timings": self.timings, "outcome": self.outcome, "status": self.status,
+            "created_at": self.created_at,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A user's action on an image. Idempotent per (image id, event)."""
+
+    image_id: str
+    event: FeedbackEvent
+    user_id: str | None = None
+    value: float | None = None
+    created_at: datetime = field(default_factory=now)

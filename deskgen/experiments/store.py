@@ -1,0 +1,160 @@
+"""Experiment storage: SQLAlchemy 2 over SQLite (the embedded default, in WAL mode) or PostgreSQL, chosen
+by one URL; the schema comes from versioned Alembic migrations (:func:`migrate`).
+
+Writes are idempotent so that a retry after a lost answer never double counts: an exposure is keyed by
+its image id, feedback by (image id, event). Feedback for an image that was never exposed is refused
+(:class:`~deskgen.errors.UnknownImage`, 404), and so is feedback whose user is not the exposure's
+(:class:`~deskgen.errors.FeedbackConflict`, 409).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from deskgen.errors import FeedbackConflict, UnknownImage
+from deskgen.experiments.records import Experiment, Exposure, Feedback, now
+from deskgen.experiments.schema import experiments, exposures, feedback
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``. SQLite runs in WAL mode with full fsync: readers never block the writer,
+    and an answered write survives a killed process."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.close()
+
+    return engine
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` with the migrations in :data:`MIGRATIONS`."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def _insert(connection: Connection, table: Any) -> Any:
+    """An INSERT that skips rows whose key exists (both dialects we support spell it the same)."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+@dataclass(frozen=True)
+class UserTotals:
+    """One user's exposures in an arm and the events among them (for the ratio metrics)."""
+
+    arm: str
+    user_id: str
+    exposures: int
+    events: dict[str, int]
+
+
+class ExperimentStore:
+    """Reads and writes experiments, exposures and feedback through one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> ExperimentStore:
+        engine = make_engine(url)
+        migrate(engine)
+        return cls(engine)
+
+    def ensure_experiment(self, experiment: Experiment) -> str:
+        with self.engine.begin() as c:
+            row = {"id": experiment.id, "split": experiment.split, "salt": experiment.salt,
+                   "mixes": experiment.mixes, "created_at": now()}  # fmt: skip
+            c.execute(_insert(c, experiments).values(row).on_conflict_do_nothing(index_elements=["id"]))
+        return experiment.id
+
+    def record_exposures(self, batch: Sequence[Exposure]) -> int:
+        """Insert ``batch`` in one transaction; rows already there (a retry) are skipped. Returns how many
+        were new."""
+        if not batch:
+            return 0
+        with self.engine.begin() as c:
+            result = c.execute(
+                _insert(c, exposures).values([e.row() for e in batch]).on_conflict_do_nothing(index_elements=["image_id"])
+            )
+        return int(result.rowcount or 0)
+
+    def record_feedback(self, fb: Feedback) -> bool:
+        """Store ``fb``; ``False`` when the same (image, event) was already stored (a retry)."""
+        with self.engine.begin() as c:
+            owner = c.execute(select(exposures.c.user_id).where(exposures.c.image_id == fb.image_id)).first()
+            if owner is None:
+                raise UnknownImage(f"`image_id`: no image {fb.image_id!r} was delivered.", field="image_id")
+            if fb.user_id is not None and fb.user_id != owner.user_id:
+                raise FeedbackConflict(
+                    f"`user_id`: image {fb.image_id!r} was delivered to another user, not {fb.user_id!r}.",
+                    field="user_id",
+                )
+            row = {"image_id": fb.image_id, "event": fb.event, "value": fb.value, "user_id": fb.user_id,
+                   "created_at": fb.created_at}  # fmt: skip
+            result = c.execute(
+                _insert(c, feedback).values(row).on_conflict_do_nothing(index_elements=["image_id", "event"])
+            )
+        return bool(result.rowcount)
+
+    def experiment_ids(self) -> list[str]:
+        with self.engine.connect() as c:
+            return [r.id for r in c.execute(select(experiments.c.id).order_by(experiments.c.created_at))]
+
+    def user_totals(self, experiment_id: str) -> list[UserTotals]:
+        """Per arm and user: delivered images (outcome ``ok``) and feedback events on them that came at or
+        after the user's first exposure in this experiment. Users without a user id are not in the ratio
+        metrics (they cannot be followed); their exposures still count in the guardrails."""
+        delivered = exposures.c.outcome == "ok"
+        with self.engine.connect() as c:
+            first = (
+                select(exposures.c.user_id, func.min(exposures.c.created_at).label("first_at"))
+                .where(exposures.c.experiment_id == experiment_id, exposures.c.user_id.is_not(None))
+                .group_by(exposures.c.user_id)
+                .subquery()
+            )
+            shown = c.execute(
+                select(exposures.c.arm, exposures.c.user_id, func.count().label("n"))
+                .where(exposures.c.experiment_id == experiment_id, delivered, exposures.c.user_id.is_not(None))
+                .group_by(exposures.c.arm, exposures.c.user_id)
+            ).all()
+            events = c.execute(
+                select(exposures.c.arm, exposures.c.user_id, feedback.c.event, func.count().label("n"))
+                .join(feedback, feedback.c.image_id == exposures.c.image_id)
+                .join(first, first.c.user_id == exposures.c.user_id)
+                .where(exposures.c.experiment_id == experiment_id, delivered, feedback.c.created_at >= first.c.first_at)
+                .group_by(exposures.c.arm, exposures.c.user_id, feedback.c.event)
+            ).all()
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        for arm, user, name, n in events:
+            counts.setdefault((arm, user), {})[name] = int(n)
+        return [UserTotals(arm, user, int(n), counts.get((arm, user), {})) for arm, user, n in shown]
+
+    def outcomes(self, experiment_id: str) -> Iterable[Any]:
+        """Every exposure's arm, outcome, status and timings (for the guardrails)."""
+        with self.engine.connect() as c:
+            return c.execute(
+                select(exposures.c.arm, exposures.c.outcome, exposures.c.status, exposures.c.timings)
+                .where(exposures.c.experiment_id == experiment_id)
+            ).all()

@@ -1,0 +1,94 @@
+"""The experiment store on a real SQLite file (WAL): migrations, idempotent writes, 404/409, per-user totals."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from deskgen.errors import FeedbackConflict, UnknownImage
+from deskgen.experiments.records import Experiment, Exposure, Feedback, now
+from deskgen.experiments.store import ExperimentStore, make_engine, migrate
+
+pytestmark = pytest.mark.unit
+
+EXPERIMENT = Experiment(split={"dalle_ott": 0.7, "ott_3d": 0.3}, salt="deskgen-ab-v1",
+                        mixes={"dalle_ott": {"dalle": 0.7, "ott": 0.5}, "ott_3d": {"ott": 0.7, "3d": 0.5}})  # fmt: skip
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> ExperimentStore:
+    s = ExperimentStore.open(f"sqlite:///{tmp_path / 'experiments.db'}")
+    s.ensure_experiment(EXPERIMENT)
+    return s
+
+
+def exposure(image_id: str, user: str | None, arm: str = "dalle_ott", outcome: str = "ok", **kw: object) -> Exposure:
+    return Exposure(image_id=image_id, experiment_id=EXPERIMENT.id, user_id=user, arm=arm, mix_id=arm,
+                    mix_source="ab", outcome=outcome, status=200 if outcome == "ok" else 422, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_the_migrations_create_exactly_the_schema_the_code_uses(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from deskgen.experiments.schema import metadata
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    migrate(engine)
+    with engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert compare_metadata(MigrationContext.configure(c), metadata) == []
+    migrate(engine)  # idempotent: already at head
+
+
+def test_an_experiment_is_its_split_salt_and_mixes() -> None:
+    assert EXPERIMENT.id == Experiment(dict(EXPERIMENT.split), EXPERIMENT.salt, dict(EXPERIMENT.mixes)).id
+    assert Experiment({"dalle_ott": 0.5, "ott_3d": 0.5}, EXPERIMENT.salt, EXPERIMENT.mixes).id != EXPERIMENT.id
+    assert Experiment(EXPERIMENT.split, "v2", EXPERIMENT.mixes).id != EXPERIMENT.id
+    assert Experiment(EXPERIMENT.split, EXPERIMENT.salt, {}).id != EXPERIMENT.id
+
+
+def test_writes_are_idempotent_and_survive_a_new_engine(store: ExperimentStore, tmp_path: Path) -> None:
+    batch = [exposure("img-1", "alice"), exposure("img-2", "bob", arm="ott_3d")]
+    assert store.record_exposures(batch) == 2
+    assert store.record_exposures(batch) == 0  # a retried batch
+    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")) is True
+    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")) is False  # a retried post
+    assert store.record_feedback(Feedback("img-1", "download")) is True  # no user id given: accepted
+    reopened = ExperimentStore.open(f"sqlite:///{tmp_path / 'experiments.db'}")
+    totals = {(t.arm, t.user_id): (t.exposures, t.events) for t in reopened.user_totals(EXPERIMENT.id)}
+    assert totals == {("dalle_ott", "alice"): (1, {"like": 1, "download": 1}), ("ott_3d", "bob"): (1, {})}
+    assert reopened.experiment_ids() == [EXPERIMENT.id]
+
+
+def test_feedback_for_an_unknown_image_or_another_user_is_refused(store: ExperimentStore) -> None:
+    store.record_exposures([exposure("img-1", "alice"), exposure("img-anon", None)])
+    with pytest.raises(UnknownImage) as unknown:
+        store.record_feedback(Feedback("img-404", "like"))
+    assert (unknown.value.status, unknown.value.field) == (404, "image_id")
+    with pytest.raises(FeedbackConflict) as conflict:
+        store.record_feedback(Feedback("img-1", "like", user_id="mallory"))
+    assert (conflict.value.status, conflict.value.field) == (409, "user_id")
+    with pytest.raises(FeedbackConflict):
+        store.record_feedback(Feedback("img-anon", "like", user_id="mallory"))
+
+
+def test_user_totals_count_delivered_images_and_feedback_after_the_first_exposure(store: ExperimentStore) -> None:
+    t0 = now()
+    store.record_exposures([
+        exposure("a1", "alice", created_at=t0), exposure("a2", "alice", created_at=t0 + timedelta(seconds=1)),
+        exposure("a3", "alice", outcome="not_a_desk_setup", created_at=t0 + timedelta(seconds=2)),
+        exposure("b1", "bob", arm="ott_3d", created_at=t0), exposure("n1", None, created_at=t0),
+    ])  # fmt: skip
+    store.record_feedback(Feedback("a1", "like", created_at=t0 + timedelta(seconds=5)))
+    store.record_feedback(Feedback("a2", "like", created_at=t0 + timedelta(seconds=6)))
+    store.record_feedback(Feedback("a2", "select", created_at=t0 + timedelta(seconds=6)))
+    # Feedback stamped before bob's first exposure (a clock skew, a replayed event) does not count.
+    store.record_feedback(Feedback("b1", "like", created_at=t0 - timedelta(seconds=1)))
+    totals = {(t.arm, t.user_id): (t.exposures, t.events) for t in store.user_totals(EXPERIMENT.id)}
+    assert totals == {("dalle_ott", "alice"): (2, {"like": 2, "select": 1}), ("ott_3d", "bob"): (1, {})}
+    outcomes = sorted((arm, outcome) for arm, outcome, _, _ in store.outcomes(EXPERIMENT.id))
+    assert outcomes == [("dalle_ott", "not_a_desk_setup"), ("dalle_ott", "ok"), ("dalle_ott", "ok"),
+                        ("dalle_ott", "ok"), ("ott_3d", "ok")]  # fmt: skip
