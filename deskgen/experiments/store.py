@@ -118,6 +118,11 @@ class ExperimentStore:
             )
         return bool(result.rowcount)
 
+    def experiment(self, experiment_id: str) -> Experiment | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(experiments).where(experiments.c.id == experiment_id)).first()
+        return None if row is None else Experiment(split=dict(row.split), salt=row.salt, mixes=dict(row.mixes))
+
     def experiment_ids(self) -> list[str]:
         with self.engine.connect() as c:
             return [r.id for r in c.execute(select(experiments.c.id).order_by(experiments.c.created_at))]
