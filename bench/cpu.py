@@ -367,7 +367,7 @@ def bench_gate_serve(app: ServeApp, photo: bytes, per_client: int) -> tuple[list
     flat = [r for client_results in results for r in client_results]
     latencies = [r[0] for r in flat]
     batches = after["batches"] - before["batches"]
-    images = after["images"] - before["images"]
+    images = after["items"] - before["items"]
     row = [
         f"`/v1/classify` via Serve, {GATE_CLIENTS} concurrent clients (N={len(flat)}), 1 replica",
         ms(p50(latencies)),

@@ -79,8 +79,8 @@ class Captioner:
             seconds=seconds,
         )
 
-    def stats(self) -> dict[str, Any]:
-        return {"batches": self.batcher.batches_total, "images": self.batcher.items_total}
+    def stats(self) -> dict[str, int]:
+        return self.batcher.stats()
 
     def check_health(self) -> None:
         """Raise if the model keeps failing (Serve then replaces the replica)."""

@@ -78,10 +78,8 @@ class Classifier:
         """Raise if the model keeps failing (Serve then replaces the replica)."""
         self.batcher.check_health()
 
-    def stats(self) -> dict[str, Any]:
-        sizes = self.batcher.batch_sizes
-        return {"batches": self.batcher.batches_total, "images": self.batcher.items_total,
-                "max_batch": max(sizes, default=0), "window": len(sizes)}
+    def stats(self) -> dict[str, int]:
+        return self.batcher.stats()
 
     def ping(self) -> str:
         return "ok"

@@ -100,6 +100,23 @@ class GeneratorReplica:
         dropped = self.generator.unload_adapters(keep)
         log.info("evicted mix %s; dropped adapters %s", loaded.mix.id, dropped)
 
+    def _start(
+        self, request: GenerationRequest, mix: Mix, cancel: threading.Event,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Run the generation in a worker thread. Each step checks ``cancel`` (set when the caller went
+        away: the generation stops at its next step) and reports to ``on_progress``."""
+
+        def on_step(step: int, total: int) -> None:
+            if cancel.is_set():
+                raise GenerationCancelled
+            if on_progress is not None:
+                on_progress(step, total)
+
+        return asyncio.ensure_future(asyncio.to_thread(
+            self.generator.generate, request.params, mix, on_step, limits=request.limits
+        ))  # fmt: skip
+
     async def stream(
         self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]
     ) -> AsyncIterator[GenerationEvent]:
@@ -109,9 +126,7 @@ class GeneratorReplica:
         events: asyncio.Queue[GenerationStep] = asyncio.Queue()
         cancel = threading.Event()
 
-        def on_step(step: int, total: int) -> None:
-            if cancel.is_set():
-                raise GenerationCancelled
+        def relay(step: int, total: int) -> None:
             loop.call_soon_threadsafe(events.put_nowait, GenerationStep(step=step, total=total))
 
         queued_at = time.perf_counter()
@@ -120,10 +135,7 @@ class GeneratorReplica:
                 loaded = await get_mix()
                 yield GenerationStarted(mix_id=loaded.mix.id, replica=self.replica_id(),
                                         queued_s=time.perf_counter() - queued_at)  # fmt: skip
-                # Generate in a worker thread; relay its step events as they come.
-                work = asyncio.ensure_future(asyncio.to_thread(
-                    self.generator.generate, request.params, loaded.mix, on_step, limits=request.limits
-                ))  # fmt: skip
+                work = self._start(request, loaded.mix, cancel, relay)
                 while not work.done():
                     getter = asyncio.ensure_future(events.get())
                     await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
@@ -135,7 +147,6 @@ class GeneratorReplica:
                     yield events.get_nowait()
                 yield self._image(request, self._result(work))
             finally:
-                # The caller went away (timeout, disconnect): stop at the next step.
                 cancel.set()
 
     def _result(self, work: asyncio.Future[Any]) -> Any:
@@ -154,21 +165,14 @@ class GeneratorReplica:
     async def generate(self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]) -> GeneratedImage:
         """The image alone: the same generation as :meth:`stream` without relaying step events."""
         cancel = threading.Event()
-
-        def on_step(step: int, total: int) -> None:
-            if cancel.is_set():
-                raise GenerationCancelled
-
         async with self.lock:
             try:
                 loaded = await get_mix()
-                work = asyncio.ensure_future(asyncio.to_thread(
-                    self.generator.generate, request.params, loaded.mix, on_step, limits=request.limits
-                ))  # fmt: skip
+                work = self._start(request, loaded.mix, cancel)
                 await asyncio.wait({work})
                 return self._image(request, self._result(work))
             finally:
-                cancel.set()  # the caller went away (timeout, disconnect): stop at the next step
+                cancel.set()
 
     def _image(self, request: GenerationRequest, result: Any) -> GeneratedImage:
         replica = self.replica_id()

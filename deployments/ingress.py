@@ -57,17 +57,7 @@ from deskgen.contracts import (
 from deskgen.errors import InvalidParameter, NotADeskSetup, NotAnImage
 from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
-from deskgen.limits import (
-    MAX_GUIDANCE,
-    MAX_MIX_SPEC_CHARS,
-    MAX_PROMPT_CHARS,
-    MAX_SEED,
-    MAX_STYLE_CHARS,
-    MAX_TIMEOUT_S,
-    MAX_USER_ID_CHARS,
-    MIN_GUIDANCE,
-    SIDE_MULTIPLE,
-)
+from deskgen.limits import MAX_SEED
 from deskgen.loras import LoraRegistry
 from deskgen.mixes import Mix, MixCatalog
 from deskgen.paths import resolve
@@ -301,32 +291,8 @@ class IngressRoutes:
 
     @api.get("/v1/limits")
     async def limits(self) -> dict[str, Any]:
-        """The live request limits and defaults (the ingress's ``user_config`` plus the fixed bounds of
-        :mod:`deskgen.limits`): what a client may send without a 400."""
-        c = self.config
-        return {
-            "min_side": c.min_side,
-            "max_side": c.max_side,
-            "side_multiple": SIDE_MULTIPLE,
-            "max_steps": c.max_steps,
-            "max_seed": MAX_SEED,
-            "guidance": [MIN_GUIDANCE, MAX_GUIDANCE],
-            "max_prompt_chars": MAX_PROMPT_CHARS,
-            "max_style_chars": MAX_STYLE_CHARS,
-            "max_user_id_chars": MAX_USER_ID_CHARS,
-            "max_mix_spec_chars": MAX_MIX_SPEC_CHARS,
-            "max_upload_bytes": c.max_upload_bytes,
-            "max_pixels": c.max_pixels,
-            "max_timeout_s": MAX_TIMEOUT_S,
-            "request_timeout_s": c.request_timeout_s,
-            "defaults": {
-                "steps": c.default_steps,
-                "guidance": c.default_guidance,
-                "width": c.default_width,
-                "height": c.default_height,
-                "mix": c.default_mix,
-            },
-        }
+        """The live request limits and defaults: what a client may send without a 400."""
+        return self.config.limits_document()
 
     @api.post("/v1/classify", openapi_extra=image_body(ImageForm))
     @json_errors

@@ -2,6 +2,8 @@
 HTTP API (pydantic models; the OpenAPI document is generated from them). Bounds come from
 :mod:`deskgen.limits`, the one place limits live."""
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deskgen.limits import (
@@ -68,6 +70,28 @@ class IngressConfig(BaseModel):
     @property
     def limits(self) -> SizeLimits:
         return SizeLimits(min_side=self.min_side, max_side=self.max_side, max_steps=self.max_steps)
+
+    def limits_document(self) -> dict[str, Any]:
+        """What ``GET /v1/limits`` answers: the live limits and defaults of this config plus the fixed
+        bounds of :mod:`deskgen.limits`, i.e. what a client may send without a 400."""
+        return {
+            "min_side": self.min_side,
+            "max_side": self.max_side,
+            "side_multiple": SIDE_MULTIPLE,
+            "max_steps": self.max_steps,
+            "max_seed": MAX_SEED,
+            "guidance": [MIN_GUIDANCE, MAX_GUIDANCE],
+            "max_prompt_chars": MAX_PROMPT_CHARS,
+            "max_style_chars": MAX_STYLE_CHARS,
+            "max_user_id_chars": MAX_USER_ID_CHARS,
+            "max_mix_spec_chars": MAX_MIX_SPEC_CHARS,
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_pixels": self.max_pixels,
+            "max_timeout_s": MAX_TIMEOUT_S,
+            "request_timeout_s": self.request_timeout_s,
+            "defaults": {"steps": self.default_steps, "guidance": self.default_guidance, "width": self.default_width,
+                         "height": self.default_height, "mix": self.default_mix},
+        }  # fmt: skip
 
 
 class GenerationOptions(BaseModel):

@@ -93,6 +93,11 @@ class DynamicBatcher(Generic[T, R]):
                 if not future.done():
                     future.set_result(result)
 
+    def stats(self) -> dict[str, int]:
+        """Totals since start, and the largest batch in the recent window."""
+        return {"batches": self.batches_total, "items": self.items_total,
+                "max_batch": max(self.batch_sizes, default=0), "window": len(self.batch_sizes)}  # fmt: skip
+
     def check_health(self) -> None:
         """Raise RuntimeError once :data:`UNHEALTHY_AFTER_FAILURES` batches in a row failed: a deployment's
         ``check_health`` calls this, so Serve replaces a replica whose model broke."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -54,12 +54,8 @@ class Exposure:
     created_at: datetime = field(default_factory=now)
 
     def row(self) -> dict[str, Any]:
-        return {
-            "image_id": self.image_id, "experiment_id": self.experiment_id, "user_id": self.user_id,
-            "arm": self.arm, "mix_id": self.mix_id, "mix_source": self.mix_source, "style": self.style,
-            "seed": self.seed, "timings": self.timings, "outcome": self.outcome, "status": self.status,
-            "created_at": self.created_at,
-        }  # fmt: skip
+        """The ``exposures`` table row (the table's columns are this record's fields)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)

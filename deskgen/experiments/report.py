@@ -17,7 +17,7 @@ from deskgen.experiments.stats import (
     ratio_estimate,
     sample_ratio,
 )
-from deskgen.experiments.store import ExperimentStore
+from deskgen.experiments.store import ExperimentStore, UserTotals
 
 #: The outcome an exposure records when the gate refused the photo.
 GATE_REJECTED = "not_a_desk_setup"
@@ -92,7 +92,7 @@ def build_report(store: ExperimentStore, experiment_id: str, *, confidence: floa
         return None
     arms = list(experiment.split)
     control = arms[0]
-    per_arm_users: dict[str, list[Any]] = {arm: [] for arm in arms}
+    per_arm_users: dict[str, list[UserTotals]] = {arm: [] for arm in arms}
     for totals in store.user_totals(experiment_id):
         per_arm_users.setdefault(totals.arm, []).append(totals)
     per_arm_outcomes: dict[str, list[tuple[str, int, dict[str, float]]]] = {arm: [] for arm in arms}

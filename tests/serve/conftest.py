@@ -117,4 +117,4 @@ def stage_stats() -> dict[str, int]:
 
     classifier = serve.get_deployment_handle("Classifier", APP).stats.remote().result()
     captioner = serve.get_deployment_handle("Captioner", APP).stats.remote().result()
-    return {"gated": classifier["images"], "captioned": captioner["images"], "generated": generator_info()["generations"]}
+    return {"gated": classifier["items"], "captioned": captioner["items"], "generated": generator_info()["generations"]}

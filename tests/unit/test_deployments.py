@@ -174,7 +174,7 @@ def test_the_classifier_batches_concurrent_photos_and_follows_its_threshold(tiny
     assert all(v.threshold == 1.0 and v.is_desk == (v.score >= 1.0) for v in strict)
     assert [v.score for v in strict] == pytest.approx([v.score for v in verdicts], abs=1e-6)
     stats = classifier.stats()
-    assert stats["images"] == 8 and stats["batches"] < 8
+    assert stats["items"] == 8 and stats["batches"] < 8
     classifier.check_health()
 
 
