@@ -62,7 +62,3 @@ class PristineWeights:
                 # From pinned memory the copy is asynchronous but stream-ordered before any later kernel.
                 param.data.copy_(self._copies[id(param)][1], non_blocking=True)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(copy.numel() * copy.element_size() for _, copy in self._copies.values())
-
