@@ -14,7 +14,7 @@ LOGICAL_GPUS ?= 2
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test test-unit test-serve test-cluster lint bench-cpu bench-gpu cluster-up cluster-down clean
+.PHONY: install models serve test test-unit test-serve test-cluster test-postgres lint bench-cpu bench-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -47,8 +47,11 @@ test-serve: models
 test-cluster: models
 	$(BIN)/python -m pytest -m cluster -q
 
+test-postgres: models
+	$(BIN)/python -m pytest -m postgres -q
+
 test: lint models
-	$(BIN)/python -m pytest -m "unit or serve or cluster" -q
+	$(BIN)/python -m pytest -m "unit or serve or cluster or postgres" -q
 
 bench-cpu: models
 	$(RAY_ENV) $(BIN)/python -m bench.cpu

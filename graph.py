@@ -1,4 +1,4 @@
-"""Composes the deskgen application: three stages behind one HTTP ingress.
+"""Composes the deskgen application: three model stages and the experiment recorder behind one HTTP ingress.
 
 ``serve_config.yaml`` points at ``graph:app``. ``app`` is a typed builder, so the config's ``args``
 (model locations — the only change needed for real weights) arrive validated as :class:`DeskgenArgs`.
@@ -15,6 +15,7 @@ from deployments.captioner import Captioner
 from deployments.classifier import Classifier
 from deployments.generator import Generator
 from deployments.ingress import Ingress
+from deployments.recorder import Recorder
 from deskgen.generator.settings import settings_from_options
 
 
@@ -28,6 +29,11 @@ class DeskgenArgs(BaseModel):
     captioner_model: str = Field("models/tiny/blip", description="BLIP folder or hub id")
     generator_model: str = Field("models/tiny/sdxl", description="SDXL folder or hub id")
     lora_dir: str = Field("models/tiny/loras", description="folder of <adapter>.safetensors files")
+    experiments_db: str = Field(
+        "sqlite:///build/experiments.db",
+        description="SQLAlchemy URL of the A/B experiment store: SQLite (a relative path is under the project "
+        "root; one Recorder replica) or postgresql+psycopg://user:password@host/db (Recorder may scale out)",
+    )
     device: str | None = Field(None, description="force a torch device (default: cuda if available, else cpu)")
     dtype: str | None = Field(None, description="force a torch dtype (default: fp16/bf16 on cuda, fp32 on cpu)")
     tf_threads: int | None = Field(None, ge=1, description="TensorFlow threads per classifier replica")
@@ -49,6 +55,7 @@ def build_app(args: DeskgenArgs) -> Application:
         classifier=Classifier.bind(args.classifier_model, tf_threads=args.tf_threads),  # type: ignore[attr-defined]
         captioner=Captioner.bind(args.captioner_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
         generator=Generator.bind(settings),  # type: ignore[attr-defined]
+        recorder=Recorder.bind(args.experiments_db),  # type: ignore[attr-defined]
         lora_dir=args.lora_dir,
     )
 

@@ -35,6 +35,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,9 @@ def bench_serve_config(port: int, tiny: Path, classifier_model: Path) -> dict[st
     FULL-SIZE VGG16 gate as ``classifier_model``. Everything else (queues, batching) is production."""
     from deskgen.serve_config import load_serve_config, with_models
 
-    config = with_models(load_serve_config(), tiny, classifier_model=str(classifier_model))
+    store = Path(tempfile.mkdtemp(prefix="deskgen-bench-experiments-")) / "experiments.db"
+    config = with_models(load_serve_config(), tiny, classifier_model=str(classifier_model),
+                         experiments_db=f"sqlite:///{store}")  # fmt: skip
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
     for deployment in app["deployments"]:

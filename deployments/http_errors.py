@@ -18,10 +18,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from deskgen.errors import DeskgenError, InvalidParameter
+from deskgen.limits import REQUEST_ID_PATTERN
 
 log = logging.getLogger("ray.serve")
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 
 
 def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -57,12 +58,24 @@ def unwrap(exc: BaseException) -> BaseException:
 
 
 def request_id_of(request: Request) -> str:
+    """The request's id: the ``X-Request-Id`` the client sent, or the one Serve's proxy gave it (the proxy
+    also returns it as the response's ``X-Request-Id``, so the ingress never sets that header). An id
+    that does not match :data:`~deskgen.limits.REQUEST_ID_PATTERN` is replaced here (error answers) and
+    refused by :func:`check_request_id` (routes with a body)."""
     rid: str | None = getattr(request.state, "request_id", None)
     if rid is None:
         given = request.headers.get("x-request-id", "")
         rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         request.state.request_id = rid
     return rid
+
+
+def check_request_id(request: Request) -> None:
+    given = request.headers.get("x-request-id")
+    if given is not None and not REQUEST_ID_RE.fullmatch(given):
+        raise InvalidParameter(
+            f"`X-Request-Id` must be 1-64 characters of A-Z a-z 0-9 . _ - but is {given[:80]!r}.", field="X-Request-Id"
+        )
 
 
 def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -72,7 +85,7 @@ def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, An
 
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, DeskgenError):
-        return exc.status, {"error": exc.to_dict()}, {}
+        return exc.status, {"error": exc.to_dict()}, retry if exc.status == 503 else {}
     if isinstance(exc, (ValidationError, RequestValidationError)):
         err = validation_error(exc)
         return err.status, {"error": err.to_dict()}, {}
@@ -88,17 +101,23 @@ def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, An
 
 def json_error(request: Request, exc: BaseException, retry_after_s: int = 5) -> JSONResponse:
     status, body, headers = error_for(unwrap(exc), retry_after_s)
+    # A generation request that already took its place among the experiment's exposures records the
+    # error its client gets (a guardrail of its arm).
+    exposure = getattr(request.state, "exposure", None)
+    if exposure is not None:
+        exposure.settle(body["error"]["code"], status)
     body["request_id"] = request_id_of(request)
-    return error_response(status, body, headers | {"X-Request-Id": body["request_id"]})
+    return error_response(status, body, headers)
 
 
 def json_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Answer any exception a route raises as JSON with its status (Retry-After from the live config)."""
+    """Answer any exception a route raises as JSON with its status (Retry-After from the live config);
+    path parameters pass through."""
 
     @functools.wraps(route)
-    async def wrapper(self: Any, request: Request) -> Any:
+    async def wrapper(self: Any, request: Request, **path: Any) -> Any:
         try:
-            return await route(self, request)
+            return await route(self, request, **path)
         except Exception as exc:
             return json_error(request, exc, self.config.retry_after_s)
 

@@ -23,6 +23,11 @@ def choose_format(accept: str) -> OutputFormat:
     return "png"
 
 
+def wants_html(request: Request) -> bool:
+    """A browser asking for a page (``Accept: text/html``) rather than a client asking for JSON."""
+    return "text/html" in request.headers.get("accept", "").lower()
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 

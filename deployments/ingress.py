@@ -17,11 +17,12 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -29,6 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.http_errors import (
+    check_request_id,
     error_body,
     error_for,
     error_response,
@@ -38,8 +40,18 @@ from deployments.http_errors import (
     unwrap,
     validation_error,
 )
-from deployments.http_io import OutputFormat, awaitable, choose_format, image_body, json_body, read_body, sse
+from deployments.http_io import (
+    OutputFormat,
+    awaitable,
+    choose_format,
+    image_body,
+    json_body,
+    read_body,
+    sse,
+    wants_html,
+)
 from deployments.ingress_models import (
+    FeedbackRequest,
     GenerateForm,
     GenerationOptions,
     ImageForm,
@@ -54,7 +66,17 @@ from deskgen.contracts import (
     GenerationEvent,
     GenerationRequest,
 )
-from deskgen.errors import InvalidParameter, NotADeskSetup, NotAnImage
+from deskgen.errors import (
+    InvalidParameter,
+    NotADeskSetup,
+    NotAnImage,
+    RecorderUnavailable,
+    UnknownExperiment,
+    UnknownImage,
+)
+from deskgen.experiments.buffer import ExposureBuffer, Reservation
+from deskgen.experiments.page import render_experiment_list_page, render_report_page
+from deskgen.experiments.records import Experiment, Exposure, Feedback
 from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
 from deskgen.limits import MAX_SEED
@@ -109,12 +131,18 @@ class IngressRoutes:
         classifier: DeploymentHandle,
         captioner: DeploymentHandle,
         generator: DeploymentHandle,
+        recorder: DeploymentHandle,
         lora_dir: str | None = None,
     ) -> None:
         self.classifier = classifier
         self.captioner = captioner
         self.generator = generator
+        self.recorder = recorder
         self.config = IngressConfig()
+        #: Exposures wait here for the recorder: a request never waits on the database.
+        self.exposures = ExposureBuffer(
+            self.write_exposures, capacity=self.config.exposure_buffer, flush_interval_s=self.config.exposure_flush_s
+        )
         #: The adapters are the ``*.safetensors`` files in the generators' ``lora_dir``, listed here
         #: without asking a GPU replica (and re-listed every ``catalog_ttl_s``, so a file added there is
         #: usable without a restart). Where the folder is not visible from the ingress's node, the
@@ -127,7 +155,14 @@ class IngressRoutes:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig.model_validate(user_config)
         self._catalog = None  # rebuilt against the new named mixes on next use
-        log.info("ingress config: default_mix=%s ab_split=%s", self.config.default_mix, self.config.ab_split)
+        self.exposures.capacity = self.config.exposure_buffer
+        self.exposures.flush_interval_s = self.config.exposure_flush_s
+        log.info("ingress config: default_mix=%s ab_split=%s experiment=%s", self.config.default_mix,
+                 self.config.ab_split, self.config.experiment.id)  # fmt: skip
+
+    async def __del__(self) -> None:
+        # A replica being replaced (serve deploy, downscale) hands its buffered exposures over first.
+        await self.exposures.close(timeout_s=10.0)
 
     # -- mixes ---------------------------------------------------------------------------------
 
@@ -174,10 +209,41 @@ class IngressRoutes:
         named = name if name in catalog.named else None
         return mix, {"id": mix.id, "name": named, "weights": mix.as_dict(), "source": source, "arm": arm}
 
+    # -- the experiment loop -------------------------------------------------------------------
+
+    def begin_exposure(self, request: Request, mix_info: dict[str, Any], user_id: str | None, style: str | None) -> Reservation:
+        """Take the request's place in the exposure buffer (503 when full, before any model runs). The
+        outcome is settled once: ``ok`` at delivery, or the error code the client got (by ``json_errors``)."""
+        source = mix_info["source"]
+        arm = mix_info["arm"] if source == "ab" else self.config.default_mix if source == "default" else None
+        exposure = self.exposures.reserve(
+            self.config.experiment, image_id=request_id_of(request), user_id=user_id, arm=arm,
+            mix_id=mix_info["id"], mix_source=source, style=style,
+        )  # fmt: skip
+        request.state.exposure = exposure
+        return exposure
+
+    async def write_exposures(self, experiments: list[Experiment], batch: list[Exposure]) -> None:
+        await self.recorder_call(self.recorder.record_exposures.remote(experiments, batch))
+
+    async def recorder_call(self, call: Awaitable[T]) -> T:
+        """A call to the experiment store, bounded by ``recorder_timeout_s`` (then 503: nothing was
+        acknowledged, and every write is idempotent, so the client may retry)."""
+        try:
+            return await asyncio.wait_for(awaitable(call), self.config.recorder_timeout_s)
+        except TimeoutError:
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise RecorderUnavailable(
+                f"the experiment store did not answer within {self.config.recorder_timeout_s} s: retry."
+            ) from None
+
     # -- request parsing -----------------------------------------------------------------------
 
     async def parse(self, request: Request, model: type[T], *, image: Literal["required", "none"]) -> tuple[T, bytes | None]:
         """Validate a multipart or JSON request into ``model``; return it and the raw image bytes."""
+        check_request_id(request)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         limit = self.config.max_upload_bytes * 4 // 3 + 64 * 1024  # base64 and form overhead
         body = await read_body(request, limit, "image" if image == "required" else "body")
@@ -264,16 +330,20 @@ class IngressRoutes:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Ready when every stage answers a ping within 5 s."""
-        stages = {"classifier": self.classifier, "captioner": self.captioner, "generator": self.generator}
+        """Ready when every model stage answers a ping within 5 s. The experiment recorder is reported but
+        does not make the ingress unready: while it is down, exposures wait in this replica's buffer
+        (``exposures``: pending, written, failed flushes, requests refused because it was full)."""
+        stages = {"classifier": self.classifier, "captioner": self.captioner, "generator": self.generator,
+                  "recorder": self.recorder}  # fmt: skip
         results: dict[str, str] = {}
         for name, handle in stages.items():
             try:
                 results[name] = await asyncio.wait_for(awaitable(handle.ping.remote()), 5.0)
             except Exception as exc:
                 results[name] = f"unavailable: {type(unwrap(exc)).__name__}"
-        ready = all(v == "ok" for v in results.values())
-        return JSONResponse({"ready": ready, "stages": results}, status_code=200 if ready else 503)
+        ready = all(v == "ok" for name, v in results.items() if name != "recorder")
+        body = {"ready": ready, "stages": results, "exposures": asdict(self.exposures.stats)}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @api.get("/v1/mixes")
     @json_errors
@@ -320,8 +390,9 @@ class IngressRoutes:
         body, _ = await self.parse(request, Text2ImgRequest, image="none")
         params = self.params(body, body.prompt, None)
         mix, mix_info = await self.choose_mix(body.mix, body.user_id)
+        exposure = self.begin_exposure(request, mix_info, body.user_id, None)
         output = choose_format(request.headers.get("accept", ""))
-        info: dict[str, Any] = {"mix": mix_info, "timings": {}}
+        info: dict[str, Any] = {"mix": mix_info, "timings": exposure.timings}
         return await self.respond(request, output, params, mix, info, body.timeout_s, started, prelude=[])
 
     @api.post("/v1/generate", openapi_extra=image_body(GenerateForm))
@@ -334,6 +405,7 @@ class IngressRoutes:
         #    live limits (the prompt comes from the captions later), the mix, the photo.
         self.params(form, PENDING_PROMPT, None)
         mix, mix_info = await self.choose_mix(form.mix, form.user_id)
+        exposure = self.begin_exposure(request, mix_info, form.user_id, form.style)
         image = self.decode(raw)
         output = choose_format(request.headers.get("accept", ""))
         timeout = form.timeout_s or self.config.request_timeout_s
@@ -342,11 +414,11 @@ class IngressRoutes:
         # 1. Gate: not a desk setup -> 422 with the score.
         t = time.perf_counter()
         verdict = await self.deadline(self.classify_or_reject(image), deadline)
-        classify_s = time.perf_counter() - t
+        exposure.timings["classify_s"] = time.perf_counter() - t
         # 2. Captions -> keywords -> prompt.
         t = time.perf_counter()
         captioned: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), deadline)
-        caption_s = time.perf_counter() - t
+        exposure.timings["caption_s"] = time.perf_counter() - t
         params = self.params(form, captioned.prompt, captioned.negative_prompt)
         info = {
             "desk_score": verdict.score,
@@ -354,7 +426,7 @@ class IngressRoutes:
             "keywords": captioned.keyword_dicts(),
             "style": form.style,
             "mix": mix_info,
-            "timings": {"classify_s": classify_s, "caption_s": caption_s},
+            "timings": exposure.timings,
         }
         prelude = []
         if output == "sse":
@@ -364,6 +436,50 @@ class IngressRoutes:
             ]
         # 3. Generate, routed by the mix's multiplexed id.
         return await self.respond(request, output, params, mix, info, timeout, started, prelude=prelude)
+
+    @api.post("/v1/feedback", status_code=201, openapi_extra=json_body(FeedbackRequest))
+    @json_errors
+    async def feedback(self, request: Request) -> JSONResponse:
+        """What the user did with an image. 201 once stored (committed), 200 for a repeat of the same
+        (image_id, event): a retry never double counts. 404 unknown image, 409 another user's image."""
+        body, _ = await self.parse(request, FeedbackRequest, image="none")
+        fb = Feedback(image_id=body.image_id, event=body.event, user_id=body.user_id, value=body.value)
+        # This replica's own exposures first: the image may have been delivered a moment ago.
+        await self.exposures.flush()
+        try:
+            new = await self.recorder_call(self.recorder.record_feedback.remote(fb))
+        except Exception as exc:
+            if not isinstance(unwrap(exc), UnknownImage):
+                raise
+            # Delivered through another ingress replica, whose buffer flushes within exposure_flush_s.
+            await asyncio.sleep(2 * self.config.exposure_flush_s)
+            new = await self.recorder_call(self.recorder.record_feedback.remote(fb))
+        answer = {"image_id": fb.image_id, "event": fb.event, "recorded": True, "duplicate": not new}
+        return JSONResponse(answer, status_code=201 if new else 200)
+
+    @api.get("/v1/experiments")
+    @json_errors
+    async def experiments(self, request: Request) -> Response:
+        """Every experiment with its split, salt, start, exposures and users; ``current`` is the one the
+        live config runs. HTML for ``Accept: text/html``."""
+        await self.exposures.flush()  # what this replica delivered so far is in the answer
+        listed: list[dict[str, Any]] = await self.recorder_call(self.recorder.experiments.remote())
+        if wants_html(request):
+            return HTMLResponse(render_experiment_list_page(listed))
+        return JSONResponse({"current": self.config.experiment.id, "experiments": listed})
+
+    @api.get("/v1/experiments/{experiment_id}")
+    @json_errors
+    async def experiment_report(self, request: Request, experiment_id: str) -> Response:
+        """Per arm: users, exposures, event rates with 95 % CIs (the user is the unit), differences against
+        the control, the sample-ratio test and guardrails. HTML with a chart for ``Accept: text/html``."""
+        await self.exposures.flush()
+        report = await self.recorder_call(self.recorder.report.remote(experiment_id))
+        if report is None:
+            raise UnknownExperiment(f"`experiment_id`: no experiment {experiment_id!r} was recorded.", field="experiment_id")
+        if wants_html(request):
+            return HTMLResponse(render_report_page(report))
+        return JSONResponse(report)
 
     # -- generation and responses ------------------------------------------------------------------
 
@@ -396,6 +512,7 @@ class IngressRoutes:
         prelude: list[bytes],
     ) -> Response:
         request_id = request_id_of(request)
+        exposure: Reservation = request.state.exposure
         deadline = started + (timeout_s or self.config.request_timeout_s)
         handle = self.generator.options(multiplexed_model_id=mix.id)
         generation = GenerationRequest(params=params, limits=self.config.limits)
@@ -404,16 +521,15 @@ class IngressRoutes:
             # Pull the first event before answering, so an error still gets its status code.
             first = await self.deadline(stream.__anext__(), deadline, cancel=stream.cancel)
             return StreamingResponse(
-                self.sse_events(stream, first, prelude, info, request_id, started, deadline),
+                self.sse_events(stream, first, prelude, info, exposure, started, deadline),
                 media_type="text/event-stream",
-                headers={"X-Request-Id": request_id, "X-Deskgen-Mix": mix.id, "Cache-Control": "no-cache"},
+                headers={"X-Deskgen-Mix": mix.id, "Cache-Control": "no-cache"},
             )
         t = time.perf_counter()
         result: GeneratedImage = await self.deadline(handle.generate.remote(generation), deadline)
         info["timings"]["generate_s"] = time.perf_counter() - t
         info["timings"]["total_s"] = time.perf_counter() - started
         headers = {
-            "X-Request-Id": request_id,
             "X-Deskgen-Mix": mix.id,
             "X-Deskgen-Mix-Source": info["mix"]["source"],
             "X-Deskgen-Seed": str(params.seed),
@@ -424,9 +540,13 @@ class IngressRoutes:
             headers["X-Deskgen-AB-Arm"] = info["mix"]["arm"]
         if "desk_score" in info:
             headers["X-Deskgen-Desk-Score"] = f"{info['desk_score']:.6f}"
-        if output == "json":
-            return JSONResponse(self.json_result(result, info, request_id), headers=headers)
-        return Response(result.png, media_type="image/png", headers=headers)
+        response = (
+            JSONResponse(self.json_result(result, info, request_id), headers=headers)
+            if output == "json"
+            else Response(result.png, media_type="image/png", headers=headers)
+        )
+        exposure.settle("ok", 200, seed=params.seed)
+        return response
 
     def json_result(self, result: GeneratedImage, info: dict[str, Any], request_id: str) -> dict[str, Any]:
         params = result.params
@@ -451,20 +571,22 @@ class IngressRoutes:
         first: GenerationEvent,
         prelude: list[bytes],
         info: dict[str, Any],
-        request_id: str,
+        exposure: Reservation,
         started: float,
         deadline: float,
     ) -> AsyncIterator[bytes]:
-        for chunk in prelude:
-            yield chunk
         event: GenerationEvent | None = first
         t = time.perf_counter()
         try:
+            for chunk in prelude:
+                yield chunk
             while event is not None:
                 if isinstance(event, GeneratedImage):
                     info["timings"]["generate_s"] = time.perf_counter() - t
                     info["timings"]["total_s"] = time.perf_counter() - started
-                    yield sse(event.event, self.json_result(event, info, request_id))
+                    done = sse(event.event, self.json_result(event, info, exposure.image_id))
+                    exposure.settle("ok", 200, seed=event.params.seed)
+                    yield done
                     return
                 yield sse(event.event, event.public())
                 try:
@@ -472,10 +594,15 @@ class IngressRoutes:
                 except StopAsyncIteration:
                     event = None
         except TimeoutError:
+            exposure.settle("timeout", 504)
             yield sse("error", error_body("timeout", f"the request did not finish within its deadline of {deadline - started:.1f} s."))
         except Exception as exc:
             status, body, _ = error_for(unwrap(exc), self.config.retry_after_s)
+            exposure.settle(body["error"]["code"], status)
             yield sse("error", body | {"status": status})
+        finally:
+            # The client went away before the image was done: not delivered, recorded as such.
+            exposure.settle("client_closed", 499)
 
 
 Ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)(

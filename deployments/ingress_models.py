@@ -2,10 +2,11 @@
 HTTP API (pydantic models; the OpenAPI document is generated from them). Bounds come from
 :mod:`deskgen.limits`, the one place limits live."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deskgen.experiments.records import FEEDBACK_EVENTS, Experiment
 from deskgen.limits import (
     DEFAULT_SIZE_LIMITS,
     DEFAULT_UPLOAD_LIMITS,
@@ -17,6 +18,7 @@ from deskgen.limits import (
     MAX_TIMEOUT_S,
     MAX_USER_ID_CHARS,
     MIN_GUIDANCE,
+    REQUEST_ID_PATTERN,
     SIDE_MULTIPLE,
     SizeLimits,
 )
@@ -51,6 +53,14 @@ class IngressConfig(BaseModel):
     catalog_ttl_s: float = Field(
         5.0, ge=0.0, le=3600.0, description="how long the adapter list read from lora_dir is reused"
     )
+    exposure_buffer: int = Field(
+        10_000, ge=1, description="exposures an ingress replica holds while the experiment store is unreachable; "
+        "when full, generation requests are refused with 503 before any model runs"
+    )
+    exposure_flush_s: float = Field(0.05, gt=0.0, le=10.0, description="how often buffered exposures are written")
+    recorder_timeout_s: float = Field(
+        5.0, gt=0.0, le=60.0, description="how long a feedback or report call waits for the experiment store"
+    )
 
     @field_validator("ab_split")
     @classmethod
@@ -66,6 +76,13 @@ class IngressConfig(BaseModel):
             if arm not in self.mixes:
                 raise ValueError(f"{arm!r} is not one of the named mixes {sorted(self.mixes)}")
         return self
+
+    @property
+    def experiment(self) -> Experiment:
+        """The experiment this config runs: its A/B split (or the default mix alone) with the salt and the
+        weights of its arms. A ``serve deploy`` that changes any of them starts a new experiment."""
+        split = self.ab_split or {self.default_mix: 1.0}
+        return Experiment(split=dict(split), salt=self.ab_salt, mixes={arm: dict(self.mixes[arm]) for arm in split})
 
     @property
     def limits(self) -> SizeLimits:
@@ -130,3 +147,16 @@ class ImageForm(BaseModel):
 
     image_b64: str | None = None
     style: str | None = Field(None, max_length=MAX_STYLE_CHARS)
+
+
+class FeedbackRequest(BaseModel):
+    """/v1/feedback: what a user did with an image. Idempotent per (image_id, event)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str = Field(..., pattern=REQUEST_ID_PATTERN, description="the request id the image was answered with")
+    event: Literal[FEEDBACK_EVENTS] = Field(..., description="what the user did")  # type: ignore[valid-type]
+    value: float | None = Field(None, allow_inf_nan=False, description="optional, e.g. a rating")
+    user_id: str | None = Field(
+        None, min_length=1, max_length=MAX_USER_ID_CHARS, description="must be the user the image was delivered to"
+    )

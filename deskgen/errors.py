@@ -84,3 +84,25 @@ class ModelFilesMissing(RuntimeError):
     def __init__(self, what: str, path: str, hint: str = "build the tiny models with `make models`") -> None:
         super().__init__(f"{what} not found at {path!r}: {hint}")
         self.path = path
+
+
+class RecorderBacklog(DeskgenError):
+    """The ingress's exposure buffer is full (the experiment store has been unreachable): refused before
+    any model runs, so that no delivered image goes unrecorded (503, with Retry-After)."""
+
+    status = 503
+    code = "recorder_backlog"
+
+
+class RecorderUnavailable(DeskgenError):
+    """The experiment store did not answer in time; nothing was acknowledged, so a retry is safe (503)."""
+
+    status = 503
+    code = "recorder_unavailable"
+
+
+class UnknownExperiment(DeskgenError):
+    """No experiment with this id was recorded (404)."""
+
+    status = 404
+    code = "unknown_experiment"

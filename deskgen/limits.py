@@ -21,6 +21,8 @@ MAX_GUIDANCE = 30.0
 #: Characters in a style concept woven into the prompt, and in a user id.
 MAX_STYLE_CHARS = 200
 MAX_USER_ID_CHARS = 200
+#: A request id (the ``X-Request-Id`` a client may send; it is also the image id feedback names).
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 #: Characters in a mix specification (`adapter:weight+...`).
 MAX_MIX_SPEC_CHARS = 300
 #: A request's own deadline (`timeout_s`), seconds.

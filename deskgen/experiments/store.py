@@ -16,18 +16,31 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 
 from deskgen.errors import FeedbackConflict, UnknownImage
 from deskgen.experiments.records import Experiment, Exposure, Feedback, now
 from deskgen.experiments.schema import experiments, exposures, feedback
+from deskgen.paths import resolve
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def database_url(url: str) -> str:
+    """``url`` with a relative SQLite path made absolute against the project root (a Ray worker's cwd is
+    its own) and the file's folder created."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = resolve(parsed.database)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return parsed.set(database=str(path)).render_as_string(hide_password=False)
+    return url
 
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``. SQLite runs in WAL mode with full fsync: readers never block the writer,
     and an answered write survives a killed process."""
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(database_url(url), pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -55,9 +68,11 @@ def migrate(engine: Engine, revision: str = "head") -> None:
 
 
 def _insert(connection: Connection, table: Any) -> Any:
-    """An INSERT that skips rows whose key exists (both dialects we support spell it the same)."""
+    """An INSERT that skips rows whose key exists (both dialects we support spell it the same). Its result
+    keeps the row count: psycopg resets a closed cursor's to -1, and SQLAlchemy closes the cursor of an
+    INSERT without RETURNING before we read it."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+    return dialect.insert(table).execution_options(preserve_rowcount=True)
 
 
 @dataclass(frozen=True)
@@ -103,8 +118,10 @@ class ExperimentStore:
     def record_feedback(self, fb: Feedback) -> bool:
         """Store ``fb``; ``False`` when the same (image, event) was already stored (a retry)."""
         with self.engine.begin() as c:
-            owner = c.execute(select(exposures.c.user_id).where(exposures.c.image_id == fb.image_id)).first()
-            if owner is None:
+            owner = c.execute(
+                select(exposures.c.user_id).where(exposures.c.image_id == fb.image_id, exposures.c.outcome == "ok")
+            ).first()
+            if owner is None:  # never answered, or answered with an error and no image
                 raise UnknownImage(f"`image_id`: no image {fb.image_id!r} was delivered.", field="image_id")
             if fb.user_id is not None and fb.user_id != owner.user_id:
                 raise FeedbackConflict(
@@ -127,6 +144,26 @@ class ExperimentStore:
         with self.engine.connect() as c:
             return [r.id for r in c.execute(select(experiments.c.id).order_by(experiments.c.created_at))]
 
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every experiment, oldest first: its definition, when it started, its exposures and users."""
+        counts = (
+            select(exposures.c.experiment_id, func.count().label("exposures"),
+                   func.count(func.distinct(exposures.c.user_id)).label("users"))
+            .group_by(exposures.c.experiment_id)
+            .subquery()
+        )  # fmt: skip
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(experiments, counts.c.exposures, counts.c.users)
+                .join(counts, counts.c.experiment_id == experiments.c.id, isouter=True)
+                .order_by(experiments.c.created_at)
+            ).all()
+        return [
+            {"id": r.id, "split": dict(r.split), "salt": r.salt, "mixes": dict(r.mixes),
+             "created_at": r.created_at.isoformat(), "exposures": int(r.exposures or 0), "users": int(r.users or 0)}
+            for r in rows
+        ]  # fmt: skip
+
     def user_totals(self, experiment_id: str) -> list[UserTotals]:
         """Per arm and user: delivered images (outcome ``ok``) and feedback events on them that came at or
         after the user's first exposure in this experiment. Users without a user id are not in the ratio
@@ -141,7 +178,8 @@ class ExperimentStore:
             )
             shown = c.execute(
                 select(exposures.c.arm, exposures.c.user_id, func.count().label("n"))
-                .where(exposures.c.experiment_id == experiment_id, delivered, exposures.c.user_id.is_not(None))
+                .where(exposures.c.experiment_id == experiment_id, delivered, exposures.c.user_id.is_not(None),
+                       exposures.c.arm.is_not(None))
                 .group_by(exposures.c.arm, exposures.c.user_id)
             ).all()
             events = c.execute(

@@ -48,7 +48,9 @@ GPU_NODES = 2
 
 def cluster_test_config(models: Path) -> dict[str, Any]:
     """serve_config.yaml with the overrides listed in the module docstring, nothing else."""
-    config = with_models(load_serve_config(), models)
+    # The experiment store in a temporary folder, not the work tree's build/.
+    store = Path(tempfile.mkdtemp(prefix="deskgen-cluster-experiments-")) / "experiments.db"
+    config = with_models(load_serve_config(), models, experiments_db=f"sqlite:///{store}")
     if os.environ.get("DESKGEN_CLUSTER_CONTROL") == "no-autoscale":
         # The control run of the autoscaling test: a Classifier that may never scale out must fail it.
         deployment(config, "Classifier")["autoscaling_config"]["max_replicas"] = 1

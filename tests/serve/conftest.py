@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from deskgen.serve_config import deployment_config as deployment
 from deskgen.serve_config import load_serve_config, with_models
+from deskgen.tools.samples import desk_scene, non_desk_scene
+
+from .helpers import png_bytes
 
 APP = "deskgen"
 
@@ -29,8 +33,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_config(port: int, models: Path, lora_dir: Path) -> dict[str, Any]:
-    config = with_models(load_serve_config(), models, lora_dir=str(lora_dir))
+def test_config(port: int, models: Path, lora_dir: Path, experiments_db: str) -> dict[str, Any]:
+    config = with_models(load_serve_config(), models, lora_dir=str(lora_dir), experiments_db=experiments_db)
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
     for d in app["deployments"]:
@@ -76,13 +80,19 @@ def lora_dir(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="session")
-def serve_app(tiny_models: Path, lora_dir: Path) -> Iterator[dict[str, Any]]:
+def experiments_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The app's experiment store: a SQLite file of its own (the PostgreSQL tier overrides this)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('experiments') / 'experiments.db'}"
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str) -> Iterator[dict[str, Any]]:
     """Deploy the app once per session; yields {"url", "config", "deploy_seconds"}."""
     import ray
     from ray import serve
 
     port = free_port()
-    config = test_config(port, tiny_models, lora_dir)
+    config = test_config(port, tiny_models, lora_dir, experiments_db)
     ray.init(num_cpus=4, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve", log_to_driver=False)
     start = time.perf_counter()
     deploy(config)
@@ -93,9 +103,19 @@ def serve_app(tiny_models: Path, lora_dir: Path) -> Iterator[dict[str, Any]]:
             if time.monotonic() > deadline:
                 raise TimeoutError("deskgen never became ready")
             time.sleep(0.5)
-    yield {"url": url, "config": config, "deploy_seconds": time.perf_counter() - start}
+    yield {"url": url, "config": config, "deploy_seconds": time.perf_counter() - start, "experiments_db": experiments_db}
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def desk_photo() -> bytes:
+    return png_bytes(desk_scene(np.random.default_rng(1234), 128), "JPEG")
+
+
+@pytest.fixture(scope="session")
+def not_a_desk() -> bytes:
+    return png_bytes(non_desk_scene(np.random.default_rng(4321), 128))
 
 
 @pytest.fixture()

@@ -4,63 +4,32 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
 from deskgen.pngmeta import read_png_metadata
 from deskgen.prompt import DEFAULT_PREFIXES
-from deskgen.tools.samples import desk_scene, non_desk_scene
 
 from .conftest import generator_info
+from .helpers import assert_error, generate, parse_sse, text2img
 
 pytestmark = pytest.mark.serve
 
 OTT_3D = "3d:0.5+ott:0.7"
 
 
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def desk_photo() -> bytes:
-    return png_bytes(desk_scene(np.random.default_rng(1234), 128), "JPEG")
-
-
-@pytest.fixture(scope="module")
-def not_a_desk() -> bytes:
-    return png_bytes(non_desk_scene(np.random.default_rng(4321), 128))
-
-
-def generate(client: httpx.Client, photo: bytes, accept: str | None = None, **fields: Any) -> httpx.Response:
-    headers = {"Accept": accept} if accept else {}
-    data = {k: str(v) for k, v in fields.items()}
-    return client.post("/v1/generate", files={"image": ("desk.jpg", photo, "image/jpeg")}, data=data, headers=headers)
-
-
-def text2img(client: httpx.Client, **body: Any) -> httpx.Response:
-    return client.post("/v1/text2img", json={"prompt": "a tidy desk setup", "steps": 1, **body})
-
-
-def assert_error(response: httpx.Response, status: int, code: str, field: str | None = None, *fragments: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    if field is not None:
-        assert error["field"] == field, error
-    for fragment in fragments:
-        assert fragment in error["message"], error["message"]
-    return dict(error)
+def test_the_request_id_is_the_clients_echoed_once_or_refused(client: httpx.Client) -> None:
+    rid = f"client-{time.time_ns()}"
+    response = client.post("/v1/text2img", json={"prompt": "desk", "steps": 1}, headers={"X-Request-Id": rid, "Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.headers.get_list("x-request-id") == [rid] and response.json()["request_id"] == rid
+    bad = client.post("/v1/text2img", json={"prompt": "desk", "steps": 1}, headers={"X-Request-Id": "no spaces/allowed"})
+    assert_error(bad, 400, "invalid_parameter", "X-Request-Id", "1-64 characters")
 
 
 # -- the full pipeline --------------------------------------------------------------------------
@@ -72,7 +41,7 @@ def test_generate_returns_png_with_metadata(client: httpx.Client, desk_photo: by
     assert response.headers["content-type"] == "image/png"
     assert response.headers["x-deskgen-mix"] == OTT_3D
     assert response.headers["x-deskgen-seed"] == "7"
-    assert len(response.headers["x-request-id"]) >= 8
+    assert len(response.headers["x-request-id"]) >= 8 and "," not in response.headers["x-request-id"]
     assert float(response.headers["x-deskgen-desk-score"]) >= 0.5
     image = Image.open(io.BytesIO(response.content))
     assert image.format == "PNG" and image.size == (64, 64)
@@ -192,14 +161,6 @@ def test_alternating_mixes_never_reload_the_base(client: httpx.Client) -> None:
 # -- streaming ------------------------------------------------------------------------------------
 
 
-def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
-    events = []
-    for block in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((lines["event"], json.loads(lines["data"])))
-    return events
-
-
 def test_sse_streams_ordered_steps_and_the_final_image(client: httpx.Client, desk_photo: bytes) -> None:
     response = generate(client, desk_photo, accept="text/event-stream", mix="ott_3d", seed=7, steps=4)
     assert response.status_code == 200, response.text
@@ -303,9 +264,12 @@ def test_overload_is_503_with_retry_after(client: httpx.Client, serve_app: dict[
 def test_health_ready_and_docs(client: httpx.Client) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
-    assert ready == {"ready": True, "stages": {"classifier": "ok", "captioner": "ok", "generator": "ok"}}
+    assert ready["ready"] is True
+    assert ready["stages"] == {"classifier": "ok", "captioner": "ok", "generator": "ok", "recorder": "ok"}
+    assert ready["exposures"]["refused"] == 0
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/generate", "/v1/classify", "/v1/caption", "/v1/text2img", "/v1/mixes", "/healthz", "/readyz"} <= set(paths)
+    assert {"/v1/generate", "/v1/classify", "/v1/caption", "/v1/text2img", "/v1/mixes", "/healthz", "/readyz",
+            "/v1/feedback", "/v1/experiments", "/v1/experiments/{experiment_id}"} <= set(paths)  # fmt: skip
     assert "multipart/form-data" in paths["/v1/generate"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
 

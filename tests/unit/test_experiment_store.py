@@ -64,10 +64,13 @@ def test_writes_are_idempotent_and_survive_a_new_engine(store: ExperimentStore, 
 
 
 def test_feedback_for_an_unknown_image_or_another_user_is_refused(store: ExperimentStore) -> None:
-    store.record_exposures([exposure("img-1", "alice"), exposure("img-anon", None)])
+    store.record_exposures([exposure("img-1", "alice"), exposure("img-anon", None),
+                            exposure("img-422", "alice", outcome="not_a_desk_setup")])  # fmt: skip
     with pytest.raises(UnknownImage) as unknown:
         store.record_feedback(Feedback("img-404", "like"))
     assert (unknown.value.status, unknown.value.field) == (404, "image_id")
+    with pytest.raises(UnknownImage):  # answered, but with an error and no image
+        store.record_feedback(Feedback("img-422", "like", user_id="alice"))
     with pytest.raises(FeedbackConflict) as conflict:
         store.record_feedback(Feedback("img-1", "like", user_id="mallory"))
     assert (conflict.value.status, conflict.value.field) == (409, "user_id")

@@ -50,3 +50,22 @@ def test_error_mapping() -> None:
     status, body, headers = error_for(BackPressureError(num_queued_requests=3, max_queued_requests=2), 7)
     assert status == 503 and headers == {"Retry-After": "7"} and body["error"]["code"] == "overloaded"
     assert error_for(TimeoutError(), 5)[0] == 504
+
+
+def test_the_experiment_is_the_split_salt_and_arm_mixes_of_the_config() -> None:
+    from deployments.ingress_models import IngressConfig
+
+    base = IngressConfig(ab_split={"dalle_ott": 0.7, "ott_3d": 0.3})
+    assert base.experiment.split == {"dalle_ott": 0.7, "ott_3d": 0.3}
+    assert base.experiment.mixes == {"dalle_ott": base.mixes["dalle_ott"], "ott_3d": base.mixes["ott_3d"]}
+    same = IngressConfig(ab_split={"dalle_ott": 0.7, "ott_3d": 0.3}, default_steps=4,
+                         mixes=base.mixes | {"3d_only": {"3d": 0.9}})  # fmt: skip
+    assert same.experiment.id == base.experiment.id  # knobs and mixes outside the split: same experiment
+    changed = [
+        IngressConfig(ab_split={"dalle_ott": 0.5, "ott_3d": 0.5}),
+        IngressConfig(ab_split={"dalle_ott": 0.7, "ott_3d": 0.3}, ab_salt="v2"),
+        IngressConfig(ab_split={"dalle_ott": 0.7, "ott_3d": 0.3}, mixes=base.mixes | {"ott_3d": {"ott": 0.6, "3d": 0.5}}),
+    ]
+    assert len({c.experiment.id for c in changed} | {base.experiment.id}) == 4
+    # Without a split, the default mix is the experiment's only arm (its guardrails are still reported).
+    assert IngressConfig(default_mix="mix").experiment.split == {"mix": 1.0}

@@ -1,0 +1,48 @@
+"""Requests and checks shared by the serve-tier tests: the two generation routes, the JSON error shape,
+the SSE stream."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import httpx
+from PIL import Image
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def generate(client: httpx.Client, photo: bytes, accept: str | None = None, **fields: Any) -> httpx.Response:
+    headers = {"Accept": accept} if accept else {}
+    data = {k: str(v) for k, v in fields.items()}
+    return client.post("/v1/generate", files={"image": ("desk.jpg", photo, "image/jpeg")}, data=data, headers=headers)
+
+
+def text2img(client: httpx.Client, accept: str | None = None, **body: Any) -> httpx.Response:
+    headers = {"Accept": accept} if accept else {}
+    return client.post("/v1/text2img", json={"prompt": "a tidy desk setup", "steps": 1, **body}, headers=headers)
+
+
+def assert_error(response: httpx.Response, status: int, code: str, field: str | None = None, *fragments: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    if field is not None:
+        assert error["field"] == field, error
+    for fragment in fragments:
+        assert fragment in error["message"], error["message"]
+    return dict(error)
+
+
+def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
