@@ -8,13 +8,14 @@ MODELS ?= models/tiny
 # generator 1 GPU) schedules unchanged; the models then run on the CPU.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LOGICAL_GPUS ?= 2
+METRICS_PORT ?= 8080
 # The graph asks for 3.5 CPUs (Ingress 0.5, one replica of each stage 1): a smaller machine declares
 # 4 logical CPUs so it schedules (replicas then share the cores). `cpu_node` marks this node as one
 # that may run the CPU deployments (serve_config.yaml pins them to it).
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test test-unit test-serve test-cluster test-postgres lint bench-cpu bench-gpu cluster-up cluster-down clean
+.PHONY: install models serve test test-unit test-serve test-cluster test-postgres test-observability lint bench-cpu bench-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -31,8 +32,13 @@ models: install $(MODELS)/.complete
 $(MODELS)/.complete:
 	DESKGEN_MODELS=$(MODELS) $(BIN)/python -m deskgen.tools.tiny --out $(MODELS)
 
+# A local Ray head with Ray's Prometheus endpoint on a fixed port (METRICS_PORT, = METRICS_EXPORT_PORT in
+# deployments/metrics.py and observability/prometheus.yml), then the app on it; Ctrl-C stops both.
 serve: models
-	$(RAY_ENV) $(BIN)/serve run serve_config.yaml
+	$(RAY_ENV) $(BIN)/ray start --head --metrics-export-port=$(METRICS_PORT) --dashboard-host=127.0.0.1 \
+	  --disable-usage-stats >/dev/null && \
+	trap '$(BIN)/ray stop >/dev/null 2>&1' EXIT INT TERM && \
+	RAY_ADDRESS=auto $(BIN)/serve run serve_config.yaml
 
 lint: install
 	$(BIN)/ruff check .
@@ -50,8 +56,11 @@ test-cluster: models
 test-postgres: models
 	$(BIN)/python -m pytest -m postgres -q
 
+test-observability: models
+	$(BIN)/python -m pytest -m observability -q
+
 test: lint models
-	$(BIN)/python -m pytest -m "unit or serve or cluster or postgres" -q
+	$(BIN)/python -m pytest -m "unit or serve or cluster or postgres or observability" -q
 
 bench-cpu: models
 	$(RAY_ENV) $(BIN)/python -m bench.cpu

@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from deployments.metrics import METRICS_EXPORT_PORT
 from deskgen.serve_config import SERVE_CONFIG, read_serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,7 +336,8 @@ def render_kuberay(config_text: str, config: dict[str, Any], images: Images = RE
             "minReplicas": p.min_nodes,
             "maxReplicas": p.max_nodes,
             # CPUs and GPUs come from the container limits; the custom resource is what pins replicas.
-            "rayStartParams": {"resources": kube_resources_param({p.resource: 1})},
+            "rayStartParams": {"resources": kube_resources_param({p.resource: 1}),
+                               "metrics-export-port": str(METRICS_EXPORT_PORT)},
             "template": {"spec": spec},
         }
 
@@ -355,7 +357,8 @@ def render_kuberay(config_text: str, config: dict[str, Any], images: Images = RE
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": IDLE_TIMEOUT_S},
                 "headGroupSpec": {
                     # num-cpus 0: no replica is ever scheduled next to the GCS and the controller.
-                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
+                                       "metrics-export-port": str(METRICS_EXPORT_PORT)},
                     "template": {
                         "spec": {
                             "containers": [
@@ -436,11 +439,11 @@ def render_aws(config: dict[str, Any], images: Images = REFERENCE_IMAGES) -> dic
         "head_start_ray_commands": [
             "ray stop",
             f"{start_env} ray start --head --port=6379 --object-manager-port=8076 "
-            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0",
+            f"--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0 --metrics-export-port={METRICS_EXPORT_PORT}",
         ],
         "worker_start_ray_commands": [
             "ray stop",
-            f"{start_env} ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
+            f"{start_env} ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076 --metrics-export-port={METRICS_EXPORT_PORT}",
         ],
     }
 

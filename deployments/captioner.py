@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deployments import metrics
+from deployments.logs import stamp_library_logs
 from deskgen.batching import DynamicBatcher
 from deskgen.contracts import CaptionResult
 from deskgen.limits import MAX_PREFIXES, MAX_PROMPT_CHARS
@@ -42,6 +44,7 @@ class Captioner:
     def __init__(
         self, model_id: str, device: str | None = None, dtype: str | None = None, *, captioner: BlipCaptioner | None = None
     ) -> None:
+        stamp_library_logs()
         if captioner is None:
             from deskgen.captioner import Captioner as BlipCaptioner
 
@@ -61,6 +64,7 @@ class Captioner:
         start = time.perf_counter()
         caption_sets = await asyncio.to_thread(self.captioner.caption_batch, images)
         seconds = time.perf_counter() - start
+        metrics.batch_size("captioner", len(images))
         return [(captions, seconds) for captions in caption_sets]
 
     async def caption(self, image: Image.Image, style: str | None = None) -> CaptionResult:

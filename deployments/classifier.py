@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deployments import metrics
+from deployments.logs import stamp_library_logs
 from deskgen.batching import DynamicBatcher
 from deskgen.contracts import GateVerdict
 
@@ -45,6 +47,7 @@ class Classifier:
     injects an already loaded :class:`DeskClassifier` (tests); otherwise ``model_path`` loads one."""
 
     def __init__(self, model_path: str, tf_threads: int | None = None, *, gate: DeskClassifier | None = None) -> None:
+        stamp_library_logs()
         if gate is None:
             from deskgen.classifier import DeskClassifier
             from deskgen.paths import resolve
@@ -65,6 +68,8 @@ class Classifier:
         scores = await asyncio.to_thread(self.gate.score_batch, images)
         seconds = time.perf_counter() - start
         threshold = self.config.threshold
+        metrics.batch_size("classifier", len(images))
+        metrics.gate_scores(list(scores), threshold)
         return [
             GateVerdict(score=s, is_desk=s >= threshold, threshold=threshold, batch_size=len(images), seconds=seconds)
             for s in scores

@@ -13,14 +13,17 @@ wrapper that adds ``@serve.multiplexed`` routing and the replica's identity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ray import serve
 
+from deployments.logs import stamp_library_logs
+from deployments.metrics import GeneratorMetrics
 from deskgen.contracts import (
     GeneratedImage,
     GenerationEvent,
@@ -39,6 +42,31 @@ log = logging.getLogger("ray.serve")
 
 #: Mixes cached per replica (LRU). Adapters are small next to the base, so a handful fit easily.
 MAX_CACHED_MIXES = 4
+
+
+class GeneratorObserver(Protocol):
+    """What a replica reports about its mix cache and generations (``mix`` is the request's metrics label).
+    The Serve deployment passes :class:`deployments.metrics.GeneratorMetrics`; the default ignores all."""
+
+    def queued(self, mix: str, seconds: float) -> None: ...
+    def inflight(self, n: int) -> None: ...
+    def loaded(self, mix: str, seconds: float) -> None: ...
+    def evicted(self, mix: str) -> None: ...
+    def activated(self, mix: str, switched: bool) -> None: ...
+    def generated(self, mix: str, timings: Mapping[str, float]) -> None: ...
+    def cancelled(self, mix: str) -> None: ...
+
+
+class Unobserved:
+    """A :class:`GeneratorObserver` that ignores everything."""
+
+    def queued(self, mix: str, seconds: float) -> None: ...
+    def inflight(self, n: int) -> None: ...
+    def loaded(self, mix: str, seconds: float) -> None: ...
+    def evicted(self, mix: str) -> None: ...
+    def activated(self, mix: str, switched: bool) -> None: ...
+    def generated(self, mix: str, timings: Mapping[str, float]) -> None: ...
+    def cancelled(self, mix: str) -> None: ...
 
 
 class GenerationCancelled(Exception):
@@ -75,27 +103,36 @@ class GeneratorReplica:
     one generation at a time (the mix load happens inside the same lock, so a mix can never be evicted
     while another request of this replica is using it), events as typed values."""
 
-    def __init__(self, generator: DeskGenerator, replica_id: Callable[[], str] = lambda: "local") -> None:
+    def __init__(self, generator: DeskGenerator, replica_id: Callable[[], str] = lambda: "local",
+                 observer: GeneratorObserver | None = None) -> None:  # fmt: skip
         self.generator = generator
         self.replica_id = replica_id
+        self.observer: GeneratorObserver = observer or Unobserved()
         self.lock = asyncio.Lock()
         self.cached: dict[str, Mix] = {}
+        #: The metrics label each cached mix was requested under (for its eviction).
+        self.labels: dict[str, str] = {}
+        self.inflight = 0
         self.mix_loads = 0
         self.generations = 0
         self.failures_in_a_row = 0
         self.last_failure: str | None = None
 
-    async def load_mix(self, mix_id: str) -> LoadedMix:
+    async def load_mix(self, mix_id: str, label: str = "adhoc") -> LoadedMix:
         """Load the adapters of ``mix_id`` (what ``@serve.multiplexed`` calls on a cache miss)."""
         mix = mix_from_id(mix_id)
+        started = time.perf_counter()
         await asyncio.to_thread(self.generator.ensure_adapters, mix.adapters)
         self.cached[mix.id] = mix
+        self.labels[mix.id] = label
         self.mix_loads += 1
+        self.observer.loaded(label, time.perf_counter() - started)
         return LoadedMix(mix, self.release)
 
     def release(self, loaded: LoadedMix) -> None:
         """A mix left the cache: drop the adapters no other cached mix uses (the hot mix's stay)."""
         self.cached.pop(loaded.mix.id, None)
+        self.observer.evicted(self.labels.pop(loaded.mix.id, "adhoc"))
         keep = {name for mix in self.cached.values() for name in mix.adapters}
         dropped = self.generator.unload_adapters(keep)
         log.info("evicted mix %s; dropped adapters %s", loaded.mix.id, dropped)
@@ -113,6 +150,7 @@ class GeneratorReplica:
             if on_progress is not None:
                 on_progress(step, total)
 
+        self.observer.activated(request.mix_label, switched=self.generator.active_mix_id != mix.id)
         return asyncio.ensure_future(asyncio.to_thread(
             self.generator.generate, request.params, mix, on_step, limits=request.limits
         ))  # fmt: skip
@@ -130,7 +168,7 @@ class GeneratorReplica:
             loop.call_soon_threadsafe(events.put_nowait, GenerationStep(step=step, total=total))
 
         queued_at = time.perf_counter()
-        async with self.lock:
+        async with self._turn(request, queued_at):
             try:
                 loaded = await get_mix()
                 yield GenerationStarted(mix_id=loaded.mix.id, replica=self.replica_id(),
@@ -145,11 +183,28 @@ class GeneratorReplica:
                         getter.cancel()
                 while not events.empty():
                     yield events.get_nowait()
-                yield self._image(request, self._result(work))
+                yield self._image(request, self._result(request, work))
             finally:
                 cancel.set()
 
-    def _result(self, work: asyncio.Future[Any]) -> Any:
+    @contextlib.asynccontextmanager
+    async def _turn(self, request: GenerationRequest, queued_at: float) -> AsyncIterator[None]:
+        """The replica's one pipeline, in arrival order; reports the wait, the requests in flight, and a
+        request whose caller left (cancelled while waiting or generating, or a stream closed early)."""
+        self.inflight += 1
+        self.observer.inflight(self.inflight)
+        try:
+            async with self.lock:
+                self.observer.queued(request.mix_label, time.perf_counter() - queued_at)
+                yield
+        except (asyncio.CancelledError, GeneratorExit, GenerationCancelled):
+            self.observer.cancelled(request.mix_label)
+            raise
+        finally:
+            self.inflight -= 1
+            self.observer.inflight(self.inflight)
+
+    def _result(self, request: GenerationRequest, work: asyncio.Future[Any]) -> Any:
         try:
             result = work.result()
         except (DeskgenError, GenerationCancelled):
@@ -165,20 +220,23 @@ class GeneratorReplica:
     async def generate(self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]) -> GeneratedImage:
         """The image alone: the same generation as :meth:`stream` without relaying step events."""
         cancel = threading.Event()
-        async with self.lock:
+        async with self._turn(request, time.perf_counter()):
             try:
                 loaded = await get_mix()
                 work = self._start(request, loaded.mix, cancel)
                 await asyncio.wait({work})
-                return self._image(request, self._result(work))
+                return self._image(request, self._result(request, work))
             finally:
                 cancel.set()
 
     def _image(self, request: GenerationRequest, result: Any) -> GeneratedImage:
         replica = self.replica_id()
+        started = time.perf_counter()
+        # Timings stay out of the PNG so the same seed + mix gives the same bytes.
+        png = result.png(timings=False)
+        self.observer.generated(request.mix_label, {**result.metadata["timings"], "png_s": time.perf_counter() - started})
         return GeneratedImage(
-            # Timings stay out of the PNG so the same seed + mix gives the same bytes.
-            png=result.png(timings=False),
+            png=png,
             params=request.params,
             metadata=dict(result.metadata, replica=replica),
             replica=replica,
@@ -212,27 +270,37 @@ class Generator:
     injects an already loaded :class:`DeskGenerator` (tests); otherwise ``settings`` load one."""
 
     def __init__(self, settings: GeneratorSettings, *, generator: DeskGenerator | None = None) -> None:
+        stamp_library_logs()
         if generator is None:
             from deskgen.generator import DeskGenerator
 
             generator = DeskGenerator.from_pretrained(settings)
-        self.replica = GeneratorReplica(generator, _replica_id)
+        observer = GeneratorMetrics()
+        observer.base_loaded()
+        self.replica = GeneratorReplica(generator, _replica_id, observer)
+        #: The label of the request whose mix is being loaded (``get_mix`` takes only the id).
+        self._loading_label = "adhoc"
 
     @serve.multiplexed(max_num_models_per_replica=MAX_CACHED_MIXES)
     async def get_mix(self, mix_id: str) -> LoadedMix:
-        return await self.replica.load_mix(mix_id)
+        return await self.replica.load_mix(mix_id, self._loading_label)
 
-    def _get_mix(self) -> Awaitable[LoadedMix]:
-        return self.get_mix(serve.get_multiplexed_model_id() or BASE_MIX_ID)  # type: ignore[no-any-return]
+    def _get_mix(self, request: GenerationRequest) -> Callable[[], Awaitable[LoadedMix]]:
+        def get() -> Awaitable[LoadedMix]:
+            # Called inside the replica's lock: one mix load at a time, so the label cannot be mixed up.
+            self._loading_label = request.mix_label
+            return self.get_mix(serve.get_multiplexed_model_id() or BASE_MIX_ID)  # type: ignore[no-any-return]
+
+        return get
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Events of one generation; the mix comes from the multiplexed model id."""
-        async for event in self.replica.stream(request, self._get_mix):
+        async for event in self.replica.stream(request, self._get_mix(request)):
             yield event
 
     async def generate(self, request: GenerationRequest) -> GeneratedImage:
         """The image alone (no step events cross the process boundary)."""
-        return await self.replica.generate(request, self._get_mix)
+        return await self.replica.generate(request, self._get_mix(request))
 
     def info(self) -> dict[str, Any]:
         return self.replica.info()

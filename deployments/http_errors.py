@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from deployments import metrics
 from deskgen.errors import DeskgenError, InvalidParameter
 from deskgen.limits import REQUEST_ID_PATTERN
 
@@ -106,6 +107,7 @@ def json_error(request: Request, exc: BaseException, retry_after_s: int = 5) -> 
     exposure = getattr(request.state, "exposure", None)
     if exposure is not None:
         exposure.settle(body["error"]["code"], status)
+    metrics.request_error(metrics.route_of(request.scope), status, body["error"]["code"])
     body["request_id"] = request_id_of(request)
     return error_response(status, body, headers)
 

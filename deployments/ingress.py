@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments import metrics
 from deployments.http_errors import (
     check_request_id,
     error_body,
@@ -58,6 +59,7 @@ from deployments.ingress_models import (
     IngressConfig,
     Text2ImgRequest,
 )
+from deployments.logs import stamp_library_logs
 from deskgen.ab import pick_arm
 from deskgen.contracts import (
     CaptionResult,
@@ -97,6 +99,7 @@ api = FastAPI(
     version="1.0.0",
     description="Upload a desk photo, get a new desk-setup image in a LoRA style mix.",
 )
+api.add_middleware(metrics.RequestMetricsMiddleware)
 
 
 def _given(value: T | None, default: T) -> T:
@@ -134,6 +137,7 @@ class IngressRoutes:
         recorder: DeploymentHandle,
         lora_dir: str | None = None,
     ) -> None:
+        stamp_library_logs()
         self.classifier = classifier
         self.captioner = captioner
         self.generator = generator
@@ -141,7 +145,8 @@ class IngressRoutes:
         self.config = IngressConfig()
         #: Exposures wait here for the recorder: a request never waits on the database.
         self.exposures = ExposureBuffer(
-            self.write_exposures, capacity=self.config.exposure_buffer, flush_interval_s=self.config.exposure_flush_s
+            self.write_exposures, capacity=self.config.exposure_buffer, flush_interval_s=self.config.exposure_flush_s,
+            on_settled=self.exposure_settled,
         )
         #: The adapters are the ``*.safetensors`` files in the generators' ``lora_dir``, listed here
         #: without asking a GPU replica (and re-listed every ``catalog_ttl_s``, so a file added there is
@@ -151,6 +156,8 @@ class IngressRoutes:
         self._adapters: tuple[str, ...] | None = None
         self._adapters_at = 0.0
         self._catalog: MixCatalog | None = None
+        #: Canonical mix id -> its name in the catalogue (the ``mix`` label of the metrics).
+        self._mix_names: dict[str, str] = {}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig.model_validate(user_config)
@@ -184,6 +191,7 @@ class IngressRoutes:
         adapters = await self.adapters()
         if self._catalog is None:
             self._catalog = MixCatalog(list(adapters), self.config.mixes)
+            self._mix_names = {m.id: n for n, m in reversed(self._catalog.named.items())}
         return self._catalog
 
     async def choose_mix(self, requested: str | None, user_id: str | None) -> tuple[Mix, dict[str, Any]]:
@@ -225,6 +233,11 @@ class IngressRoutes:
 
     async def write_exposures(self, experiments: list[Experiment], batch: list[Exposure]) -> None:
         await self.recorder_call(self.recorder.record_exposures.remote(experiments, batch))
+        metrics.exposure_buffer(self.exposures.stats.pending - len(batch))
+
+    def exposure_settled(self, exposure: Exposure) -> None:
+        metrics.exposure(exposure.experiment_id, exposure.arm, exposure.outcome)
+        metrics.exposure_buffer(self.exposures.stats.pending)
 
     async def recorder_call(self, call: Awaitable[T]) -> T:
         """A call to the experiment store, bounded by ``recorder_timeout_s`` (then 503: nothing was
@@ -413,12 +426,16 @@ class IngressRoutes:
 
         # 1. Gate: not a desk setup -> 422 with the score.
         t = time.perf_counter()
-        verdict = await self.deadline(self.classify_or_reject(image), deadline)
-        exposure.timings["classify_s"] = time.perf_counter() - t
+        try:
+            verdict = await self.deadline(self.classify_or_reject(image), deadline)
+        finally:
+            exposure.timings["classify_s"] = time.perf_counter() - t
+            metrics.stage_seconds("gate", exposure.timings["classify_s"])
         # 2. Captions -> keywords -> prompt.
         t = time.perf_counter()
         captioned: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), deadline)
         exposure.timings["caption_s"] = time.perf_counter() - t
+        metrics.stage_seconds("caption", exposure.timings["caption_s"])
         params = self.params(form, captioned.prompt, captioned.negative_prompt)
         info = {
             "desk_score": verdict.score,
@@ -515,13 +532,14 @@ class IngressRoutes:
         exposure: Reservation = request.state.exposure
         deadline = started + (timeout_s or self.config.request_timeout_s)
         handle = self.generator.options(multiplexed_model_id=mix.id)
-        generation = GenerationRequest(params=params, limits=self.config.limits)
+        generation = GenerationRequest(params=params, limits=self.config.limits,
+                                       mix_label=metrics.mix_label(mix.id, self._mix_names))  # fmt: skip
         if output == "sse":
             stream: Any = handle.options(stream=True).generate_stream.remote(generation)
             # Pull the first event before answering, so an error still gets its status code.
             first = await self.deadline(stream.__anext__(), deadline, cancel=stream.cancel)
             return StreamingResponse(
-                self.sse_events(stream, first, prelude, info, exposure, started, deadline),
+                self.sse_events(stream, first, prelude, info, exposure, started, deadline, metrics.route_of(request.scope)),
                 media_type="text/event-stream",
                 headers={"X-Deskgen-Mix": mix.id, "Cache-Control": "no-cache"},
             )
@@ -574,6 +592,7 @@ class IngressRoutes:
         exposure: Reservation,
         started: float,
         deadline: float,
+        route: str,
     ) -> AsyncIterator[bytes]:
         event: GenerationEvent | None = first
         t = time.perf_counter()
@@ -595,10 +614,12 @@ class IngressRoutes:
                     event = None
         except TimeoutError:
             exposure.settle("timeout", 504)
+            metrics.request_error(route, 504, "timeout")
             yield sse("error", error_body("timeout", f"the request did not finish within its deadline of {deadline - started:.1f} s."))
         except Exception as exc:
             status, body, _ = error_for(unwrap(exc), self.config.retry_after_s)
             exposure.settle(body["error"]["code"], status)
+            metrics.request_error(route, status, body["error"]["code"])
             yield sse("error", body | {"status": status})
         finally:
             # The client went away before the image was done: not delivered, recorded as such.

@@ -16,6 +16,8 @@ from typing import Any
 
 from ray import serve
 
+from deployments import metrics
+from deployments.logs import stamp_library_logs
 from deskgen.experiments.records import Experiment, Exposure, Feedback
 from deskgen.experiments.store import ExperimentStore
 
@@ -25,6 +27,7 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class Recorder:
     def __init__(self, database_url: str) -> None:
+        stamp_library_logs()
         self.store = ExperimentStore.open(database_url)
         self.dialect = self.store.engine.dialect.name
         #: Experiments known to be stored, so a batch does not re-insert its experiment every time.
@@ -44,7 +47,10 @@ class Recorder:
 
     async def record_feedback(self, fb: Feedback) -> bool:
         """Store ``fb``; ``False`` when it was already stored. Raises UnknownImage / FeedbackConflict."""
-        return await asyncio.to_thread(self.store.record_feedback, fb)
+        receipt = await asyncio.to_thread(self.store.record_feedback, fb)
+        if receipt.new:
+            metrics.feedback(receipt.experiment_id, receipt.arm, fb.event)
+        return receipt.new
 
     async def experiments(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.store.summaries)

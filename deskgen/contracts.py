@@ -66,6 +66,9 @@ class GenerationRequest:
 
     params: GenerationParams
     limits: SizeLimits = DEFAULT_SIZE_LIMITS
+    #: The mix's metrics label, decided by the ingress, which knows the named mixes: the mix's name,
+    #: ``base``, or ``adhoc`` (see deployments/metrics.py on label cardinality).
+    mix_label: str = "adhoc"
 
 
 @dataclass(frozen=True)

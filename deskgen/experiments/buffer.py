@@ -70,8 +70,9 @@ class Reservation:
 
 class ExposureBuffer:
     def __init__(self, sink: Sink, *, capacity: int, flush_interval_s: float, batch_size: int = 500,
-                 max_backoff_s: float = 5.0) -> None:  # fmt: skip
+                 max_backoff_s: float = 5.0, on_settled: Callable[[Exposure], None] | None = None) -> None:  # fmt: skip
         self.sink = sink
+        self.on_settled = on_settled
         self.capacity = capacity
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
@@ -101,6 +102,8 @@ class ExposureBuffer:
         self._queue.append(exposure)
         self.stats.pending = len(self._queue)
         self._wake.set()
+        if self.on_settled is not None:
+            self.on_settled(exposure)
 
     # -- the writer side -----------------------------------------------------------------------------
 

@@ -85,6 +85,15 @@ class UserTotals:
     events: dict[str, int]
 
 
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    """What storing a feedback event did: ``new`` is False for a retry of one already stored."""
+
+    new: bool
+    experiment_id: str
+    arm: str | None
+
+
 class ExperimentStore:
     """Reads and writes experiments, exposures and feedback through one engine."""
 
@@ -115,11 +124,13 @@ class ExperimentStore:
             )
         return int(result.rowcount or 0)
 
-    def record_feedback(self, fb: Feedback) -> bool:
-        """Store ``fb``; ``False`` when the same (image, event) was already stored (a retry)."""
+    def record_feedback(self, fb: Feedback) -> FeedbackReceipt:
+        """Store ``fb``; the receipt says whether it is new (not a retry of a stored (image, event)) and
+        which experiment arm the image belongs to."""
         with self.engine.begin() as c:
             owner = c.execute(
-                select(exposures.c.user_id).where(exposures.c.image_id == fb.image_id, exposures.c.outcome == "ok")
+                select(exposures.c.user_id, exposures.c.experiment_id, exposures.c.arm)
+                .where(exposures.c.image_id == fb.image_id, exposures.c.outcome == "ok")
             ).first()
             if owner is None:  # never answered, or answered with an error and no image
                 raise UnknownImage(f"`image_id`: no image {fb.image_id!r} was delivered.", field="image_id")
@@ -133,7 +144,7 @@ class ExperimentStore:
             result = c.execute(
                 _insert(c, feedback).values(row).on_conflict_do_nothing(index_elements=["image_id", "event"])
             )
-        return bool(result.rowcount)
+        return FeedbackReceipt(bool(result.rowcount), owner.experiment_id, owner.arm)
 
     def experiment(self, experiment_id: str) -> Experiment | None:
         with self.engine.connect() as c:

@@ -59,9 +59,9 @@ def test_writes_are_idempotent_and_survive_a_new_engine(store: ExperimentStore, 
     assert store.record_exposures(batch) == 0  # a retried batch
     assert store.record_exposures([*batch, exposure("img-3", "alice")]) == 1  # a batch with one new row
     assert store.record_exposures([]) == 0
-    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")) is True
-    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")) is False  # a retried post
-    assert store.record_feedback(Feedback("img-1", "download")) is True  # no user id given: accepted
+    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")).new is True
+    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")).new is False  # a retried post
+    assert store.record_feedback(Feedback("img-1", "download")).new is True  # no user id given: accepted
     reopened = ExperimentStore.open(pg_url)
     try:
         totals = {(t.arm, t.user_id): (t.exposures, t.events) for t in reopened.user_totals(EXPERIMENT.id)}
@@ -85,7 +85,7 @@ def test_concurrent_retries_count_once(store: ExperimentStore) -> None:
     batch = [exposure(f"img-{i}", f"user-{i % 3}") for i in range(20)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         inserted = list(pool.map(lambda _: store.record_exposures(batch), range(8)))
-        stored = list(pool.map(lambda _: store.record_feedback(Feedback("img-0", "like", user_id="user-0")), range(8)))
+        stored = list(pool.map(lambda _: store.record_feedback(Feedback("img-0", "like", user_id="user-0")).new, range(8)))
     assert sum(inserted) == 20 and stored.count(True) == 1
     totals = {t.user_id: (t.exposures, t.events) for t in store.user_totals(EXPERIMENT.id)}
     assert totals == {"user-0": (7, {"like": 1}), "user-1": (7, {}), "user-2": (6, {})}
@@ -94,7 +94,7 @@ def test_concurrent_retries_count_once(store: ExperimentStore) -> None:
 def test_feedback_for_an_unknown_image_or_another_user_is_refused(store: ExperimentStore) -> None:
     sqlite_store_tests.test_feedback_for_an_unknown_image_or_another_user_is_refused(store)
     # A refused post wrote nothing, and the transaction it ran in did not poison the next one.
-    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")) is True
+    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")).new is True
     assert {t.user_id: t.events for t in store.user_totals(EXPERIMENT.id)} == {"alice": {"like": 1}}
 
 
@@ -155,7 +155,7 @@ def test_the_report_is_the_same_on_postgresql_as_on_sqlite(store: ExperimentStor
         exposures, feedback = _scenario(seed=11)
         for s in (lite, store):
             assert s.record_exposures(exposures[:40]) == 40 and s.record_exposures(exposures) == len(exposures) - 40
-            assert sum(s.record_feedback(fb) for fb in feedback) == len(set((f.image_id, f.event) for f in feedback))
+            assert sum(s.record_feedback(fb).new for fb in feedback) == len(set((f.image_id, f.event) for f in feedback))
         on_sqlite, on_postgres = build_report(lite, EXPERIMENT.id), build_report(store, EXPERIMENT.id)
         assert on_sqlite is not None and on_postgres is not None
         assert sum(a.users for a in on_postgres.arms) == 30

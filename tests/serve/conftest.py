@@ -91,9 +91,11 @@ def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str) -> Iterato
     import ray
     from ray import serve
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config = test_config(port, tiny_models, lora_dir, experiments_db)
-    ray.init(num_cpus=4, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve", log_to_driver=False)
+    # Ray's Prometheus endpoint on a known port (the observability tier scrapes it), reporting every second.
+    ray.init(num_cpus=4, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve",
+             log_to_driver=False, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     start = time.perf_counter()
     deploy(config)
     url = f"http://127.0.0.1:{port}"
@@ -103,7 +105,8 @@ def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str) -> Iterato
             if time.monotonic() > deadline:
                 raise TimeoutError("deskgen never became ready")
             time.sleep(0.5)
-    yield {"url": url, "config": config, "deploy_seconds": time.perf_counter() - start, "experiments_db": experiments_db}
+    yield {"url": url, "config": config, "deploy_seconds": time.perf_counter() - start, "experiments_db": experiments_db,
+           "metrics_port": metrics_port}  # fmt: skip
     serve.shutdown()
     ray.shutdown()
 

@@ -147,7 +147,8 @@ def test_the_report_counts_every_user_image_and_event_exactly(
             expected[arm]["users"] += 1
             expected[arm]["exposures"] += len(images[user])
             for j, image_id in enumerate(images[user]):
-                events = (["like"] if (i + j) % 3 == 0 else []) + (["download"] if j == 0 else []) + (
+                # Users differ (user i likes i % 4 of their 3 images), so the intervals are not degenerate.
+                events = (["like"] if j < i % 4 else []) + (["download"] if j == 0 and i % 3 == 0 else []) + (
                     ["select"] if i % 2 == 0 and j == 1 else [])  # fmt: skip
                 for event in events:
                     first = post_feedback(client, image_id=image_id, event=event, user_id=user)
@@ -180,6 +181,16 @@ def test_the_report_counts_every_user_image_and_event_exactly(
             assert got["guardrails"]["gate_rejection_rate"] == pytest.approx(refusals / (want["exposures"] + refusals))
             assert got["guardrails"]["error_rate"] == 0
         assert 0 <= body["sample_ratio"]["p_value"] <= 1
+        def f(x: float | None) -> str:
+            return "nan" if x is None else f"{x:.3f}"
+
+        for a in body["arms"]:
+            like, vs = a["rates"]["like"], (a["vs_control"] or {}).get("like")
+            print(f"\n[report] {experiment_id} {a['arm']}: users {a['users']}, images {a['exposures']}, like "
+                  f"{f(like['rate'])} [{f(like['ci_low'])}, {f(like['ci_high'])}]"
+                  + (f", vs control {f(vs['estimate'])} [{f(vs['ci_low'])}, {f(vs['ci_high'])}] p={f(vs['p_value'])}" if vs else "")
+                  + f", guardrails {a['guardrails']}")  # fmt: skip
+        print(f"[report] sample ratio p={f(body['sample_ratio']['p_value'])} alarm={body['sample_ratio']['alarm']}")
 
         page = client.get(f"/v1/experiments/{experiment_id}", headers={"Accept": "text/html"})
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +113,65 @@ def test_a_generation_streams_started_steps_and_the_image(replica: GeneratorRepl
     assert recipe["mix_id"] == mix and recipe["seed"] == PARAMS.seed and "timings" not in recipe
     assert done.metadata["replica"] == "r1" and "timings" in done.metadata
     assert replica.generations == 2
+
+
+class Recorded:
+    """A GeneratorObserver that keeps every event (the Serve deployment's is deployments.metrics)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+
+    def queued(self, mix: str, seconds: float) -> None:
+        self.events.append(("queued", mix))
+
+    def inflight(self, n: int) -> None:
+        self.events.append(("inflight", n))
+
+    def loaded(self, mix: str, seconds: float) -> None:
+        self.events.append(("loaded", mix))
+
+    def evicted(self, mix: str) -> None:
+        self.events.append(("evicted", mix))
+
+    def activated(self, mix: str, switched: bool) -> None:
+        self.events.append(("activated", mix, switched))
+
+    def generated(self, mix: str, timings: Mapping[str, float]) -> None:
+        self.events.append(("generated", mix, tuple(sorted(timings))))
+
+    def cancelled(self, mix: str) -> None:
+        self.events.append(("cancelled", mix))
+
+
+def test_the_replica_reports_loads_switches_stages_and_evictions_per_mix(tiny_models: Path) -> None:
+    seen = Recorded()
+    replica = GeneratorReplica(DeskGenerator.from_pretrained(settings_for(tiny_models)), observer=seen)
+    a, b = mix_id("dalle_only"), mix_id("ott_only")
+
+    async def scenario() -> None:
+        cached: dict[str, LoadedMix] = {}
+
+        async def get(mix: str, label: str) -> LoadedMix:
+            if mix not in cached:
+                cached[mix] = await replica.load_mix(mix, label)
+            return cached[mix]
+
+        for mix, label in ((a, "dalle_only"), (b, "ott_only"), (b, "ott_only"), (a, "dalle_only")):
+            await replica.generate(GenerationRequest(PARAMS, mix_label=label), lambda m=mix, lb=label: get(m, lb))  # type: ignore[misc]
+        cached.pop(b).release()  # the LRU evicts it
+
+    asyncio.run(scenario())
+    kinds = [e for e in seen.events if e[0] != "inflight"]
+    assert [e for e in kinds if e[0] == "loaded"] == [("loaded", "dalle_only"), ("loaded", "ott_only")]
+    assert [e for e in kinds if e[0] == "activated"] == [
+        ("activated", "dalle_only", True), ("activated", "ott_only", True),
+        ("activated", "ott_only", False), ("activated", "dalle_only", True),
+    ]  # fmt: skip
+    stages = ("activate_s", "decode_s", "denoise_s", "generate_s", "png_s")
+    assert [e for e in kinds if e[0] == "generated"] == [("generated", m, stages) for m in ("dalle_only", "ott_only", "ott_only", "dalle_only")]
+    # ott_only by the LRU; then dalle_only, when the last handle on it goes (Serve's cache dropping it).
+    assert [e for e in kinds if e[0] == "evicted"] == [("evicted", "ott_only"), ("evicted", "dalle_only")]
+    assert [e[1] for e in seen.events if e[0] == "inflight"] == [1, 0] * 4
 
 
 def test_the_generator_checks_the_limits_the_request_carries(replica: GeneratorReplica) -> None:

@@ -54,9 +54,10 @@ def test_writes_are_idempotent_and_survive_a_new_engine(store: ExperimentStore, 
     batch = [exposure("img-1", "alice"), exposure("img-2", "bob", arm="ott_3d")]
     assert store.record_exposures(batch) == 2
     assert store.record_exposures(batch) == 0  # a retried batch
-    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")) is True
-    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")) is False  # a retried post
-    assert store.record_feedback(Feedback("img-1", "download")) is True  # no user id given: accepted
+    receipt = store.record_feedback(Feedback("img-1", "like", user_id="alice"))
+    assert (receipt.new, receipt.experiment_id, receipt.arm) == (True, EXPERIMENT.id, "dalle_ott")
+    assert store.record_feedback(Feedback("img-1", "like", user_id="alice")).new is False  # a retried post
+    assert store.record_feedback(Feedback("img-1", "download")).new is True  # no user id given: accepted
     reopened = ExperimentStore.open(f"sqlite:///{tmp_path / 'experiments.db'}")
     totals = {(t.arm, t.user_id): (t.exposures, t.events) for t in reopened.user_totals(EXPERIMENT.id)}
     assert totals == {("dalle_ott", "alice"): (1, {"like": 1, "download": 1}), ("ott_3d", "bob"): (1, {})}

@@ -294,8 +294,10 @@ def test_png_metadata_round_trip(gen: DeskGenerator, catalog: MixCatalog, tiny_m
         for name in ("3d", "ott")
     }
     assert meta["model_id"] == str(tiny_models / "sdxl")
-    assert set(meta["timings"]) == {"activate_s", "generate_s"}
+    assert set(meta["timings"]) == {"activate_s", "generate_s", "denoise_s", "decode_s"}
     assert all(v >= 0 and math.isfinite(v) for v in meta["timings"].values())
+    t = meta["timings"]
+    assert 0 < t["denoise_s"] < t["generate_s"] and t["denoise_s"] + t["decode_s"] == pytest.approx(t["generate_s"], abs=2e-6)
     assert "timings" not in read_png_metadata(result.png(timings=False))
     assert result.image.size == (64, 64) and result.image.mode == "RGB"
 

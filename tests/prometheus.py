@@ -1,0 +1,87 @@
+"""A throwaway Prometheus server for tests: :func:`running_prometheus` starts Debian's ``prometheus``
+(``.ci/run`` installs it where missing) in a temp dir, scraping the given targets every second, and yields
+a small client for its HTTP query API; it stops the server and removes the dir on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+READY_TIMEOUT_S = 60.0
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector of ``expr`` now (``[]`` when it has no data); raises on a PromQL error."""
+        r = self.http.get("/api/v1/query", params={"query": expr})
+        body = r.json()
+        if body.get("status") != "success":
+            raise ValueError(f"PromQL error for {expr!r}: {body.get('error', r.text)}")
+        return list(body["data"]["result"])
+
+    def values(self, expr: str, label: str) -> dict[str, float]:
+        """``expr``'s current value per value of ``label``."""
+        return {s["metric"].get(label, ""): float(s["value"][1]) for s in self.query(expr)}
+
+    def targets_up(self) -> bool:
+        active = self.http.get("/api/v1/targets").json()["data"]["activeTargets"]
+        return bool(active) and all(t["health"] == "up" for t in active)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_prometheus(targets: list[str]) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("no `prometheus` binary: run .ci/run or `apt-get install prometheus`")
+    folder = Path(tempfile.mkdtemp(prefix="deskgen-prom-"))
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "deskgen", "static_configs": [{"targets": targets}]}],
+    }
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = (folder / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        prom = Prometheus(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if prom.http.get("/-/ready").status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus never became ready:\n{(folder / 'prometheus.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield prom
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
