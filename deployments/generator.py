@@ -17,13 +17,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from deployments.logs import stamp_library_logs
-from deployments.metrics import GeneratorMetrics
+from deployments.metrics import GeneratorMetrics, GeneratorObserver
 from deskgen.contracts import (
     GeneratedImage,
     GenerationEvent,
@@ -42,31 +42,6 @@ log = logging.getLogger("ray.serve")
 
 #: Mixes cached per replica (LRU). Adapters are small next to the base, so a handful fit easily.
 MAX_CACHED_MIXES = 4
-
-
-class GeneratorObserver(Protocol):
-    """What a replica reports about its mix cache and generations (``mix`` is the request's metrics label).
-    The Serve deployment passes :class:`deployments.metrics.GeneratorMetrics`; the default ignores all."""
-
-    def queued(self, mix: str, seconds: float) -> None: ...
-    def inflight(self, n: int) -> None: ...
-    def loaded(self, mix: str, seconds: float) -> None: ...
-    def evicted(self, mix: str) -> None: ...
-    def activated(self, mix: str, switched: bool) -> None: ...
-    def generated(self, mix: str, timings: Mapping[str, float]) -> None: ...
-    def cancelled(self, mix: str) -> None: ...
-
-
-class Unobserved:
-    """A :class:`GeneratorObserver` that ignores everything."""
-
-    def queued(self, mix: str, seconds: float) -> None: ...
-    def inflight(self, n: int) -> None: ...
-    def loaded(self, mix: str, seconds: float) -> None: ...
-    def evicted(self, mix: str) -> None: ...
-    def activated(self, mix: str, switched: bool) -> None: ...
-    def generated(self, mix: str, timings: Mapping[str, float]) -> None: ...
-    def cancelled(self, mix: str) -> None: ...
 
 
 class GenerationCancelled(Exception):
@@ -107,7 +82,7 @@ class GeneratorReplica:
                  observer: GeneratorObserver | None = None) -> None:  # fmt: skip
         self.generator = generator
         self.replica_id = replica_id
-        self.observer: GeneratorObserver = observer or Unobserved()
+        self.observer = observer or GeneratorObserver()
         self.lock = asyncio.Lock()
         self.cached: dict[str, Mix] = {}
         #: The metrics label each cached mix was requested under (for its eviction).

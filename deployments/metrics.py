@@ -174,9 +174,21 @@ def batch_size(stage: str, size: int) -> None:
 # -- the generator -----------------------------------------------------------------------------------
 
 
-class GeneratorMetrics:
-    """The :class:`~deployments.generator.GeneratorObserver` of a Serve replica: every event of the
-    replica's mix cache and generations, labelled by mix."""
+class GeneratorObserver:
+    """What a generator replica reports about its mix cache and generations (``mix`` is the request's
+    metrics label). This base ignores everything (Ray-free use); :class:`GeneratorMetrics` exports it."""
+
+    def queued(self, mix: str, seconds: float) -> None: ...
+    def inflight(self, n: int) -> None: ...
+    def loaded(self, mix: str, seconds: float) -> None: ...
+    def evicted(self, mix: str) -> None: ...
+    def activated(self, mix: str, switched: bool) -> None: ...
+    def generated(self, mix: str, timings: Mapping[str, float]) -> None: ...
+    def cancelled(self, mix: str) -> None: ...
+
+
+class GeneratorMetrics(GeneratorObserver):
+    """The observer of a Serve replica: every event of its mix cache and generations, labelled by mix."""
 
     def queued(self, mix: str, seconds: float) -> None:
         _metrics.observe("deskgen_generator_queue_seconds", "wait for the replica's one pipeline, by mix",

@@ -20,6 +20,7 @@ from PIL import Image
 from deployments.captioner import Captioner as CaptionerDeployment
 from deployments.classifier import Classifier as ClassifierDeployment
 from deployments.generator import GeneratorReplica, LoadedMix
+from deployments.metrics import GeneratorObserver
 from deskgen.contracts import (
     CaptionResult,
     GateVerdict,
@@ -115,8 +116,8 @@ def test_a_generation_streams_started_steps_and_the_image(replica: GeneratorRepl
     assert replica.generations == 2
 
 
-class Recorded:
-    """A GeneratorObserver that keeps every event (the Serve deployment's is deployments.metrics)."""
+class Recorded(GeneratorObserver):
+    """Keeps every event (the Serve deployment's observer exports them as metrics)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[object, ...]] = []
