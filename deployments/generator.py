@@ -158,7 +158,7 @@ class GeneratorReplica:
                         getter.cancel()
                 while not events.empty():
                     yield events.get_nowait()
-                yield self._image(request, self._result(request, work))
+                yield self._image(request, self._result(work))
             finally:
                 cancel.set()
 
@@ -179,7 +179,7 @@ class GeneratorReplica:
             self.inflight -= 1
             self.observer.inflight(self.inflight)
 
-    def _result(self, request: GenerationRequest, work: asyncio.Future[Any]) -> Any:
+    def _result(self, work: asyncio.Future[Any]) -> Any:
         try:
             result = work.result()
         except (DeskgenError, GenerationCancelled):
@@ -200,7 +200,7 @@ class GeneratorReplica:
                 loaded = await get_mix()
                 work = self._start(request, loaded.mix, cancel)
                 await asyncio.wait({work})
-                return self._image(request, self._result(request, work))
+                return self._image(request, self._result(work))
             finally:
                 cancel.set()
 
