@@ -29,6 +29,8 @@ from .helpers import assert_error, generate, text2img
 
 pytestmark = pytest.mark.observability
 
+#: The labels a printed series is told apart by.
+LEGEND = {"route", "status", "code", "mix", "stage", "arm", "event", "outcome", "deployment", "le"}
 #: How long Prometheus may take to show what was sent: Ray reports every second here, Prometheus scrapes
 #: every second, and rate() needs two samples; generous for a loaded CI machine, never a speed claim.
 SETTLE_S = 90.0
@@ -93,7 +95,12 @@ def test_every_dashboard_query_returns_data(
         names = {m for e in left for m in re.findall(r"ray_deskgen_[a-z_]+", e)}
         lines = [line[:300] for line in exported.splitlines() if any(n in line for n in names)]
         raise AssertionError("dashboard queries without data:\n" + "\n".join(left) + "\nexported:\n" + "\n".join(lines))
-    print(f"\n[observability] all {len(expressions)} dashboard queries return data")
+    print(f"\n[observability] all {len(expressions)} dashboard queries return data; what each showed:")
+    for e in expressions:
+        series = prometheus.query(e)
+        shown = ", ".join(f"{ {k: v for k, v in s['metric'].items() if k in LEGEND} or ''}={float(s['value'][1]):.4g}"
+                          for s in series[:6])  # fmt: skip
+        print(f"[observability]   {e}\n[observability]     -> {len(series)} series: {shown}")
 
 
 def test_per_mix_series_move_with_the_traffic(prometheus: Prometheus, client: httpx.Client) -> None:
