@@ -21,6 +21,7 @@ Request ids, user ids and prompts never become labels; they are in the logs.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -98,7 +99,8 @@ def route_of(scope: Mapping[str, Any]) -> str:
 
 
 class RequestMetricsMiddleware:
-    """ASGI middleware: every HTTP request's route, status and latency (a stream's until its last byte)."""
+    """ASGI middleware: every HTTP request's route, status and latency (a stream's until its last byte).
+    A request that raised before answering counts as 500, one whose client left first as 499."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -117,6 +119,10 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            if status[0] == 500:  # nothing answered yet: the client went away (nginx's 499)
+                status[0] = 499
+            raise
         finally:
             request_done(route_of(scope), status[0], time.perf_counter() - started)
 
