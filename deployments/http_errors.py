@@ -43,7 +43,8 @@ def validation_error(exc: ValidationError | RequestValidationError) -> InvalidPa
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query")) or None
     if first.get("type") == "extra_forbidden":
-        return InvalidParameter(f"`{field}` is not a known field.", field=field)
+        named = f"`{field}`" if field else "a field with an empty name"
+        return InvalidParameter(f"{named} is not a known field.", field=field or "")
     value = first.get("input")
     shown = f" but is {value!r}" if not isinstance(value, (dict, list)) and value is not None else ""
     return InvalidParameter(f"`{field}`: {first.get('msg', 'invalid')}{shown}.", field=field)

@@ -8,8 +8,10 @@ from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
-from deskgen.errors import PayloadTooLarge
+from deskgen.errors import InvalidParameter, PayloadTooLarge
+from deskgen.limits import MAX_DRAIN_BYTES, MAX_JSON_DEPTH
 
 OutputFormat = Literal["png", "json", "sse"]
 
@@ -33,20 +35,87 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def read_body(request: Request, limit: int, field: str) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them all."""
+    """The request body, refusing more than ``limit`` bytes (413) without keeping them. The excess is read
+    and discarded up to :data:`~deskgen.limits.MAX_DRAIN_BYTES` first, so the client reads the 413 rather
+    than a reset; a client that asked ``Expect: 100-continue`` has sent nothing yet and is answered at once."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
+        if int(declared) <= limit + MAX_DRAIN_BYTES:
+            await _drain(request, limit + MAX_DRAIN_BYTES)
         raise PayloadTooLarge(f"`{field}`: the request body must be at most {limit} bytes but is {declared}.", field=field)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            await _drain(request, MAX_DRAIN_BYTES)
             raise PayloadTooLarge(f"`{field}`: the request body must be at most {limit} bytes.", field=field)
         chunks.append(chunk)
     body = b"".join(chunks)
     request._body = body  # lets request.form() parse what was already read
     return body
+
+
+async def _drain(request: Request, budget: int) -> None:
+    """Read and drop the rest of the body, at most ``budget`` bytes (nothing when it was all read already,
+    the client is waiting for ``100 Continue``, or it went away)."""
+    if "100-continue" in request.headers.get("expect", "").lower() or getattr(request, "_stream_consumed", True):
+        return
+    read = 0
+    try:
+        async for chunk in request.stream():
+            read += len(chunk)
+            if read > budget:
+                return
+    except ClientDisconnect:
+        return
+
+
+def json_object(body: bytes, field: str = "body") -> dict[str, Any]:
+    """``body`` parsed as a JSON object, or an InvalidParameter naming ``field`` and the rule broken: not
+    JSON, not UTF-8, not an object, a key given twice, or nested deeper than
+    :data:`~deskgen.limits.MAX_JSON_DEPTH`."""
+    depth = max_nesting(body)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidParameter(f"`{field}` nests {depth} levels deep; at most {MAX_JSON_DEPTH} are allowed.", field=field)
+    try:
+        value = json.loads(body or b"null", object_pairs_hook=_unique_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidParameter(f"`{field}` is not valid JSON: {exc}.", field=field) from None
+    if not isinstance(value, dict):
+        raise InvalidParameter(f"`{field}` must be a JSON object.", field=field)
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InvalidParameter(f"`{key}` appears twice in the JSON object: send each field once.", field=key)
+        seen[key] = value
+    return seen
+
+
+def max_nesting(body: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of a JSON text, outside strings (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def image_body(model: type[BaseModel]) -> dict[str, Any]:

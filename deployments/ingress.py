@@ -12,7 +12,6 @@ JSON or server-sent events by the ``Accept`` header. It never imports TensorFlow
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import random
 import time
@@ -20,14 +19,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any, Literal, TypeVar
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from deployments import metrics
 from deployments.http_errors import (
@@ -47,6 +49,7 @@ from deployments.http_io import (
     choose_format,
     image_body,
     json_body,
+    json_object,
     read_body,
     sse,
     wants_html,
@@ -81,7 +84,7 @@ from deskgen.experiments.page import render_experiment_list_page, render_report_
 from deskgen.experiments.records import Experiment, Exposure, Feedback
 from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
-from deskgen.limits import MAX_SEED
+from deskgen.limits import MAX_FORM_FIELDS, MAX_FORM_FILES, MAX_SEED
 from deskgen.loras import LoraRegistry
 from deskgen.mixes import Mix, MixCatalog
 from deskgen.paths import resolve
@@ -98,8 +101,20 @@ api = FastAPI(
     title="deskgen",
     version="1.0.0",
     description="Upload a desk photo, get a new desk-setup image in a LoRA style mix.",
+    docs_url=None,  # served below from local assets: deskgen runs where no CDN can be reached
+    redoc_url=None,
 )
 api.add_middleware(metrics.RequestMetricsMiddleware)
+api.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+
+@api.get("/docs", include_in_schema=False)
+async def docs() -> HTMLResponse:
+    """Swagger UI for the OpenAPI document, with its script and style served by deskgen itself."""
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json", title="deskgen API", swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs/assets/swagger-ui.css", swagger_favicon_url="/docs/assets/favicon-32x32.png",
+    )  # fmt: skip
 
 
 def _given(value: T | None, default: T) -> T:
@@ -262,7 +277,13 @@ class IngressRoutes:
         body = await read_body(request, limit, "image" if image == "required" else "body")
         raw_image: bytes | None = None
         if content_type == "multipart/form-data":
-            form = await request.form(max_files=2, max_fields=32)
+            try:
+                form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+            except StarletteHTTPException as exc:  # too many fields or files, a malformed multipart body
+                raise InvalidParameter(
+                    f"`body` is not an acceptable multipart form ({exc.detail}): at most {MAX_FORM_FIELDS} fields "
+                    f"and {MAX_FORM_FILES} files.", field="body",
+                ) from None
             fields: dict[str, Any] = {}
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
@@ -276,12 +297,7 @@ class IngressRoutes:
                 else:
                     fields[key] = value
         elif content_type == "application/json":
-            try:
-                fields = json.loads(body or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidParameter(f"`body` is not valid JSON: {exc}.", field="body") from None
-            if not isinstance(fields, dict):
-                raise InvalidParameter("`body` must be a JSON object.", field="body")
+            fields = json_object(body)
         else:
             raise NotAnImage(
                 f"`Content-Type` must be multipart/form-data or application/json but is {content_type or 'missing'!r}.",

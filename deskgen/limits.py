@@ -27,6 +27,15 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 MAX_MIX_SPEC_CHARS = 300
 #: A request's own deadline (`timeout_s`), seconds.
 MAX_TIMEOUT_S = 600.0
+#: A request body over its limit is still read and discarded up to this many bytes before the 413 goes
+#: out, so that a client that sends its whole body before reading (Python's urllib, curl without
+#: ``Expect: 100-continue``) reads the answer instead of a connection reset. A larger body is not read.
+MAX_DRAIN_BYTES = 64 * 1024 * 1024
+#: A multipart form's parts: the photo plus every option fits well within these.
+MAX_FORM_FIELDS = 32
+MAX_FORM_FILES = 2
+#: How deeply a JSON body may nest (a bound far above any real request; deeper is a 400, never a 500).
+MAX_JSON_DEPTH = 64
 #: The VAE works in 8-pixel cells: image sides are multiples of this.
 SIDE_MULTIPLE = 8
 #: Conditional caption prefixes the captioner may be configured with, and characters per prefix.

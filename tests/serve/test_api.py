@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -222,6 +224,47 @@ def test_too_large_is_413(client: httpx.Client) -> None:
     assert_error(response, 413, "payload_too_large", "image", "bytes")
 
 
+def test_a_client_that_sends_30_mb_before_reading_gets_the_413(serve_app: dict[str, Any]) -> None:
+    """Python's urllib sends the whole body, then reads: the answer must be the JSON 413, not a reset."""
+    import urllib.error
+    import urllib.request
+
+    body = b"\xff\xd8" + b"\0" * (30 * 1024 * 1024)
+    request = urllib.request.Request(f"{serve_app['url']}/v1/text2img", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as answered:
+        urllib.request.urlopen(request, timeout=120)
+    assert answered.value.code == 413
+    error = json.loads(answered.value.read())["error"]
+    assert error["code"] == "payload_too_large" and error["field"] == "body"
+
+
+@pytest.mark.parametrize(
+    ("name", "route", "request_kwargs", "status", "field"),
+    [
+        ("JSON nested 100,000 levels", "/v1/text2img",
+         {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"Content-Type": "application/json"}}, 400, "body"),
+        ("5,000 multipart fields", "/v1/generate",
+         {"files": {"image": ("d.jpg", b"\xff\xd8", "image/jpeg")}, "data": {f"f{i}": "x" for i in range(5000)}}, 400, "body"),
+        ("a 1 MB prompt", "/v1/text2img", {"json": {"prompt": "desk " * 200_000}}, 400, "prompt"),
+        ("invalid UTF-8 in JSON", "/v1/text2img",
+         {"content": b'{"prompt": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}, 400, "body"),
+        ("a key given twice", "/v1/text2img",
+         {"content": b'{"prompt": "a", "prompt": "b"}', "headers": {"Content-Type": "application/json"}}, 400, "prompt"),
+        ("a form field with an empty name", "/v1/generate",
+         {"files": {"image": ("d.jpg", b"\xff\xd8", "image/jpeg")}, "data": {"": "x"}}, 400, ""),
+        ("feedback nested deep", "/v1/feedback",
+         {"content": b'{"image_id": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": {"Content-Type": "application/json"}},
+         400, "body"),
+    ],
+)  # fmt: skip
+def test_hostile_bodies_are_4xx_naming_the_field_never_500(
+    client: httpx.Client, name: str, route: str, request_kwargs: dict[str, Any], status: int, field: str
+) -> None:
+    error = assert_error(client.post(route, **request_kwargs), status, "invalid_parameter", field)
+    assert "None" not in error["message"], (name, error)
+
+
 def test_not_an_image_is_415(client: httpx.Client) -> None:
     response = client.post("/v1/classify", files={"image": ("notes.txt", b"just some text", "image/png")})
     assert_error(response, 415, "unsupported_media_type", "image", "not a decodable image")
@@ -271,7 +314,12 @@ def test_health_ready_and_docs(client: httpx.Client) -> None:
     assert {"/v1/generate", "/v1/classify", "/v1/caption", "/v1/text2img", "/v1/mixes", "/healthz", "/readyz",
             "/v1/feedback", "/v1/experiments", "/v1/experiments/{experiment_id}"} <= set(paths)  # fmt: skip
     assert "multipart/form-data" in paths["/v1/generate"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
+    # /docs works offline: its script and style come from deskgen, nothing from a CDN.
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+    assert re.findall(r"""(?:src|href)=['"]([^'"]+)""", page.text) and not re.search(r"""(?:src|href)=['"]https?://""", page.text)
+    for asset in re.findall(r"""(?:src|href)=['"]([^'"]+)""", page.text):
+        assert client.get(asset).status_code == 200, asset
 
 
 def test_negative_prompt_default_and_explicit_empty(client: httpx.Client) -> None:

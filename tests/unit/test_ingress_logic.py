@@ -69,3 +69,30 @@ def test_the_experiment_is_the_split_salt_and_arm_mixes_of_the_config() -> None:
     assert len({c.experiment.id for c in changed} | {base.experiment.id}) == 4
     # Without a split, the default mix is the experiment's only arm (its guardrails are still reported).
     assert IngressConfig(default_mix="mix").experiment.split == {"mix": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fragment"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "body", "100000 levels deep"),
+        (b'{"a": ' * 65 + b"1" + b"}" * 65, "body", "at most 64"),
+        (b'{"prompt": "x", "prompt": "y"}', "prompt", "appears twice"),
+        (b'{"prompt": "\xff\xfe"}', "body", "not valid JSON"),
+        (b"[1, 2]", "body", "must be a JSON object"),
+        (b"{", "body", "not valid JSON"),
+    ],
+)
+def test_hostile_json_bodies_are_400_naming_the_rule(body: bytes, field: str, fragment: str) -> None:
+    from deployments.http_io import json_object
+    from deskgen.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter) as refused:
+        json_object(body)
+    assert refused.value.field == field and fragment in refused.value.message
+
+
+def test_nesting_is_counted_outside_strings_only() -> None:
+    from deployments.http_io import json_object, max_nesting
+
+    assert max_nesting(b'{"a": "[[[[{{{{\\"]]]", "b": [[1]]}') == 3
+    assert json_object(b'{"prompt": "' + b"[" * 10_000 + b'"}') == {"prompt": "[" * 10_000}
