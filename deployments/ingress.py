@@ -63,6 +63,13 @@ from deployments.ingress_models import (
     Text2ImgRequest,
 )
 from deployments.logs import stamp_library_logs
+from deployments.openapi import (
+    FEEDBACK_ANSWERS,
+    answers,
+    generation_answers,
+    page_or_json,
+    without_fastapi_422,
+)
 from deskgen.ab import pick_arm
 from deskgen.contracts import (
     CaptionResult,
@@ -106,6 +113,15 @@ api = FastAPI(
 )
 api.add_middleware(metrics.RequestMetricsMiddleware)
 api.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+
+def _openapi() -> dict[str, Any]:
+    if api.openapi_schema is None:
+        api.openapi_schema = without_fastapi_422(FastAPI.openapi(api))
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 
 
 @api.get("/docs", include_in_schema=False)
@@ -357,7 +373,7 @@ class IngressRoutes:
         """Liveness of the ingress itself (and which replica answered)."""
         return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id}
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses={503: {"description": "a model stage does not answer (same body)"}})
     async def readyz(self) -> JSONResponse:
         """Ready when every model stage answers a ping within 5 s. The experiment recorder is reported but
         does not make the ingress unready: while it is down, exposures wait in this replica's buffer
@@ -374,7 +390,7 @@ class IngressRoutes:
         body = {"ready": ready, "stages": results, "exposures": asdict(self.exposures.stats)}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @api.get("/v1/mixes")
+    @api.get("/v1/mixes", responses=answers(503))
     @json_errors
     async def mixes(self, request: Request) -> dict[str, Any]:
         """Adapters, named mixes (with canonical ids) and the live A/B split."""
@@ -393,7 +409,7 @@ class IngressRoutes:
         """The live request limits and defaults: what a client may send without a 400."""
         return self.config.limits_document()
 
-    @api.post("/v1/classify", openapi_extra=image_body(ImageForm))
+    @api.post("/v1/classify", openapi_extra=image_body(ImageForm), responses=answers(400, 413, 415, 503, 504))
     @json_errors
     async def classify(self, request: Request) -> dict[str, Any]:
         """Desk score of a photo (200 either way; /v1/generate answers 422 below the threshold)."""
@@ -402,7 +418,7 @@ class IngressRoutes:
         verdict: GateVerdict = await self.deadline(self.classifier.classify.remote(image), None)
         return verdict.public()
 
-    @api.post("/v1/caption", openapi_extra=image_body(ImageForm))
+    @api.post("/v1/caption", openapi_extra=image_body(ImageForm), responses=answers(400, 413, 415, 503, 504))
     @json_errors
     async def caption(self, request: Request) -> dict[str, Any]:
         """Captions, ranked keywords and the prompt a photo would give."""
@@ -411,7 +427,8 @@ class IngressRoutes:
         result: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), None)
         return result.public()
 
-    @api.post("/v1/text2img", openapi_extra=json_body(Text2ImgRequest))
+    @api.post("/v1/text2img", openapi_extra=json_body(Text2ImgRequest),
+              responses=generation_answers(400, 404, 413, 415, 503, 504))  # fmt: skip
     @json_errors
     async def text2img(self, request: Request) -> Response:
         """A prompt straight to the generator (no gate, no captions)."""
@@ -424,7 +441,8 @@ class IngressRoutes:
         info: dict[str, Any] = {"mix": mix_info, "timings": exposure.timings}
         return await self.respond(request, output, params, mix, info, body.timeout_s, started, prelude=[])
 
-    @api.post("/v1/generate", openapi_extra=image_body(GenerateForm))
+    @api.post("/v1/generate", openapi_extra=image_body(GenerateForm),
+              responses=generation_answers(400, 404, 413, 415, 422, 503, 504))  # fmt: skip
     @json_errors
     async def generate(self, request: Request) -> Response:
         """classify -> caption -> prompt -> generate. PNG by default; JSON or SSE by `Accept`."""
@@ -470,7 +488,8 @@ class IngressRoutes:
         # 3. Generate, routed by the mix's multiplexed id.
         return await self.respond(request, output, params, mix, info, timeout, started, prelude=prelude)
 
-    @api.post("/v1/feedback", status_code=201, openapi_extra=json_body(FeedbackRequest))
+    @api.post("/v1/feedback", status_code=201, openapi_extra=json_body(FeedbackRequest),
+              responses=answers(400, 404, 409, 413, 415, 503, ok=FEEDBACK_ANSWERS))  # fmt: skip
     @json_errors
     async def feedback(self, request: Request) -> JSONResponse:
         """What the user did with an image. 201 once stored (committed), 200 for a repeat of the same
@@ -490,7 +509,7 @@ class IngressRoutes:
         answer = {"image_id": fb.image_id, "event": fb.event, "recorded": True, "duplicate": not new}
         return JSONResponse(answer, status_code=201 if new else 200)
 
-    @api.get("/v1/experiments")
+    @api.get("/v1/experiments", responses=answers(503, ok=page_or_json("every experiment")))
     @json_errors
     async def experiments(self, request: Request) -> Response:
         """Every experiment with its split, salt, start, exposures and users; ``current`` is the one the
@@ -501,7 +520,7 @@ class IngressRoutes:
             return HTMLResponse(render_experiment_list_page(listed))
         return JSONResponse({"current": self.config.experiment.id, "experiments": listed})
 
-    @api.get("/v1/experiments/{experiment_id}")
+    @api.get("/v1/experiments/{experiment_id}", responses=answers(404, 503, ok=page_or_json("the report")))
     @json_errors
     async def experiment_report(self, request: Request, experiment_id: str) -> Response:
         """Per arm: users, exposures, event rates with 95 % CIs (the user is the unit), differences against
