@@ -15,7 +15,7 @@ METRICS_PORT ?= 8080
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test test-unit test-serve test-cluster test-postgres test-observability lint bench-cpu bench-gpu cluster-up cluster-down clean
+.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability lint bench-cpu bench-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -59,7 +59,18 @@ test-postgres: models
 test-observability: models
 	$(BIN)/python -m pytest -m observability -q
 
-test: lint models
+# System packages the test tiers start as real servers (Debian): PostgreSQL 15's server binaries for the
+# `postgres` tier and Prometheus for the `observability` tier. Installed only where missing; sudo when
+# not root. `make test` (and so .ci/run) runs this first.
+system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	  sudo=""; if [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo=sudo; fi; \
+	  echo "installing postgresql prometheus (apt-get)" >&2; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus; \
+	fi
+
+test: lint models system-deps
 	$(BIN)/python -m pytest -m "unit or serve or cluster or postgres or observability" -q
 
 bench-cpu: models

@@ -2,7 +2,7 @@
 SQLAlchemy URL (``postgresql+psycopg://deskgen@127.0.0.1:<port>/deskgen``, trust auth, TCP on loopback
 only), and stops it and removes the dir on exit.
 
-The binaries are Debian's (``apt-get install postgresql``; ``.ci/run`` installs them on a fresh machine):
+The binaries are Debian's (``apt-get install postgresql``; ``make system-deps``, run by ``make test``, installs them on a fresh machine):
 the highest ``/usr/lib/postgresql/<major>/bin``, else ``pg_config --bindir``, else ``initdb`` on PATH.
 :func:`postgres_available` says whether any were found.
 
@@ -113,7 +113,7 @@ def running_postgres() -> Iterator[str]:
     """Start a PostgreSQL server in a fresh temp dir; yield its SQLAlchemy URL; stop it and remove the dir."""
     bindir = find_bindir()
     if bindir is None:
-        raise PostgresError("no PostgreSQL server binaries: run `.ci/run` or `apt-get install postgresql`")
+        raise PostgresError("no PostgreSQL server binaries: run `make system-deps` or `apt-get install postgresql`")
     user = _server_user()
     prefix = ["runuser", "-u", user, "--"] if user else []
     tmp = Path(tempfile.mkdtemp(prefix="deskgen-pg-"))

@@ -1,5 +1,5 @@
 """A throwaway Prometheus server for tests: :func:`running_prometheus` starts Debian's ``prometheus``
-(``.ci/run`` installs it where missing) in a temp dir, scraping the given targets every second, and yields
+(``make system-deps``, run by ``make test``, installs it where missing) in a temp dir, scraping the given targets every second, and yields
 a small client for its HTTP query API; it stops the server and removes the dir on exit."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _free_port() -> int:
 def running_prometheus(targets: list[str]) -> Iterator[Prometheus]:
     binary = shutil.which("prometheus")
     if binary is None:
-        raise RuntimeError("no `prometheus` binary: run .ci/run or `apt-get install prometheus`")
+        raise RuntimeError("no `prometheus` binary: run `make system-deps` or `apt-get install prometheus`")
     folder = Path(tempfile.mkdtemp(prefix="deskgen-prom-"))
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

@@ -21,7 +21,7 @@ def postgres_url() -> Iterator[str]:
         pytest.fail(
             "the postgres tier needs PostgreSQL 15 server binaries (initdb, pg_ctl, pg_isready) and did not find "
             f"them all (looked in /usr/lib/postgresql/*/bin, `pg_config --bindir`, PATH; best candidate: {find_bindir()}): "
-            "run `.ci/run`, or `apt-get install postgresql`",
+            "run `make system-deps`, or `apt-get install postgresql`",
             pytrace=False,
         )
     with running_postgres() as url:
