@@ -1,0 +1,319 @@
+"""``deskgen``: the command line for the deskgen API, on :class:`deskgen.client.Deskgen`.
+
+    deskgen generate desk.jpg --mix ott_3d --seed 42 -o out.png
+    deskgen text2img "a minimalist desk setup, warm light" --steps 20 -o desk.png
+    deskgen mixes
+    deskgen feedback IMAGE_ID like
+
+The server is ``--url``, else ``$DESKGEN_URL``, else http://127.0.0.1:8000; the API key ``--api-key``, else
+``$DESKGEN_API_KEY``. Generations stream their progress (a bar driven by the step events, on stderr) and
+print the image id, mix, seed, prompt and timings (stdout); ``--json`` prints the JSON answer instead.
+Exit status: 0 done, 1 the server answered an error (its message on stderr), 2 a usage error, 3 no
+answer (connection refused, timed out, cut short), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+from deskgen.client import (
+    DEFAULT_URL,
+    Captioned,
+    Classified,
+    Deskgen,
+    DeskgenConnectionError,
+    DeskgenError,
+    GenerateOptions,
+    GenerationOptions,
+    GenerationResult,
+    ProgressEvent,
+    Started,
+    Step,
+    Unauthorized,
+)
+from deskgen.experiments.records import FEEDBACK_EVENTS
+
+EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class ProgressBar:
+    """The generation's progress on stderr: one line per stage event and a bar the step events fill.
+    On a terminal the bar redraws in place; elsewhere (a log, a pipe) each step is its own line."""
+
+    def __init__(self, stream: TextIO, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+        self._open_line = False
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if isinstance(event, Step):
+            self.step(event.step, event.total)
+        elif isinstance(event, Classified):
+            self.line(f"desk score {event.score:.3f} (threshold {event.threshold:g})")
+        elif isinstance(event, Captioned):
+            self.line(f"prompt: {event.prompt}")
+        elif isinstance(event, Started):
+            self.line(f"generating with {event.mix_id} on {event.replica} (queued {event.queued_s:.2f} s)")
+
+    def step(self, step: int, total: int) -> None:
+        filled = self.width * step // max(total, 1)
+        bar = f"steps [{'#' * filled}{'-' * (self.width - filled)}] {step}/{total} {100 * step // max(total, 1):3d}%"
+        if self.tty:
+            self.stream.write(f"\r{bar}")
+            self._open_line = step < total
+            if not self._open_line:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"{bar}\n")
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+        self.stream.write(f"{text}\n")
+        self.stream.flush()
+
+
+# -- the commands -------------------------------------------------------------------------------------
+
+
+def cmd_generate(client: Deskgen, args: argparse.Namespace) -> int:
+    output = output_path(args.output)
+    options = GenerateOptions(**generation_options(args))
+    if args.style is not None:
+        options["style"] = args.style
+    progress = None if args.no_progress else ProgressBar(sys.stderr)
+    result = client.generate(args.photo, on_event=progress, request_id=args.request_id, **options)
+    return show_result(result, output, args.json)
+
+
+def cmd_text2img(client: Deskgen, args: argparse.Namespace) -> int:
+    output = output_path(args.output)
+    progress = None if args.no_progress else ProgressBar(sys.stderr)
+    result = client.text2img(args.prompt, on_event=progress, request_id=args.request_id, **generation_options(args))
+    return show_result(result, output, args.json)
+
+
+def cmd_mixes(client: Deskgen, args: argparse.Namespace) -> int:
+    mixes = client.mixes()
+    if args.json:
+        return print_json({"adapters": list(mixes.adapters), "named_mixes": {n: {"id": m.id, "weights": m.weights} for n, m in mixes.named.items()},
+                           "default_mix": mixes.default_mix, "ab_split": mixes.ab_split, "ab_salt": mixes.ab_salt})  # fmt: skip
+    out = sys.stdout
+    print(f"adapters     {', '.join(mixes.adapters)}", file=out)
+    print(f"default mix  {mixes.default_mix}", file=out)
+    split = " · ".join(f"{arm} {share:.0%}" for arm, share in mixes.ab_split.items()) or "off (the default mix)"
+    print(f"A/B split    {split}", file=out)
+    print("named mixes", file=out)
+    width = max((len(n) for n in mixes.named), default=0)
+    for name, mix in mixes.named.items():
+        print(f"  {name:<{width}}  {mix.id}", file=out)
+    return EXIT_OK
+
+
+def cmd_limits(client: Deskgen, args: argparse.Namespace) -> int:
+    limits = client.limits()
+    if args.json:
+        return print_json(limits.raw)
+    width = max(len(k) for k in limits.raw)
+    for key, value in limits.raw.items():
+        shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+        print(f"{key:<{width}}  {shown}", file=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_feedback(client: Deskgen, args: argparse.Namespace) -> int:
+    result = client.feedback(args.image_id, args.event, value=args.value, user_id=args.user_id)
+    if args.json:
+        return print_json({"image_id": result.image_id, "event": result.event, "duplicate": result.duplicate,
+                           "status": result.status})  # fmt: skip
+    what = "already recorded (a repeat counts once)" if result.duplicate else "recorded"
+    print(f"{result.event} {what} for image {result.image_id}", file=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_experiments(client: Deskgen, args: argparse.Namespace) -> int:
+    return print_json(client.experiment(args.experiment_id) if args.experiment_id else client.experiments())
+
+
+def cmd_ready(client: Deskgen, args: argparse.Namespace) -> int:
+    readiness = client.ready()
+    if args.json:
+        print_json(readiness.raw)
+    else:
+        stages = ", ".join(f"{name} {state}" for name, state in readiness.stages.items())
+        print(f"{'ready' if readiness.ready else 'NOT ready'}: {stages}", file=sys.stdout)
+    return EXIT_OK if readiness.ready else EXIT_API_ERROR
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def show_result(result: GenerationResult, output: Path | None, as_json: bool) -> int:
+    path = result.save(output or Path(f"deskgen-{result.image_id}.png"))
+    if as_json:
+        return print_json({**result.raw, "output": str(path)})
+    out = sys.stdout
+    print(f"wrote        {path} ({result.width}x{result.height} PNG, {len(result.png)} bytes)", file=out)
+    print(f"image id     {result.image_id}   (deskgen feedback {result.image_id} like)", file=out)
+    arm = f", arm {result.mix.arm}" if result.mix.arm else ""
+    print(f"mix          {result.mix.label}, chosen by {result.mix.source}{arm}", file=out)
+    print(f"seed         {result.seed}", file=out)
+    print(f"steps        {result.steps}, guidance {result.guidance:g}", file=out)
+    if result.desk_score is not None:
+        print(f"desk score   {result.desk_score:.3f}", file=out)
+    print(f"prompt       {result.prompt}", file=out)
+    print(f"timings      {format_timings(result.timings)}", file=out)
+    generator = result.metadata.get("timings")
+    if isinstance(generator, dict) and generator:
+        print(f"  generator  {format_timings(generator)}", file=out)
+    return EXIT_OK
+
+
+def format_timings(timings: dict[str, Any]) -> str:
+    """``{"classify_s": 0.05, "total_s": 1.2}`` -> ``classify 0.050 s · total 1.200 s``."""
+    return " · ".join(f"{k.removesuffix('_s')} {float(v):.3f} s" for k, v in timings.items())
+
+
+def print_json(value: Any) -> int:
+    print(json.dumps(value, indent=2, sort_keys=False), file=sys.stdout)
+    return EXIT_OK
+
+
+def output_path(given: str | None) -> Path | None:
+    """Refuse an output path that cannot be written before the generation runs, not after."""
+    if given is None:
+        return None
+    path = Path(given)
+    if not path.parent.is_dir():
+        raise UsageError(f"-o {given}: the folder {str(path.parent)!r} does not exist.")
+    if path.is_dir():
+        raise UsageError(f"-o {given}: is a folder; name the PNG file to write.")
+    return path
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    """The options given on the command line (argparse's ``dest`` names are the API's)."""
+    given = {key: getattr(args, key) for key in GenerationOptions.__annotations__ if getattr(args, key) is not None}
+    return cast(GenerationOptions, given)
+
+
+class UsageError(Exception):
+    """A command line that cannot work, found before any request is sent (exit status 2)."""
+
+
+# -- the parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"the server (default: $DESKGEN_URL or {DEFAULT_URL})")
+    common.add_argument("--api-key", help="the API key, sent as Authorization: Bearer (default: $DESKGEN_API_KEY)")
+    common.add_argument("--retries", type=int, default=3, metavar="N",
+                        help="retries of a 429/503 answer or a refused connection, after Retry-After (default: 3)")  # fmt: skip
+    common.add_argument("--json", action="store_true", help="print the JSON answer")
+
+    generation = argparse.ArgumentParser(add_help=False)
+    generation.add_argument("--mix", help="a named mix (deskgen mixes), `adapter:weight+...`, or `base`")
+    generation.add_argument("--seed", type=int, help="0..2^32-1 (random and reported when omitted)")
+    generation.add_argument("--steps", type=int, help="denoising steps")
+    generation.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    generation.add_argument("--width", type=int, help="a multiple of 8")
+    generation.add_argument("--height", type=int, help="a multiple of 8")
+    generation.add_argument("--negative-prompt", help='what to avoid ("" for none)')
+    generation.add_argument("--user-id", help="the user (makes the A/B arm sticky)")
+    generation.add_argument("--timeout", dest="timeout_s", type=float, metavar="SECONDS", help="the request's deadline")
+    generation.add_argument("--request-id", help="the X-Request-Id of the first attempt (the image id); retries add .r<n>")
+    generation.add_argument("-o", "--output", metavar="PNG", help="where to write the image (default: deskgen-<image id>.png)")
+    generation.add_argument("--no-progress", action="store_true", help="no progress on stderr (no event stream)")
+
+    parser = argparse.ArgumentParser(prog="deskgen", description="The deskgen image service from the command line.",
+                                     epilog="docs/CLIENT.md has examples.")  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub = commands.add_parser("generate", parents=[common, generation], help="a desk photo -> a new desk-setup image")
+    sub.add_argument("photo", type=Path, help="the desk photo (JPEG, PNG, WebP)")
+    sub.add_argument("--style", help="a style concept woven into the prompt, e.g. cyberpunk")
+    sub.set_defaults(run=cmd_generate)
+
+    sub = commands.add_parser("text2img", parents=[common, generation], help="a prompt -> an image (no gate, no captions)")
+    sub.add_argument("prompt")
+    sub.set_defaults(run=cmd_text2img)
+
+    sub = commands.add_parser("mixes", parents=[common], help="the adapters, named mixes and the A/B split")
+    sub.set_defaults(run=cmd_mixes)
+
+    sub = commands.add_parser("limits", parents=[common], help="the live request limits and defaults")
+    sub.set_defaults(run=cmd_limits)
+
+    sub = commands.add_parser("feedback", parents=[common], help="what the user did with an image")
+    sub.add_argument("image_id", help="the image id a generation printed")
+    sub.add_argument("event", choices=FEEDBACK_EVENTS)
+    sub.add_argument("--value", type=float, help="optional, e.g. a rating")
+    sub.add_argument("--user-id", help="must be the user the image was delivered to")
+    sub.set_defaults(run=cmd_feedback)
+
+    sub = commands.add_parser("experiments", parents=[common], help="the A/B experiments, or one's report (JSON)")
+    sub.add_argument("experiment_id", nargs="?")
+    sub.set_defaults(run=cmd_experiments)
+
+    sub = commands.add_parser("ready", parents=[common], help="whether every stage answers (exit 1 when not)")
+    sub.set_defaults(run=cmd_ready)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The client logs each retry ("... retry 1/3 in 5.0 s"): the user sees why a command waits.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("deskgen: %(message)s"))
+    client_log = logging.getLogger("deskgen.client")
+    client_log.addHandler(handler)
+    level = client_log.level
+    client_log.setLevel(logging.INFO)
+    run: Callable[[Deskgen, argparse.Namespace], int] = args.run
+    try:
+        with Deskgen(args.url, api_key=args.api_key, max_retries=args.retries) as client:
+            return run(client, args)
+    except DeskgenConnectionError as error:
+        return fail(error, EXIT_NO_ANSWER, args.json)
+    except DeskgenError as error:
+        return fail(error, EXIT_API_ERROR, args.json)
+    except (UsageError, ValueError, OSError) as error:
+        print(f"deskgen: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deskgen: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        client_log.removeHandler(handler)
+        client_log.setLevel(level)
+
+
+def fail(error: DeskgenError, status: int, as_json: bool) -> int:
+    """The server's message on stderr (with its status, code, field and request id); the JSON error on
+    stdout with ``--json``."""
+    print(f"deskgen: {error}", file=sys.stderr)
+    details = [f"request id {error.request_id}"] if error.request_id else []
+    if error.retry_after is not None:
+        details.append(f"retry after {error.retry_after:g} s")
+    if isinstance(error, Unauthorized):
+        details.append("give the API key with --api-key or $DESKGEN_API_KEY")
+    if details:
+        print(f"deskgen: ({', '.join(details)})", file=sys.stderr)
+    if as_json and error.body:
+        print_json(error.body)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The deskgen API client: :class:`Deskgen` (blocking) and :class:`AsyncDeskgen` (asyncio) on httpx.
+
+>>> from deskgen.client import Deskgen, NotADesk, Step
+>>> with Deskgen() as client:                      # $DESKGEN_URL, $DESKGEN_API_KEY
+...     try:
+...         result = client.generate("desk.jpg", mix="ott_3d", seed=42,
+...                                  on_event=lambda e: isinstance(e, Step) and print(e.step, e.total))
+...     except NotADesk as error:
+...         print("not a desk:", error.score)
+...     else:
+...         result.save("out.png")
+...         client.feedback(result.image_id, "like")
+
+Both clients build every request and read every answer through one core (:mod:`.core`); typed results
+are in :mod:`.models`, typed errors in :mod:`.errors`, the retry rule in :mod:`.retry`. The command line
+is :mod:`deskgen.cli`; docs/CLIENT.md has the guide. Importing this package imports httpx, nothing heavy.
+"""
+
+from deskgen.client.aio import AsyncDeskgen
+from deskgen.client.core import DEFAULT_URL, GenerateOptions, GenerationOptions, Photo
+from deskgen.client.errors import (
+    Conflict,
+    DeadlineExceeded,
+    DeskgenConnectionError,
+    DeskgenError,
+    InvalidRequest,
+    NotADesk,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimit,
+    RateLimited,
+    ServerError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from deskgen.client.models import (
+    Caption,
+    Captioned,
+    Classification,
+    Classified,
+    Done,
+    FeedbackResult,
+    GenerationResult,
+    Keyword,
+    Limits,
+    Mixes,
+    MixInfo,
+    NamedMix,
+    OtherEvent,
+    ProgressEvent,
+    Readiness,
+    Started,
+    Step,
+)
+from deskgen.client.retry import RetryPolicy
+from deskgen.client.sync import Deskgen
+
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncDeskgen",
+    "Caption",
+    "Captioned",
+    "Classification",
+    "Classified",
+    "Conflict",
+    "DeadlineExceeded",
+    "Deskgen",
+    "DeskgenConnectionError",
+    "DeskgenError",
+    "Done",
+    "FeedbackResult",
+    "GenerateOptions",
+    "GenerationOptions",
+    "GenerationResult",
+    "InvalidRequest",
+    "Keyword",
+    "Limits",
+    "MixInfo",
+    "Mixes",
+    "NamedMix",
+    "NotADesk",
+    "NotFound",
+    "OtherEvent",
+    "Overloaded",
+    "PayloadTooLarge",
+    "Photo",
+    "ProgressEvent",
+    "RateLimit",
+    "RateLimited",
+    "Readiness",
+    "RetryPolicy",
+    "ServerError",
+    "Started",
+    "Step",
+    "Unauthorized",
+    "UnsupportedMediaType",
+]
