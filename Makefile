@@ -15,7 +15,7 @@ METRICS_PORT ?= 8080
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability lint bench-cpu bench-gpu cluster-up cluster-down clean
+.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability lint bench-cpu bench-overload bench-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,9 @@ test: lint models system-deps
 
 bench-cpu: models
 	$(RAY_ENV) $(BIN)/python -m bench.cpu
+
+bench-overload: models
+	$(BIN)/python -m bench.overload
 
 bench-gpu: install
 	$(BIN)/python -m bench.gpu

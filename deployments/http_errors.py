@@ -87,7 +87,7 @@ def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, An
 
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, DeskgenError):
-        return exc.status, {"error": exc.to_dict()}, retry if exc.status == 503 else {}
+        return exc.status, {"error": exc.to_dict()}, (retry if exc.status in (429, 503) else {}) | exc.headers
     if isinstance(exc, (ValidationError, RequestValidationError)):
         err = validation_error(exc)
         return err.status, {"error": err.to_dict()}, {}

@@ -41,14 +41,14 @@ async def read_body(request: Request, limit: int, field: str) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         if int(declared) <= limit + MAX_DRAIN_BYTES:
-            await _drain(request, limit + MAX_DRAIN_BYTES)
+            await drain(request, limit + MAX_DRAIN_BYTES)
         raise PayloadTooLarge(f"`{field}`: the request body must be at most {limit} bytes but is {declared}.", field=field)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            await _drain(request, MAX_DRAIN_BYTES)
+            await drain(request, MAX_DRAIN_BYTES)
             raise PayloadTooLarge(f"`{field}`: the request body must be at most {limit} bytes.", field=field)
         chunks.append(chunk)
     body = b"".join(chunks)
@@ -56,7 +56,7 @@ async def read_body(request: Request, limit: int, field: str) -> bytes:
     return body
 
 
-async def _drain(request: Request, budget: int) -> None:
+async def drain(request: Request, budget: int) -> None:
     """Read and drop the rest of the body, at most ``budget`` bytes (nothing when it was all read already,
     the client is waiting for ``100 Continue``, or it went away)."""
     if "100-continue" in request.headers.get("expect", "").lower() or getattr(request, "_stream_consumed", True):
@@ -119,19 +119,36 @@ def max_nesting(body: bytes) -> int:
 
 
 def image_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body of a route that takes a photo: multipart (``image`` a file) or JSON (``image_b64``,
+    then required)."""
     schema = model.model_json_schema()
+    json_schema = {
+        **schema,
+        "properties": schema.get("properties", {})
+        | {"image_b64": {"type": "string", "format": "byte", "minLength": 4, "description": "the photo, base64"}},
+        "required": [*schema.get("required", []), "image_b64"],
+    }
+    # A form has no null: a field left out is the option's default.
     form_schema = {
         "type": "object",
         "properties": {"image": {"type": "string", "format": "binary"}}
-        | {k: v for k, v in schema.get("properties", {}).items() if k != "image_b64"},
+        | {k: _not_null(v) for k, v in schema.get("properties", {}).items() if k != "image_b64"},
         "required": ["image"],
+        "additionalProperties": False,
     }
     return {
         "requestBody": {
             "required": True,
-            "content": {"multipart/form-data": {"schema": form_schema}, "application/json": {"schema": schema}},
+            "content": {"multipart/form-data": {"schema": form_schema}, "application/json": {"schema": json_schema}},
         }
     }
+
+
+def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
+    branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) != 1:
+        return prop
+    return {k: v for k, v in prop.items() if k != "anyOf"} | branches[0]
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

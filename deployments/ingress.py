@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from deployments import metrics
+from deployments.access import AccessMiddleware, door
 from deployments.http_errors import (
     check_request_id,
     error_body,
@@ -55,10 +56,11 @@ from deployments.http_io import (
     wants_html,
 )
 from deployments.ingress_models import (
+    CaptionForm,
+    ClassifyForm,
     FeedbackRequest,
     GenerateForm,
     GenerationOptions,
-    ImageForm,
     IngressConfig,
     Text2ImgRequest,
 )
@@ -66,9 +68,9 @@ from deployments.logs import stamp_library_logs
 from deployments.openapi import (
     FEEDBACK_ANSWERS,
     answers,
+    contract,
     generation_answers,
     page_or_json,
-    without_fastapi_422,
 )
 from deskgen.ab import pick_arm
 from deskgen.contracts import (
@@ -111,13 +113,18 @@ api = FastAPI(
     docs_url=None,  # served below from local assets: deskgen runs where no CDN can be reached
     redoc_url=None,
 )
+# The door first (innermost), so the request metrics (outermost) count its refusals too.
+api.add_middleware(AccessMiddleware, routes=api.router.routes)
 api.add_middleware(metrics.RequestMetricsMiddleware)
 api.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
 
 
-def _openapi() -> dict[str, Any]:
-    if api.openapi_schema is None:
-        api.openapi_schema = without_fastapi_422(FastAPI.openapi(api))
+def _openapi(config: IngressConfig | None = None) -> dict[str, Any]:
+    """The document for ``config`` (built again by each reconfigure: it states the live limits and keys)."""
+    if config is not None or api.openapi_schema is None:
+        config = config or IngressConfig()
+        api.openapi_schema = None
+        api.openapi_schema = contract(FastAPI.openapi(api), config.limits, config.max_upload_bytes, keys=bool(config.api_keys))
     return api.openapi_schema
 
 
@@ -195,6 +202,13 @@ class IngressRoutes:
         self._catalog = None  # rebuilt against the new named mixes on next use
         self.exposures.capacity = self.config.exposure_buffer
         self.exposures.flush_interval_s = self.config.exposure_flush_s
+        door.configure(self.config.api_keys, shed_load=self.config.shed_load, retry_after_s=self.config.retry_after_s)
+        _openapi(self.config)  # the document states the live limits and whether keys are required
+        if self.config.api_keys:
+            log.info("API keys: %d configured (%s)", len(self.config.api_keys), ", ".join(k.name for k in self.config.api_keys))
+        else:
+            log.warning("API keys: none configured, so the API is open to anyone who reaches it "
+                        "(add user_config.api_keys; mint one with `python -m deskgen.apikeys NAME`)")
         log.info("ingress config: default_mix=%s ab_split=%s experiment=%s", self.config.default_mix,
                  self.config.ab_split, self.config.experiment.id)  # fmt: skip
 
@@ -369,9 +383,12 @@ class IngressRoutes:
     # -- routes ----------------------------------------------------------------------------------
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        """Liveness of the ingress itself (and which replica answered)."""
-        return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id}
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness of the ingress itself: which replica answered, and its door (``admission``: the generation
+        requests it holds, how many the generator takes from it, how many it shed). Asks no stage."""
+        door.ensure_polling()
+        admission = asdict(door.admission.stats) | {"shed_load": door.shed_load, "topology_error": door.topology_error}
+        return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id, "admission": admission}
 
     @api.get("/readyz", responses={503: {"description": "a model stage does not answer (same body)"}})
     async def readyz(self) -> JSONResponse:
@@ -409,20 +426,20 @@ class IngressRoutes:
         """The live request limits and defaults: what a client may send without a 400."""
         return self.config.limits_document()
 
-    @api.post("/v1/classify", openapi_extra=image_body(ImageForm), responses=answers(400, 413, 415, 503, 504))
+    @api.post("/v1/classify", openapi_extra=image_body(ClassifyForm), responses=answers(400, 413, 415, 503, 504))
     @json_errors
     async def classify(self, request: Request) -> dict[str, Any]:
         """Desk score of a photo (200 either way; /v1/generate answers 422 below the threshold)."""
-        _, raw = await self.parse(request, ImageForm, image="required")
+        _, raw = await self.parse(request, ClassifyForm, image="required")
         image = self.decode(raw)
         verdict: GateVerdict = await self.deadline(self.classifier.classify.remote(image), None)
         return verdict.public()
 
-    @api.post("/v1/caption", openapi_extra=image_body(ImageForm), responses=answers(400, 413, 415, 503, 504))
+    @api.post("/v1/caption", openapi_extra=image_body(CaptionForm), responses=answers(400, 413, 415, 503, 504))
     @json_errors
     async def caption(self, request: Request) -> dict[str, Any]:
         """Captions, ranked keywords and the prompt a photo would give."""
-        form, raw = await self.parse(request, ImageForm, image="required")
+        form, raw = await self.parse(request, CaptionForm, image="required")
         image = self.decode(raw)
         result: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), None)
         return result.public()

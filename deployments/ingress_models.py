@@ -2,10 +2,12 @@
 HTTP API (pydantic models; the OpenAPI document is generated from them). Bounds come from
 :mod:`deskgen.limits`, the one place limits live."""
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deskgen.apikeys import ApiKey
 from deskgen.experiments.records import FEEDBACK_EVENTS, Experiment
 from deskgen.limits import (
     DEFAULT_SIZE_LIMITS,
@@ -22,7 +24,8 @@ from deskgen.limits import (
     SIDE_MULTIPLE,
     SizeLimits,
 )
-from deskgen.mixes import NAMED_MIXES
+from deskgen.mixes import MIX_SPEC_PATTERN, MIX_SPEC_RULE, NAMED_MIXES
+from deskgen.prompt import STYLE_PATTERN, validate_style
 
 
 class IngressConfig(BaseModel):
@@ -61,6 +64,13 @@ class IngressConfig(BaseModel):
     recorder_timeout_s: float = Field(
         5.0, gt=0.0, le=60.0, description="how long a feedback or report call waits for the experiment store"
     )
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description="who may call the API (hashes; mint with `python -m deskgen.apikeys NAME`), "
+        "each with its rate and concurrency limits; empty = the API is open to anyone who reaches it"
+    )
+    shed_load: bool = Field(
+        True, description="refuse generation requests the generator cannot take (503) before reading their body"
+    )
 
     @field_validator("ab_split")
     @classmethod
@@ -69,6 +79,17 @@ class IngressConfig(BaseModel):
             if not share > 0:
                 raise ValueError(f"the share of arm {arm!r} must be > 0 but is {share}")
         return split
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_unique(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        for attribute in ("name", "sha256"):
+            values = [getattr(k, attribute) for k in keys]
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                shown = repeated if attribute == "name" else [v[:12] + "…" for v in repeated]
+                raise ValueError(f"each API key needs its own {attribute}; repeated: {shown}")
+        return keys
 
     @model_validator(mode="after")
     def _arms_are_named_mixes(self) -> "IngressConfig":
@@ -111,12 +132,25 @@ class IngressConfig(BaseModel):
         }  # fmt: skip
 
 
+class StyleOption(BaseModel):
+    """A style concept woven into the prompt, checked by the prompt builder's rule (stated in the document)."""
+
+    style: str | None = Field(None, max_length=MAX_STYLE_CHARS, description="a style concept woven into the prompt "
+                              "(visible text, no control or format characters)", json_schema_extra={"pattern": STYLE_PATTERN})  # fmt: skip
+
+    @field_validator("style")
+    @classmethod
+    def _style_rule(cls, style: str | None) -> str | None:
+        return validate_style(style)
+
+
 class GenerationOptions(BaseModel):
     """Options shared by /v1/generate and /v1/text2img. Omitted values take the configured defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
-    mix: str | None = Field(None, max_length=MAX_MIX_SPEC_CHARS, description="a named mix, `adapter:weight+...`, or `base`")
+    mix: str | None = Field(None, max_length=MAX_MIX_SPEC_CHARS, description=MIX_SPEC_RULE,
+                            json_schema_extra={"pattern": MIX_SPEC_PATTERN})  # fmt: skip
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted (and reported)")
     steps: int | None = Field(None, ge=1)
     guidance: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)
@@ -127,10 +161,18 @@ class GenerationOptions(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="deadline for this request")
 
 
-class GenerateForm(GenerationOptions):
+    @field_validator("mix")
+    @classmethod
+    def _mix_syntax(cls, mix: str | None) -> str | None:
+        if mix is not None and not re.fullmatch(MIX_SPEC_PATTERN, mix):
+            raise ValueError(f"must be {MIX_SPEC_RULE}")
+        return mix
+
+
+class GenerateForm(GenerationOptions, StyleOption):
     """/v1/generate: the photo (multipart `image`, or `image_b64` in JSON) plus options."""
 
-    style: str | None = Field(None, max_length=MAX_STYLE_CHARS, description="a style concept woven into the prompt")
+
     image_b64: str | None = Field(None, description="JSON only: the photo, base64")
 
 
@@ -140,13 +182,17 @@ class Text2ImgRequest(GenerationOptions):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
-class ImageForm(BaseModel):
-    """/v1/classify and /v1/caption: just the photo (and, for caption, a style)."""
+class ClassifyForm(BaseModel):
+    """/v1/classify: just the photo."""
 
     model_config = ConfigDict(extra="forbid")
 
     image_b64: str | None = None
-    style: str | None = Field(None, max_length=MAX_STYLE_CHARS)
+
+
+class CaptionForm(ClassifyForm, StyleOption):
+    """/v1/caption: the photo and, optionally, a style woven into the prompt."""
+
 
 
 class FeedbackRequest(BaseModel):

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deskgen.limits import SIDE_MULTIPLE, SizeLimits
+
 
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -26,11 +28,13 @@ class ErrorBody(BaseModel):
 
 STATUS_MEANING = {
     400: "a parameter is outside its documented range or malformed (the field is named)",
+    401: "API keys are configured and the request has none or an unknown one (see WWW-Authenticate)",
     404: "an unknown mix, adapter, image or experiment",
     409: "the image was delivered to another user",
     413: "the body or the image is larger than the limit",
     415: "not an image, or a Content-Type other than multipart/form-data or application/json",
     422: "the photo is not a desk setup (with its score and the threshold)",
+    429: "the key is over its request rate or concurrent generations; retry after Retry-After (RateLimit-* headers)",
     503: "at capacity, a stage replica down, or the experiment store unreachable; retry after Retry-After",
     504: "the request's deadline (timeout_s) passed; the generation was cancelled",
 }
@@ -79,3 +83,53 @@ def without_fastapi_422(document: dict[str, Any]) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     return document
+
+
+def with_access(document: dict[str, Any], *, keys: bool) -> dict[str, Any]:
+    """When API keys are configured: the two ways to present one, required by every route but the open
+    ones (health, docs), each of which may then answer 401 and 429. Without keys the API is open and the
+    document says nothing about them."""
+    from deployments.access import OPEN_PATHS
+
+    if not keys:
+        return document
+    schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"}
+    schemes["apiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path, operations in document.get("paths", {}).items():
+        if path in OPEN_PATHS:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            for status in (401, 429):
+                operation.setdefault("responses", {})[str(status)] = {
+                    "description": STATUS_MEANING[status],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                }
+    return document
+
+
+def with_limits(document: dict[str, Any], limits: SizeLimits, max_upload_bytes: int) -> dict[str, Any]:
+    """State the live limits in every request body (``steps``, ``width``, ``height``, the photo's bytes):
+    they come from the ingress's ``user_config``, which a ``serve deploy`` may change, so the request models
+    carry only the fixed bounds and the document gets these at each reconfigure."""
+    bounds = {
+        "steps": {"maximum": limits.max_steps},
+        "width": {"minimum": limits.min_side, "maximum": limits.max_side, "multipleOf": SIDE_MULTIPLE},
+        "height": {"minimum": limits.min_side, "maximum": limits.max_side, "multipleOf": SIDE_MULTIPLE},
+        "image": {"maxLength": max_upload_bytes},
+    }
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                for name, prop in media.get("schema", {}).get("properties", {}).items():
+                    for branch in prop.get("anyOf", [prop]):
+                        if name in bounds and branch.get("type") in ("integer", "string"):
+                            branch.update(bounds[name])
+    return document
+
+
+def contract(raw: dict[str, Any], limits: SizeLimits, max_upload_bytes: int, *, keys: bool) -> dict[str, Any]:
+    """The OpenAPI document the ingress serves: FastAPI's, with deskgen's error answers, the live limits
+    and, when keys are configured, how to present one."""
+    return with_access(with_limits(without_fastapi_422(raw), limits, max_upload_bytes), keys=keys)

@@ -18,7 +18,13 @@ from deskgen.limits import MAX_WEIGHT, MIN_WEIGHT
 
 #: The id of the empty mix (no LoRA, or every weight 0).
 BASE_MIX_ID = "base"
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+ADAPTER_NAME_RE = re.compile(rf"^{_NAME}$")
+#: What a client may write as a mix: a named mix, ``base``, or ``adapter[:weight]+...`` (the weights'
+#: range and the adapters' existence are checked against the catalogue). The OpenAPI document states it.
+MIX_SPEC_PATTERN = rf"^{_NAME}(?::(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?(?:\+{_NAME}(?::(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?)*$"
+MIX_SPEC_RULE = ("a named mix, `base`, or `adapter:weight+...` (adapter names are 1-64 letters, digits, '_' or '-', "
+                 "weights decimal numbers, no spaces)")  # fmt: skip
 
 NAMED_MIXES: dict[str, dict[str, float]] = {
     "dalle_only": {"dalle": 1.0},
@@ -139,6 +145,10 @@ class MixCatalog:
                 f"(or write `adapter:weight+...` with adapters {sorted(self.available)}).",
                 field=field,
             )
+        # Unknown adapters first (404): what a client cannot know is answered before how it wrote the
+        # weights (a weight out of range or an adapter named twice is then a 400).
+        names = [part.partition(":")[0].strip() for part in spec.split("+")]
+        self._check_available(Mix(tuple((n, 1.0) for n in names if ADAPTER_NAME_RE.fullmatch(n))), field)
         mix = Mix.from_weights(parse_mix_spec(spec, field=field), field=field)
         self._check_available(mix, field)
         return mix

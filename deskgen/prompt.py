@@ -167,6 +167,35 @@ def rank_keywords(captions: Sequence[str], vocabulary: Mapping[str, str] | None 
     return [Keyword(name, counts[name]) for name in ranked]
 
 
+def _invisible_class() -> str:
+    """A regex character class body of every control and format code point (Unicode categories Cc, Cf),
+    computed from this Python's Unicode tables and written for Python's, JavaScript's and Rust's regex
+    dialects (BMP as ``\\uXXXX``, the few astral ones as themselves). Lone surrogates (Cs), which no
+    UTF-8 text holds but a JSON ``\\ud800`` escape can make, are refused too, outside the pattern (Rust's
+    regex cannot name them)."""
+    import sys
+
+    ranges: list[tuple[int, int]] = []
+    for cp in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(cp)) in ("Cc", "Cf"):
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1] = (ranges[-1][0], cp)
+            else:
+                ranges.append((cp, cp))
+
+    def char(cp: int) -> str:
+        return f"\\u{cp:04x}" if cp <= 0xFFFF else chr(cp)
+
+    return "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges)
+
+
+_INVISIBLE = _invisible_class()
+#: A style: no control, format or surrogate characters, and at least one visible one. The ingress's
+#: OpenAPI document states this pattern; :func:`validate_style` applies the same one.
+STYLE_PATTERN = f"^[^{_INVISIBLE}]*[^{_INVISIBLE}\\s][^{_INVISIBLE}]*$"
+_HAS_INVISIBLE = re.compile(f"[{_INVISIBLE}\\ud800-\\udfff]")
+
+
 def validate_style(style: str | None) -> str | None:
     """Return ``style`` stripped of surrounding whitespace, or raise :class:`InvalidParameter` (field
     ``style``). ``None`` means no style; a blank string is rejected rather than guessed at."""
@@ -181,7 +210,7 @@ def validate_style(style: str | None) -> str | None:
             f"`style` must be at most {MAX_STYLE_CHARS} characters but is {len(style)}: {style[:40]!r}...",
             field="style",
         )
-    if any(unicodedata.category(ch).startswith("C") for ch in style):
+    if _HAS_INVISIBLE.search(style):
         raise InvalidParameter(
             f"`style` must not contain control or format characters but is {style!r}.", field="style"
         )

@@ -23,8 +23,8 @@ def generate(client: httpx.Client, photo: bytes, accept: str | None = None, **fi
     return client.post("/v1/generate", files={"image": ("desk.jpg", photo, "image/jpeg")}, data=data, headers=headers)
 
 
-def text2img(client: httpx.Client, accept: str | None = None, **body: Any) -> httpx.Response:
-    headers = {"Accept": accept} if accept else {}
+def text2img(client: httpx.Client, accept: str | None = None, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
+    headers = {**(headers or {}), **({"Accept": accept} if accept else {})}
     return client.post("/v1/text2img", json={"prompt": "a tidy desk setup", "steps": 1, **body}, headers=headers)
 
 

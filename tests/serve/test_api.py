@@ -215,7 +215,7 @@ def test_missing_or_malformed_image_is_400(client: httpx.Client) -> None:
 def test_unknown_mix_and_adapter_are_404(client: httpx.Client) -> None:
     assert_error(text2img(client, mix="vaporwave"), 404, "unknown_mix", "mix", "vaporwave", "ott_3d")
     assert_error(text2img(client, mix="ott:0.5+neon:1"), 404, "unknown_mix", "mix", "neon", "'dalle'")
-    assert_error(text2img(client, mix="../etc:1"), 400, "invalid_parameter", "mix", "no paths")
+    assert_error(text2img(client, mix="../etc:1"), 400, "invalid_parameter", "mix", "letters, digits", "'../etc:1'")
 
 
 def test_too_large_is_413(client: httpx.Client) -> None:
@@ -298,7 +298,9 @@ def test_overload_is_503_with_retry_after(client: httpx.Client, serve_app: dict[
     assert set(statuses) == {200, 503}, statuses
     rejected = next(r for r in responses if r.status_code == 503)
     assert_error(rejected, 503, "overloaded")
-    assert rejected.headers["retry-after"] == "5"
+    # Refused at the door (admission control) or by the generator's router: either way a wait of 1 s up
+    # to the configured retry_after_s (5).
+    assert 1 <= int(rejected.headers["retry-after"]) <= 5
 
 
 # -- health and docs --------------------------------------------------------------------------------
