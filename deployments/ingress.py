@@ -12,6 +12,7 @@ JSON or server-sent events by the ``Accept`` header. It never imports TensorFlow
 import asyncio
 import base64
 import binascii
+import datetime as dt
 import logging
 import random
 import time
@@ -73,6 +74,7 @@ from deployments.openapi import (
     page_or_json,
 )
 from deskgen.ab import pick_arm
+from deskgen.concepts import Concept, with_negative, woven_prompt, woven_style
 from deskgen.contracts import (
     CaptionResult,
     GateVerdict,
@@ -101,6 +103,9 @@ from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
+
+#: A request's concept preset: its name (``auto`` resolved) and the preset.
+Chosen = tuple[str, Concept]
 
 #: The prompt /v1/generate validates its options with before the captions exist (replaced by theirs).
 PENDING_PROMPT = "(from the captions)"
@@ -239,8 +244,11 @@ class IngressRoutes:
             self._mix_names = {m.id: n for n, m in reversed(self._catalog.named.items())}
         return self._catalog
 
-    async def choose_mix(self, requested: str | None, user_id: str | None) -> tuple[Mix, dict[str, Any]]:
-        """The mix to use and how it was chosen: ``request``, ``header``, ``ab`` or ``default``."""
+    async def choose_mix(
+        self, requested: str | None, user_id: str | None, concept: Chosen | None = None
+    ) -> tuple[Mix, dict[str, Any]]:
+        """The mix to use and how it was chosen: ``request``, ``header``, ``concept`` (the concept preset's
+        mix), ``ab`` or ``default``."""
         catalog = await self.catalog()
         header_mix = serve.get_multiplexed_model_id() or None
         if requested is not None and header_mix is not None and catalog.resolve(requested).id != catalog.resolve(header_mix, field="serve_multiplexed_model_id").id:
@@ -252,6 +260,8 @@ class IngressRoutes:
             name, source, arm = requested, "request", None
         elif header_mix is not None:
             name, source, arm = header_mix, "header", None
+        elif concept is not None and concept[1].mix is not None:
+            name, source, arm = concept[1].mix, "concept", None
         elif self.config.ab_split:
             arm = pick_arm(self.config.ab_split, user_id, self.config.ab_salt)
             name, source = arm, "ab"
@@ -264,14 +274,16 @@ class IngressRoutes:
 
     # -- the experiment loop -------------------------------------------------------------------
 
-    def begin_exposure(self, request: Request, mix_info: dict[str, Any], user_id: str | None, style: str | None) -> Reservation:
+    def begin_exposure(
+        self, request: Request, mix_info: dict[str, Any], user_id: str | None, style: str | None, concept: Chosen | None
+    ) -> Reservation:
         """Take the request's place in the exposure buffer (503 when full, before any model runs). The
         outcome is settled once: ``ok`` at delivery, or the error code the client got (by ``json_errors``)."""
         source = mix_info["source"]
         arm = mix_info["arm"] if source == "ab" else self.config.default_mix if source == "default" else None
         exposure = self.exposures.reserve(
             self.config.experiment, image_id=request_id_of(request), user_id=user_id, arm=arm,
-            mix_id=mix_info["id"], mix_source=source, style=style,
+            mix_id=mix_info["id"], mix_source=source, style=style, concept=concept[0] if concept else None,
         )  # fmt: skip
         request.state.exposure = exposure
         return exposure
@@ -351,20 +363,35 @@ class IngressRoutes:
             )
         return parsed, raw_image
 
-    def params(self, options: GenerationOptions, prompt: str, negative_prompt: str | None) -> GenerationParams:
-        """Fill omitted options from the configured defaults and check them against the live limits."""
+    def params(
+        self, options: GenerationOptions, prompt: str, negative_prompt: str | None, concept: Chosen | None = None
+    ) -> GenerationParams:
+        """Fill omitted options from the concept's defaults, then the configured ones, and check them
+        against the live limits. An explicit "" negative prompt means none; omitted means the captioner's
+        (or the default) plus the concept's additions."""
         c = self.config
+        preset = concept[1] if concept else None
+        negative = _given(negative_prompt, DEFAULT_NEGATIVE_PROMPT)
+        if preset is not None:
+            negative = with_negative(negative, preset.negative)
         params = GenerationParams(
             prompt=prompt,
-            # An explicit "" means no negative prompt; omitted means the captioner's or the default.
-            negative_prompt=_given(options.negative_prompt, _given(negative_prompt, DEFAULT_NEGATIVE_PROMPT)),
+            negative_prompt=_given(options.negative_prompt, negative),
             seed=_given(options.seed, random.randint(0, MAX_SEED)),
-            steps=_given(options.steps, c.default_steps),
-            guidance=_given(options.guidance, c.default_guidance),
+            steps=_given(options.steps, _given(preset.steps if preset else None, c.default_steps)),
+            guidance=_given(options.guidance, _given(preset.guidance if preset else None, c.default_guidance)),
             width=_given(options.width, c.default_width),
             height=_given(options.height, c.default_height),
+            concept=concept[0] if concept else None,
         )
         return params.validate(c.limits)
+
+    def concept(self, options: GenerationOptions) -> Chosen | None:
+        """The request's concept preset: its name (``auto``: today's by the schedule) -> (name, preset);
+        None without one. 404 for an unknown name."""
+        if options.concept is None:
+            return None
+        return self.config.resolve(options.concept, dt.datetime.now(dt.UTC))
 
     # -- stage calls -----------------------------------------------------------------------------
 
@@ -426,6 +453,11 @@ class IngressRoutes:
         """The live request limits and defaults: what a client may send without a 400."""
         return self.config.limits_document()
 
+    @api.get("/v1/concepts")
+    async def concepts(self) -> dict[str, Any]:
+        """The concept presets, the weekday schedule with its time zone, and today's pick (``concept=auto``)."""
+        return self.config.listing(dt.datetime.now(dt.UTC))
+
     @api.post("/v1/classify", openapi_extra=image_body(ClassifyForm), responses=answers(400, 413, 415, 503, 504))
     @json_errors
     async def classify(self, request: Request) -> dict[str, Any]:
@@ -451,11 +483,13 @@ class IngressRoutes:
         """A prompt straight to the generator (no gate, no captions)."""
         started = time.perf_counter()
         body, _ = await self.parse(request, Text2ImgRequest, image="none")
-        params = self.params(body, body.prompt, None)
-        mix, mix_info = await self.choose_mix(body.mix, body.user_id)
-        exposure = self.begin_exposure(request, mix_info, body.user_id, None)
+        concept = self.concept(body)
+        prompt = woven_prompt(body.prompt, concept[1].prompt) if concept else body.prompt
+        params = self.params(body, prompt, None, concept)
+        mix, mix_info = await self.choose_mix(body.mix, body.user_id, concept)
+        exposure = self.begin_exposure(request, mix_info, body.user_id, None, concept)
         output = choose_format(request.headers.get("accept", ""))
-        info: dict[str, Any] = {"mix": mix_info, "timings": exposure.timings}
+        info: dict[str, Any] = {"mix": mix_info, "concept": params.concept, "timings": exposure.timings}
         return await self.respond(request, output, params, mix, info, body.timeout_s, started, prelude=[])
 
     @api.post("/v1/generate", openapi_extra=image_body(GenerateForm),
@@ -467,9 +501,11 @@ class IngressRoutes:
         form, raw = await self.parse(request, GenerateForm, image="required")
         # 0. Everything that can refuse the request, before any model runs: the options against the
         #    live limits (the prompt comes from the captions later), the mix, the photo.
-        self.params(form, PENDING_PROMPT, None)
-        mix, mix_info = await self.choose_mix(form.mix, form.user_id)
-        exposure = self.begin_exposure(request, mix_info, form.user_id, form.style)
+        concept = self.concept(form)
+        style = woven_style(concept[1].prompt, form.style) if concept else form.style
+        self.params(form, PENDING_PROMPT, None, concept)
+        mix, mix_info = await self.choose_mix(form.mix, form.user_id, concept)
+        exposure = self.begin_exposure(request, mix_info, form.user_id, form.style, concept)
         image = self.decode(raw)
         output = choose_format(request.headers.get("accept", ""))
         timeout = form.timeout_s or self.config.request_timeout_s
@@ -484,15 +520,16 @@ class IngressRoutes:
             metrics.stage_seconds("gate", exposure.timings["classify_s"])
         # 2. Captions -> keywords -> prompt.
         t = time.perf_counter()
-        captioned: CaptionResult = await self.deadline(self.captioner.caption.remote(image, form.style), deadline)
+        captioned: CaptionResult = await self.deadline(self.captioner.caption.remote(image, style), deadline)
         exposure.timings["caption_s"] = time.perf_counter() - t
         metrics.stage_seconds("caption", exposure.timings["caption_s"])
-        params = self.params(form, captioned.prompt, captioned.negative_prompt)
+        params = self.params(form, captioned.prompt, captioned.negative_prompt, concept)
         info = {
             "desk_score": verdict.score,
             "captions": captioned.captions,
             "keywords": captioned.keyword_dicts(),
             "style": form.style,
+            "concept": params.concept,
             "mix": mix_info,
             "timings": exposure.timings,
         }

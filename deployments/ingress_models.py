@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deskgen.apikeys import ApiKey
+from deskgen.concepts import AUTO, CONCEPT_NAME_PATTERN, ConceptConfig
 from deskgen.experiments.records import FEEDBACK_EVENTS, Experiment
 from deskgen.limits import (
     DEFAULT_SIZE_LIMITS,
@@ -28,7 +29,7 @@ from deskgen.mixes import MIX_SPEC_PATTERN, MIX_SPEC_RULE, NAMED_MIXES
 from deskgen.prompt import STYLE_PATTERN, validate_style
 
 
-class IngressConfig(BaseModel):
+class IngressConfig(ConceptConfig):
     """The ingress's ``user_config``: mix catalogue, A/B split, defaults and limits.
 
     Every field can change with ``serve deploy`` of a new config; replicas are not restarted
@@ -96,6 +97,9 @@ class IngressConfig(BaseModel):
         for arm in [*self.ab_split, self.default_mix]:
             if arm not in self.mixes:
                 raise ValueError(f"{arm!r} is not one of the named mixes {sorted(self.mixes)}")
+        for name, concept in self.concepts.items():
+            if concept.mix is not None and concept.mix not in self.mixes and not re.fullmatch(MIX_SPEC_PATTERN, concept.mix):
+                raise ValueError(f"concepts.{name}.mix: {concept.mix!r} is not {MIX_SPEC_RULE}")
         return self
 
     @property
@@ -159,6 +163,18 @@ class GenerationOptions(BaseModel):
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     user_id: str | None = Field(None, min_length=1, max_length=MAX_USER_ID_CHARS, description="makes the A/B arm sticky")
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="deadline for this request")
+    concept: str | None = Field(
+        None, description=f"a concept preset (GET /v1/concepts) woven into the prompt, or `{AUTO}` for today's by the "
+        "schedule; its mix, steps and guidance apply where the request sets none",
+        json_schema_extra={"pattern": f"^(?:{AUTO}|{CONCEPT_NAME_PATTERN[1:-1]})$"},
+    )
+
+    @field_validator("concept")
+    @classmethod
+    def _concept_syntax(cls, concept: str | None) -> str | None:
+        if concept is not None and not re.fullmatch(f"{AUTO}|{CONCEPT_NAME_PATTERN[1:-1]}", concept):
+            raise ValueError(f"must be `{AUTO}` or a concept name (1-64 of a-z 0-9 _ -)")
+        return concept
 
 
     @field_validator("mix")

@@ -21,6 +21,10 @@ MAX_GUIDANCE = 30.0
 #: Characters in a style concept woven into the prompt, and in a user id.
 MAX_STYLE_CHARS = 200
 MAX_USER_ID_CHARS = 200
+#: A prompt, or a style, with a concept preset's fragment (at most MAX_STYLE_CHARS) woven in: the bounds the
+#: generator and the prompt builder check (the request's own text is held to the bounds above).
+MAX_WOVEN_PROMPT_CHARS = MAX_PROMPT_CHARS + MAX_STYLE_CHARS + 2
+MAX_WOVEN_STYLE_CHARS = 2 * MAX_STYLE_CHARS + 2
 #: A request id (the ``X-Request-Id`` a client may send; it is also the image id feedback names).
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 #: Characters in a mix specification (`adapter:weight+...`).

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from deskgen.errors import InvalidParameter
-from deskgen.limits import MAX_STYLE_CHARS
+from deskgen.limits import MAX_STYLE_CHARS, MAX_WOVEN_STYLE_CHARS
 
 #: What SDXL should avoid; the generator's default when a request gives none.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -196,7 +196,7 @@ STYLE_PATTERN = f"^[^{_INVISIBLE}]*[^{_INVISIBLE}\\s][^{_INVISIBLE}]*$"
 _HAS_INVISIBLE = re.compile(f"[{_INVISIBLE}\\ud800-\\udfff]")
 
 
-def validate_style(style: str | None) -> str | None:
+def validate_style(style: str | None, max_chars: int = MAX_STYLE_CHARS) -> str | None:
     """Return ``style`` stripped of surrounding whitespace, or raise :class:`InvalidParameter` (field
     ``style``). ``None`` means no style; a blank string is rejected rather than guessed at."""
     if style is None:
@@ -205,9 +205,9 @@ def validate_style(style: str | None) -> str | None:
         raise InvalidParameter(
             f"`style` must be a string but is {type(style).__name__}: {style!r}.", field="style"
         )
-    if len(style) > MAX_STYLE_CHARS:
+    if len(style) > max_chars:
         raise InvalidParameter(
-            f"`style` must be at most {MAX_STYLE_CHARS} characters but is {len(style)}: {style[:40]!r}...",
+            f"`style` must be at most {max_chars} characters but is {len(style)}: {style[:40]!r}...",
             field="style",
         )
     if _HAS_INVISIBLE.search(style):
@@ -304,7 +304,8 @@ def build_prompt(
 
     Raises :class:`InvalidParameter` for a bad ``style`` (field ``style``) or a negative ``max_keywords``.
     """
-    checked_style = validate_style(style)
+    # The style may carry a concept preset's fragment before the request's own style (each bounded alone).
+    checked_style = validate_style(style, MAX_WOVEN_STYLE_CHARS)
     if isinstance(max_keywords, bool) or not isinstance(max_keywords, int) or max_keywords < 0:
         raise InvalidParameter(
             f"`max_keywords` must be an integer >= 0 but is {max_keywords!r}.", field="max_keywords"

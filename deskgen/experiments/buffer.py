@@ -52,6 +52,7 @@ class Reservation:
     mix_id: str
     mix_source: MixSource
     style: str | None = None
+    concept: str | None = None
     #: The request's stage timings, filled in as the stages run (recorded as they are at settle time).
     timings: dict[str, float] = field(default_factory=dict)
     settled: bool = False
@@ -63,7 +64,7 @@ class Reservation:
         exposure = Exposure(
             image_id=self.image_id, experiment_id=self.experiment.id, user_id=self.user_id, arm=self.arm,
             mix_id=self.mix_id, mix_source=self.mix_source, outcome=outcome, status=status, style=self.style,
-            seed=seed, timings=dict(self.timings),
+            seed=seed, timings=dict(self.timings), concept=self.concept,
         )  # fmt: skip
         self.buffer._settled(self.experiment, exposure)
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 FeedbackEvent = Literal["like", "dislike", "download", "select"]
 FEEDBACK_EVENTS: tuple[str, ...] = ("like", "dislike", "download", "select")
 #: How the mix of a request was chosen.
-MixSource = Literal["request", "header", "ab", "default"]
+MixSource = Literal["request", "header", "concept", "ab", "default"]
 
 
 def now() -> datetime:
@@ -52,6 +52,8 @@ class Exposure:
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     created_at: datetime = field(default_factory=now)
+    #: The concept preset the image was made with (deskgen.concepts), if any.
+    concept: str | None = None
 
     def row(self) -> dict[str, Any]:
         """The ``exposures`` table row (the table's columns are this record's fields)."""

@@ -46,6 +46,7 @@ exposures = Table(
     Column("outcome", String(32), nullable=False),
     Column("status", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("concept", String(64), nullable=True),
 )
 
 #: What a user did with an image; one row per (image, event): a retried post does not count twice.

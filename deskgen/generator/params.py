@@ -14,6 +14,7 @@ from deskgen.limits import (
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
     MAX_SEED,
+    MAX_WOVEN_PROMPT_CHARS,
     MIN_GUIDANCE,
     SIDE_MULTIPLE,
     SizeLimits,
@@ -39,15 +40,18 @@ class GenerationParams:
     guidance: float = 5.0
     width: int = 1024
     height: int = 1024
+    #: The concept preset the prompt was woven with (deskgen.concepts), recorded in the metadata.
+    concept: str | None = None
 
     def validate(self, limits: SizeLimits = DEFAULT_SIZE_LIMITS) -> GenerationParams:
         """Return ``self`` if every field is in range, else raise InvalidParameter naming the first bad field."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidParameter("`prompt` must be a non-empty string.", field="prompt")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
+        if len(self.prompt) > MAX_WOVEN_PROMPT_CHARS:
             raise InvalidParameter(
-                f"`prompt` must be at most {MAX_PROMPT_CHARS} characters but has {len(self.prompt)}.", field="prompt"
-            )
+                f"`prompt` must be at most {MAX_WOVEN_PROMPT_CHARS} characters (with a concept's fragment) but has "
+                f"{len(self.prompt)}.", field="prompt",
+            )  # fmt: skip
         if not isinstance(self.negative_prompt, str):
             raise InvalidParameter(
                 f"`negative_prompt` must be a string but is {self.negative_prompt!r}.", field="negative_prompt"

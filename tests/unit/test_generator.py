@@ -347,7 +347,7 @@ def test_unknown_adapter_raises_and_leaves_the_generator_usable(tiny_models: Pat
         ({"seed": -1}, "seed", "`seed` must be in [0, 4294967295] but is -1."),
         ({"seed": 2**32}, "seed", "`seed` must be in [0, 4294967295] but is 4294967296."),
         ({"prompt": "  "}, "prompt", "`prompt` must be a non-empty string."),
-        ({"prompt": "x" * 2001}, "prompt", "`prompt` must be at most 2000 characters but has 2001."),
+        ({"prompt": "x" * 2203}, "prompt", "`prompt` must be at most 2202 characters (with a concept's fragment) but has 2203."),
         ({"negative_prompt": "x" * 2001}, "negative_prompt",
          "`negative_prompt` must be at most 2000 characters but has 2001."),
     ],

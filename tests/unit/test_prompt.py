@@ -12,6 +12,7 @@ from deskgen.prompt import (
     Prompt,
     build_prompt,
     rank_keywords,
+    validate_style,
 )
 
 pytestmark = pytest.mark.unit
@@ -176,7 +177,7 @@ def test_build_prompt_is_deterministic() -> None:
 @pytest.mark.parametrize(
     ("style", "rule"),
     [
-        ("x" * 201, "at most 200 characters"),
+        ("x" * 403, "at most 402 characters"),  # a concept's fragment + a request's style, each <= 200
         ("neon\nglow", "control"),
         ("neon\x00", "control"),
         ("   ", "non-blank"),
@@ -190,6 +191,12 @@ def test_bad_style_is_rejected_naming_the_field(style: object, rule: str) -> Non
     assert "`style`" in info.value.message
     assert rule in info.value.message
     assert info.value.to_dict()["code"] == "invalid_parameter"
+
+
+def test_a_requests_own_style_is_held_to_200_characters() -> None:
+    assert validate_style("x" * 200) == "x" * 200
+    with pytest.raises(InvalidParameter, match="at most 200 characters"):
+        validate_style("x" * 201)
 
 
 def test_negative_max_keywords_is_rejected() -> None:
