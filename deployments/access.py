@@ -16,6 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Match
 
+from deployments import metrics
 from deployments.http_errors import error_for, error_response, request_id_of
 from deployments.http_io import drain
 from deskgen.admission import Admission
@@ -186,8 +187,6 @@ class AccessMiddleware:
             if route.matches(scope)[0] == Match.FULL:
                 scope["route"] = route
                 break
-        from deployments import metrics
-
         request = Request(scope, receive)
         await drain(request, MAX_DRAIN_BYTES)
         status, body, headers = error_for(exc, door.retry_after_s)
