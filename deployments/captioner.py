@@ -3,24 +3,73 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from deployments import metrics
 from deployments.logs import stamp_library_logs
 from deskgen.batching import DynamicBatcher
+from deskgen.captioner import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NO_REPEAT_NGRAM_SIZE,
+    DEFAULT_REPETITION_PENALTY,
+    MAX_NO_REPEAT_NGRAM_SIZE,
+    MAX_REPETITION_PENALTY,
+    DecodeSettings,
+)
 from deskgen.contracts import CaptionResult
+from deskgen.errors import InvalidParameter
 from deskgen.limits import MAX_PREFIXES, MAX_PROMPT_CHARS
-from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREFIXES, build_prompt, rank_keywords
+from deskgen.prompt import (
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PREFIXES,
+    DEFAULT_VOCABULARY,
+    MAX_EXTRA_OBJECTS,
+    MAX_IGNORED,
+    Vocabulary,
+    build_prompt,
+    rank_keywords,
+    unknown_objects,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from deskgen.captioner import Captioner as BlipCaptioner
     from deskgen.captioner import CaptionSet
+
+
+log = logging.getLogger("ray.serve")
+
+
+class VocabularyConfig(BaseModel):
+    """Extensions of the built-in desk-object vocabulary (deskgen.prompt.DESK_VOCABULARY), applied on
+    ``serve deploy`` without a restart. ``extra_objects``: canonical name -> synonyms (each name also
+    matches itself and its simple plural); ``ignore``: phrases that name no desk object. Validated by
+    :meth:`deskgen.prompt.Vocabulary.extended`; an error names the entry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    extra_objects: dict[str, list[str]] = Field(default_factory=dict, max_length=MAX_EXTRA_OBJECTS)
+    ignore: list[str] = Field(default_factory=list, max_length=MAX_IGNORED)
+
+    @model_validator(mode="after")
+    def _valid_terms(self) -> VocabularyConfig:
+        self.build()
+        return self
+
+    def build(self) -> Vocabulary:
+        """The built-in vocabulary extended by this config (itself when the config is empty)."""
+        if not self.extra_objects and not self.ignore:
+            return DEFAULT_VOCABULARY
+        try:
+            return DEFAULT_VOCABULARY.extended(self.extra_objects, self.ignore)
+        except InvalidParameter as exc:
+            raise ValueError(exc.message) from exc  # pydantic reports it at `vocabulary`
 
 
 class CaptionerConfig(BaseModel):
@@ -33,6 +82,22 @@ class CaptionerConfig(BaseModel):
     negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=MAX_PROMPT_CHARS)
     max_batch_size: int = Field(4, ge=1, le=32)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+    vocabulary: VocabularyConfig = Field(default_factory=VocabularyConfig)
+    # Decoding (deskgen.captioner.DecodeSettings checks the ranges and names the field).
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
+    no_repeat_ngram_size: int = Field(DEFAULT_NO_REPEAT_NGRAM_SIZE, ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE)
+    repetition_penalty: float = Field(DEFAULT_REPETITION_PENALTY, ge=1.0, le=MAX_REPETITION_PENALTY)
+
+    @model_validator(mode="after")
+    def _valid_decoding(self) -> CaptionerConfig:
+        try:
+            self.decoding()
+        except InvalidParameter as exc:
+            raise ValueError(exc.message) from exc
+        return self
+
+    def decoding(self) -> DecodeSettings:
+        return DecodeSettings(self.max_new_tokens, self.no_repeat_ngram_size, self.repetition_penalty)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
@@ -51,13 +116,15 @@ class Captioner:
             captioner = BlipCaptioner.from_pretrained(model_id, device=device, dtype=dtype)
         self.captioner = captioner
         self.config = CaptionerConfig()
+        self.vocabulary = self.config.vocabulary.build()
         # Batches form when the model is free (see deskgen/batching.py for why not @serve.batch).
         self.batcher = DynamicBatcher(self.caption_batch, max_batch_size=self.config.max_batch_size,
                                       max_wait_s=self.config.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.config = CaptionerConfig.model_validate(user_config)
-        self.captioner.set_prefixes(self.config.prefixes)
+        config = CaptionerConfig.model_validate(user_config)
+        self.captioner.configure(config.prefixes, config.decoding())
+        self.config, self.vocabulary = config, config.vocabulary.build()
         self.batcher.configure(max_batch_size=self.config.max_batch_size, max_wait_s=self.config.batch_wait_timeout_s)
 
     async def caption_batch(self, images: list[Image.Image]) -> list[tuple[CaptionSet, float]]:
@@ -71,10 +138,24 @@ class Captioner:
         """Captions, ranked keywords and the prompt pair for one RGB image."""
         captions, seconds = await self.batcher.submit(image)
         texts = captions.texts()
-        keywords = rank_keywords(texts)
+        config, vocabulary = self.config, self.vocabulary
+        keywords = rank_keywords(texts, vocabulary, prefixes=config.prefixes)
         prompt = build_prompt(
-            texts, keywords, style, max_keywords=self.config.max_keywords, negative_prompt=self.config.negative_prompt
+            texts,
+            keywords,
+            style,
+            max_keywords=config.max_keywords,
+            negative_prompt=config.negative_prompt,
+            vocabulary=vocabulary,
+            prefixes=config.prefixes,
         )
+        unknown = unknown_objects(texts, vocabulary, prefixes=config.prefixes)
+        if unknown:
+            # Not guessed into the prompt; ops add the real ones under user_config vocabulary.extra_objects.
+            log.info(
+                "caption objects outside the vocabulary (Captioner user_config vocabulary.extra_objects): %s",
+                ", ".join(f"{k.name} x{k.count}" for k in unknown),
+            )
         return CaptionResult(
             captions=captions.as_dict(),
             keywords=tuple(keywords),

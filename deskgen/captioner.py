@@ -11,7 +11,10 @@ How a batch is captioned (``caption_batch``):
      pass is ~1.4 s of a ~3.0 s caption, and the four prompts took ~7.5 s instead of ~12.3 s.
   3. The text decoder runs once per prompt (the unconditional one, then each prefix in order), batched
      across images, greedy (``num_beams=1, do_sample=False``): deterministic, and equal to what
-     ``model.generate(pixel_values, input_ids)`` returns (a unit test pins that).
+     ``model.generate(pixel_values, input_ids, **settings)`` returns (a unit test pins that). Greedy BLIP
+     loops ("mouse, and mouse, and mouse"); :class:`DecodeSettings` guards against it: no 3-gram twice
+     (``no_repeat_ngram_size``), at most ``max_new_tokens`` tokens, an optional ``repetition_penalty``.
+     Their cost against plain greedy is measured by ``python -m bench.captions`` (BENCHMARKS.md).
   4. The decoder's output starts with its prompt (``[DEC]`` + the prefix tokens). That echo is cut off by
      token count after checking the ids match: comparing strings would fail, because the BERT tokenizer
      lower-cases and splits punctuation ("Q: What" comes back as "q : what").
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deskgen.devices import placement
 from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.images import to_rgb
 from deskgen.limits import MAX_PREFIX_CHARS, MAX_PREFIXES
@@ -40,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "Salesforce/blip-image-captioning-base"
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -128,15 +131,51 @@ def _check_max_new_tokens(max_new_tokens: int) -> int:
     return max_new_tokens
 
 
-def _torch_dtype(dtype: str | None, device: str) -> torch.dtype:
-    import torch
+#: BLIP-base's captions are ~8-15 tokens; 30 leaves room for an object list and bounds a loop.
+DEFAULT_MAX_NEW_TOKENS = 30
+#: No 3-gram twice: stops "a monitor and a monitor" / "mouse, and mouse," loops, keeps "a ... a ...".
+DEFAULT_NO_REPEAT_NGRAM_SIZE = 3
+#: 1.0 = off. Penalising every seen token also penalises the prefix's words ("desk"), so it is opt-in.
+DEFAULT_REPETITION_PENALTY = 1.0
+MAX_NO_REPEAT_NGRAM_SIZE = 10
+MAX_REPETITION_PENALTY = 2.0
 
-    if dtype is None:
-        # fp16 is the GPU default (half the memory, tensor cores); on CPU fp16 kernels are slow or missing.
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise InvalidParameter(f"`dtype` must be one of {', '.join(DTYPES)} but is {dtype!r}.", field="dtype")
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How the text decoder decodes; always greedy (deterministic). Validated on construction
+    (:class:`InvalidParameter` naming the field); swapped as one object by :meth:`Captioner.set_decoding`."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    #: 0 = off; n >= 2: no n-gram (prompt included) appears twice in a caption.
+    no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE
+    #: 1.0 = off; > 1 divides the logit of every token already in the sequence (CTRL's penalty).
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+
+    def __post_init__(self) -> None:
+        _check_max_new_tokens(self.max_new_tokens)
+        n = self.no_repeat_ngram_size
+        if isinstance(n, bool) or not isinstance(n, int) or n == 1 or not 0 <= n <= MAX_NO_REPEAT_NGRAM_SIZE:
+            # 1 would forbid any token twice: "a desk with a lamp" could not be written.
+            raise InvalidParameter(
+                f"`no_repeat_ngram_size` must be 0 (off) or an integer in 2..{MAX_NO_REPEAT_NGRAM_SIZE} but is {n!r}.",
+                field="no_repeat_ngram_size",
+            )
+        penalty = self.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, int | float) or not 1.0 <= penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidParameter(
+                f"`repetition_penalty` must be a number in [1.0, {MAX_REPETITION_PENALTY}] (1.0 = off) but is {penalty!r}.",
+                field="repetition_penalty",
+            )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``generate`` (greedy; the guards only when on)."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": 1, "do_sample": False}
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = float(self.repetition_penalty)
+        return kwargs
 
 
 class Captioner:
@@ -144,7 +183,8 @@ class Captioner:
 
     Responsibilities: hold a ``BlipForConditionalGeneration`` and its processor on one device; validate
     and tokenize the conditional prefixes (changeable at run time with :meth:`set_prefixes`); caption
-    one image or a batch with deterministic greedy decoding; return captions without echoed prefixes.
+    one image or a batch with deterministic greedy decoding guarded against loops (:class:`DecodeSettings`,
+    changeable with :meth:`set_decoding`); return captions without echoed prefixes.
 
     Concurrency: caption calls only read the model; the prefix state is replaced atomically. Calls from
     several threads are safe, but they compete for the same cores or GPU.
@@ -157,7 +197,9 @@ class Captioner:
         *,
         device: str,
         prefixes: Sequence[str] = DEFAULT_PREFIXES,
-        max_new_tokens: int = 30,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     ) -> None:
         """``model``: a ``BlipForConditionalGeneration``; ``processor``: a ``BlipProcessor`` (image
         processor + BERT tokenizer whose [SEP]/[PAD] ids match the model's text config)."""
@@ -180,10 +222,15 @@ class Captioner:
                     f"tokenizer {name} id {actual} differs from the model's text_config.{name}_token_id "
                     f"{expected}: the processor and the model come from different checkpoints."
                 )
-        self.max_new_tokens = _check_max_new_tokens(max_new_tokens)
+        decoding = DecodeSettings(max_new_tokens, no_repeat_ngram_size, repetition_penalty)
         self._unconditional = _DecoderPrompt(prefix=None, ids=(self._bos_id,))
-        self._check_length(self._unconditional, field="max_new_tokens")
-        self._state = self._encode(validate_prefixes(prefixes))
+        self._check_length(self._unconditional, decoding.max_new_tokens, field="max_new_tokens")
+        # Prefixes and decode settings are swapped as ONE tuple: a caption call sees old or new, never a mix
+        # (a longer prefix with an older, larger max_new_tokens could overflow the decoder's positions).
+        self._current: tuple[_PrefixState, DecodeSettings] = (
+            self._encode(validate_prefixes(prefixes), decoding.max_new_tokens),
+            decoding,
+        )
 
     @classmethod
     def from_pretrained(
@@ -193,7 +240,9 @@ class Captioner:
         device: str | None = None,
         dtype: str | None = None,
         prefixes: Sequence[str] = DEFAULT_PREFIXES,
-        max_new_tokens: int = 30,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     ) -> Captioner:
         """Load a BLIP captioning checkpoint: a hub id, or a local folder (relative paths are resolved
         against the project root, see :func:`deskgen.paths.resolve_model_id`).
@@ -203,7 +252,6 @@ class Captioner:
         model files, or when a hub id is neither cached nor downloadable; :class:`InvalidParameter` for an
         unknown ``dtype`` or an unavailable ``device``.
         """
-        import torch
         from transformers import (
             AutoTokenizer,
             BlipForConditionalGeneration,
@@ -215,14 +263,10 @@ class Captioner:
         is_local = Path(location).is_absolute()
         if is_local and not Path(location).is_dir():
             raise ModelFilesMissing("BLIP captioner model", location)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise InvalidParameter(f"`device` is {device!r} but no CUDA device is available.", field="device")
-        torch_dtype = _torch_dtype(dtype, device)
+        device, torch_dtype = placement(device, dtype)
         # Cheap checks before the expensive load (the position limit needs the model's config).
         validate_prefixes(prefixes)
-        _check_max_new_tokens(max_new_tokens)
+        DecodeSettings(max_new_tokens, no_repeat_ngram_size, repetition_penalty)
 
         start = time.perf_counter()
         try:
@@ -241,7 +285,15 @@ class Captioner:
             )
             raise ModelFilesMissing("BLIP captioner model", location, hint=f"{hint} ({exc})") from exc
         processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-        captioner = cls(model, processor, device=device, prefixes=prefixes, max_new_tokens=max_new_tokens)
+        captioner = cls(
+            model,
+            processor,
+            device=device,
+            prefixes=prefixes,
+            max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            repetition_penalty=repetition_penalty,
+        )
         log.info(
             "BLIP captioner loaded from %s on %s (%s) in %.2f s",
             location,
@@ -253,12 +305,35 @@ class Captioner:
 
     @property
     def prefixes(self) -> tuple[str, ...]:
-        return self._state.prefixes
+        return self._current[0].prefixes
 
     def set_prefixes(self, prefixes: Sequence[str]) -> None:
         """Replace the conditional prefixes (validated; see :func:`validate_prefixes`) without reloading."""
-        self._state = self._encode(validate_prefixes(prefixes))
-        log.info("captioner prefixes set to %r", self._state.prefixes)
+        self.configure(prefixes, self._current[1])
+
+    @property
+    def decoding(self) -> DecodeSettings:
+        return self._current[1]
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._current[1].max_new_tokens
+
+    def set_decoding(self, settings: DecodeSettings) -> None:
+        """Replace the decode settings without reloading; raises :class:`InvalidParameter` (field
+        ``max_new_tokens``) when a prompt would no longer fit in the decoder's positions."""
+        self.configure(self._current[0].prefixes, settings)
+
+    def configure(self, prefixes: Sequence[str], settings: DecodeSettings) -> None:
+        """Prefixes and decode settings together (Serve's ``reconfigure``): both are checked before
+        either is applied, so a refused config leaves the captioner as it was."""
+        self._check_length(self._unconditional, settings.max_new_tokens, field="max_new_tokens")
+        validated = validate_prefixes(prefixes)
+        # A prompt that no longer fits is the fault of what changed: new prefixes, or else the new length.
+        blame = "prefixes" if validated != self._current[0].prefixes else "max_new_tokens"
+        state = self._encode(validated, settings.max_new_tokens, field=blame)
+        self._current = (state, settings)
+        log.info("captioner prefixes %r, decoding %s", state.prefixes, settings)
 
     def caption(self, image: Image.Image) -> CaptionSet:
         """Caption one image (any PIL mode; it goes through ``to_rgb``)."""
@@ -275,7 +350,7 @@ class Captioner:
                 raise TypeError(f"images[{i}] must be a PIL image but is {type(image).__name__}")
         if not images:
             return []
-        state = self._state  # one snapshot for the whole call
+        state, decoding = self._current  # one snapshot for the whole call
         start = time.perf_counter()
 
         # 1. Pixels.
@@ -289,7 +364,7 @@ class Captioner:
             image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
             # 3. Decode each prompt for the whole batch.
             per_prompt = [
-                self._decode(prompt, image_embeds, image_mask)
+                self._decode(prompt, image_embeds, image_mask, decoding)
                 for prompt in (self._unconditional, *state.prompts)
             ]
 
@@ -312,7 +387,7 @@ class Captioner:
         return results
 
     def _decode(
-        self, prompt: _DecoderPrompt, image_embeds: torch.Tensor, image_mask: torch.Tensor
+        self, prompt: _DecoderPrompt, image_embeds: torch.Tensor, image_mask: torch.Tensor, decoding: DecodeSettings
     ) -> list[str]:
         """Greedy-decode one prompt for every image and return the continuations as text."""
         import torch
@@ -327,9 +402,7 @@ class Captioner:
             encoder_attention_mask=image_mask,
             eos_token_id=self._sep_id,
             pad_token_id=self._pad_id,
-            max_new_tokens=self.max_new_tokens,
-            num_beams=1,
-            do_sample=False,
+            **decoding.generate_kwargs(),
         )
         # 4. Cut the echoed prompt by token count, after checking that it really is the prompt.
         n = len(prompt.ids)
@@ -342,23 +415,23 @@ class Captioner:
             for row in output[:, n:].tolist()
         ]
 
-    def _encode(self, prefixes: tuple[str, ...]) -> _PrefixState:
+    def _encode(self, prefixes: tuple[str, ...], max_new_tokens: int, *, field: str = "prefixes") -> _PrefixState:
         prompts = []
         for prefix in prefixes:
             # [DEC] + the prefix tokens: what BLIP's generate builds from the processor's "[CLS] ... [SEP]".
             ids = self._tokenizer(prefix, add_special_tokens=False)["input_ids"]
             prompt = _DecoderPrompt(prefix=prefix, ids=(self._bos_id, *ids))
-            self._check_length(prompt, field="prefixes")
+            self._check_length(prompt, max_new_tokens, field=field)
             prompts.append(prompt)
         return _PrefixState(prefixes=prefixes, prompts=tuple(prompts))
 
-    def _check_length(self, prompt: _DecoderPrompt, *, field: str) -> None:
+    def _check_length(self, prompt: _DecoderPrompt, max_new_tokens: int, *, field: str) -> None:
         """The decoder has learned position embeddings: prompt + new tokens must fit in them."""
-        total = len(prompt.ids) + self.max_new_tokens
+        total = len(prompt.ids) + max_new_tokens
         if total > self._max_positions:
             what = "the unconditional prompt" if prompt.prefix is None else f"prefix {prompt.prefix!r}"
             raise InvalidParameter(
-                f"`{field}`: {what} is {len(prompt.ids)} tokens; with max_new_tokens={self.max_new_tokens} "
+                f"`{field}`: {what} is {len(prompt.ids)} tokens; with max_new_tokens={max_new_tokens} "
                 f"that is {total}, over the decoder's {self._max_positions} positions.",
                 field=field,
             )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deskgen.captioner import Captioner, CaptionSet
+from deskgen.captioner import Captioner, CaptionSet, DecodeSettings
 from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.images import to_rgb
 from deskgen.limits import MAX_PREFIXES
@@ -83,7 +83,8 @@ def test_captions_equal_blip_generate_with_the_prefix_cut(
 
     model = BlipForConditionalGeneration.from_pretrained(blip_dir).eval()
     processor = BlipProcessor.from_pretrained(blip_dir)
-    greedy = {"max_new_tokens": captioner.max_new_tokens, "num_beams": 1, "do_sample": False}
+    greedy = captioner.decoding.generate_kwargs()
+    assert greedy["no_repeat_ngram_size"] == 3 and greedy["num_beams"] == 1 and not greedy["do_sample"]
     ours = captioner.caption_batch(images)
     with torch.inference_mode():
         inputs = processor(images=images, return_tensors="pt")
@@ -296,3 +297,142 @@ def test_hub_folder_layout_loads(
     )
     loaded = Captioner.from_pretrained(str(hub))
     assert loaded.caption_batch(images) == captioner.caption_batch(images)
+
+
+# -- decoding guarded against loops ------------------------------------------------------------------
+
+
+def _repeated_trigrams(text: str) -> int:
+    words = text.split()
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(trigrams) - len(set(trigrams))
+
+
+def test_plain_greedy_loops_and_the_default_guard_stops_it(blip_dir: Path, images: list[Image.Image]) -> None:
+    """The tiny decoder never emits [SEP], so plain greedy runs into loops like real greedy BLIP does; the
+    default settings (no 3-gram twice) give captions without a repeated 3-gram, image by image."""
+    plain = Captioner.from_pretrained(str(blip_dir), no_repeat_ngram_size=0)
+    guarded = Captioner.from_pretrained(str(blip_dir))
+    assert guarded.decoding == DecodeSettings(30, 3, 1.0)
+    plain_texts = [t for r in plain.caption_batch(images) for t in r.texts()]
+    guarded_texts = [t for r in guarded.caption_batch(images) for t in r.texts()]
+    assert sum(_repeated_trigrams(t) for t in plain_texts) > 0
+    assert [_repeated_trigrams(t) for t in guarded_texts] == [0] * len(guarded_texts)
+    assert all(len(t.split()) <= 30 for t in guarded_texts)
+
+
+def test_set_decoding_applies_without_reloading(blip_dir: Path, images: list[Image.Image]) -> None:
+    captioner = Captioner.from_pretrained(str(blip_dir))
+    before = captioner.caption(images[0])
+    captioner.set_decoding(DecodeSettings(max_new_tokens=4, no_repeat_ngram_size=0, repetition_penalty=1.3))
+    short = captioner.caption(images[0])
+    assert all(1 <= len(t.split()) <= 4 for t in short.texts())
+    assert short != before
+    captioner.set_decoding(DecodeSettings())
+    assert captioner.caption(images[0]) == before
+    with pytest.raises(InvalidParameter, match="over the decoder's 128 positions") as info:
+        captioner.set_decoding(DecodeSettings(max_new_tokens=120))
+    assert info.value.field == "max_new_tokens"
+    assert captioner.decoding == DecodeSettings()  # unchanged after the refusal
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "rule"),
+    [
+        ({"no_repeat_ngram_size": 1}, "no_repeat_ngram_size", "0 (off) or an integer in 2..10"),
+        ({"no_repeat_ngram_size": 11}, "no_repeat_ngram_size", "0 (off) or an integer in 2..10"),
+        ({"repetition_penalty": 0.9}, "repetition_penalty", "in [1.0, 2.0]"),
+        ({"repetition_penalty": "1.2"}, "repetition_penalty", "in [1.0, 2.0]"),
+        ({"max_new_tokens": 0}, "max_new_tokens", "integer >= 1"),
+    ],
+)
+def test_bad_decode_settings_name_the_field(kwargs: dict[str, object], field: str, rule: str) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        DecodeSettings(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field and rule in info.value.message
+
+
+# -- the deployment's user_config: vocabulary and decoding ----------------------------------------------
+
+
+class _FixedCaptions:
+    """A stand-in for the BLIP captioner: the issue's Test 3 captions (as deskgen's captioner cuts them)
+    for every image, and the settings it was configured with."""
+
+    def __init__(self, captions: CaptionSet) -> None:
+        self.captions = captions
+        self.configured: tuple[object, ...] = ()
+
+    def caption_batch(self, images: list[Image.Image]) -> list[CaptionSet]:
+        return [self.captions for _ in images]
+
+    def configure(self, prefixes: list[str], settings: DecodeSettings) -> None:
+        self.configured = (tuple(prefixes), settings)
+
+
+TEST_3 = CaptionSet(
+    unconditional="a desk with a globe and a laptop",
+    conditional=(
+        ("This is a photo of", "a desk full of computers"),
+        ("Q: What objects are on the desk? A:", "laptop, a keyboard, and a monitor"),
+        ("desk_setup:", "_ with a laptop, monitor, keyboard, mouse, and mouse"),
+    ),
+)
+
+
+def test_the_deployment_builds_clean_prompts_and_extends_its_vocabulary_from_user_config(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import logging
+
+    from deployments.captioner import Captioner as CaptionerDeployment
+    from deployments.captioner import log as deployment_log
+
+    deployment_log.addHandler(caplog.handler)  # Ray's "ray.serve" logger does not propagate
+
+    stand_in = _FixedCaptions(TEST_3)
+    deployment = CaptionerDeployment.func_or_class("unused", captioner=stand_in)  # type: ignore[arg-type]
+    image = Image.new("RGB", (8, 8))
+
+    async def scenario() -> tuple[object, object]:
+        deployment.reconfigure({})
+        plain = await deployment.caption(image)
+        deployment.reconfigure(
+            {"vocabulary": {"extra_objects": {"globe": ["world globe"]}}, "no_repeat_ngram_size": 4, "max_new_tokens": 20}
+        )
+        return plain, await deployment.caption(image)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="ray.serve"):
+            plain, extended = asyncio.run(scenario())
+    finally:
+        deployment_log.removeHandler(caplog.handler)
+    assert plain.prompt == (  # type: ignore[attr-defined]
+        "a desk setup with laptop, keyboard, monitor, computer, mouse, high quality, detailed, professional photo"
+    )
+    assert "globe x1" in caplog.text  # reported, not guessed into the prompt
+    assert extended.prompt.startswith("a desk setup with laptop, keyboard, monitor, globe, computer, mouse, ")  # type: ignore[attr-defined]
+    assert stand_in.configured == (DEFAULT_PREFIXES, DecodeSettings(20, 4, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("user_config", "where", "message"),
+    [
+        ({"vocabulary": {"extra_objects": {"Globe": []}}}, "vocabulary", "`vocabulary.extra_objects['Globe']`"),
+        ({"vocabulary": {"extra_objects": {"a": ["b"], "c": ["b"]}}}, "vocabulary", "'b' is listed for both"),
+        ({"vocabulary": {"objects": {}}}, "vocabulary.objects", "Extra inputs are not permitted"),
+        ({"no_repeat_ngram_size": 1}, "", "`no_repeat_ngram_size` must be 0 (off) or an integer in 2..10"),
+        ({"repetition_penalty": 3}, "repetition_penalty", "less than or equal to 2"),
+    ],
+)
+def test_bad_captioner_user_config_names_the_field(user_config: dict[str, object], where: str, message: str) -> None:
+    from pydantic import ValidationError
+
+    from deployments.captioner import CaptionerConfig
+
+    with pytest.raises(ValidationError) as info:
+        CaptionerConfig.model_validate(user_config)
+    error = info.value.errors()[0]
+    assert ".".join(str(part) for part in error["loc"]) == where
+    assert message in error["msg"]

@@ -331,7 +331,9 @@ def test_train_cli_writes_a_loadable_gate(tmp_path: Path) -> None:
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
     match = re.fullmatch(
-        r"val_accuracy=(\d\.\d{4}) n_train=(\d+) n_val=(\d+) seconds=\d+\.\d out=(.+)", lines[0]
+        r"val_accuracy=(\d\.\d{4}) val_auc=\S+ precision=\S+ recall=\S+ threshold=\S+ n_train=(\d+) n_val=(\d+) "
+        r"seconds=\d+\.\d out=(.+)",
+        lines[0],
     )
     assert match, lines[0]
     assert 0.0 <= float(match.group(1)) <= 1.0
