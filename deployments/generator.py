@@ -230,6 +230,8 @@ class GeneratorReplica:
             "replica": self.replica_id(),
             "model_id": self.generator.model_id,
             "adapters": self.generator.available_adapters(),
+            #: LoRA files present but unusable (checked at start, a file added later on first use), with the reason.
+            "unavailable": self.generator.unavailable,
             "loaded_adapters": sorted(self.generator.loaded_adapters()),
             "cached_mixes": sorted(self.cached),
             "active_mix": self.generator.active_mix_id,

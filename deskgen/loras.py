@@ -39,6 +39,84 @@ def read_safetensors_keys(path: Path) -> list[str]:
     return [key for key in header if key != "__metadata__"]
 
 
+#: A safetensors header larger than this is not a LoRA file (real ones: tens to hundreds of KB).
+MAX_HEADER_BYTES = 64 << 20
+#: Key endings of LyCORIS networks diffusers cannot load (LoHa, LoKr, (IA)^3, GLoRA, OFT/BOFT, full diff).
+_LYCORIS = {
+    ".hada_w1_a": "LoHa", ".hada_w1_b": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".lokr_w2": "LoKr",
+    ".lokr_w2_a": "LoKr", ".on_input": "(IA)^3", ".a1.weight": "GLoRA", ".oft_blocks": "OFT", ".oft_diag": "OFT",
+    ".boft_blocks": "BOFT", ".diff": "full (weight difference)", ".diff_b": "full (weight difference)",
+}  # fmt: skip
+#: DoRA magnitude vectors: kohya/LyCORIS write ``dora_scale``, peft ``lora_magnitude_vector``. diffusers 0.42
+#: drops ``dora_scale`` with a warning and loads the rest as a plain LoRA, i.e. silently another style.
+_DORA = (".dora_scale", ".lora_magnitude_vector")
+_KOHYA_PAIR = {kohya.DOWN: kohya.UP}
+_PEFT_PAIRS = {".lora_A.weight": ".lora_B.weight", ".lora_A.default.weight": ".lora_B.default.weight",
+               ".lora.down.weight": ".lora.up.weight", "_lora.down.weight": "_lora.up.weight"}  # fmt: skip
+
+
+def lora_file_problem(path: Path) -> str | None:
+    """Why diffusers cannot load the LoRA file at ``path`` as a LoRA for SDXL, or None if its header looks
+    loadable. Reads only the safetensors header (no tensor, no torch), so the ingress can run it too.
+
+    Refused: a file that is not a complete safetensors file (short, a header that is not JSON, tensor data
+    that runs past the end of the file: a truncated copy), LyCORIS networks (LoHa, LoKr, ...), DoRA
+    (magnitude vectors), keys in neither the kohya_ss (``lora_unet_``/``lora_te1_``/``lora_te2_``) nor the
+    diffusers/peft (``unet.``/``text_encoder*.`` + ``lora_A``/``lora_B``) layout, and down/A matrices
+    without their up/B partner. Whether the modules a file names exist in *this* model needs the model:
+    :func:`deskgen.generator.adapters.mapping_problem` checks that on a replica.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"not a safetensors file: {size} bytes, shorter than the 8-byte header length"
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                return f"not a safetensors file (or truncated): a header of {header_len} bytes in a file of {size} bytes"
+            header = json.loads(f.read(header_len))
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "not a safetensors file: its header is not JSON"
+    if not isinstance(header, dict):
+        return "not a safetensors file: its header is not a JSON object"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        return "holds no tensors"
+    try:
+        end = max(int(v["data_offsets"][1]) for v in tensors.values())
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "not a safetensors file: a tensor entry has no valid data_offsets"
+    if 8 + header_len + end > size:
+        return f"truncated: its tensors need {8 + header_len + end} bytes but the file has {size}"
+    keys = list(tensors)
+    for ending, kind in _LYCORIS.items():
+        if any(k.endswith(ending) for k in keys):
+            example = next(k for k in keys if k.endswith(ending))
+            return f"a LyCORIS {kind} network (keys like {example!r}); diffusers loads LoRA only"
+    dora = [k for k in keys if k.endswith(_DORA)]
+    if dora:
+        return (f"a DoRA file ({dora[0]!r}): diffusers would drop its magnitude vectors and load it as a plain "
+                "LoRA, i.e. another style")  # fmt: skip
+    if any(k.startswith(kohya.PREFIXES) for k in keys):
+        pairs = _KOHYA_PAIR
+        stray = [k for k in keys if not k.startswith(kohya.PREFIXES)]
+        if stray:
+            return f"kohya_ss keys mixed with other keys ({stray[0]!r})"
+    elif any(k.endswith(tuple(_PEFT_PAIRS)) for k in keys):
+        pairs = _PEFT_PAIRS
+    else:
+        return f"neither kohya_ss (lora_unet_...) nor diffusers (....lora_A.weight) LoRA keys (e.g. {sorted(keys)[0]!r})"
+    key_set = set(keys)
+    for key in keys:
+        for down, up in pairs.items():
+            if key.endswith(down) and key.removesuffix(down) + up not in key_set:
+                return f"{key!r} has no {up.lstrip('.')!r} partner"
+    return None
+
+
 class LoraRegistry:
     """Finds, validates and fingerprints the LoRA files in ``folder``.
 
@@ -56,6 +134,8 @@ class LoraRegistry:
         self.folder = folder.resolve()
         self._lock = threading.Lock()
         self._sha256: dict[str, str] = {}
+        #: name -> ((size, mtime_ns), problem or None): a file is checked again only when it changes.
+        self._checked: dict[str, tuple[tuple[int, int], str | None]] = {}
 
     def names(self) -> list[str]:
         """Sorted names of the valid adapters in the folder (files that :meth:`path` would accept)."""
@@ -66,6 +146,40 @@ class LoraRegistry:
                 if ADAPTER_NAME_RE.fullmatch(name) and self._inside(entry):
                     found.append(name)
         return sorted(found)
+
+    def problems(self) -> dict[str, str]:
+        """name -> why it cannot be loaded (:func:`lora_file_problem`), for every file of :meth:`names` whose
+        header is refused. Each file is read once per (size, mtime): cheap to call on every catalogue refresh."""
+        found: dict[str, str] = {}
+        for name in self.names():
+            problem = self.problem(name)
+            if problem is not None:
+                found[name] = problem
+        return found
+
+    def problem(self, name: str) -> str | None:
+        """Why adapter ``name``'s file cannot be loaded, or None (see :func:`lora_file_problem`)."""
+        path = self.path(name)
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or exc}"
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            cached = self._checked.get(name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        problem = lora_file_problem(path)
+        if problem is not None:
+            log.warning("LoRA %s (%s) is unavailable: %s", name, path, problem)
+        with self._lock:
+            self._checked[name] = (stamp, problem)
+        return problem
+
+    def usable(self) -> list[str]:
+        """Sorted names of the adapters whose files pass :meth:`problem`."""
+        problems = self.problems()
+        return [name for name in self.names() if name not in problems]
 
     def path(self, name: str, *, field: str = "mix") -> Path:
         """The resolved file of adapter ``name``.

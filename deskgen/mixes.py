@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from deskgen.errors import InvalidParameter, UnknownMix
+from deskgen.errors import AdapterUnavailable, InvalidParameter, UnknownMix
 from deskgen.limits import MAX_WEIGHT, MIN_WEIGHT
 
 #: The id of the empty mix (no LoRA, or every weight 0).
@@ -117,13 +117,20 @@ def parse_mix_spec(spec: str, *, field: str = "mix") -> dict[str, float]:
 class MixCatalog:
     """Resolves what a client writes (a named mix, an ad-hoc spec or a canonical id) to a :class:`Mix`.
 
-    ``available`` is the set of adapters the LoRA registry can load; a mix naming any other raises
-    :class:`UnknownMix` listing them. ``named`` defaults to :data:`NAMED_MIXES` and is usually
-    replaced from the Serve ``user_config``.
+    ``available`` is the set of adapters the LoRA registry can load; ``unavailable`` maps the adapters
+    whose files are present but cannot be loaded to the reason (:meth:`deskgen.loras.LoraRegistry.problems`).
+    A mix naming an unavailable adapter raises :class:`AdapterUnavailable` (422) naming it and the
+    reason, any other unknown adapter :class:`UnknownMix` listing the available ones. A named mix may
+    name an unavailable adapter (it is refused when asked for, the others keep working). ``named``
+    defaults to :data:`NAMED_MIXES` and is usually replaced from the Serve ``user_config``.
     """
 
-    def __init__(self, available: Iterable[str], named: Mapping[str, Mapping[str, float]] | None = None) -> None:
-        self.available = frozenset(available)
+    def __init__(
+        self, available: Iterable[str], named: Mapping[str, Mapping[str, float]] | None = None,
+        unavailable: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.unavailable = dict(unavailable or {})
+        self.available = frozenset(available) - set(self.unavailable)
         named = NAMED_MIXES if named is None else named
         self.named: dict[str, Mix] = {}
         for mix_name, weights in named.items():
@@ -136,7 +143,7 @@ class MixCatalog:
         if not spec:
             raise InvalidParameter(f"`{field}` is empty: name a mix or write `adapter:weight+...`.", field=field)
         if spec in self.named:
-            return self.named[spec]
+            return self._check_usable(self.named[spec], field)
         if spec == BASE_MIX_ID:
             return Mix(())
         if ":" not in spec and "+" not in spec:
@@ -151,10 +158,16 @@ class MixCatalog:
         self._check_available(Mix(tuple((n, 1.0) for n in names if ADAPTER_NAME_RE.fullmatch(n))), field)
         mix = Mix.from_weights(parse_mix_spec(spec, field=field), field=field)
         self._check_available(mix, field)
+        return self._check_usable(mix, field)
+
+    def _check_usable(self, mix: Mix, field: str) -> Mix:
+        for name in mix.adapters:
+            if name in self.unavailable:
+                raise AdapterUnavailable.of(name, self.unavailable[name], field=field)
         return mix
 
     def _check_available(self, mix: Mix, field: str) -> None:
-        missing = [name for name in mix.adapters if name not in self.available]
+        missing = [name for name in mix.adapters if name not in self.available and name not in self.unavailable]
         if missing:
             raise UnknownMix(
                 f"`{field}`: unknown adapter {missing[0]!r}; available adapters are {sorted(self.available)}.",

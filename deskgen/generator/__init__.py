@@ -9,6 +9,8 @@ config; unit tests drive this class directly on the tiny models. The package, a 
 - :mod:`~deskgen.generator.optimise` — attention, memory format, VAE decode, compilation;
 - :mod:`~deskgen.generator.adapters` — the LoRA strategies: peft adapters, or hot-swap slots;
 - :mod:`~deskgen.generator.fusing` — a mix fused into the base weights, restored exactly;
+- :mod:`~deskgen.generator.prompts` — prompts longer than CLIP's 77 tokens, in chunks, for both encoders;
+- :mod:`~deskgen.generator.recipe` — the sampler (``scheduler``), the model revision and fp16 weights;
 - :mod:`~deskgen.generator.core` — :class:`DeskGenerator`, which ties them together.
 
     gen = DeskGenerator.from_pretrained(GeneratorSettings(model_id="models/tiny/sdxl"))
@@ -58,6 +60,7 @@ from deskgen.generator.adapters import LORA_COMPONENTS, peft_adapter_name
 from deskgen.generator.core import WARMUP_PROMPT, WARMUP_STEPS, DeskGenerator
 from deskgen.generator.optimise import COMPILED_BLOCKS, compile_unet, optimise_pipeline
 from deskgen.generator.params import GenerationParams, GenerationResult, StepCallback
+from deskgen.generator.recipe import SCHEDULERS
 from deskgen.generator.settings import (
     ATTENTIONS,
     COMPILE_MODES,
@@ -89,6 +92,7 @@ __all__ = [
     "MAX_PROMPT_CHARS",
     "MAX_SEED",
     "MIN_GUIDANCE",
+    "SCHEDULERS",
     "SPEED_PROFILES",
     "WARMUP_PROMPT",
     "WARMUP_STEPS",

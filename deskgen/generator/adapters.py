@@ -159,6 +159,54 @@ def unet_part(
     return UnetPart(unet_sd, alphas, metadata, sorted(modules), rank)
 
 
+def text_encoder_modules(pipe: Any, state_dict: dict[str, Any]) -> tuple[int, int]:
+    """``(adapted, existing)``: how many text-encoder modules a state dict read by :func:`read_adapter`
+    adapts, and how many of those exist in the pipeline's text encoders."""
+    from diffusers.utils import convert_state_dict_to_peft
+
+    adapted = existing = 0
+    for component in TEXT_ENCODERS:
+        prefix = f"{component}."
+        part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        if not any("lora_A" in k for k in part):
+            part = convert_state_dict_to_peft(part)  # the old diffusers naming (to_k_lora.down) of kohya files
+        encoder = getattr(pipe, component, None)
+        for key in part:
+            if not key.endswith(".lora_A.weight"):
+                continue
+            adapted += 1
+            name = key.removesuffix(".lora_A.weight")
+            # transformers 5 flattened CLIPTextModel (no text_model.); files name both encoders text_model.…
+            for candidate in (name, name.removeprefix("text_model.")):
+                with contextlib.suppress(AttributeError):
+                    if encoder is not None:
+                        encoder.get_submodule(candidate)
+                        existing += 1
+                        break
+    return adapted, existing
+
+
+def mapping_problem(pipe: Any, path: Path, expected: int) -> str | None:
+    """Why the LoRA file at ``path`` (whose header passed :func:`deskgen.loras.lora_file_problem` and names
+    ``expected`` modules) does not map onto this pipeline, or None. Reads the tensors and converts the keys
+    the way ``load_lora_weights`` does, then looks every module up, without injecting anything (tens of ms
+    for a tiny file; no peft layer is built)."""
+    try:
+        state_dict, alphas, metadata = read_adapter(pipe, path)
+    except Exception as exc:  # diffusers' own verdict: keys it cannot rename, a file it cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"diffusers cannot read it ({type(exc).__name__}: {first[:200]})"
+    unet = unet_part(pipe, state_dict, alphas, metadata)
+    unet_adapted = sum(1 for k in state_dict if k.startswith("unet.") and k.endswith(("lora_A.weight", "lora.down.weight")))
+    _, text_existing = text_encoder_modules(pipe, state_dict)
+    matched = len(unet.modules) + text_existing
+    if matched != expected or (unet_adapted and not unet.modules):
+        return f"only {matched} of its {expected} layers match this model; is it a LoRA for SDXL, and for this base model?"
+    return None
+
+
 class HotswapSlots:
     """Hotswap mode: ``count`` LoRA slots of one fixed layout in the UNet; adapters are hot-swapped in.
 
@@ -294,10 +342,12 @@ class SlotAdapters:
 
     kind = "hotswap"
 
-    def __init__(self, pipe: Any, registry: LoraRegistry, count: int, rank: int | None, device: str) -> None:
+    def __init__(self, pipe: Any, registry: LoraRegistry, count: int, rank: int | None, device: str,
+                 names: list[str] | None = None) -> None:  # fmt: skip
         self.pipe = pipe
         self.device = device
-        parts = {name: unet_part(pipe, *read_adapter(pipe, registry.path(name))) for name in registry.names()}
+        names = registry.names() if names is None else names
+        parts = {name: unet_part(pipe, *read_adapter(pipe, registry.path(name))) for name in names}
         self.slots = HotswapSlots(pipe, parts, count, rank)
         self.parts: dict[str, UnetPart] = {}  # loaded adapters' UNet halves, on the device
 
@@ -368,8 +418,9 @@ class SlotAdapters:
 
 
 def build_strategy(pipe: Any, registry: LoraRegistry, *, hotswap: bool, slots: int, rank: int | None,
-                   device: str) -> PeftAdapters | SlotAdapters:  # fmt: skip
-    """The strategy the settings ask for."""
+                   device: str, names: list[str] | None = None) -> PeftAdapters | SlotAdapters:  # fmt: skip
+    """The strategy the settings ask for; ``names``: the usable adapters (hot-swap lays its slots out
+    from them; default every file of the registry)."""
     if hotswap:
-        return SlotAdapters(pipe, registry, slots, rank, device)
+        return SlotAdapters(pipe, registry, slots, rank, device, names)
     return PeftAdapters(pipe)

@@ -13,17 +13,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from deskgen.errors import InvalidParameter, ModelFilesMissing
+from deskgen.errors import AdapterUnavailable, DeskgenError, InvalidParameter, ModelFilesMissing
 from deskgen.generator.adapters import (
     PeftAdapters,
     SlotAdapters,
     build_strategy,
     layers_with,
+    mapping_problem,
     peft_adapter_name,
 )
 from deskgen.generator.fusing import Fused, PristineWeights
 from deskgen.generator.optimise import compile_unet, optimise_pipeline
 from deskgen.generator.params import GenerationParams, GenerationResult, StepCallback
+from deskgen.generator.prompts import PromptEncoder
+from deskgen.generator.recipe import apply_scheduler, describe_scheduler, model_revision, weights_variant
 from deskgen.generator.settings import GeneratorSettings
 from deskgen.limits import DEFAULT_SIZE_LIMITS, SizeLimits
 from deskgen.loras import LoraRegistry
@@ -53,8 +56,13 @@ class DeskGenerator:
     """ONE base pipeline per object, and the LoRA mixes applied to it.
 
     Responsibilities:
+    - check every LoRA file when it starts (header, then the key mapping onto this model; no load): a
+      file that cannot be loaded is listed in :attr:`unavailable` with the reason, and a mix naming it
+      raises :class:`AdapterUnavailable` (422) while every other mix keeps working;
     - load adapters from the :class:`LoraRegistry` once, lazily, under their public names, and check
       that every layer a file names actually received its weights;
+    - embed prompts longer than CLIP's 77 tokens in chunks (:mod:`deskgen.generator.prompts`) with the
+      active mix's text encoders, and record token counts, sampler and model revision per image;
     - activate a mix on the same pipeline (never a base reload) through its LoRA strategy
       (:mod:`deskgen.generator.adapters`: peft adapters, or hot-swap slots for a compiled UNet); with
       ``fuse_hot_mix``, fuse that mix into the base weights while it is active and restore the exact
@@ -89,6 +97,7 @@ class DeskGenerator:
         model_id: str,
         settings: GeneratorSettings,
         limits: SizeLimits = DEFAULT_SIZE_LIMITS,
+        revision: str | None = None,
     ) -> None:
         """Wrap an already loaded (and :func:`optimise_pipeline`-d) pipeline; ``settings`` resolved
         (:meth:`GeneratorSettings.resolve`). Builds the LoRA strategy, converts to FP8, installs DeepCache
@@ -112,12 +121,27 @@ class DeskGenerator:
         self._fused: Fused | None = None
         #: Seconds the load-time warm-up took (None if there was none).
         self.warmup_s: float | None = None
+        #: The model's revision (hub commit or a hash over its files, :func:`model_revision`), per image.
+        self.revision = revision
         pipe.set_progress_bar_config(disable=True)
+        apply_scheduler(pipe, settings.scheduler)
+        #: The sampler as every image records it (name, class, key config).
+        self.scheduler_record = describe_scheduler(settings.scheduler, pipe.scheduler)
+        self.prompts = PromptEncoder(pipe)
 
+        # Every LoRA file is checked before the strategy reads any (hot-swap slots read them all).
+        timer = _Timer()
+        #: adapter -> ((size, mtime_ns), why it cannot be loaded, or None), under its own lock so that
+        #: listing adapters (a replica's ``info``) never waits for a generation.
+        self._checked: dict[str, tuple[tuple[int, int], str | None]] = {}
+        self._check_lock = threading.Lock()
+        unavailable = self.check_adapters()
+        log.info("checked %d LoRA files in %.3f s; unavailable: %s", len(registry.names()), timer.seconds(),
+                 unavailable or "none")  # fmt: skip
         timer = _Timer()
         self.adapters: PeftAdapters | SlotAdapters = build_strategy(
             pipe, registry, hotswap=bool(settings.hotswap), slots=settings.hotswap_slots, rank=settings.hotswap_rank,
-            device=self.device,
+            device=self.device, names=[n for n in registry.names() if n not in unavailable],
         )  # fmt: skip
         if isinstance(self.adapters, SlotAdapters):
             slots = self.adapters.slots
@@ -187,12 +211,15 @@ class DeskGenerator:
         if Path(source).is_absolute() and not Path(source).is_dir():
             raise ModelFilesMissing("SDXL pipeline folder", source)
         timer = _Timer()
-        pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=getattr(torch, runtime.dtype or "float32"))
+        dtype = runtime.dtype or "float32"
+        variant = weights_variant(source, device=str(runtime.device), dtype=dtype, allowed=runtime.fp16_variant)
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=getattr(torch, dtype), variant=variant)
         pipe.to(runtime.device)
         optimise_pipeline(pipe, runtime)
         with cls._base_loads_lock:
             DeskGenerator.base_loads += 1
-        gen = cls(pipe, registry, model_id=settings.model_id, settings=runtime)
+        revision = model_revision(source) + (f"+{variant}" if variant else "")
+        gen = cls(pipe, registry, model_id=settings.model_id, settings=runtime, revision=revision)
         log.info("loaded %s in %.2f s with %s", settings.model_id, timer.seconds(), gen.describe())
         if runtime.compile and runtime.compile_warmup_size is not None:
             gen.warm_up(runtime.compile_warmup_size)
@@ -213,8 +240,67 @@ class DeskGenerator:
         return self.warmup_s
 
     def available_adapters(self) -> list[str]:
-        """Adapters the registry can load (not necessarily loaded yet)."""
-        return self.registry.names()
+        """Adapters of the registry not known to be unusable (:attr:`unavailable`; not necessarily loaded
+        yet). Never waits for a generation: a file added since the start is fully checked on first use."""
+        unavailable = self.unavailable
+        return [name for name in self.registry.names() if name not in unavailable]
+
+    def check_adapters(self) -> dict[str, str]:
+        """Check every file of the registry now (:meth:`adapter_problem`, once per file version) and return
+        adapter -> why it cannot be loaded. Run at start, before the pipeline is shared; afterwards under
+        :attr:`lock` (diffusers' loading helpers it uses are not thread-safe)."""
+        found: dict[str, str] = {}
+        for name in self.registry.names():
+            problem = self.adapter_problem(name)
+            if problem is not None:
+                found[name] = problem
+        return found
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """adapter -> reason, for the files of the registry known to be unusable: their header refused now
+        (cheap, cached per file version), or refused by a full check of their current version."""
+        found = self.registry.problems()
+        with self._check_lock:
+            checked = dict(self._checked)
+        for name in self.registry.names():
+            entry = checked.get(name)
+            if entry is None or entry[1] is None or name in found:
+                continue
+            with contextlib.suppress(OSError):
+                stat = self.registry.path(name).stat()
+                if entry[0] == (stat.st_size, stat.st_mtime_ns):
+                    found[name] = entry[1]
+        return dict(sorted(found.items()))
+
+    def adapter_problem(self, name: str) -> str | None:
+        """Why adapter ``name`` cannot be loaded into this pipeline, or None: its header
+        (:meth:`LoraRegistry.problem`: truncated, LyCORIS, DoRA, unknown layout), then its key mapping
+        onto this model's modules (:func:`mapping_problem`). Cached per (size, mtime) of the file;
+        raises UnknownMix for a name the registry does not hold."""
+        path = self.registry.path(name)
+        try:
+            stat = path.stat()
+            stamp = (stat.st_size, stat.st_mtime_ns)
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or exc}"
+        with self._check_lock:
+            cached = self._checked.get(name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        problem = self.registry.problem(name)
+        if problem is None:
+            problem = mapping_problem(self.pipe, path, self.registry.module_count(name))
+            if problem is not None:
+                log.warning("LoRA %s (%s) is unavailable: %s", name, path, problem)
+        with self._check_lock:
+            self._checked[name] = (stamp, problem)
+        return problem
+
+    def _mark_unavailable(self, name: str, path: Path, problem: str) -> None:
+        with contextlib.suppress(OSError), self._check_lock:
+            stat = path.stat()
+            self._checked[name] = ((stat.st_size, stat.st_mtime_ns), problem)
 
     def loaded_adapters(self) -> set[str]:
         """Adapters currently held by the pipeline."""
@@ -222,11 +308,19 @@ class DeskGenerator:
             return set(self._loaded)
 
     def ensure_adapters(self, names: Iterable[str]) -> None:
-        """Load each adapter in ``names`` not loaded yet. An unknown name raises UnknownMix before any load;
-        a file whose layers do not all match the model raises RuntimeError and stays unloaded."""
+        """Load each adapter in ``names`` not loaded yet. An unknown name raises UnknownMix, an unusable
+        file (:meth:`adapter_problem`) AdapterUnavailable, before any load; a file that fails to load or
+        whose layers do not all match the model raises AdapterUnavailable, stays unloaded and is listed
+        in :attr:`unavailable`."""
+        import torch
+
         with self.lock:
-            # Resolve every name first, so an unknown one fails before anything is loaded.
+            # Resolve and check every name first, so an unknown or unusable one fails before anything loads.
             paths = {name: self.registry.path(name) for name in names if name not in self._loaded}
+            for name in paths:
+                problem = self.adapter_problem(name)
+                if problem is not None:
+                    raise AdapterUnavailable.of(name, problem)
             if paths:
                 # Never load into fused layers: restore the exact base first (re-fused on the next activate).
                 self._unfuse()
@@ -238,11 +332,15 @@ class DeskGenerator:
                 self._in_sync = False
                 try:
                     self.adapters.load(name, peft, path)
-                except Exception:
+                except Exception as exc:
                     # A load that fails half-way may leave layers injected: remove them, keep the error.
                     with contextlib.suppress(Exception):
                         self.adapters.delete(name, peft)
-                    raise
+                    if isinstance(exc, (torch.OutOfMemoryError, DeskgenError)) or not isinstance(exc, (ValueError, KeyError, OSError, RuntimeError)):
+                        raise  # the replica's trouble (memory) or already the caller's, not the file's
+                    problem = f"it did not load ({type(exc).__name__}: {str(exc).strip()[:200]})"
+                    self._mark_unavailable(name, path, problem)
+                    raise AdapterUnavailable.of(name, problem) from exc
                 self._loaded[name] = peft
                 self._check_loaded(name, peft, path)
                 log.info("loaded LoRA %s (%s layout) in %.3f s", name, self.registry.layout(name), timer.seconds())
@@ -254,10 +352,10 @@ class DeskGenerator:
         expected = self.registry.module_count(name)
         if loaded != expected:
             self._delete([name])
-            raise RuntimeError(
-                f"LoRA {name!r} ({path}): only {loaded} of its {expected} layers match this model; "
-                "is it a LoRA for SDXL, and for this base model?"
-            )
+            problem = f"only {loaded} of its {expected} layers match this model; is it a LoRA for SDXL, and for this base model?"
+            log.warning("LoRA %s (%s) is unavailable: %s", name, path, problem)
+            self._mark_unavailable(name, path, problem)
+            raise AdapterUnavailable.of(name, problem)
 
     # -- mixes ----------------------------------------------------------------------------------
 
@@ -378,10 +476,12 @@ class DeskGenerator:
             timer = _Timer()
             if self.deepcache is not None:
                 self.deepcache.reset()
+            # Prompts that fit in 77 tokens go to the pipeline as strings (its own path, bit for bit);
+            # longer ones are embedded here in 77-token chunks, with the mix just activated.
+            prompts = self.prompts.prepare(params.prompt, params.negative_prompt, device=self.device)
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
             output = self.pipe(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
+                **prompts.pipe_kwargs,
                 num_inference_steps=params.steps,
                 guidance_scale=params.guidance,
                 width=params.width,
@@ -400,6 +500,11 @@ class DeskGenerator:
             "mix": mix.as_dict(),
             "adapters": adapters,
             "model_id": self.model_id,
+            "model_revision": self.revision,
+            "scheduler": self.scheduler_record,
+            "prompt_tokens": prompts.prompt_tokens,
+            "negative_prompt_tokens": prompts.negative_prompt_tokens,
+            "prompt_chunks": prompts.chunks,
             "runtime": runtime,
             "timings": {"activate_s": round(activate_s, 6), "generate_s": round(generate_s, 6),
                         "denoise_s": round(denoise_s, 6), "decode_s": round(generate_s - denoise_s, 6)},

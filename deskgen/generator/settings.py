@@ -159,9 +159,19 @@ class GeneratorSettings:
     #: DeepCache (:mod:`deskgen.deepcache`): every ``deepcache_interval``-th step full, the others reuse
     #: the deep features. Changes the image: a speed profile of its own, None (off) by default; eager only.
     deepcache_interval: int | None = None
+    #: The sampler (:data:`deskgen.generator.recipe.SCHEDULERS`: ``euler``, ``euler_a``,
+    #: ``dpmpp_2m_karras``, ...); ``default`` keeps the scheduler the model folder ships.
+    scheduler: str = "default"
+    #: Load ``variant="fp16"`` weights where the model folder has them (``*.fp16.safetensors``) and the
+    #: device is CUDA with a 16-bit dtype: half the bytes to read, the same values once cast. False: never.
+    fp16_variant: bool = True
 
 
     def __post_init__(self) -> None:
+        from deskgen.generator.recipe import SCHEDULERS
+
+        _check_choice("scheduler", self.scheduler, tuple(SCHEDULERS))
+        _check_flag("fp16_variant", self.fp16_variant)
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention", self.attention, ATTENTIONS)

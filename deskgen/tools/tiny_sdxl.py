@@ -447,3 +447,54 @@ def verify(out: Path, *, size: int = 64, steps: int = 2) -> dict[str, float]:
         raise RuntimeError("the image with LoRAs disabled differs from the base image")
     log.info("tiny LoRAs verified; mean pixel change per adapter: %s", json.dumps(changes))
     return changes
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA files the service must check (not written by build(): tests write them where they need them)
+# --------------------------------------------------------------------------------------------------
+
+#: Kinds of LoRA file :func:`write_lora_variant` writes, derived from the tiny kohya ``dalle``: one that
+#: must load (``unet_only``: no ``lora_te`` keys, as most SDXL kohya trainings save) and the kinds
+#: diffusers cannot load correctly, each refused at replica start with a reason.
+LORA_VARIANTS = ("unet_only", "loha", "dora", "truncated", "unknown_layout", "unpaired", "extra_layer")
+
+
+def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
+    """Write a LoRA file of ``kind`` (:data:`LORA_VARIANTS`) to ``path``, made from ``loras/dalle.safetensors``
+    (numpy only: no torch)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    source = Path(loras) / "dalle.safetensors"
+    tensors = load_file(str(source))
+    bases = sorted(k.removesuffix(kohya.DOWN) for k in tensors if k.endswith(kohya.DOWN))
+    out: dict[str, Any]
+    if kind == "unet_only":
+        out = {k: v for k, v in tensors.items() if k.startswith(kohya.UNET_PREFIX)}
+    elif kind == "loha":
+        out = {}
+        for base in bases:
+            down, up = tensors[base + kohya.DOWN], tensors[base + kohya.UP]
+            out |= {f"{base}.hada_w1_a": up, f"{base}.hada_w1_b": down, f"{base}.hada_w2_a": up.copy(),
+                    f"{base}.hada_w2_b": down.copy(), base + kohya.ALPHA: tensors[base + kohya.ALPHA]}  # fmt: skip
+    elif kind == "dora":
+        # What kohya/LyCORIS write for DoRA: a magnitude vector per module next to the LoRA pair.
+        out = dict(tensors) | {f"{b}.dora_scale": np.ones((1, tensors[b + kohya.UP].shape[0]), np.float32) for b in bases}
+    elif kind == "truncated":
+        data = source.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # an interrupted copy
+        return path
+    elif kind == "unknown_layout":
+        out = {"model.diffusion_model.input_blocks.1.weight": np.zeros((4, 4), np.float32)}
+    elif kind == "unpaired":
+        out = {k: v for k, v in tensors.items() if k != bases[0] + kohya.UP}
+    elif kind == "extra_layer":
+        # A module the tiny UNet lacks (transformer block 7): diffusers would only warn and skip it.
+        real = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+        out = dict(tensors)
+        for suffix in (kohya.DOWN, kohya.UP, kohya.ALPHA):
+            out[real.replace("blocks_0_", "blocks_7_") + suffix] = tensors[real + suffix].copy()
+    else:
+        raise ValueError(f"unknown LoRA variant {kind!r}; the variants are {LORA_VARIANTS}")
+    save_file(out, str(path))
+    return path

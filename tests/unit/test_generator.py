@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deskgen.errors import InvalidParameter, ModelFilesMissing, UnknownMix
+from deskgen.errors import AdapterUnavailable, InvalidParameter, ModelFilesMissing, UnknownMix
 from deskgen.generator import (
     DEFAULT_NEGATIVE_PROMPT,
     DeskGenerator,
@@ -249,8 +249,13 @@ def test_a_lora_with_layers_the_model_lacks_is_refused(tiny_models: Path, tmp_pa
     save_file(tensors, str(folder / "broken.safetensors"))
     shutil.copy(tiny_models / "loras" / "ott.safetensors", folder / "ott.safetensors")
     fresh = DeskGenerator.from_pretrained(settings_for(tiny_models, folder))
-    with pytest.raises(RuntimeError, match=r"LoRA 'broken' .*: only 152 of its 153 layers match this model"):
+    # Found when the generator starts (key mapping, no load), and refused as the request's fault (422).
+    problem = "only 152 of its 153 layers match this model; is it a LoRA for SDXL, and for this base model?"
+    assert fresh.unavailable == {"broken": problem}
+    assert fresh.available_adapters() == ["ott"]
+    with pytest.raises(AdapterUnavailable) as info:
         fresh.generate(PARAMS, Mix.from_weights({"broken": 1.0}))
+    assert (info.value.status, info.value.extra) == (422, {"adapter": "broken", "reason": problem})
     assert fresh.loaded_adapters() == set()
     assert fresh.generate(PARAMS, Mix.from_weights({"ott": 1.0})).metadata["mix_id"] == "ott:1.0"
 

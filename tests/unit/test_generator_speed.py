@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deskgen.errors import InvalidParameter
+from deskgen.errors import AdapterUnavailable, InvalidParameter
 from deskgen.generator import (
     DeskGenerator,
     GenerationParams,
@@ -111,6 +111,7 @@ def test_cpu_defaults_are_the_safe_ones() -> None:
         "vae_tiling": False, "vae_slicing": False, "fuse_hot_mix": None, "fuse_backup": "cpu", "compile": False,
         "compile_mode": "default", "compile_scope": "blocks", "hotswap": False, "hotswap_slots": 3,
         "hotswap_rank": None, "compile_warmup_size": 1024, "fp8": False, "deepcache_interval": None,
+        "scheduler": "default", "fp16_variant": True,
     }  # fmt: skip
 
 
@@ -490,7 +491,8 @@ def test_hotswap_refuses_an_adapter_outside_the_slot_layout(tiny_models: Path, t
     tensors[f"{extra}.lora_up.weight"] = tensors["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight"].clone()
     tensors[f"{extra}.alpha"] = tensors["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha"].clone()
     save_file(tensors, str(folder / "wide.safetensors"))
-    with pytest.raises(RuntimeError, match=r"^LoRA 'wide' adapts 1 UNet layers \(e\.g\. down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.ff\.net\.2\) that the compiled LoRA slots do not have"):
+    # The request's adapter cannot be used on this replica: a 422 naming it and why, not a 500.
+    with pytest.raises(AdapterUnavailable, match=r"adapter 'wide' is unavailable: it did not load \(RuntimeError: LoRA 'wide' adapts 1 UNet layers \(e\.g\. down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.ff\.net\.2\) that the compiled LoRA slots do not have"):
         gen.generate(PARAMS, Mix.from_weights({"wide": 1.0}))
     assert gen.loaded_adapters() == set()
     assert gen.generate(PARAMS, Mix.from_weights({"ott": 1.0})).metadata["mix_id"] == "ott:1.0"

@@ -1,0 +1,203 @@
+"""LoRA files checked when a generator starts (issue 14, point 3): each kind of file diffusers cannot load
+is listed as unavailable with its reason, a mix naming it is a 422 naming adapter and reason, every other
+mix keeps working; a UNet-only kohya file loads."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deskgen.errors import AdapterUnavailable, UnknownMix
+from deskgen.generator import DeskGenerator
+from deskgen.loras import LoraRegistry, lora_file_problem
+from deskgen.mixes import Mix, MixCatalog
+from deskgen.tools.tiny_sdxl import LORA_VARIANTS, one_torch_thread, write_lora_variant
+from tests.unit.generator_common import PARAMS, settings_for
+
+pytestmark = pytest.mark.unit
+
+#: What each bad kind is refused for (the start of the reason); ``None``: the header passes and the
+#: model check on a replica refuses it.
+HEADER_REASONS: dict[str, str | None] = {
+    "loha": "a LyCORIS LoHa network (keys like 'lora_te1_text_model_encoder_layers_0_self_attn_k_proj.hada_w1_a')",
+    "dora": "a DoRA file ('lora_te1_text_model_encoder_layers_0_self_attn_k_proj.dora_scale'): diffusers would drop",
+    "truncated": "truncated: its tensors need 333704 bytes but the file has 166852",
+    "unknown_layout": "neither kohya_ss (lora_unet_...) nor diffusers (....lora_A.weight) LoRA keys "
+                      "(e.g. 'model.diffusion_model.input_blocks.1.weight')",
+    "unpaired": "'lora_te1_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight' has no 'lora_up.weight' partner",
+    "extra_layer": None,
+    "unet_only": None,
+}
+BAD = [kind for kind in LORA_VARIANTS if kind != "unet_only"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three tiny adapters and one file of every variant."""
+    out = tmp_path_factory.mktemp("loras")
+    for path in (tiny_models / "loras").glob("*.safetensors"):
+        shutil.copy(path, out / path.name)
+    for kind in LORA_VARIANTS:
+        write_lora_variant(kind, tiny_models / "loras", out / f"{kind}.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_models: Path, folder: Path) -> DeskGenerator:
+    return DeskGenerator.from_pretrained(settings_for(tiny_models, folder))
+
+
+# -- the header check (pure: the ingress runs it) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", LORA_VARIANTS)
+def test_header_check_names_the_problem(folder: Path, kind: str) -> None:
+    problem = lora_file_problem(folder / f"{kind}.safetensors")
+    expected = HEADER_REASONS[kind]
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and problem.startswith(expected), problem
+
+
+def test_header_check_passes_the_real_layouts_and_refuses_garbage(tiny_models: Path, tmp_path: Path) -> None:
+    for name in ("dalle", "3d", "ott"):
+        assert lora_file_problem(tiny_models / "loras" / f"{name}.safetensors") is None
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert lora_file_problem(tmp_path / "empty.safetensors") == (
+        "not a safetensors file: 0 bytes, shorter than the 8-byte header length")
+    (tmp_path / "text.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert lora_file_problem(tmp_path / "text.safetensors") == "not a safetensors file: its header is not JSON"
+    (tmp_path / "huge.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    assert lora_file_problem(tmp_path / "huge.safetensors").startswith("not a safetensors file (or truncated)")  # type: ignore[union-attr]
+
+
+def test_the_registry_lists_problems_cached_per_file_version(folder: Path, tmp_path: Path) -> None:
+    registry = LoraRegistry(folder)
+    assert set(registry.problems()) == {k for k, v in HEADER_REASONS.items() if v is not None}
+    assert registry.usable() == ["3d", "dalle", "extra_layer", "ott", "unet_only"]
+    # A file replaced by a good one is checked again.
+    scratch = tmp_path / "scratch"
+    shutil.copytree(folder, scratch)
+    registry = LoraRegistry(scratch)
+    assert "loha" in registry.problems()
+    shutil.copy(scratch / "dalle.safetensors", scratch / "loha.safetensors")
+    assert "loha" not in registry.problems()
+
+
+def test_the_header_check_imports_no_torch() -> None:
+    code = "import sys, deskgen.loras, deskgen.mixes; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_catalog_answers_422_for_an_unavailable_adapter_and_keeps_the_rest() -> None:
+    reason = "truncated: its tensors need 10 bytes but the file has 5"
+    named = {"dalle_only": {"dalle": 1.0}, "bad_mix": {"bad": 0.5, "dalle": 0.5}}
+    catalog = MixCatalog(["dalle", "bad"], named, unavailable={"bad": reason})
+    assert catalog.available == {"dalle"}
+    assert catalog.resolve("dalle_only").id == "dalle:1.0"
+    for spec in ("bad_mix", "bad:0.7", "dalle:0.5+bad:1"):
+        with pytest.raises(AdapterUnavailable) as info:
+            catalog.resolve(spec)
+        assert info.value.status == 422
+        assert info.value.to_dict() == {
+            "code": "adapter_unavailable", "field": "mix", "adapter": "bad", "reason": reason,
+            "message": f"`mix`: adapter 'bad' is unavailable: {reason}.",
+        }  # fmt: skip
+    assert catalog.resolve("bad:0+dalle:0.5").id == "dalle:0.5"  # weight 0: not used, so not refused
+    with pytest.raises(UnknownMix, match=r"available adapters are \['dalle'\]"):
+        catalog.resolve("nope:1")
+
+
+# -- the generator: checked at start, 422 per request, the replica unaffected -----------------------
+
+
+def test_generator_lists_each_bad_file_with_its_reason_at_start(gen: DeskGenerator) -> None:
+    unavailable = gen.unavailable
+    assert sorted(unavailable) == sorted(BAD)
+    for kind, expected in HEADER_REASONS.items():
+        if expected is not None:
+            assert unavailable[kind].startswith(expected)
+    assert unavailable["extra_layer"] == (
+        "only 152 of its 153 layers match this model; is it a LoRA for SDXL, and for this base model?")
+    assert gen.available_adapters() == ["3d", "dalle", "ott", "unet_only"]
+    assert gen.loaded_adapters() == set()  # checked without loading anything
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_a_mix_naming_a_bad_file_is_refused_and_others_keep_working(gen: DeskGenerator, kind: str) -> None:
+    good = Mix.from_weights({"dalle": 0.7, "ott": 0.5})
+    expected = gen.generate(PARAMS, good).png(timings=False)
+    with pytest.raises(AdapterUnavailable) as info:
+        gen.generate(PARAMS, Mix.from_weights({"dalle": 0.5, kind: 1.0}))
+    assert info.value.status == 422
+    assert info.value.extra == {"adapter": kind, "reason": gen.unavailable[kind]}
+    assert kind not in gen.loaded_adapters()
+    assert gen.generate(PARAMS, good).png(timings=False) == expected
+
+
+def test_a_unet_only_kohya_file_loads_and_changes_only_through_the_unet(gen: DeskGenerator, tiny_models: Path) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    base = np.asarray(gen.generate(PARAMS, Mix(())).image, dtype=np.int16)
+    result = gen.generate(PARAMS, Mix.from_weights({"unet_only": 1.0}))
+    assert np.abs(np.asarray(result.image, dtype=np.int16) - base).mean() > 5.0
+    slot = "style_unet_only"
+    per_component = {
+        name: sum(1 for m in getattr(gen.pipe, name).modules() if isinstance(m, LoraLayer) and slot in m.lora_A)
+        for name in ("unet", "text_encoder", "text_encoder_2")
+    }
+    assert per_component["unet"] == gen.registry.module_count("unet_only") > 0
+    assert per_component["text_encoder"] == per_component["text_encoder_2"] == 0
+
+
+def test_a_file_that_fails_to_load_despite_the_checks_is_a_422_too(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The load-time count is the safety net behind the start-up check.
+    import deskgen.generator.core as core
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_lora_variant("extra_layer", tiny_models / "loras", folder / "broken.safetensors")
+    shutil.copy(tiny_models / "loras" / "ott.safetensors", folder / "ott.safetensors")
+    monkeypatch.setattr(core, "mapping_problem", lambda *args: None)
+    fresh = DeskGenerator.from_pretrained(settings_for(tiny_models, folder))
+    assert fresh.unavailable == {}
+    with pytest.raises(AdapterUnavailable, match=r"adapter 'broken' is unavailable: only 152 of its 153 layers"):
+        fresh.generate(PARAMS, Mix.from_weights({"broken": 1.0}))
+    assert "broken" in fresh.unavailable and fresh.loaded_adapters() == set()
+    assert fresh.generate(PARAMS, Mix.from_weights({"ott": 1.0})).metadata["mix_id"] == "ott:1.0"
+
+
+def test_a_bad_file_added_later_is_checked_on_first_use(tiny_models: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(tiny_models / "loras" / "ott.safetensors", folder / "ott.safetensors")
+    fresh = DeskGenerator.from_pretrained(settings_for(tiny_models, folder))
+    write_lora_variant("loha", tiny_models / "loras", folder / "late.safetensors")
+    with pytest.raises(AdapterUnavailable, match="LyCORIS LoHa"):
+        fresh.generate(PARAMS, Mix.from_weights({"late": 1.0}))
+    assert fresh.available_adapters() == ["ott"] and list(fresh.unavailable) == ["late"]
+
+
+def test_hotswap_mode_starts_with_bad_files_in_the_folder(tiny_models: Path, folder: Path) -> None:
+    # The slots are laid out from the usable files only: a bad one must not stop the replica starting.
+    fresh = DeskGenerator.from_pretrained(settings_for(tiny_models, folder, hotswap=True))
+    assert sorted(fresh.unavailable) == sorted(BAD)
+    assert fresh.generate(PARAMS, Mix.from_weights({"unet_only": 1.0, "ott": 0.5})).metadata["mix_id"] == "ott:0.5+unet_only:1.0"
+    with pytest.raises(AdapterUnavailable):
+        fresh.generate(PARAMS, Mix.from_weights({"dora": 1.0}))
