@@ -15,7 +15,7 @@ METRICS_PORT ?= 8080
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability lint bench-cpu bench-overload bench-gpu cluster-up cluster-down clean
+.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 
 models: install $(MODELS)/.complete
 
-$(MODELS)/.complete:
+$(MODELS)/.complete: $(wildcard deskgen/tools/tiny*.py)
 	DESKGEN_MODELS=$(MODELS) $(BIN)/python -m deskgen.tools.tiny --out $(MODELS)
 
 # A local Ray head with Ray's Prometheus endpoint on a fixed port (METRICS_PORT, = METRICS_EXPORT_PORT in
@@ -59,15 +59,21 @@ test-postgres: models
 test-observability: models
 	$(BIN)/python -m pytest -m observability -q
 
+# The web page in a real headless Chromium (part of the serve tier: `make test` runs it too).
+test-browser: models system-deps
+	$(BIN)/python -m pytest -m browser -q
+
 # System packages the test tiers start as real servers (Debian): PostgreSQL 15's server binaries for the
-# `postgres` tier and Prometheus for the `observability` tier. Installed only where missing; sudo when
-# not root. `make test` (and so .ci/run) runs this first.
+# `postgres` tier, Prometheus for the `observability` tier, Chromium and its driver for the `browser` tests.
+# Installed only where missing; sudo when not root. `make test` (and so .ci/run) runs this first.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 || \
+	    ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 	  sudo=""; if [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo=sudo; fi; \
-	  echo "installing postgresql prometheus (apt-get)" >&2; \
+	  echo "installing postgresql prometheus chromium chromium-driver (apt-get)" >&2; \
 	  $$sudo apt-get update -qq && \
-	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus \
+	    chromium chromium-driver; \
 	fi
 
 test: lint models system-deps
@@ -78,6 +84,9 @@ bench-cpu: models
 
 bench-overload: models
 	$(BIN)/python -m bench.overload
+
+bench-locator: models
+	$(BIN)/python -m bench.locator
 
 bench-gpu: install
 	$(BIN)/python -m bench.gpu

@@ -1,4 +1,4 @@
-"""Composes the deskgen application: three model stages and the experiment recorder behind one HTTP ingress.
+"""Composes the deskgen application: four model stages and the experiment recorder behind one HTTP ingress.
 
 ``serve_config.yaml`` points at ``graph:app``. ``app`` is a typed builder, so the config's ``args``
 (model locations — the only change needed for real weights) arrive validated as :class:`DeskgenArgs`.
@@ -15,6 +15,7 @@ from deployments.captioner import Captioner
 from deployments.classifier import Classifier
 from deployments.generator import Generator
 from deployments.ingress import Ingress
+from deployments.locator import Locator
 from deployments.recorder import Recorder
 from deskgen.generator.settings import settings_from_options
 
@@ -29,6 +30,7 @@ class DeskgenArgs(BaseModel):
     captioner_model: str = Field("models/tiny/blip", description="BLIP folder or hub id")
     generator_model: str = Field("models/tiny/sdxl", description="SDXL folder or hub id")
     lora_dir: str = Field("models/tiny/loras", description="folder of <adapter>.safetensors files")
+    locator_model: str = Field("models/tiny/owlv2", description="OWLv2 folder or hub id (product location)")
     experiments_db: str = Field(
         "sqlite:///build/experiments.db",
         description="SQLAlchemy URL of the A/B experiment store: SQLite (a relative path is under the project "
@@ -57,6 +59,7 @@ def build_app(args: DeskgenArgs) -> Application:
         generator=Generator.bind(settings),  # type: ignore[attr-defined]
         recorder=Recorder.bind(args.experiments_db),  # type: ignore[attr-defined]
         lora_dir=args.lora_dir,
+        locator=Locator.bind(args.locator_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
     )
 
 

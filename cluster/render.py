@@ -14,7 +14,7 @@ Both files describe the same three node groups:
 * **cpu** — declares the custom resource ``cpu_node`` that serve_config.yaml pins Ingress and
   Classifier to (``resources: {cpu_node: 0.001}``); sized for their *maximum* replica counts.
 * **gpu** — declares ``gpu_node`` and real GPUs for the deployments that ask for ``num_gpus``
-  (Captioner 0.25, Generator 1); sized the same way.
+  (Captioner 0.25, Locator 0.25, Generator 1); sized the same way.
 
 Group sizes are derived: each deployment's replica ceiling (``autoscaling_config.max_replicas`` or
 ``num_replicas``) is bin-packed, first-fit decreasing, onto the group's node shape; the floor

@@ -27,9 +27,10 @@ from deskgen.ratelimit import KeyQuotas
 
 log = logging.getLogger("ray.serve")
 
-#: Paths anyone may reach, with or without a key: health probes and the API's documentation.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
-OPEN_PREFIXES = ("/docs/assets/",)
+#: Paths anyone may reach, with or without a key: health probes, the API's documentation and the web page
+#: (`/` and its assets: public; the API calls it makes carry the key its user types in).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/"})
+OPEN_PREFIXES = ("/docs/assets/", "/ui/")
 #: The routes that run the generator: admission control and the concurrency quota apply to them.
 GENERATION_ROUTES = frozenset({("POST", "/v1/generate"), ("POST", "/v1/text2img")})
 #: How often the generator's replicas and queue limits, and the number of ingress replicas, are re-read.

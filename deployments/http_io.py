@@ -118,9 +118,9 @@ def max_nesting(body: bytes) -> int:
     return deepest
 
 
-def image_body(model: type[BaseModel]) -> dict[str, Any]:
+def image_body(model: type[BaseModel], form_schemas: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The request body of a route that takes a photo: multipart (``image`` a file) or JSON (``image_b64``,
-    then required)."""
+    then required). ``form_schemas`` replace a field's schema in the form (where it travels as text)."""
     schema = model.model_json_schema()
     json_schema = {
         **schema,
@@ -132,8 +132,8 @@ def image_body(model: type[BaseModel]) -> dict[str, Any]:
     form_schema = {
         "type": "object",
         "properties": {"image": {"type": "string", "format": "binary"}}
-        | {k: _not_null(v) for k, v in schema.get("properties", {}).items() if k != "image_b64"},
-        "required": ["image"],
+        | {k: (form_schemas or {}).get(k) or _not_null(v) for k, v in schema.get("properties", {}).items() if k != "image_b64"},
+        "required": ["image", *[name for name in schema.get("required", []) if name != "image_b64"]],
         "additionalProperties": False,
     }
     return {

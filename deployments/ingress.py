@@ -16,8 +16,9 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import swagger_ui_bundle
@@ -57,13 +58,17 @@ from deployments.http_io import (
     wants_html,
 )
 from deployments.ingress_models import (
+    FORM_SCHEMAS,
+    LOCATE_FORM_SCHEMAS,
     CaptionForm,
     ClassifyForm,
     FeedbackRequest,
     GenerateForm,
     GenerationOptions,
     IngressConfig,
+    LocateForm,
     Text2ImgRequest,
+    form_values,
 )
 from deployments.logs import stamp_library_logs
 from deployments.openapi import (
@@ -74,6 +79,7 @@ from deployments.openapi import (
     page_or_json,
 )
 from deskgen.ab import pick_arm
+from deskgen.boxes import annotate, clean_products
 from deskgen.concepts import Concept, with_negative, woven_prompt, woven_style
 from deskgen.contracts import (
     CaptionResult,
@@ -81,9 +87,13 @@ from deskgen.contracts import (
     GeneratedImage,
     GenerationEvent,
     GenerationRequest,
+    Located,
+    ProductSource,
 )
 from deskgen.errors import (
+    AdapterUnavailable,
     InvalidParameter,
+    LocatorUnavailable,
     NotADeskSetup,
     NotAnImage,
     RecorderUnavailable,
@@ -96,12 +106,15 @@ from deskgen.experiments.records import Experiment, Exposure, Feedback
 from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
 from deskgen.limits import MAX_FORM_FIELDS, MAX_FORM_FILES, MAX_SEED
-from deskgen.loras import LoraRegistry
+from deskgen.loras import LORA_SUFFIX, LoraRegistry
 from deskgen.mixes import Mix, MixCatalog
 from deskgen.paths import resolve
-from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT
+from deskgen.pngmeta import PRODUCTS_KEY, encode_png, with_text
+from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT, rank_keywords
 
 log = logging.getLogger("ray.serve")
+#: Stages /readyz reports without waiting for them: generation goes on while they are down.
+OPTIONAL_STAGES = frozenset({"recorder", "locator"})
 T = TypeVar("T")
 
 #: A request's concept preset: its name (``auto`` resolved) and the preset.
@@ -109,6 +122,17 @@ Chosen = tuple[str, Concept]
 
 #: The prompt /v1/generate validates its options with before the captions exist (replaced by theirs).
 PENDING_PROMPT = "(from the captions)"
+
+
+@dataclass(frozen=True)
+class LocatePlan:
+    """What a generation asks of the locator: the products (and where the list came from) and whether to
+    draw them; ``off`` says why it is not asked at all."""
+
+    products: tuple[str, ...] = ()
+    source: ProductSource | None = None
+    annotate: bool = False
+    off: str | None = None
 
 
 api = FastAPI(
@@ -122,6 +146,9 @@ api = FastAPI(
 api.add_middleware(AccessMiddleware, routes=api.router.routes)
 api.add_middleware(metrics.RequestMetricsMiddleware)
 api.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+#: The web page for people (deployments/web/: no build step, no CDN), found next to this module.
+WEB_DIR = Path(__file__).resolve().parent / "web"
+api.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
 
 
 def _openapi(config: IngressConfig | None = None) -> dict[str, Any]:
@@ -134,6 +161,13 @@ def _openapi(config: IngressConfig | None = None) -> dict[str, Any]:
 
 
 api.openapi = _openapi  # type: ignore[method-assign]
+
+
+@api.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    """The web page: try a photo or a prompt, watch it generate, compare mixes, send feedback. It uses only
+    the public API (its assets under /ui/)."""
+    return HTMLResponse((WEB_DIR / "index.html").read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
 
 
 @api.get("/docs", include_in_schema=False)
@@ -179,12 +213,15 @@ class IngressRoutes:
         generator: DeploymentHandle,
         recorder: DeploymentHandle,
         lora_dir: str | None = None,
+        locator: DeploymentHandle | None = None,
     ) -> None:
         stamp_library_logs()
         self.classifier = classifier
         self.captioner = captioner
         self.generator = generator
         self.recorder = recorder
+        #: Finds products in generated images; a generation never waits on it past ``locate_timeout_s``.
+        self.locator = locator
         self.config = IngressConfig()
         #: Exposures wait here for the recorder: a request never waits on the database.
         self.exposures = ExposureBuffer(
@@ -197,7 +234,12 @@ class IngressRoutes:
         #: list comes from a Generator replica instead (same refresh).
         self.lora_dir = resolve(lora_dir) if lora_dir else None
         self._adapters: tuple[str, ...] | None = None
+        #: Adapter files present but unusable (deskgen.loras.lora_file_problem), with the reason.
+        self._unavailable: dict[str, str] = {}
         self._adapters_at = 0.0
+        self._registry: LoraRegistry | None = None  # caches each file's header check
+        #: Adapters a generator replica refused (AdapterUnavailable): name -> (file version, reason).
+        self._replica_unavailable: dict[str, tuple[tuple[int, int] | None, str]] = {}
         self._catalog: MixCatalog | None = None
         #: Canonical mix id -> its name in the catalogue (the ``mix`` label of the metrics).
         self._mix_names: dict[str, str] = {}
@@ -228,19 +270,49 @@ class IngressRoutes:
         if self._adapters is not None and now - self._adapters_at < self.config.catalog_ttl_s:
             return self._adapters
         if self.lora_dir is not None and self.lora_dir.is_dir():
-            names = tuple(LoraRegistry(self.lora_dir).names())
+            # The same header check a generator replica runs at start (no torch here): a bad file is listed
+            # as unavailable and a mix naming it answered 422, not a 500 from the replica.
+            if self._registry is None or self._registry.folder != self.lora_dir.resolve():
+                self._registry = LoraRegistry(self.lora_dir)
+            present = self._registry.names()
+            # What only a replica can tell (the key mapping onto the model needs torch) is merged in once a
+            # replica refused a file (self.deadline notes it), for as long as that file is unchanged.
+            unavailable = self._replica_verdicts(present) | self._registry.problems()
+            names = tuple(n for n in present if n not in unavailable)
         else:
             info = await self.generator.info.remote()
-            names = tuple(info["adapters"])
-        if names != self._adapters:
+            names, unavailable = tuple(info["adapters"]), dict(info.get("unavailable", {}))
+        if names != self._adapters or unavailable != self._unavailable:
             self._catalog = None
-        self._adapters, self._adapters_at = names, now
+        self._adapters, self._unavailable, self._adapters_at = names, unavailable, now
         return names
+
+    def _file_version(self, name: str) -> tuple[int, int] | None:
+        try:
+            stat = (self.lora_dir / f"{name}{LORA_SUFFIX}").stat() if self.lora_dir is not None else None
+        except OSError:
+            return None
+        return (stat.st_size, stat.st_mtime_ns) if stat is not None else None
+
+    def note_unavailable(self, exc: AdapterUnavailable) -> None:
+        """A generator replica refused an adapter: list it as unavailable until its file changes, and
+        re-read the catalogue on the next request (polling the replicas instead would queue calls behind
+        their generations)."""
+        name, reason = str(exc.extra.get("adapter", "")), str(exc.extra.get("reason", ""))
+        if name:
+            self._replica_unavailable[name] = (self._file_version(name), reason)
+            self._adapters_at = float("-inf")
+
+    def _replica_verdicts(self, present: list[str]) -> dict[str, str]:
+        for name, (version, _) in list(self._replica_unavailable.items()):
+            if name not in present or version != self._file_version(name):
+                del self._replica_unavailable[name]  # gone or replaced: the replica checks it again
+        return {name: reason for name, (_, reason) in self._replica_unavailable.items()}
 
     async def catalog(self) -> MixCatalog:
         adapters = await self.adapters()
         if self._catalog is None:
-            self._catalog = MixCatalog(list(adapters), self.config.mixes)
+            self._catalog = MixCatalog(list(adapters), self.config.mixes, unavailable=self._unavailable)
             self._mix_names = {m.id: n for n, m in reversed(self._catalog.named.items())}
         return self._catalog
 
@@ -336,8 +408,11 @@ class IngressRoutes:
                     raise InvalidParameter(
                         "`image` must be a file part (curl: -F image=@desk.jpg), not a text field.", field="image"
                     )
+                elif key in fields:  # a repeated field (products=monitor&products=lamp) is a list
+                    fields[key] = [*fields[key], value] if isinstance(fields[key], list) else [fields[key], value]
                 else:
                     fields[key] = value
+            fields = form_values(fields)
         elif content_type == "application/json":
             fields = json_object(body)
         else:
@@ -419,29 +494,35 @@ class IngressRoutes:
 
     @api.get("/readyz", responses={503: {"description": "a model stage does not answer (same body)"}})
     async def readyz(self) -> JSONResponse:
-        """Ready when every model stage answers a ping within 5 s. The experiment recorder is reported but
-        does not make the ingress unready: while it is down, exposures wait in this replica's buffer
-        (``exposures``: pending, written, failed flushes, requests refused because it was full)."""
+        """Ready when every model stage answers a ping within 5 s. The experiment recorder and the product
+        locator are reported but do not make the ingress unready: while the recorder is down, exposures wait
+        in this replica's buffer (``exposures``: pending, written, failed flushes, requests refused because
+        it was full); while the locator is down, images are delivered with ``products.status: failed``."""
         stages = {"classifier": self.classifier, "captioner": self.captioner, "generator": self.generator,
-                  "recorder": self.recorder}  # fmt: skip
+                  "recorder": self.recorder, "locator": self.locator}  # fmt: skip
         results: dict[str, str] = {}
         for name, handle in stages.items():
+            if handle is None:
+                results[name] = "not deployed"
+                continue
             try:
                 results[name] = await asyncio.wait_for(awaitable(handle.ping.remote()), 5.0)
             except Exception as exc:
                 results[name] = f"unavailable: {type(unwrap(exc)).__name__}"
-        ready = all(v == "ok" for name, v in results.items() if name != "recorder")
+        ready = all(v == "ok" for name, v in results.items() if name not in OPTIONAL_STAGES)
         body = {"ready": ready, "stages": results, "exposures": asdict(self.exposures.stats)}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @api.get("/v1/mixes", responses=answers(503))
     @json_errors
     async def mixes(self, request: Request) -> dict[str, Any]:
-        """Adapters, named mixes (with canonical ids) and the live A/B split."""
+        """Adapters, the adapter files that cannot be loaded (``unavailable``: name -> reason; a mix naming
+        one is answered 422), named mixes (with canonical ids) and the live A/B split."""
         catalog = await self.catalog()
         total = sum(self.config.ab_split.values())
         return {
             "adapters": sorted(catalog.available),
+            "unavailable": dict(sorted(catalog.unavailable.items())),
             "named_mixes": {n: {"id": m.id, "weights": m.as_dict()} for n, m in catalog.named.items()},
             "default_mix": self.config.default_mix,
             "ab_split": {arm: share / total for arm, share in self.config.ab_split.items()},
@@ -477,7 +558,7 @@ class IngressRoutes:
         return result.public()
 
     @api.post("/v1/text2img", openapi_extra=json_body(Text2ImgRequest),
-              responses=generation_answers(400, 404, 413, 415, 503, 504))  # fmt: skip
+              responses=generation_answers(400, 404, 413, 415, 422, 503, 504))  # fmt: skip
     @json_errors
     async def text2img(self, request: Request) -> Response:
         """A prompt straight to the generator (no gate, no captions)."""
@@ -490,9 +571,10 @@ class IngressRoutes:
         exposure = self.begin_exposure(request, mix_info, body.user_id, None, concept)
         output = choose_format(request.headers.get("accept", ""))
         info: dict[str, Any] = {"mix": mix_info, "concept": params.concept, "timings": exposure.timings}
-        return await self.respond(request, output, params, mix, info, body.timeout_s, started, prelude=[])
+        plan = self.locate_plan(body, [k.name for k in rank_keywords([prompt])], "prompt")
+        return await self.respond(request, output, params, mix, info, body.timeout_s, started, plan, prelude=[])
 
-    @api.post("/v1/generate", openapi_extra=image_body(GenerateForm),
+    @api.post("/v1/generate", openapi_extra=image_body(GenerateForm, FORM_SCHEMAS),
               responses=generation_answers(400, 404, 413, 415, 422, 503, 504))  # fmt: skip
     @json_errors
     async def generate(self, request: Request) -> Response:
@@ -539,8 +621,26 @@ class IngressRoutes:
                 sse("classified", {"score": verdict.score, "threshold": verdict.threshold}),
                 sse("captioned", {k: info[k] for k in ("captions", "keywords")} | {"prompt": params.prompt}),
             ]
-        # 3. Generate, routed by the mix's multiplexed id.
-        return await self.respond(request, output, params, mix, info, timeout, started, prelude=prelude)
+        # 3. Generate, routed by the mix's multiplexed id; then locate the products in the image.
+        plan = self.locate_plan(form, [k.name for k in captioned.keywords], "captions")
+        return await self.respond(request, output, params, mix, info, timeout, started, plan, prelude=prelude)
+
+    @api.post("/v1/locate", openapi_extra=image_body(LocateForm, LOCATE_FORM_SCHEMAS), responses=answers(400, 413, 415, 503, 504))
+    @json_errors
+    async def locate_products(self, request: Request) -> dict[str, Any]:
+        """Where the named products are in any image (one the backend already has, or one deskgen made):
+        per product its boxes in pixels and normalised to [0, 1], with scores; ``found: false`` when none
+        passes the threshold. ``annotate`` adds a copy with the boxes drawn."""
+        form, raw = await self.parse(request, LocateForm, image="required")
+        image = self.decode(raw)
+        if self.locator is None:
+            raise LocatorUnavailable("`products`: this deployment has no product locator.", field="products")
+        located: Located = await self.deadline(self.locator.locate.remote(image, clean_products(form.products)), None)
+        located = replace(located, source="request")
+        answer: dict[str, Any] = {"products": located.public()}
+        if form.annotate:
+            answer["annotated_b64"] = await asyncio.to_thread(self.annotated_b64, image, located)
+        return answer
 
     @api.post("/v1/feedback", status_code=201, openapi_extra=json_body(FeedbackRequest),
               responses=answers(400, 404, 409, 413, 415, 503, ok=FEEDBACK_ANSWERS))  # fmt: skip
@@ -604,6 +704,11 @@ class IngressRoutes:
             if cancel is not None:
                 cancel()
             raise
+        except Exception as exc:
+            cause = unwrap(exc)
+            if isinstance(cause, AdapterUnavailable):
+                self.note_unavailable(cause)
+            raise
 
     async def respond(
         self,
@@ -614,6 +719,7 @@ class IngressRoutes:
         info: dict[str, Any],
         timeout_s: float | None,
         started: float,
+        plan: LocatePlan,
         *,
         prelude: list[bytes],
     ) -> Response:
@@ -628,13 +734,14 @@ class IngressRoutes:
             # Pull the first event before answering, so an error still gets its status code.
             first = await self.deadline(stream.__anext__(), deadline, cancel=stream.cancel)
             return StreamingResponse(
-                self.sse_events(stream, first, prelude, info, exposure, started, deadline, metrics.route_of(request.scope)),
+                self.sse_events(stream, first, prelude, info, exposure, started, deadline, plan, metrics.route_of(request.scope)),
                 media_type="text/event-stream",
                 headers={"X-Deskgen-Mix": mix.id, "Cache-Control": "no-cache"},
             )
         t = time.perf_counter()
         result: GeneratedImage = await self.deadline(handle.generate.remote(generation), deadline)
         info["timings"]["generate_s"] = time.perf_counter() - t
+        result, located = await self.with_products(result, plan, info)
         info["timings"]["total_s"] = time.perf_counter() - started
         headers = {
             "X-Deskgen-Mix": mix.id,
@@ -647,13 +754,69 @@ class IngressRoutes:
             headers["X-Deskgen-AB-Arm"] = info["mix"]["arm"]
         if "desk_score" in info:
             headers["X-Deskgen-Desk-Score"] = f"{info['desk_score']:.6f}"
+        headers["X-Deskgen-Products"] = located.status
+        if located.status == "ok":
+            headers["X-Deskgen-Products-Found"] = f"{sum(i.found for i in located.items)}/{len(located.items)}"
         response = (
             JSONResponse(self.json_result(result, info, request_id), headers=headers)
             if output == "json"
             else Response(result.png, media_type="image/png", headers=headers)
         )
-        exposure.settle("ok", 200, seed=params.seed)
+        exposure.settle("ok", 200, seed=params.seed, found_fraction=located.found_fraction)
         return response
+
+    # -- product location ------------------------------------------------------------------------
+
+    def locate_plan(self, options: GenerationOptions, named: Sequence[str], source: ProductSource) -> LocatePlan:
+        """The products to find in the generated image: the request's, else the first ``default_products``
+        objects its captions (or prompt) ``named``."""
+        if not options.locate:
+            return LocatePlan(off="turned off by the request (`locate: false`)")
+        if self.locator is None:
+            return LocatePlan(off="this deployment has no product locator")
+        if options.products is not None:
+            products, source = clean_products(options.products), "request"
+        else:
+            products = tuple(named[: self.config.default_products])
+        if not products:
+            return LocatePlan(off="no products to look for: name them in `products`")
+        return LocatePlan(products=products, source=source, annotate=options.annotate)
+
+    async def locate(self, png: bytes, plan: LocatePlan) -> Located:
+        """The products in a generated image. Never raises: a locator that fails or takes longer than
+        ``locate_timeout_s`` gives ``status`` failed/timeout with the reason; the image goes out regardless."""
+        if self.locator is None or plan.off is not None:
+            return Located(status="off", reason=plan.off)
+        timeout = self.config.locate_timeout_s
+        start = time.perf_counter()
+        try:
+            located: Located = await self.deadline(self.locator.locate.remote(png, plan.products), start + timeout)
+        except TimeoutError:
+            located = Located(status="timeout", reason=f"the product locator did not answer within {timeout} s")
+        except Exception as exc:
+            cause = unwrap(exc)
+            log.warning("product locator failed; the image is delivered without products: %r", cause)
+            located = Located(status="failed", reason=f"the product locator failed ({type(cause).__name__}: {cause})"[:500])
+        metrics.stage_seconds("locate", time.perf_counter() - start)
+        metrics.located(located.status)
+        return replace(located, source=plan.source)
+
+    async def with_products(self, result: GeneratedImage, plan: LocatePlan, info: dict[str, Any]) -> tuple[GeneratedImage, Located]:
+        """Locate the products in ``result`` and record them in its PNG (a ``deskgen-products`` text chunk)
+        and in ``info`` (the answer's ``products``, and ``annotated_b64`` when asked)."""
+        t = time.perf_counter()
+        located = await self.locate(result.png, plan)
+        info["timings"]["locate_s"] = time.perf_counter() - t
+        info["products"] = located.public()
+        if plan.annotate and located.status == "ok":
+            info["annotated_b64"] = await asyncio.to_thread(self.annotated_b64, result.png, located)
+        return replace(result, png=with_text(result.png, PRODUCTS_KEY, located.public())), located
+
+    def annotated_b64(self, image: Any, located: Located) -> str:
+        """A copy of ``image`` (PIL, or PNG bytes) with the boxes and labels drawn, as base64 PNG."""
+        if isinstance(image, bytes):
+            image = decode_image(image, field="image")
+        return base64.b64encode(encode_png(annotate(image, located.items))).decode()
 
     def json_result(self, result: GeneratedImage, info: dict[str, Any], request_id: str) -> dict[str, Any]:
         params = result.params
@@ -681,6 +844,7 @@ class IngressRoutes:
         exposure: Reservation,
         started: float,
         deadline: float,
+        plan: LocatePlan,
         route: str,
     ) -> AsyncIterator[bytes]:
         event: GenerationEvent | None = first
@@ -691,9 +855,11 @@ class IngressRoutes:
             while event is not None:
                 if isinstance(event, GeneratedImage):
                     info["timings"]["generate_s"] = time.perf_counter() - t
+                    event, located = await self.with_products(event, plan, info)
+                    yield sse("located", info["products"])
                     info["timings"]["total_s"] = time.perf_counter() - started
                     done = sse(event.event, self.json_result(event, info, exposure.image_id))
-                    exposure.settle("ok", 200, seed=event.params.seed)
+                    exposure.settle("ok", 200, seed=event.params.seed, found_fraction=located.found_fraction)
                     yield done
                     return
                 yield sse(event.event, event.public())

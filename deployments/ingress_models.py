@@ -3,11 +3,12 @@ HTTP API (pydantic models; the OpenAPI document is generated from them). Bounds 
 :mod:`deskgen.limits`, the one place limits live."""
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from deskgen.apikeys import ApiKey
+from deskgen.boxes import PRODUCT_PATTERN, PRODUCT_RULE
 from deskgen.concepts import AUTO, CONCEPT_NAME_PATTERN, ConceptConfig
 from deskgen.experiments.records import FEEDBACK_EVENTS, Experiment
 from deskgen.limits import (
@@ -15,6 +16,8 @@ from deskgen.limits import (
     DEFAULT_UPLOAD_LIMITS,
     MAX_GUIDANCE,
     MAX_MIX_SPEC_CHARS,
+    MAX_PRODUCT_CHARS,
+    MAX_PRODUCTS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_STYLE_CHARS,
@@ -72,6 +75,14 @@ class IngressConfig(ConceptConfig):
     shed_load: bool = Field(
         True, description="refuse generation requests the generator cannot take (503) before reading their body"
     )
+    locate_timeout_s: float = Field(
+        10.0, gt=0.0, le=MAX_TIMEOUT_S, description="how long a generated image waits for the product locator; "
+        "past it the image is delivered with `products.status: timeout`"
+    )
+    default_products: int = Field(
+        8, ge=0, le=MAX_PRODUCTS, description="products located when a request names none: the captioner's "
+        "top-ranked objects (/v1/generate) or the prompt's (/v1/text2img); 0 = locate only products asked for"
+    )
 
     @field_validator("ab_split")
     @classmethod
@@ -127,6 +138,8 @@ class IngressConfig(ConceptConfig):
             "max_style_chars": MAX_STYLE_CHARS,
             "max_user_id_chars": MAX_USER_ID_CHARS,
             "max_mix_spec_chars": MAX_MIX_SPEC_CHARS,
+            "max_products": MAX_PRODUCTS,
+            "max_product_chars": MAX_PRODUCT_CHARS,
             "max_upload_bytes": self.max_upload_bytes,
             "max_pixels": self.max_pixels,
             "max_timeout_s": MAX_TIMEOUT_S,
@@ -148,7 +161,57 @@ class StyleOption(BaseModel):
         return validate_style(style)
 
 
-class GenerationOptions(BaseModel):
+#: One product name (its rule stated in the document; the ingress strips it and drops repeats).
+ProductName = Annotated[str, Field(min_length=1, max_length=MAX_PRODUCT_CHARS, pattern=PRODUCT_PATTERN)]
+
+
+#: A form's text for a product list: names separated by commas (empty items are skipped), each at most
+#: MAX_PRODUCT_CHARS once stripped, at most MAX_PRODUCTS of them. The pattern states exactly what
+#: :func:`form_values` accepts, so the multipart schema and the server agree.
+_NAME_END = r"[^\s,\x00-\x1f\x7f-\x9f]"
+_ITEM = rf"{_NAME_END}(?:[^,\x00-\x1f\x7f-\x9f]{{0,{MAX_PRODUCT_CHARS - 2}}}{_NAME_END})?"
+_LIST = rf"{_ITEM}(?:\s*,[\s,]*{_ITEM}){{0,{MAX_PRODUCTS - 1}}}"
+#: At least one product (/v1/locate), or any number from none (a generation: none = the default list).
+PRODUCT_LIST_PATTERN = rf"^[\s,]*{_LIST}[\s,]*$"
+OPTIONAL_PRODUCT_LIST_PATTERN = rf"^[\s,]*(?:{_LIST})?[\s,]*$"
+#: How a form carries the non-text options: booleans as the words true / false, lists comma-separated
+#: (or the field repeated). JSON bodies carry real booleans and arrays.
+_PRODUCTS_TEXT = f"comma-separated products ({PRODUCT_RULE} each; at most {MAX_PRODUCTS})"
+FORM_SCHEMAS: dict[str, dict[str, Any]] = {
+    "locate": {"type": "string", "enum": ["true", "false"]},
+    "annotate": {"type": "string", "enum": ["true", "false"]},
+    "products": {"type": "string", "pattern": OPTIONAL_PRODUCT_LIST_PATTERN, "description": _PRODUCTS_TEXT},
+}
+LOCATE_FORM_SCHEMAS = FORM_SCHEMAS | {
+    "products": {"type": "string", "pattern": PRODUCT_LIST_PATTERN, "description": _PRODUCTS_TEXT},
+}
+
+
+def form_values(fields: dict[str, Any]) -> dict[str, Any]:
+    """A form's text values as the request models take them: ``true``/``false`` -> bool (other text stays
+    text, which the models refuse naming the field), comma-separated products (the field may repeat) -> a
+    list of the non-empty stripped names."""
+    out = dict(fields)
+    for name in ("locate", "annotate"):
+        if out.get(name) in ("true", "false"):
+            out[name] = out[name] == "true"
+    if "products" in out:
+        texts = out["products"] if isinstance(out["products"], list) else [out["products"]]
+        out["products"] = [part.strip() for text in texts for part in str(text).split(",") if part.strip()]
+    return out
+
+
+class LocateOptions(BaseModel):
+    """Which products to find in the image, and whether to draw them."""
+
+    products: list[ProductName] | None = Field(
+        None, max_length=MAX_PRODUCTS, description=f"products to find ({PRODUCT_RULE} each; in a form: "
+        "comma-separated or the field repeated); omitted on a generation: the objects its captions or prompt name",
+    )
+    annotate: StrictBool = Field(False, description="also answer a copy of the image with the boxes drawn (JSON and SSE)")
+
+
+class GenerationOptions(LocateOptions):
     """Options shared by /v1/generate and /v1/text2img. Omitted values take the configured defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -168,6 +231,8 @@ class GenerationOptions(BaseModel):
         "schedule; its mix, steps and guidance apply where the request sets none",
         json_schema_extra={"pattern": f"^(?:{AUTO}|{CONCEPT_NAME_PATTERN[1:-1]})$"},
     )
+
+    locate: StrictBool = Field(True, description="find the products in the generated image (`products` in the answer)")
 
     @field_validator("concept")
     @classmethod
@@ -209,6 +274,16 @@ class ClassifyForm(BaseModel):
 class CaptionForm(ClassifyForm, StyleOption):
     """/v1/caption: the photo and, optionally, a style woven into the prompt."""
 
+
+
+class LocateForm(LocateOptions):
+    """/v1/locate: any image and the products to find in it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_b64: str | None = Field(None, description="JSON only: the image, base64")
+    products: list[ProductName] = Field(..., min_length=1, max_length=MAX_PRODUCTS,  # type: ignore[assignment]
+                                        description=f"products to find ({PRODUCT_RULE} each; in a form: comma-separated)")  # fmt: skip
 
 
 class FeedbackRequest(BaseModel):

@@ -142,11 +142,18 @@ def request_error(route: str, status: int, code: str) -> None:
 
 
 def stage_seconds(stage: str, seconds: float) -> None:
-    """The gate and caption stages as the ingress waits for them."""
+    """The gate, caption and locate stages as the ingress waits for them."""
     if stage == "gate":
         _metrics.observe("deskgen_gate_seconds", "desk gate (classifier) latency seen by the ingress", GATE_BUCKETS, {}, seconds)
+    elif stage == "locate":
+        _metrics.observe("deskgen_locate_seconds", "product location latency seen by the ingress", CAPTION_BUCKETS, {}, seconds)
     else:
         _metrics.observe("deskgen_caption_seconds", "captioning latency seen by the ingress", CAPTION_BUCKETS, {}, seconds)
+
+
+def located(status: str) -> None:
+    """One answer's product location outcome: ok, off, failed or timeout."""
+    _metrics.count("deskgen_locate", "product location outcomes of delivered images", {"status": status})
 
 
 def exposure(experiment: str, arm: str | None, outcome: str) -> None:

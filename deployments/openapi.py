@@ -20,7 +20,8 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every error deskgen answers (422 adds ``score`` and ``threshold`` to ``error``)."""
+    """Every error deskgen answers (422 adds ``score`` and ``threshold`` to ``error``, or ``adapter`` and
+    ``reason`` for an unavailable LoRA adapter)."""
 
     error: ErrorDetail
     request_id: str
@@ -33,9 +34,11 @@ STATUS_MEANING = {
     409: "the image was delivered to another user",
     413: "the body or the image is larger than the limit",
     415: "not an image, or a Content-Type other than multipart/form-data or application/json",
-    422: "the photo is not a desk setup (with its score and the threshold)",
+    422: ("the photo is not a desk setup (with its score and the threshold), or the mix names a LoRA adapter "
+          "whose file cannot be loaded (code adapter_unavailable, with adapter and reason)"),
     429: "the key is over its request rate or concurrent generations; retry after Retry-After (RateLimit-* headers)",
-    503: "at capacity, a stage replica down, or the experiment store unreachable; retry after Retry-After",
+    503: ("at capacity, a stage replica down, the experiment store unreachable, or (/v1/locate) no product locator; "
+          "retry after Retry-After"),
     504: "the request's deadline (timeout_s) passed; the generation was cancelled",
 }
 
@@ -43,9 +46,11 @@ STATUS_MEANING = {
 GENERATION_CONTENT = {
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "application/json": {"schema": {"type": "object", "description": "image_b64, the request id, captions, "
-                                    "keywords, prompt, mix, seed, steps, size, timings and metadata"}},
+                                    "keywords, prompt, mix, seed, steps, size, timings, metadata and products (per "
+                                    "product its boxes in pixels and normalised, with scores; annotated_b64 when asked)"}},
     "text/event-stream": {"schema": {"type": "string", "description": "events: classified, captioned, started, "
-                                     "step (one per denoising step), done (the JSON answer) or error"}},
+                                     "step (one per denoising step), located (the products), done (the JSON answer) "
+                                     "or error"}},
 }  # fmt: skip
 
 

@@ -2,12 +2,15 @@
 
     deskgen generate desk.jpg --mix ott_3d --seed 42 -o out.png
     deskgen text2img "a minimalist desk setup, warm light" --steps 20 -o desk.png
+    deskgen generate desk.jpg --products monitor,keyboard --annotate boxes.png
+    deskgen locate photo.jpg --products monitor,keyboard --annotate boxes.png
     deskgen mixes
     deskgen feedback IMAGE_ID like
 
 The server is ``--url``, else ``$DESKGEN_URL``, else http://127.0.0.1:8000; the API key ``--api-key``, else
 ``$DESKGEN_API_KEY``. Generations stream their progress (a bar driven by the step events, on stderr) and
-print the image id, mix, seed, prompt and timings (stdout); ``--json`` prints the JSON answer instead.
+print the image id, mix, seed, prompt, timings and the products found with their boxes (stdout); ``--json``
+prints the JSON answer instead.
 Exit status: 0 done, 1 the server answered an error (its message on stderr), 2 a usage error, 3 no
 answer (connection refused, timed out, cut short), 130 interrupted.
 """
@@ -15,6 +18,7 @@ answer (connection refused, timed out, cut short), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,6 +36,8 @@ from deskgen.client import (
     GenerateOptions,
     GenerationOptions,
     GenerationResult,
+    Located,
+    ProductLocation,
     ProgressEvent,
     Started,
     Step,
@@ -61,6 +67,8 @@ class ProgressBar:
             self.line(f"prompt: {event.prompt}")
         elif isinstance(event, Started):
             self.line(f"generating with {event.mix_id} on {event.replica} (queued {event.queued_s:.2f} s)")
+        elif isinstance(event, Located):
+            self.line(f"products: {products_headline(event.products)}")
 
     def step(self, step: int, total: int) -> None:
         filled = self.width * step // max(total, 1)
@@ -87,19 +95,54 @@ class ProgressBar:
 
 def cmd_generate(client: Deskgen, args: argparse.Namespace) -> int:
     output = output_path(args.output)
+    annotated = annotate_path(args)
     options = GenerateOptions(**generation_options(args))
     if args.style is not None:
         options["style"] = args.style
     progress = None if args.no_progress else ProgressBar(sys.stderr)
     result = client.generate(args.photo, on_event=progress, request_id=args.request_id, **options)
-    return show_result(result, output, args.json)
+    return show_result(result, output, annotated, args.json)
 
 
 def cmd_text2img(client: Deskgen, args: argparse.Namespace) -> int:
     output = output_path(args.output)
+    annotated = annotate_path(args)
     progress = None if args.no_progress else ProgressBar(sys.stderr)
     result = client.text2img(args.prompt, on_event=progress, request_id=args.request_id, **generation_options(args))
-    return show_result(result, output, args.json)
+    return show_result(result, output, annotated, args.json)
+
+
+def cmd_locate(client: Deskgen, args: argparse.Namespace) -> int:
+    annotated = output_path(args.annotate, option="--annotate")
+    result = client.locate(args.image, args.products, annotate=annotated is not None)
+    if annotated is not None:
+        result.save_annotated(annotated)
+    if args.json:
+        return print_json({**result.raw, **({"annotated": str(annotated)} if annotated else {})})
+    show_products(result.products, sys.stdout)
+    if annotated is not None:
+        print(f"annotated    {annotated}", file=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_concepts(client: Deskgen, args: argparse.Namespace) -> int:
+    concepts = client.concepts()
+    if args.json:
+        return print_json(dataclasses.asdict(concepts))
+    out = sys.stdout
+    print(f"today        {concepts.today or '(none scheduled)'} ({concepts.weekday}, {concepts.timezone}): concept=auto", file=out)
+    schedule = " · ".join(f"{day} {name}" for day, name in concepts.schedule.items()) or "(empty)"
+    print(f"schedule     {schedule}", file=out)
+    print("concepts", file=out)
+    width = max((len(n) for n in concepts.concepts), default=0)
+    for name, preset in concepts.concepts.items():
+        print(f"  {name:<{width}}  {preset.get('prompt', '')}{concept_defaults(preset)}", file=out)
+    return EXIT_OK
+
+
+def concept_defaults(preset: dict[str, Any]) -> str:
+    given = [f"{key} {preset[key]}" for key in ("mix", "steps", "guidance") if preset.get(key) is not None]
+    return f"  ({', '.join(given)})" if given else ""
 
 
 def cmd_mixes(client: Deskgen, args: argparse.Namespace) -> int:
@@ -157,10 +200,18 @@ def cmd_ready(client: Deskgen, args: argparse.Namespace) -> int:
 # -- output -----------------------------------------------------------------------------------------
 
 
-def show_result(result: GenerationResult, output: Path | None, as_json: bool) -> int:
+def show_result(result: GenerationResult, output: Path | None, annotated: Path | None, as_json: bool) -> int:
     path = result.save(output or Path(f"deskgen-{result.image_id}.png"))
+    if annotated is not None:
+        if result.annotated is not None:
+            result.save_annotated(annotated)
+        else:
+            # The image is delivered either way: say why there is no copy, and do not fail the command.
+            why = f"products {result.products.status}: {result.products.reason}" if result.products else "the server located no products"
+            print(f"deskgen: no annotated image to write to {annotated} ({why})", file=sys.stderr)
+            annotated = None
     if as_json:
-        return print_json({**result.raw, "output": str(path)})
+        return print_json({**result.raw, "output": str(path), **({"annotated": str(annotated)} if annotated else {})})
     out = sys.stdout
     print(f"wrote        {path} ({result.width}x{result.height} PNG, {len(result.png)} bytes)", file=out)
     print(f"image id     {result.image_id}   (deskgen feedback {result.image_id} like)", file=out)
@@ -175,7 +226,36 @@ def show_result(result: GenerationResult, output: Path | None, as_json: bool) ->
     generator = result.metadata.get("timings")
     if isinstance(generator, dict) and generator:
         print(f"  generator  {format_timings(generator)}", file=out)
+    if result.products is not None:
+        show_products(result.products, out)
+    if annotated is not None:
+        print(f"annotated    {annotated}", file=out)
     return EXIT_OK
+
+
+def products_headline(products: ProductLocation) -> str:
+    """``2/3 found (threshold 0.1, from the request)``, or the status and its reason when not located."""
+    if not products.ok:
+        return f"{products.status} ({products.reason})" if products.reason else products.status
+    found = f"{len(products.found_items)}/{len(products.items)} found"
+    details = [f"threshold {products.threshold:g}"] if products.threshold is not None else []
+    if products.source is not None:
+        details.append(f"from the {products.source}")
+    return f"{found} ({', '.join(details)})" if details else found
+
+
+def show_products(products: ProductLocation, out: TextIO) -> None:
+    """One line for the products, then each with its best box (pixels, corners) and score."""
+    print(f"products     {products_headline(products)}", file=out)
+    width = max((len(item.product) for item in products.items), default=0)
+    for item in products.items:
+        best = item.best
+        if best is None:
+            print(f"  {item.product:<{width}}  not found", file=out)
+            continue
+        x0, y0, x1, y1 = best.box
+        more = f"  (+{len(item.instances) - 1} more)" if len(item.instances) > 1 else ""
+        print(f"  {item.product:<{width}}  box ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) px  score {best.score:.3f}{more}", file=out)
 
 
 def format_timings(timings: dict[str, Any]) -> str:
@@ -188,21 +268,40 @@ def print_json(value: Any) -> int:
     return EXIT_OK
 
 
-def output_path(given: str | None) -> Path | None:
+def output_path(given: str | None, *, option: str = "-o") -> Path | None:
     """Refuse an output path that cannot be written before the generation runs, not after."""
     if given is None:
         return None
     path = Path(given)
     if not path.parent.is_dir():
-        raise UsageError(f"-o {given}: the folder {str(path.parent)!r} does not exist.")
+        raise UsageError(f"{option} {given}: the folder {str(path.parent)!r} does not exist.")
     if path.is_dir():
-        raise UsageError(f"-o {given}: is a folder; name the PNG file to write.")
+        raise UsageError(f"{option} {given}: is a folder; name the PNG file to write.")
     return path
 
 
+def annotate_path(args: argparse.Namespace) -> Path | None:
+    """Where ``--annotate`` writes the annotated copy; refused with ``--no-locate`` (nothing would be drawn)."""
+    if args.annotate is not None and args.locate is False:
+        raise UsageError("--annotate draws the located products: it cannot go with --no-locate.")
+    return output_path(args.annotate, option="--annotate")
+
+
+def product_names(text: str) -> list[str]:
+    """``--products monitor,desk lamp`` -> ``["monitor", "desk lamp"]`` (the server checks each name)."""
+    names = [part for part in (p.strip() for p in text.split(",")) if part]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no product: give names separated by commas")
+    return names
+
+
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
-    """The options given on the command line (argparse's ``dest`` names are the API's)."""
-    given = {key: getattr(args, key) for key in GenerationOptions.__annotations__ if getattr(args, key) is not None}
+    """The options given on the command line (argparse's ``dest`` names are the API's; ``--annotate PATH``
+    asks for ``annotate``)."""
+    given: dict[str, Any] = {key: getattr(args, key) for key in GenerationOptions.__annotations__
+                             if key != "annotate" and getattr(args, key) is not None}  # fmt: skip
+    if args.annotate is not None:
+        given["annotate"] = True
     return cast(GenerationOptions, given)
 
 
@@ -234,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--request-id", help="the X-Request-Id of the first attempt (the image id); retries add .r<n>")
     generation.add_argument("-o", "--output", metavar="PNG", help="where to write the image (default: deskgen-<image id>.png)")
     generation.add_argument("--no-progress", action="store_true", help="no progress on stderr (no event stream)")
+    generation.add_argument("--concept", help="a concept preset (deskgen concepts), or `auto` for today's")
+    generation.add_argument("--products", type=product_names, metavar="LIST",
+                            help="products to find in the image, comma-separated (default: the objects the "
+                                 "captions or the prompt name)")  # fmt: skip
+    generation.add_argument("--no-locate", dest="locate", action="store_false", default=None,
+                            help="do not look for products in the image")  # fmt: skip
+    generation.add_argument("--annotate", metavar="PNG", help="also write a copy with the product boxes drawn")
 
     parser = argparse.ArgumentParser(prog="deskgen", description="The deskgen image service from the command line.",
                                      epilog="docs/CLIENT.md has examples.")  # fmt: skip
@@ -247,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("text2img", parents=[common, generation], help="a prompt -> an image (no gate, no captions)")
     sub.add_argument("prompt")
     sub.set_defaults(run=cmd_text2img)
+
+    sub = commands.add_parser("locate", parents=[common], help="where products are in any image (boxes, scores)")
+    sub.add_argument("image", type=Path, help="the image (JPEG, PNG, WebP)")
+    sub.add_argument("--products", type=product_names, required=True, metavar="LIST",
+                     help="the products to find, comma-separated, e.g. monitor,keyboard,desk lamp")  # fmt: skip
+    sub.add_argument("--annotate", metavar="PNG", help="also write a copy with the boxes drawn")
+    sub.set_defaults(run=cmd_locate)
+
+    sub = commands.add_parser("concepts", parents=[common], help="the concept presets and the weekly schedule")
+    sub.set_defaults(run=cmd_concepts)
 
     sub = commands.add_parser("mixes", parents=[common], help="the adapters, named mixes and the A/B split")
     sub.set_defaults(run=cmd_mixes)

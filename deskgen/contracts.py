@@ -4,6 +4,7 @@
     Ingress --image-->            Classifier  --> GateVerdict
     Ingress --image, style-->     Captioner   --> CaptionResult
     Ingress --GenerationRequest--> Generator  --> GenerationStarted, GenerationStep..., GeneratedImage
+    Ingress --image, products-->  Locator     --> Located (LocatedProduct per product, ProductBox per instance)
 
 They are frozen dataclasses of plain values, pickled by Ray between processes; ``public()`` gives the
 JSON an HTTP client sees (the wire format of the API, kept stable when internals change).
@@ -12,7 +13,7 @@ JSON an HTTP client sees (the wire format of the API, kept stable when internals
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from deskgen.generator.params import GenerationParams
 from deskgen.limits import DEFAULT_SIZE_LIMITS, SizeLimits
@@ -109,3 +110,51 @@ class GeneratedImage:
 
 
 GenerationEvent = GenerationStarted | GenerationStep | GeneratedImage
+
+
+@dataclass(frozen=True)
+class ProductBox:
+    """One instance of a product in an image: ``(x0, y0, x1, y1)`` in pixels and normalised to [0, 1]."""
+
+    box: tuple[float, float, float, float]
+    box_normalized: tuple[float, float, float, float]
+    score: float
+
+
+@dataclass(frozen=True)
+class LocatedProduct:
+    """A product asked for: its instances, best first; ``found`` is False when none passed the threshold."""
+
+    product: str
+    found: bool
+    instances: tuple[ProductBox, ...] = ()
+
+
+#: ``ok``: the locator answered; ``off``: not asked (turned off, or no products to look for); ``failed`` /
+#: ``timeout``: it did not answer in time or raised (the image is delivered anyway; ``reason`` says why).
+LocateStatus = Literal["ok", "off", "failed", "timeout"]
+#: Where the product list came from: the request, the captioner's ranked objects, or the prompt's objects.
+ProductSource = Literal["request", "captions", "prompt"]
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where the products are in one image (the ``products`` field of an answer)."""
+
+    status: LocateStatus
+    items: tuple[LocatedProduct, ...] = ()
+    reason: str | None = None
+    threshold: float | None = None
+    width: int | None = None
+    height: int | None = None
+    source: ProductSource | None = None
+
+    @property
+    def found_fraction(self) -> float | None:
+        """Share of the products asked for that were found; None unless the locator answered with any."""
+        if self.status != "ok" or not self.items:
+            return None
+        return sum(item.found for item in self.items) / len(self.items)
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self) | {"found_fraction": self.found_fraction}

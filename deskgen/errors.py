@@ -45,6 +45,21 @@ class UnknownMix(DeskgenError):
     code = "unknown_mix"
 
 
+class AdapterUnavailable(DeskgenError):
+    """A mix names a LoRA file that is present but cannot be loaded (422): a LyCORIS/DoRA/truncated file,
+    an unknown key layout, or layers this model lacks. Carries ``adapter`` and ``reason``; every other mix
+    keeps working."""
+
+    status = 422
+    code = "adapter_unavailable"
+
+    @classmethod
+    def of(cls, adapter: str, reason: str, *, field: str = "mix") -> AdapterUnavailable:
+        # The standard (message, **extra) signature is kept: Ray pickles exceptions by their args.
+        end = "" if reason.endswith((".", "?", "!")) else "."
+        return cls(f"`{field}`: adapter {adapter!r} is unavailable: {reason}{end}", field=field, adapter=adapter, reason=reason)
+
+
 class PayloadTooLarge(DeskgenError):
     """The upload is larger than the configured byte or pixel limit (413)."""
 
@@ -101,6 +116,13 @@ class RecorderUnavailable(DeskgenError):
 
     status = 503
     code = "recorder_unavailable"
+
+
+class LocatorUnavailable(DeskgenError):
+    """/v1/locate on a deployment without a product locator (503)."""
+
+    status = 503
+    code = "locator_unavailable"
 
 
 class UnknownExperiment(DeskgenError):

@@ -48,6 +48,12 @@ MAX_PREFIX_CHARS = 200
 #: A LoRA's weight in a mix.
 MIN_WEIGHT = 0.0
 MAX_WEIGHT = 2.0
+#: Products a request may ask the locator to find, and characters per product name (the detector's text
+#: encoder sees 16 tokens of "a photo of a <product>"; longer names are cut there).
+MAX_PRODUCTS = 16
+MAX_PRODUCT_CHARS = 48
+#: Instances of one product the locator reports (two monitors, three plants), at most.
+MAX_INSTANCES = 16
 #: Unexpected model failures in a row (failed batches, failed generations) after which a replica's
 #: ``check_health`` reports it broken, so Serve replaces it. Bad requests do not count.
 UNHEALTHY_AFTER_FAILURES = 3

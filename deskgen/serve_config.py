@@ -52,6 +52,7 @@ def with_models(config: dict[str, Any], models: Path, **args: str) -> dict[str, 
         "captioner_model": str(models / "blip"),
         "generator_model": str(models / "sdxl"),
         "lora_dir": str(models / "loras"),
+        "locator_model": str(models / "owlv2"),
         **args,
     }
     return config

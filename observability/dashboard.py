@@ -66,7 +66,11 @@ ROWS = [
         Panel("VAE decode by mix", quantiles("deskgen_vae_decode_seconds", "mix"), "s"),
         Panel("PNG encode by mix", quantiles("deskgen_png_encode_seconds", "mix"), "s"),
         Panel("Batch size by stage (p50)", [("histogram_quantile(0.5, sum by (le, stage) (rate(ray_deskgen_batch_size_bucket[5m])))", "{{stage}}")],
-              "short", "Images per forward pass of the classifier and captioner: near 1 under load means batching is not engaging."),
+              "short", "Images per forward pass of the classifier, captioner and locator: near 1 under load means batching is not engaging."),
+        Panel("Product location latency", quantiles("deskgen_locate_seconds"), "s",
+              "Seen by the ingress after each generation. Near locate_timeout_s: add Locator replicas (0.25 GPU each)."),
+        Panel("Product location outcomes per second", [("sum by (status) (rate(ray_deskgen_locate_total[5m]))", "{{status}}")], "ops",
+              "failed / timeout: images went out without products (the Locator is down or too slow)."),
     ]),
     Row("Mixes", [
         Panel("Mix switches per second by mix", [("sum by (mix) (rate(ray_deskgen_mix_switches_total[5m]))", "{{mix}}")], "ops",

@@ -10,6 +10,8 @@
 ...     else:
 ...         result.save("out.png")
 ...         client.feedback(result.image_id, "like")
+...     located = client.locate("out.png", ["monitor", "keyboard"])
+...     located.products.found("monitor"), located.products.boxes("monitor")
 
 Both clients build every request and read every answer through one core (:mod:`.core`); typed results
 are in :mod:`.models`, typed errors in :mod:`.errors`, the retry rule in :mod:`.retry`. The command line
@@ -39,15 +41,21 @@ from deskgen.client.models import (
     Captioned,
     Classification,
     Classified,
+    Concepts,
     Done,
     FeedbackResult,
     GenerationResult,
     Keyword,
     Limits,
+    Located,
+    LocatedProduct,
+    LocateResult,
     Mixes,
     MixInfo,
     NamedMix,
     OtherEvent,
+    ProductBox,
+    ProductLocation,
     ProgressEvent,
     Readiness,
     Started,
@@ -63,6 +71,7 @@ __all__ = [
     "Captioned",
     "Classification",
     "Classified",
+    "Concepts",
     "Conflict",
     "DeadlineExceeded",
     "Deskgen",
@@ -76,6 +85,9 @@ __all__ = [
     "InvalidRequest",
     "Keyword",
     "Limits",
+    "LocateResult",
+    "Located",
+    "LocatedProduct",
     "MixInfo",
     "Mixes",
     "NamedMix",
@@ -85,6 +97,8 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "Photo",
+    "ProductBox",
+    "ProductLocation",
     "ProgressEvent",
     "RateLimit",
     "RateLimited",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -26,9 +26,11 @@ from deskgen.client.errors import DeskgenError
 from deskgen.client.models import (
     Caption,
     Classification,
+    Concepts,
     FeedbackResult,
     GenerationResult,
     Limits,
+    LocateResult,
     Mixes,
     ProgressEvent,
     Readiness,
@@ -80,8 +82,8 @@ class AsyncDeskgen:
         **options: Unpack[GenerateOptions],
     ) -> GenerationResult:
         """A desk photo -> gate -> captions -> a new desk-setup image. With ``on_event``, the generation is
-        streamed and every progress event (classified, captioned, started, each step, done) is passed to it
-        as it happens (a coroutine function is awaited)."""
+        streamed and every progress event (classified, captioned, started, each step, located, done) is passed
+        to it as it happens (a coroutine function is awaited)."""
         call = self.core.generate(photo, options, request_id, stream=on_event is not None)
         if on_event is None:
             return await self._call(call)
@@ -120,6 +122,15 @@ class AsyncDeskgen:
 
     async def caption(self, photo: Photo, style: str | None = None) -> Caption:
         return await self._call(self.core.caption(photo, style))
+
+    async def locate(self, image: Photo, products: str | Sequence[str], *, annotate: bool = False) -> LocateResult:
+        """Where ``products`` (names, or one comma-separated string) are in any ``image``: per product its
+        boxes in pixels and normalised, best first. ``annotate`` also answers a copy with the boxes drawn."""
+        return await self._call(self.core.locate(image, products, annotate))
+
+    async def concepts(self) -> Concepts:
+        """The concept presets, the weekday schedule and today's concept (``concept="auto"``)."""
+        return await self._call(self.core.concepts())
 
     async def mixes(self) -> Mixes:
         return await self._call(self.core.mixes())

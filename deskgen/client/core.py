@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -28,13 +28,17 @@ from deskgen.client.models import (
     Captioned,
     Classification,
     Classified,
+    Concepts,
     Done,
     FeedbackResult,
     GenerationResult,
     Keyword,
     Limits,
+    Located,
+    LocateResult,
     Mixes,
     OtherEvent,
+    ProductLocation,
     ProgressEvent,
     Readiness,
     Started,
@@ -74,6 +78,14 @@ class GenerationOptions(TypedDict, total=False):
     negative_prompt: str
     user_id: str
     timeout_s: float
+    #: A concept preset (``GET /v1/concepts``) or ``auto`` for today's by the schedule.
+    concept: str
+    #: The products to find in the image (a list, or one comma-separated string); omitted: the objects
+    #: the captions (``generate``) or the prompt (``text2img``) name.
+    products: Sequence[str]
+    #: Find the products at all (default true); ``annotate`` also answers a copy with the boxes drawn.
+    locate: bool
+    annotate: bool
 
 
 class GenerateOptions(GenerationOptions, total=False):
@@ -95,7 +107,8 @@ class ApiRequest:
     request_id: str
     accept: str = "application/json"
     json: dict[str, Any] | None = None
-    data: dict[str, str] | None = None
+    #: Form fields; a list is the field repeated (``products``).
+    data: dict[str, str | list[str]] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
     read_timeout_s: float | None = None
     retry: bool = True
@@ -169,6 +182,43 @@ def sniff_image_type(raw: bytes) -> str:
     return "application/octet-stream"
 
 
+def product_list(products: str | Sequence[str]) -> list[str]:
+    """The product names to send: a list as given, or one comma-separated string split (as the server reads a
+    form field). A comma inside a listed name is refused here: on the wire it would silently split the name."""
+    if isinstance(products, str):
+        return [part for part in (p.strip() for p in products.split(",")) if part]
+    names = [str(name) for name in products]
+    for i, name in enumerate(names):
+        if "," in name:
+            raise ValueError(f"`products[{i}]` is {name[:60]!r}: a product name has no commas (they separate names).")
+    return names
+
+
+def form_fields(options: GenerationOptions | GenerateOptions) -> dict[str, str | list[str]]:
+    """The options as multipart form fields: booleans as ``true``/``false``, the products as the field repeated."""
+    fields: dict[str, str | list[str]] = {}
+    products = options.get("products")
+    if products is not None:
+        fields["products"] = product_list(products)
+    for key, value in options.items():
+        if value is None or key == "products":
+            continue
+        if isinstance(value, bool):
+            fields[key] = "true" if value else "false"
+        else:
+            fields[key] = str(value)
+    return fields
+
+
+def json_fields(options: GenerationOptions) -> dict[str, Any]:
+    """The options as JSON members (the products always a list)."""
+    body: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    products = options.get("products")
+    if products is not None:
+        body["products"] = product_list(products)
+    return body
+
+
 def _json(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     if not isinstance(body, dict):
@@ -230,6 +280,8 @@ class GenerationStream:
             return Started(mix_id=str(data["mix_id"]), replica=str(data["replica"]), queued_s=float(data["queued_s"]))
         if name == "step":
             return Step(step=int(data["step"]), total=int(data["total"]))
+        if name == "located":
+            return Located(ProductLocation.from_json(data))
         if name == "done":
             self._result = GenerationResult.from_json(data)
             return Done(self._result)
@@ -314,8 +366,8 @@ class ClientCore:
         name, raw, content_type = read_photo(photo)
         request = ApiRequest(
             "POST", "/v1/generate", self._request_id(request_id), accept=self._accept(stream),
-            data={k: str(v) for k, v in options.items() if v is not None},
-            files={"image": (name, raw, content_type)}, read_timeout_s=self._read_timeout(options),
+            data=form_fields(options), files={"image": (name, raw, content_type)},
+            read_timeout_s=self._read_timeout(options),
         )  # fmt: skip
         return Call(request, lambda r: GenerationResult.from_json(_json(r)))
 
@@ -323,7 +375,7 @@ class ClientCore:
         self, prompt: str, options: GenerationOptions, request_id: str | None, *, stream: bool
     ) -> Call[GenerationResult]:
         """``POST /v1/text2img``: the prompt and options as JSON."""
-        body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+        body = {"prompt": prompt, **json_fields(options)}
         request = ApiRequest("POST", "/v1/text2img", self._request_id(request_id), accept=self._accept(stream),
                              json=body, read_timeout_s=self._read_timeout(options))  # fmt: skip
         return Call(request, lambda r: GenerationResult.from_json(_json(r)))
@@ -338,6 +390,19 @@ class ClientCore:
         request = ApiRequest("POST", "/v1/caption", new_request_id(), files={"image": (name, raw, content_type)},
                              data={"style": style} if style is not None else None)  # fmt: skip
         return Call(request, lambda r: Caption.from_json(_json(r)))
+
+    def locate(self, image: Photo, products: str | Sequence[str], annotate: bool) -> Call[LocateResult]:
+        """``POST /v1/locate``: any image as a multipart file, the products as the field repeated. It changes
+        nothing on the server, so retrying it is safe."""
+        name, raw, content_type = read_photo(image)
+        data: dict[str, str | list[str]] = {"products": product_list(products)}
+        if annotate:
+            data["annotate"] = "true"
+        request = ApiRequest("POST", "/v1/locate", new_request_id(), files={"image": (name, raw, content_type)}, data=data)
+        return Call(request, lambda r: LocateResult.from_json(_json(r)))
+
+    def concepts(self) -> Call[Concepts]:
+        return Call(ApiRequest("GET", "/v1/concepts", new_request_id()), lambda r: Concepts.from_json(_json(r)))
 
     def mixes(self) -> Call[Mixes]:
         return Call(ApiRequest("GET", "/v1/mixes", new_request_id()), lambda r: Mixes.from_json(_json(r)))

@@ -53,14 +53,151 @@ class Keyword:
 
 
 @dataclass(frozen=True)
+class ProductBox:
+    """One instance of a product in an image: ``box`` ``(x0, y0, x1, y1)`` in pixels of the image,
+    ``box_normalized`` the same divided by its width and height (0-1), and the detector's ``score``."""
+
+    box: tuple[float, float, float, float]
+    box_normalized: tuple[float, float, float, float]
+    score: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProductBox:
+        return cls(box=_box(data["box"]), box_normalized=_box(data["box_normalized"]), score=float(data["score"]))
+
+
+def _box(values: list[Any]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in values)
+    return x0, y0, x1, y1
+
+
+@dataclass(frozen=True)
+class LocatedProduct:
+    """A product asked for: ``found`` and its ``instances``, best first (empty when not found)."""
+
+    product: str
+    found: bool
+    instances: tuple[ProductBox, ...] = ()
+
+    @property
+    def best(self) -> ProductBox | None:
+        """The highest-scoring instance, or ``None`` when the product was not found."""
+        return self.instances[0] if self.instances else None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LocatedProduct:
+        return cls(product=str(data["product"]), found=bool(data["found"]),
+                   instances=tuple(ProductBox.from_json(i) for i in data.get("instances") or ()))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProductLocation:
+    """Where the products are in one image: the ``products`` of a generation's answer (and its ``located``
+    event), or what ``/v1/locate`` answers.
+
+    ``status``: ``ok`` (the locator answered), ``off`` (not asked: turned off, or no products to look for),
+    ``failed`` or ``timeout`` (the image was delivered without them); ``reason`` says why when not ``ok``.
+    ``source``: where the list came from (``request``, ``captions`` or ``prompt``). ``found_fraction`` is
+    the share of the products asked for that were found (``None`` unless ``ok``); ``width`` and ``height``
+    are the image's, which the pixel boxes refer to."""
+
+    status: str
+    items: tuple[LocatedProduct, ...] = ()
+    reason: str | None = None
+    threshold: float | None = None
+    width: int | None = None
+    height: int | None = None
+    source: str | None = None
+    found_fraction: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def found_items(self) -> tuple[LocatedProduct, ...]:
+        return tuple(item for item in self.items if item.found)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The products asked for that were not found."""
+        return tuple(item.product for item in self.items if not item.found)
+
+    def get(self, product: str) -> LocatedProduct | None:
+        """The item for ``product`` (compared case-insensitively, as the server drops repeats), or ``None``
+        when it was not asked for."""
+        key = product.strip().casefold()
+        return next((item for item in self.items if item.product.casefold() == key), None)
+
+    def found(self, product: str) -> bool:
+        """Whether ``product`` was asked for and found."""
+        item = self.get(product)
+        return item is not None and item.found
+
+    def boxes(self, product: str) -> tuple[ProductBox, ...]:
+        """The instances of ``product``, best first (empty when not found or not asked for)."""
+        item = self.get(product)
+        return item.instances if item is not None else ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProductLocation:
+        threshold, fraction = data.get("threshold"), data.get("found_fraction")
+        width, height = data.get("width"), data.get("height")
+        return cls(
+            status=str(data["status"]),
+            items=tuple(LocatedProduct.from_json(item) for item in data.get("items") or ()),
+            reason=data.get("reason"),
+            threshold=float(threshold) if threshold is not None else None,
+            width=int(width) if width is not None else None,
+            height=int(height) if height is not None else None,
+            source=data.get("source"),
+            found_fraction=float(fraction) if fraction is not None else None,
+        )
+
+
+def _b64_or_none(value: str | None) -> bytes | None:
+    return base64.b64decode(value, validate=True) if value is not None else None
+
+
+@dataclass(frozen=True)
+class LocateResult:
+    """``POST /v1/locate``: where the products are in the image sent, and the ``annotated`` PNG (a copy
+    with the boxes drawn) when it was asked for."""
+
+    products: ProductLocation
+    annotated: bytes | None = field(default=None, repr=False)
+    #: The server's JSON without ``annotated_b64``.
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def save_annotated(self, path: str | Path) -> Path:
+        return _save_annotated(self.annotated, path)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LocateResult:
+        return cls(products=ProductLocation.from_json(data["products"]), annotated=_b64_or_none(data.get("annotated_b64")),
+                   raw={k: v for k, v in data.items() if k != "annotated_b64"})  # fmt: skip
+
+
+def _save_annotated(annotated: bytes | None, path: str | Path) -> Path:
+    if annotated is None:
+        raise ValueError("there is no annotated image: ask with `annotate=True` (it is drawn when the locator answered).")
+    path = Path(path)
+    path.write_bytes(annotated)
+    return path
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """A generated image and its recipe: what ``/v1/generate`` and ``/v1/text2img`` answer as JSON, or as
     the ``done`` event of their stream.
 
     ``request_id`` is the image id that :meth:`Deskgen.feedback` names. ``timings`` are the request's
-    stages in seconds (``classify_s``, ``caption_s``, ``generate_s``, ``total_s``); the generator's own
-    (``denoise_s``, ``decode_s``, ...) are in ``metadata["timings"]``. ``desk_score``, ``captions``,
-    ``keywords`` and ``style`` are set for ``generate`` (from a photo) only."""
+    stages in seconds (``classify_s``, ``caption_s``, ``generate_s``, ``locate_s``, ``total_s``); the
+    generator's own (``denoise_s``, ``decode_s``, ...) are in ``metadata["timings"]``. ``desk_score``,
+    ``captions``, ``keywords`` and ``style`` are set for ``generate`` (from a photo) only. ``products`` is
+    where the products are in the image (``None`` from a server that does not locate them); ``annotated`` a
+    PNG copy with their boxes drawn, when ``annotate`` was asked and the locator answered. ``concept`` is the
+    concept preset used (``auto`` resolved to today's)."""
 
     png: bytes = field(repr=False)
     request_id: str
@@ -78,7 +215,10 @@ class GenerationResult:
     captions: dict[str, Any] | None = field(default=None, repr=False)
     keywords: tuple[Keyword, ...] = field(default=(), repr=False)
     style: str | None = None
-    #: The server's JSON without ``image_b64``.
+    concept: str | None = None
+    products: ProductLocation | None = None
+    annotated: bytes | None = field(default=None, repr=False)
+    #: The server's JSON without ``image_b64`` and ``annotated_b64``.
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -92,10 +232,14 @@ class GenerationResult:
         path.write_bytes(self.png)
         return path
 
+    def save_annotated(self, path: str | Path) -> Path:
+        """Write the annotated copy (the boxes drawn); ValueError when the answer has none."""
+        return _save_annotated(self.annotated, path)
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationResult:
-        raw = {k: v for k, v in data.items() if k != "image_b64"}
-        desk_score = data.get("desk_score")
+        raw = {k: v for k, v in data.items() if k not in ("image_b64", "annotated_b64")}
+        desk_score, products = data.get("desk_score"), data.get("products")
         return cls(
             png=base64.b64decode(data["image_b64"], validate=True),
             request_id=str(data["request_id"]),
@@ -113,6 +257,9 @@ class GenerationResult:
             captions=data.get("captions"),
             keywords=Keyword.many(data.get("keywords")),
             style=data.get("style"),
+            concept=data.get("concept"),
+            products=ProductLocation.from_json(products) if products is not None else None,
+            annotated=_b64_or_none(data.get("annotated_b64")),
             raw=raw,
         )
 
@@ -155,6 +302,14 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Located:
+    """The products were looked for in the generated image (just before ``Done``; its result carries the
+    same ``products``)."""
+
+    products: ProductLocation
+
+
+@dataclass(frozen=True)
 class Done:
     """The image: the last event of a stream that succeeded."""
 
@@ -169,7 +324,7 @@ class OtherEvent:
     data: Any
 
 
-ProgressEvent = Classified | Captioned | Started | Step | Done | OtherEvent
+ProgressEvent = Classified | Captioned | Started | Step | Located | Done | OtherEvent
 
 
 # -- the other routes --------------------------------------------------------------------------------
@@ -183,14 +338,16 @@ class NamedMix:
 
 @dataclass(frozen=True)
 class Mixes:
-    """``GET /v1/mixes``: the adapters, the named mixes with their canonical ids, the default mix and
-    the live A/B split (shares normalised to 1)."""
+    """``GET /v1/mixes``: the adapters, the named mixes with their canonical ids, the default mix, the
+    live A/B split (shares normalised to 1) and the adapter files present but unusable, with the reason
+    (a mix naming one is answered 422 ``adapter_unavailable``)."""
 
     adapters: tuple[str, ...]
     named: dict[str, NamedMix]
     default_mix: str
     ab_split: dict[str, float]
     ab_salt: str
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Mixes:
@@ -203,6 +360,7 @@ class Mixes:
             default_mix=str(data["default_mix"]),
             ab_split={str(k): float(v) for k, v in (data.get("ab_split") or {}).items()},
             ab_salt=str(data.get("ab_salt", "")),
+            unavailable={str(k): str(v) for k, v in (data.get("unavailable") or {}).items()},
         )
 
 
@@ -287,6 +445,29 @@ class FeedbackResult:
     @classmethod
     def from_json(cls, data: dict[str, Any], status: int) -> FeedbackResult:
         return cls(image_id=str(data["image_id"]), event=str(data["event"]), duplicate=bool(data["duplicate"]), status=status)
+
+
+@dataclass(frozen=True)
+class Concepts:
+    """``GET /v1/concepts``: the concept presets (name -> ``prompt``, ``negative``, and the ``mix``,
+    ``steps``, ``guidance`` it defaults to), the weekday ``schedule`` in its ``timezone``, today's
+    ``weekday`` and ``today``'s concept (what ``concept="auto"`` picks; ``None`` when the schedule has none)."""
+
+    concepts: dict[str, dict[str, Any]]
+    schedule: dict[str, str]
+    timezone: str
+    weekday: str
+    today: str | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Concepts:
+        return cls(
+            concepts={str(name): dict(preset) for name, preset in data["concepts"].items()},
+            schedule={str(k): str(v) for k, v in (data.get("schedule") or {}).items()},
+            timezone=str(data.get("timezone", "")),
+            weekday=str(data.get("weekday", "")),
+            today=data.get("today"),
+        )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Retried: 429 (rate limited) and 503 (overloaded, a replica or the experiment store unavailable) — the
 answers that say "not now" — and a connection that failed before the request left this machine.
 Never retried: any other 4xx (the same request fails the same way), 500, 504 (the request's own
-deadline), or a failure after the request was sent (it may have run).
+deadline), a 503 ``locator_unavailable`` (a deployment without a product locator: it will not have one
+in a few seconds either), or a failure after the request was sent (it may have run).
 
 The wait is the server's ``Retry-After`` when it sent one — honoured, never shortened; when it asks for
 more than ``max_retry_after_s`` the client gives up at once and raises the error (carrying
@@ -53,8 +54,12 @@ class RetryPolicy:
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
+#: 503 codes that say "never here" rather than "not now".
+PERMANENT_503_CODES = frozenset({"locator_unavailable"})
+
+
 def retryable(error: DeskgenError) -> bool:
-    """429, 503, or a connection that failed before anything was sent."""
+    """429, 503 (but not a permanent one), or a connection that failed before anything was sent."""
     if isinstance(error, DeskgenConnectionError):
         return not error.sent
-    return isinstance(error, (RateLimited, Overloaded))
+    return isinstance(error, (RateLimited, Overloaded)) and error.code not in PERMANENT_503_CODES

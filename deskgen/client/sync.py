@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -24,9 +24,11 @@ from deskgen.client.errors import DeskgenError
 from deskgen.client.models import (
     Caption,
     Classification,
+    Concepts,
     FeedbackResult,
     GenerationResult,
     Limits,
+    LocateResult,
     Mixes,
     ProgressEvent,
     Readiness,
@@ -78,8 +80,8 @@ class Deskgen:
         **options: Unpack[GenerateOptions],
     ) -> GenerationResult:
         """A desk photo -> gate -> captions -> a new desk-setup image. With ``on_event``, the generation is
-        streamed and every progress event (classified, captioned, started, each step, done) is passed to it
-        as it happens."""
+        streamed and every progress event (classified, captioned, started, each step, located, done) is passed
+        to it as it happens."""
         call = self.core.generate(photo, options, request_id, stream=on_event is not None)
         if on_event is None:
             return self._call(call)
@@ -118,6 +120,15 @@ class Deskgen:
 
     def caption(self, photo: Photo, style: str | None = None) -> Caption:
         return self._call(self.core.caption(photo, style))
+
+    def locate(self, image: Photo, products: str | Sequence[str], *, annotate: bool = False) -> LocateResult:
+        """Where ``products`` (names, or one comma-separated string) are in any ``image``: per product its
+        boxes in pixels and normalised, best first. ``annotate`` also answers a copy with the boxes drawn."""
+        return self._call(self.core.locate(image, products, annotate))
+
+    def concepts(self) -> Concepts:
+        """The concept presets, the weekday schedule and today's concept (``concept="auto"``)."""
+        return self._call(self.core.concepts())
 
     def mixes(self) -> Mixes:
         return self._call(self.core.mixes())

@@ -57,14 +57,14 @@ class Reservation:
     timings: dict[str, float] = field(default_factory=dict)
     settled: bool = False
 
-    def settle(self, outcome: str, status: int, *, seed: int | None = None) -> None:
+    def settle(self, outcome: str, status: int, *, seed: int | None = None, found_fraction: float | None = None) -> None:
         if self.settled:
             return
         self.settled = True
         exposure = Exposure(
             image_id=self.image_id, experiment_id=self.experiment.id, user_id=self.user_id, arm=self.arm,
             mix_id=self.mix_id, mix_source=self.mix_source, outcome=outcome, status=status, style=self.style,
-            seed=seed, timings=dict(self.timings), concept=self.concept,
+            seed=seed, timings=dict(self.timings), concept=self.concept, found_fraction=found_fraction,
         )  # fmt: skip
         self.buffer._settled(self.experiment, exposure)
 

@@ -222,8 +222,15 @@ def render_report_page(report: Mapping[str, Any]) -> str:
     guard = [
         (escape(str(a.get("arm"))), str((g := a.get("guardrails") or {}).get("requests", MISSING)),
          _seconds(g.get("p50_total_s")), _seconds(g.get("p95_total_s")),
-         _pct(g.get("error_rate")), _pct(g.get("gate_rejection_rate")))
+         _pct(g.get("error_rate")), _pct(g.get("gate_rejection_rate")),
+         f'{_pct(g.get("mean_found_fraction"))} <span class="ci">of {g.get("located_images", 0)} images</span>')
         for a in arms
+    ]  # fmt: skip
+    by_concept = [
+        (escape(str(a.get("arm"))), escape(str(name)), str(c.get("exposures", MISSING)),
+         *(_pct((c.get("rates") or {}).get(event)) for event in events), _pct(c.get("mean_found_fraction")))
+        for a in arms
+        for name, c in (a.get("by_concept") or {}).items()
     ]  # fmt: skip
     body = "\n".join([
         f"<h1>Experiment {escape(experiment_id)}</h1>",
@@ -236,8 +243,13 @@ def render_report_page(report: Mapping[str, Any]) -> str:
         f"<figure>{_chart(arms, events, colours)}<figcaption>Rate per exposure, users as the unit; bars: 95 % "
         f"confidence intervals.</figcaption></figure>",
         "<h2>Guardrails</h2>",
-        _table("Latency of delivered images, errors and gate rejections over all requests",
-               ("Arm", "Requests", "p50 total", "p95 total", "Error rate", "Gate rejections"), guard),
+        _table("Latency of delivered images, errors and gate rejections over all requests; the share of the "
+               "products asked for that the locator found in delivered images",
+               ("Arm", "Requests", "p50 total", "p95 total", "Error rate", "Gate rejections", "Products found"), guard),
+        "<h2>By concept</h2>",
+        _table("Delivered images per arm and concept preset: events per image and products found",
+               ("Arm", "Concept", "Images", *events, "Products found"), by_concept)
+        if by_concept else "<p>No delivered image yet.</p>",
     ])  # fmt: skip
     return _page(f"Experiment {experiment_id}", body)
 

@@ -54,6 +54,8 @@ class Exposure:
     created_at: datetime = field(default_factory=now)
     #: The concept preset the image was made with (deskgen.concepts), if any.
     concept: str | None = None
+    #: Share of the products asked for that the locator found in the image (None: not located).
+    found_fraction: float | None = None
 
     def row(self) -> dict[str, Any]:
         """The ``exposures`` table row (the table's columns are this record's fields)."""

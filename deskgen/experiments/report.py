@@ -17,7 +17,7 @@ from deskgen.experiments.stats import (
     ratio_estimate,
     sample_ratio,
 )
-from deskgen.experiments.store import ExperimentStore, UserTotals
+from deskgen.experiments.store import ConceptTotals, ExperimentStore, UserTotals
 
 #: The outcome an exposure records when the gate refused the photo.
 GATE_REJECTED = "not_a_desk_setup"
@@ -35,6 +35,22 @@ class Guardrails:
     error_rate: float
     #: Share of requests the desk gate refused (422).
     gate_rejection_rate: float
+    #: Delivered images the product locator answered for, and the mean share of the products asked for
+    #: that it found in them (``nan`` without any): a mix that stops drawing the products shows here.
+    located_images: int = 0
+    mean_found_fraction: float = float("nan")
+
+
+@dataclass(frozen=True)
+class ConceptSlice:
+    """An arm's delivered images made with one concept preset: feedback per image and products found."""
+
+    exposures: int
+    events: dict[str, int]
+    #: Events per delivered image (no interval: slices are small and images of one user are not independent).
+    rates: dict[str, float]
+    located_images: int
+    mean_found_fraction: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,8 @@ class ArmReport:
     #: Against the control arm, per event; ``None`` for the control itself.
     vs_control: dict[str, Difference] | None
     guardrails: Guardrails
+    #: Concept preset (``none`` without one) -> this arm's images made with it.
+    by_concept: dict[str, ConceptSlice]
 
 
 @dataclass(frozen=True)
@@ -72,16 +90,33 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _guardrails(rows: list[tuple[str, int, dict[str, float]]]) -> Guardrails:
+#: An exposure as the guardrails see it: outcome, status, timings, found fraction.
+OutcomeRow = tuple[str, int, dict[str, float], float | None]
+
+
+def _guardrails(rows: list[OutcomeRow]) -> Guardrails:
     n = len(rows)
-    totals = [float(t["total_s"]) for outcome, _, t in rows if outcome == "ok" and "total_s" in t]
+    totals = [float(t["total_s"]) for outcome, _, t, _ in rows if outcome == "ok" and "total_s" in t]
     p50, p95 = (float(np.percentile(totals, 50)), float(np.percentile(totals, 95))) if totals else (float("nan"),) * 2
+    found = [f for outcome, _, _, f in rows if outcome == "ok" and f is not None]
     return Guardrails(
         requests=n,
         p50_total_s=p50,
         p95_total_s=p95,
-        error_rate=sum(1 for _, status, _ in rows if status >= 500) / n if n else float("nan"),
-        gate_rejection_rate=sum(1 for outcome, _, _ in rows if outcome == GATE_REJECTED) / n if n else float("nan"),
+        error_rate=sum(1 for _, status, _, _ in rows if status >= 500) / n if n else float("nan"),
+        gate_rejection_rate=sum(1 for outcome, _, _, _ in rows if outcome == GATE_REJECTED) / n if n else float("nan"),
+        located_images=len(found),
+        mean_found_fraction=float(np.mean(found)) if found else float("nan"),
+    )
+
+
+def _slice(totals: ConceptTotals) -> ConceptSlice:
+    return ConceptSlice(
+        exposures=totals.exposures,
+        events=dict(totals.events),
+        rates={name: totals.events.get(name, 0) / totals.exposures for name in FEEDBACK_EVENTS},
+        located_images=totals.located,
+        mean_found_fraction=totals.mean_found_fraction,
     )
 
 
@@ -95,10 +130,13 @@ def build_report(store: ExperimentStore, experiment_id: str, *, confidence: floa
     per_arm_users: dict[str, list[UserTotals]] = {arm: [] for arm in arms}
     for totals in store.user_totals(experiment_id):
         per_arm_users.setdefault(totals.arm, []).append(totals)
-    per_arm_outcomes: dict[str, list[tuple[str, int, dict[str, float]]]] = {arm: [] for arm in arms}
-    for arm, outcome, status, timings in store.outcomes(experiment_id):
+    per_arm_outcomes: dict[str, list[OutcomeRow]] = {arm: [] for arm in arms}
+    for arm, outcome, status, timings, found in store.outcomes(experiment_id):
         if arm is not None:
-            per_arm_outcomes.setdefault(arm, []).append((outcome, int(status), dict(timings or {})))
+            per_arm_outcomes.setdefault(arm, []).append((outcome, int(status), dict(timings or {}), found))
+    per_arm_concepts: dict[str, dict[str, ConceptSlice]] = {}
+    for sliced in store.concept_totals(experiment_id):
+        per_arm_concepts.setdefault(sliced.arm, {})[sliced.concept] = _slice(sliced)
 
     rates: dict[str, dict[str, RatioEstimate]] = {}
     for arm, users in per_arm_users.items():
@@ -118,6 +156,7 @@ def build_report(store: ExperimentStore, experiment_id: str, *, confidence: floa
                 for name in FEEDBACK_EVENTS
             },
             guardrails=_guardrails(per_arm_outcomes.get(arm, [])),
+            by_concept=dict(sorted(per_arm_concepts.get(arm, {}).items())),
         )
         for arm, users in per_arm_users.items()
     ]  # fmt: skip

@@ -47,6 +47,7 @@ exposures = Table(
     Column("status", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("concept", String(64), nullable=True),
+    Column("found_fraction", Float, nullable=True),
 )
 
 #: What a user did with an image; one row per (image, event): a retried post does not count twice.

@@ -85,6 +85,22 @@ class UserTotals:
     events: dict[str, int]
 
 
+#: The concept label of requests made without a concept preset.
+NO_CONCEPT = "none"
+
+
+@dataclass(frozen=True)
+class ConceptTotals:
+    """Delivered images of one arm made with one concept preset, their feedback and product location."""
+
+    arm: str
+    concept: str
+    exposures: int
+    events: dict[str, int]
+    located: int
+    mean_found_fraction: float
+
+
 @dataclass(frozen=True)
 class FeedbackReceipt:
     """What storing a feedback event did: ``new`` is False for a retry of one already stored."""
@@ -206,9 +222,38 @@ class ExperimentStore:
         return [UserTotals(arm, user, int(n), counts.get((arm, user), {})) for arm, user, n in shown]
 
     def outcomes(self, experiment_id: str) -> Iterable[Any]:
-        """Every exposure's arm, outcome, status and timings (for the guardrails)."""
+        """Every exposure's arm, outcome, status, timings and found fraction (for the guardrails)."""
         with self.engine.connect() as c:
             return c.execute(
-                select(exposures.c.arm, exposures.c.outcome, exposures.c.status, exposures.c.timings)
+                select(exposures.c.arm, exposures.c.outcome, exposures.c.status, exposures.c.timings,
+                       exposures.c.found_fraction)
                 .where(exposures.c.experiment_id == experiment_id)
+            ).all()  # fmt: skip
+
+    def concept_totals(self, experiment_id: str) -> list[ConceptTotals]:
+        """Per arm and concept preset (``none`` for requests without one): delivered images, the feedback
+        events on them, and how many were located with their mean found fraction."""
+        delivered = (exposures.c.experiment_id == experiment_id, exposures.c.outcome == "ok", exposures.c.arm.is_not(None))
+        concept = func.coalesce(exposures.c.concept, NO_CONCEPT)
+        with self.engine.connect() as c:
+            shown = c.execute(
+                select(exposures.c.arm, concept.label("concept"), func.count().label("n"),
+                       func.count(exposures.c.found_fraction).label("located"),
+                       func.avg(exposures.c.found_fraction).label("found"))
+                .where(*delivered)
+                .group_by(exposures.c.arm, concept)
             ).all()
+            events = c.execute(
+                select(exposures.c.arm, concept.label("concept"), feedback.c.event, func.count().label("n"))
+                .join(feedback, feedback.c.image_id == exposures.c.image_id)
+                .where(*delivered)
+                .group_by(exposures.c.arm, concept, feedback.c.event)
+            ).all()  # fmt: skip
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        for arm, name, event_name, n in events:
+            counts.setdefault((arm, name), {})[event_name] = int(n)
+        return [
+            ConceptTotals(arm, name, int(n), counts.get((arm, name), {}), int(located),
+                          float(found) if found is not None else float("nan"))
+            for arm, name, n, located, found in shown
+        ]  # fmt: skip

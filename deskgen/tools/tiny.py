@@ -8,6 +8,7 @@ Writes, with fixed seeds:
   blip/                   a transformers BLIP captioning folder (model + processor + tokenizer)
   samples/{true,false}/   a generated two-class image set: desk-like scenes vs. clearly not
   classifier/desk_gate.keras          a VGG-shaped gate trained briefly on those samples
+  owlv2/                  a transformers OWLv2 detector folder (model + processor + tokenizer)
 
 They load through exactly the code that loads real weights (``from_pretrained``, ``load_model``,
 ``load_lora_weights``): pointing the config at real folders or hub ids is the only change.
@@ -28,27 +29,47 @@ log = logging.getLogger(__name__)
 COMPLETE_MARKER = ".complete"
 
 
+#: The parts, in build order. The marker file lists the parts built, so a folder built before a part was
+#: added gets just that part (``make models`` reruns when these modules change).
+PARTS = ("sdxl+loras", "blip", "classifier", "owlv2")
+
+
+def built_parts(out: Path) -> set[str]:
+    marker = out / COMPLETE_MARKER
+    if not marker.exists():
+        return set()
+    listed = set(marker.read_text().split())
+    # A marker from before parts were listed ("ok") stands for the first three.
+    return set(PARTS[:3]) if listed == {"ok"} else listed
+
+
 def is_built(out: Path) -> bool:
-    return (out / COMPLETE_MARKER).exists()
+    return built_parts(out) >= set(PARTS)
 
 
 def build_all(out: Path, *, force: bool = False) -> dict[str, float]:
-    """Build every tiny model into ``out``; returns seconds per part. A no-op when already built."""
-    from deskgen.tools import tiny_blip, tiny_classifier, tiny_sdxl
+    """Build the tiny models into ``out`` that it lacks (all of them with ``force``); seconds per part built."""
+    from deskgen.tools import tiny_blip, tiny_classifier, tiny_owl, tiny_sdxl
 
-    if is_built(out) and not force:
+    builders = {"sdxl+loras": tiny_sdxl.build, "blip": tiny_blip.build, "classifier": tiny_classifier.build,
+                "owlv2": tiny_owl.build}  # fmt: skip
+    done = set() if force else built_parts(out)
+    if done >= set(PARTS):
         log.info("tiny models already built in %s (use --force to rebuild)", out)
         return {}
-    if out.exists():
+    if not done and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    for name, build in (("sdxl+loras", tiny_sdxl.build), ("blip", tiny_blip.build), ("classifier", tiny_classifier.build)):
+    for name in PARTS:
+        if name in done:
+            continue
         start = time.perf_counter()
-        build(out)
+        builders[name](out)
         timings[name] = time.perf_counter() - start
         log.info("built tiny %s in %.1f s", name, timings[name])
-    (out / COMPLETE_MARKER).write_text("ok\n")
+        done.add(name)
+        (out / COMPLETE_MARKER).write_text("".join(f"{part}\n" for part in PARTS if part in done))
     return timings
 
 

@@ -46,12 +46,12 @@ def text2img(client: httpx.Client, mix: str, seed: int) -> httpx.Response:
 
 
 def test_replicas_run_on_the_nodes_their_resources_pin(local_cluster: RunningCluster) -> None:
-    """Ingress, Classifier and Recorder (``cpu_node``) on the CPU head; Captioner and Generator (GPUs) on GPU
+    """Ingress, Classifier and Recorder (``cpu_node``) on the CPU head; Captioner, Locator and Generator (GPUs) on GPU
     nodes. Read from Serve's details through the dashboard (node ids) and the state API (resources)."""
     kinds = local_cluster.node_kinds()
     assert sorted(kinds.values()) == ["cpu"] + ["gpu"] * 2, kinds
     placed: dict[str, list[str]] = {}
-    for name in ("Ingress", "Classifier", "Recorder", "Captioner", "Generator"):
+    for name in ("Ingress", "Classifier", "Recorder", "Captioner", "Locator", "Generator"):
         replicas = local_cluster.running(name)
         assert replicas, f"no RUNNING {name} replica"
         placed[name] = sorted(kinds[r.node_id] for r in replicas)
@@ -60,7 +60,7 @@ def test_replicas_run_on_the_nodes_their_resources_pin(local_cluster: RunningClu
             assert f"ServeReplica:{APP}:{name}".encode() in cmdline, (r, cmdline[:200])
     print(f"\n[cluster] placement: {placed}")
     assert placed == {"Ingress": ["cpu"], "Classifier": ["cpu"], "Recorder": ["cpu"], "Captioner": ["gpu"],
-                      "Generator": ["gpu", "gpu"]}  # fmt: skip
+                      "Locator": ["gpu"], "Generator": ["gpu", "gpu"]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

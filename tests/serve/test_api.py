@@ -65,7 +65,7 @@ def test_generate_json_reports_every_stage(client: httpx.Client, desk_photo: byt
     assert "cyberpunk" in body["prompt"]
     assert body["mix"] == {"id": "dalle:1.0", "name": "dalle_only", "weights": {"dalle": 1.0}, "source": "request", "arm": None}
     assert body["seed"] == 3
-    assert set(body["timings"]) == {"classify_s", "caption_s", "generate_s", "total_s"}
+    assert set(body["timings"]) == {"classify_s", "caption_s", "generate_s", "locate_s", "total_s"}
     png = base64.b64decode(body["image_b64"])
     assert read_png_metadata(png)["prompt"] == body["prompt"]
 
@@ -169,7 +169,7 @@ def test_sse_streams_ordered_steps_and_the_final_image(client: httpx.Client, des
     assert response.headers["content-type"].startswith("text/event-stream")
     events = parse_sse(response.text)
     names = [name for name, _ in events]
-    assert names == ["classified", "captioned", "started", "step", "step", "step", "step", "done"]
+    assert names == ["classified", "captioned", "started", "step", "step", "step", "step", "located", "done"]
     assert [data["step"] for name, data in events if name == "step"] == [1, 2, 3, 4]
     done = events[-1][1]
     png = base64.b64decode(done["image_b64"])
@@ -310,7 +310,7 @@ def test_health_ready_and_docs(client: httpx.Client) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
     assert ready["ready"] is True
-    assert ready["stages"] == {"classifier": "ok", "captioner": "ok", "generator": "ok", "recorder": "ok"}
+    assert ready["stages"] == {"classifier": "ok", "captioner": "ok", "generator": "ok", "recorder": "ok", "locator": "ok"}
     assert ready["exposures"]["refused"] == 0
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/classify", "/v1/caption", "/v1/text2img", "/v1/mixes", "/healthz", "/readyz",

@@ -1,6 +1,8 @@
 """The Python client and the ``deskgen`` command line against the real app: the CLI run as a user runs it
 (the installed script, ``DESKGEN_URL`` set), the library sync and async, typed errors with the server's
-JSON, progress from the event stream, and retries of real 503s after their ``Retry-After``."""
+JSON, progress from the event stream, products located in generated images and in any image (the session's
+app runs the Locator at threshold 0, so every product asked for is found), and retries of real 503s
+after their ``Retry-After``."""
 
 from __future__ import annotations
 
@@ -29,14 +31,18 @@ from deskgen.client import (
     Deskgen,
     Done,
     InvalidRequest,
+    Located,
     NotADesk,
+    NotFound,
     Overloaded,
+    ProductLocation,
     ProgressEvent,
     RetryPolicy,
     Started,
     Step,
+    UnsupportedMediaType,
 )
-from deskgen.pngmeta import read_png_metadata
+from deskgen.pngmeta import PRODUCTS_KEY, read_png_metadata, read_png_text
 
 from .helpers import text2img
 
@@ -55,11 +61,32 @@ def deskgen_cli(serve_app: dict[str, Any], *args: str, cwd: Path | None = None) 
     return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=180, check=False)
 
 
-def png_size(path: Path) -> tuple[int, int]:
-    image = Image.open(io.BytesIO(path.read_bytes()))
+def png_size(path: Path | bytes) -> tuple[int, int]:
+    image = Image.open(io.BytesIO(path if isinstance(path, bytes) else path.read_bytes()))
     assert image.format == "PNG"
     image.verify()
     return image.size
+
+
+def pixels(png: bytes) -> bytes:
+    return Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+
+
+def assert_all_found(products: ProductLocation | None, asked: list[str], size: tuple[int, int], source: str) -> None:
+    """Every product asked for found (threshold 0), in order, with boxes inside the image."""
+    assert products is not None and products.ok and products.reason is None, products
+    assert [item.product for item in products.items] == asked and products.found_fraction == 1.0
+    assert (products.width, products.height) == size and products.source == source and products.threshold == 0.0
+    for name in asked:
+        assert products.found(name) and products.boxes(name), name
+        for instance in products.boxes(name):
+            x0, y0, x1, y1 = instance.box
+            assert 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1], instance
+            assert instance.box_normalized[2] == pytest.approx(x1 / size[0], abs=1e-3) and 0 <= instance.score <= 1
+
+
+#: A summary line of one found product: its name (padded), its best box in pixels and its score.
+FOUND_LINE = r"  {name} +box \(\d+, \d+\)-\(\d+, \d+\) px  score [01]\.\d{{3}}"
 
 
 # -- the command line ---------------------------------------------------------------------------------------
@@ -76,7 +103,7 @@ def test_cli_text2img_writes_a_png_of_the_asked_size(serve_app: dict[str, Any], 
     assert f"wrote        {out} (128x64 PNG" in run.stdout
     assert f"mix          ott_3d ({OTT_3D}), chosen by request" in run.stdout
     assert "seed         5\n" in run.stdout
-    assert re.search(r"timings      generate \d+\.\d{3} s · total \d+\.\d{3} s", run.stdout), run.stdout
+    assert re.search(r"timings      generate \d+\.\d{3} s · locate \d+\.\d{3} s · total \d+\.\d{3} s", run.stdout), run.stdout
     assert re.search(r"generator  activate .* denoise .* decode", run.stdout), run.stdout
     # The bar, driven by the step events, on stderr (one line per step: stderr is not a terminal here).
     assert re.findall(r"steps \[[#-]+\] (\d)/2", run.stderr) == ["1", "2"], run.stderr
@@ -97,10 +124,65 @@ def test_cli_generate_from_a_photo_follows_progress_and_prints_the_recipe(
     stderr = run.stderr.splitlines()
     assert stderr[0].startswith("desk score ") and stderr[1].startswith("prompt: ") and "desk" in stderr[1]
     assert stderr[2].startswith(f"generating with {OTT_3D} on ")
-    assert stderr[3:] == ["steps [###############---------------] 1/2  50%", "steps [##############################] 2/2 100%"]
+    assert stderr[3:5] == ["steps [###############---------------] 1/2  50%", "steps [##############################] 2/2 100%"]
+    assert re.fullmatch(r"products: \d+/\d+ found \(threshold 0, from the captions\)", stderr[5]) and len(stderr) == 6, stderr
     assert "seed         42\n" in run.stdout and f"ott_3d ({OTT_3D})" in run.stdout
     assert re.search(r"desk score   [01]\.\d{3}\n", run.stdout)
-    assert re.search(r"timings      classify \d+\.\d{3} s · caption \d+\.\d{3} s · generate \d+\.\d{3} s · total", run.stdout)
+    assert re.search(r"timings      classify \d+\.\d{3} s · caption \d+\.\d{3} s · generate \d+\.\d{3} s · locate \d+\.\d{3} s · total", run.stdout)
+
+
+def test_cli_generate_with_products_prints_their_boxes_and_writes_the_annotated_copy(
+    serve_app: dict[str, Any], desk_photo: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "desk.jpg").write_bytes(desk_photo)
+    command = ["generate", "desk.jpg", "--products", "monitor,keyboard", "--concept", "gaming-rgb", "--seed", "42",
+               "--steps", "2", "-o", "out.png", "--annotate", "boxes.png"]  # fmt: skip
+    run = deskgen_cli(serve_app, *command, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    print(f"$ deskgen {' '.join(command)}\n{run.stderr}{run.stdout}")
+    assert run.stderr.splitlines()[-1] == "products: 2/2 found (threshold 0, from the request)"
+    lines = run.stdout.splitlines()
+    at = lines.index("products     2/2 found (threshold 0, from the request)")
+    assert re.fullmatch(FOUND_LINE.format(name="monitor"), lines[at + 1].split("  (+")[0]), lines[at + 1]
+    assert re.fullmatch(FOUND_LINE.format(name="keyboard"), lines[at + 2].split("  (+")[0]), lines[at + 2]
+    assert lines[at + 3] == "annotated    boxes.png"
+    assert "gaming desk" in read_png_metadata((tmp_path / "out.png").read_bytes())["prompt"]  # the concept was sent
+    # The annotated copy: the same size, boxes drawn over the image; the image itself carries the products.
+    out, boxes = (tmp_path / "out.png").read_bytes(), (tmp_path / "boxes.png").read_bytes()
+    assert png_size(boxes) == png_size(out) == (64, 64) and pixels(boxes) != pixels(out)
+    located = read_png_text(out, PRODUCTS_KEY)
+    assert [item["product"] for item in located["items"]] == ["monitor", "keyboard"] and located["found_fraction"] == 1.0
+    # --no-locate: the summary says so and nothing is drawn.
+    off = deskgen_cli(serve_app, "text2img", "a desk", "--steps", "1", "--no-locate", "--no-progress", "-o", "off.png", cwd=tmp_path)
+    assert off.returncode == 0, off.stderr
+    assert "products     off (turned off by the request (`locate: false`))\n" in off.stdout
+
+
+def test_cli_locate_prints_boxes_writes_the_annotated_copy_and_names_bad_products(
+    serve_app: dict[str, Any], desk_photo: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "photo.jpg").write_bytes(desk_photo)
+    command = ["locate", "photo.jpg", "--products", "monitor,desk lamp,Monitor", "--annotate", "boxes.png"]
+    run = deskgen_cli(serve_app, *command, cwd=tmp_path)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    print(f"$ deskgen {' '.join(command)}\n{run.stdout}")
+    lines = run.stdout.splitlines()
+    assert lines[0] == "products     2/2 found (threshold 0, from the request)"  # the repeat dropped by the server
+    assert re.fullmatch(FOUND_LINE.format(name="monitor"), lines[1].split("  (+")[0]), lines[1]
+    assert re.fullmatch(FOUND_LINE.format(name="desk lamp"), lines[2].split("  (+")[0]), lines[2]
+    assert lines[3:] == ["annotated    boxes.png"]
+    boxes = (tmp_path / "boxes.png").read_bytes()
+    assert png_size(boxes) == (128, 128) and pixels(boxes) != Image.open(io.BytesIO(desk_photo)).convert("RGB").tobytes()
+    as_json = deskgen_cli(serve_app, "locate", "photo.jpg", "--products", "keyboard", "--json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    answer = json.loads(as_json.stdout)
+    assert answer["products"]["items"][0]["product"] == "keyboard" and answer["products"]["found_fraction"] == 1.0
+    assert (answer["products"]["width"], answer["products"]["height"]) == (128, 128) and "annotated_b64" not in answer
+    too_long = deskgen_cli(serve_app, "locate", "photo.jpg", "--products", f"mug,{'x' * 49}", cwd=tmp_path)
+    assert too_long.returncode == 1 and "HTTP 400 invalid_parameter [products.1]" in too_long.stderr, too_long.stderr
+    (tmp_path / "notes.txt").write_text("not an image")
+    text = deskgen_cli(serve_app, "locate", "notes.txt", "--products", "mug", cwd=tmp_path)
+    assert text.returncode == 1 and "HTTP 415 unsupported_media_type [image]" in text.stderr, text.stderr
 
 
 def test_cli_errors_exit_1_with_the_servers_message(serve_app: dict[str, Any], not_a_desk: bytes, tmp_path: Path) -> None:
@@ -122,6 +204,10 @@ def test_cli_mixes_limits_and_feedback(serve_app: dict[str, Any], tmp_path: Path
     assert "adapters     3d, dalle, ott" in mixes.stdout and re.search(rf"ott_3d\s+{re.escape(OTT_3D)}", mixes.stdout)
     listed = json.loads(deskgen_cli(serve_app, "mixes", "--json").stdout)
     assert listed["named_mixes"]["ott_3d"]["id"] == OTT_3D
+    concepts = deskgen_cli(serve_app, "concepts")
+    assert concepts.returncode == 0, concepts.stderr
+    assert re.search(r"^  gaming-rgb +gaming desk setup, RGB lighting", concepts.stdout, re.M), concepts.stdout
+    assert json.loads(deskgen_cli(serve_app, "concepts", "--json").stdout)["concepts"]["cozy-wood"]["prompt"].startswith("warm")
     limits = json.loads(deskgen_cli(serve_app, "limits", "--json").stdout)
     assert limits["max_side"] == 512 and limits["defaults"]["steps"] == 2  # the serve tier's overrides
 
@@ -148,19 +234,51 @@ def test_generate_streams_every_step_in_order_and_matches_the_json_answer(
     with Deskgen(serve_app["url"]) as client:
         streamed = client.generate(desk_photo, mix="ott_3d", seed=7, steps=3, style="retro", request_id=rid, on_event=events.append)
         plain = client.generate(desk_photo, mix="ott_3d", seed=7, steps=3, style="retro")
-    assert [type(e) for e in events] == [Classified, Captioned, Started, Step, Step, Step, Done]
+    assert [type(e) for e in events] == [Classified, Captioned, Started, Step, Step, Step, Located, Done]
     assert [(e.step, e.total) for e in events if isinstance(e, Step)] == [(1, 3), (2, 3), (3, 3)]
     classified, captioned, started = events[0], events[1], events[2]
     assert isinstance(classified, Classified) and classified.score >= classified.threshold
     assert isinstance(captioned, Captioned) and captioned.prompt == streamed.prompt and "retro" in streamed.prompt
     assert isinstance(started, Started) and started.mix_id == OTT_3D
-    assert events[-1] == Done(streamed)
+    assert events[-1] == Done(streamed) and events[-2] == Located(streamed.products)  # type: ignore[arg-type]
     assert streamed.request_id == rid and plain.request_id != rid  # the request id given is the image id
     assert (streamed.seed, streamed.steps, streamed.mix.id, streamed.mix.name, streamed.mix.source) == (7, 3, OTT_3D, "ott_3d", "request")
-    assert set(streamed.timings) == {"classify_s", "caption_s", "generate_s", "total_s"}
+    assert set(streamed.timings) == {"classify_s", "caption_s", "generate_s", "locate_s", "total_s"}
+    keywords = [k.name for k in streamed.keywords][:8]
+    assert_all_found(streamed.products, keywords, (64, 64), "captions")  # without a list: the captioned objects
+    assert streamed.products == plain.products
     assert streamed.desk_score == classified.score and streamed.keywords
     assert streamed.png == plain.png  # same request, same bytes, streamed or not
     assert Image.open(io.BytesIO(streamed.png)).size == (64, 64)
+
+
+def test_generate_and_text2img_locate_the_products_asked_and_draw_them(serve_app: dict[str, Any], desk_photo: bytes) -> None:
+    events: list[ProgressEvent] = []
+    with Deskgen(serve_app["url"]) as client:
+        result = client.generate(desk_photo, products=["monitor", "keyboard", "desk lamp"], concept="gaming-rgb",
+                                 annotate=True, seed=7, on_event=events.append)  # fmt: skip
+        from_prompt = client.text2img("a tidy desk with a monitor, a lamp and a plant", steps=1, products="mug, plant")
+        off = client.text2img("a desk with a monitor", steps=1, locate=False, annotate=True)
+        located = client.locate(result.png, ["monitor", "Monitor", "plant"], annotate=True)
+        concepts = client.concepts()
+        with pytest.raises(InvalidRequest) as bad:
+            client.text2img("a desk", steps=1, products=["tab\tin name"])
+        with pytest.raises(NotFound) as unknown:
+            client.text2img("a desk", steps=1, concept="no-such-concept")
+        with pytest.raises(UnsupportedMediaType):
+            client.locate(b"not an image", ["mug"])
+    assert_all_found(result.products, ["monitor", "keyboard", "desk lamp"], (64, 64), "request")
+    assert result.concept == "gaming-rgb" and "gaming desk" in result.prompt and "locate_s" in result.timings
+    assert events[-2] == Located(result.products)  # type: ignore[arg-type]
+    assert result.annotated is not None and png_size(result.annotated) == (64, 64) and pixels(result.annotated) != pixels(result.png)
+    assert read_png_text(result.png, PRODUCTS_KEY) == result.raw["products"]  # the PNG carries them too
+    assert_all_found(from_prompt.products, ["mug", "plant"], (64, 64), "request")
+    assert off.products is not None and (off.products.status, off.products.items, off.annotated) == ("off", (), None)
+    # /v1/locate on the image just made: the repeat dropped, the boxes of the same image.
+    assert_all_found(located.products, ["monitor", "plant"], (64, 64), "request")
+    assert located.annotated is not None and png_size(located.annotated) == (64, 64)
+    assert set(concepts.concepts) >= {"gaming-rgb", "cozy-wood"} and concepts.today in (None, *concepts.concepts)
+    assert bad.value.field == "products.0" and unknown.value.field == "concept"
 
 
 def test_not_a_desk_and_a_bad_parameter_raise_typed_errors(serve_app: dict[str, Any], not_a_desk: bytes) -> None:
@@ -192,29 +310,44 @@ def test_feedback_is_201_then_a_duplicate_200(serve_app: dict[str, Any]) -> None
     assert mixes.named["ott_3d"].weights == {"ott": 0.7, "3d": 0.5}
 
 
-def test_async_client_does_what_the_sync_client_does(serve_app: dict[str, Any]) -> None:
-    async def run() -> tuple[Any, Any, list[int], Any]:
+def test_async_client_does_what_the_sync_client_does(serve_app: dict[str, Any], desk_photo: bytes) -> None:
+    async def run() -> tuple[Any, Any, list[int], Any, Any, Any, Any]:
         steps: list[int] = []
+        located: list[Located] = []
 
         async def on_event(event: ProgressEvent) -> None:
             if isinstance(event, Step):
                 steps.append(event.step)
+            elif isinstance(event, Located):
+                located.append(event)
 
         async with AsyncDeskgen(serve_app["url"]) as client:
-            plain, streamed, mixes = await asyncio.gather(
-                client.text2img("a desk with a lamp", mix="dalle_only", seed=11, steps=2),
-                client.text2img("a desk with a lamp", mix="dalle_only", seed=11, steps=2, on_event=on_event),
+            plain, streamed, mixes, generated = await asyncio.gather(
+                client.text2img("a desk with a lamp", mix="dalle_only", seed=11, steps=2, products=["lamp", "monitor"]),
+                client.text2img("a desk with a lamp", mix="dalle_only", seed=11, steps=2, products=["lamp", "monitor"],
+                                on_event=on_event),
                 client.mixes(),
+                client.generate(desk_photo, steps=1, products=["keyboard"], annotate=True),
             )
-        return plain, streamed, steps, mixes
+            found = await client.locate(desk_photo, "monitor,keyboard", annotate=True)
+            concepts = await client.concepts()
+        assert located == [Located(streamed.products)]
+        return plain, streamed, steps, mixes, generated, found, concepts
 
-    plain, streamed, steps, mixes = asyncio.run(run())
+    plain, streamed, steps, mixes, generated, found, concepts = asyncio.run(run())
     with Deskgen(serve_app["url"]) as client:
-        sync = client.text2img("a desk with a lamp", mix="dalle_only", seed=11, steps=2)
-        assert mixes == client.mixes()
+        sync = client.text2img("a desk with a lamp", mix="dalle_only", seed=11, steps=2, products=["lamp", "monitor"])
+        assert mixes == client.mixes() and concepts == client.concepts()
+        assert found.products == client.locate(desk_photo, ["monitor", "keyboard"]).products  # the same boxes
     assert steps == [1, 2]
     assert plain.png == streamed.png == sync.png and plain.mix == sync.mix and plain.seed == sync.seed == 11
     assert len({plain.request_id, streamed.request_id, sync.request_id}) == 3
+    assert plain.products == streamed.products == sync.products
+    assert_all_found(sync.products, ["lamp", "monitor"], (64, 64), "request")
+    assert_all_found(generated.products, ["keyboard"], (64, 64), "request")
+    assert generated.annotated is not None and png_size(generated.annotated) == (64, 64)
+    assert_all_found(found.products, ["monitor", "keyboard"], (128, 128), "request")
+    assert found.annotated is not None and png_size(found.annotated) == (128, 128)
 
 
 # -- retries of real 503s ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The client's pure parts, without a server: the SSE parser and the generation stream (fed the frames the
-ingress's own encoder writes), Retry-After and RateLimit-* parsing, the error mapping (fed the bodies the
-ingress's own error mapping builds), the retry rule, request building, and the CLI's parser and bar.
-A refused connection (a closed local port) shows the retry loop without any server."""
+ingress's own encoder writes), the product locations (read from the ingress's own ``Located.public()``),
+Retry-After and RateLimit-* parsing, the error mapping (fed the bodies the ingress's own error mapping
+builds), the retry rule, request building, and the CLI's parser, bar and product summary. A refused
+connection (a closed local port) shows the retry loop without any server; ``/v1/locate`` is answered by an
+``httpx.MockTransport``."""
 
 from __future__ import annotations
 
@@ -22,11 +24,21 @@ import pytest
 from deployments.http_errors import error_for
 from deployments.http_io import sse
 from deskgen import errors as server_errors
-from deskgen.cli import EXIT_NO_ANSWER, ProgressBar, build_parser, generation_options, main
+from deskgen.cli import (
+    EXIT_NO_ANSWER,
+    EXIT_USAGE,
+    ProgressBar,
+    build_parser,
+    generation_options,
+    main,
+    show_products,
+    show_result,
+)
 from deskgen.client import (
     AsyncDeskgen,
     Captioned,
     Classified,
+    Concepts,
     Conflict,
     DeadlineExceeded,
     Deskgen,
@@ -34,11 +46,15 @@ from deskgen.client import (
     DeskgenError,
     Done,
     InvalidRequest,
+    Located,
+    LocateResult,
     NotADesk,
     NotFound,
     OtherEvent,
     Overloaded,
     PayloadTooLarge,
+    ProductBox,
+    ProductLocation,
     RateLimited,
     RetryPolicy,
     ServerError,
@@ -59,7 +75,9 @@ from deskgen.client.core import (
 from deskgen.client.errors import error_from_response, parse_rate_limit, parse_retry_after
 from deskgen.client.retry import retryable
 from deskgen.client.sse import ServerSentEvent, SSEParser, parse_events
-from deskgen.contracts import GeneratedImage, GenerationStarted, GenerationStep
+from deskgen.contracts import GeneratedImage, GenerationStarted, GenerationStep, LocatedProduct
+from deskgen.contracts import Located as ServerLocated
+from deskgen.contracts import ProductBox as ServerProductBox
 from deskgen.generator.params import GenerationParams
 from deskgen.limits import REQUEST_ID_PATTERN
 
@@ -110,8 +128,27 @@ def test_sse_parser_is_fed_line_by_line() -> None:
     assert parser.feed("") is None  # a second blank line dispatches nothing
 
 
-def done_payload(request_id: str = "rid-1", desk: bool = True) -> dict[str, Any]:
-    """The JSON answer exactly as the ingress builds it (``IngressRoutes.json_result``)."""
+#: What the locator answers for a 64x64 image asked for a monitor (two instances), a keyboard and a mug.
+LOCATED = ServerLocated(
+    status="ok", threshold=0.1, width=64, height=64, source="request",
+    items=(
+        LocatedProduct("monitor", True, (ServerProductBox((8.0, 4.0, 40.0, 30.0), (0.125, 0.0625, 0.625, 0.46875), 0.91),
+                                         ServerProductBox((42.0, 4.0, 60.0, 28.0), (0.65625, 0.0625, 0.9375, 0.4375), 0.4))),
+        LocatedProduct("keyboard", True, (ServerProductBox((10.0, 40.0, 50.0, 52.0), (0.15625, 0.625, 0.78125, 0.8125), 0.77),)),
+        LocatedProduct("mug", False),
+    ),
+)  # fmt: skip
+
+
+def wire(located: ServerLocated) -> dict[str, Any]:
+    """``located`` as an HTTP client reads it: the ingress's ``public()`` through JSON."""
+    return dict(json.loads(json.dumps(located.public())))
+
+
+def done_payload(request_id: str = "rid-1", desk: bool = True, located: ServerLocated | None = LOCATED,
+                 annotated: bytes | None = None) -> dict[str, Any]:  # fmt: skip
+    """The JSON answer exactly as the ingress builds it (``IngressRoutes.json_result``, with the ``products``
+    and ``annotated_b64`` that ``IngressRoutes.with_products`` adds to its info)."""
     from deployments.ingress import IngressRoutes
 
     params = GenerationParams(prompt="a tidy desk", negative_prompt="blurry", seed=42, steps=2, guidance=5.0, width=64, height=64)
@@ -122,10 +159,16 @@ def done_payload(request_id: str = "rid-1", desk: bool = True) -> dict[str, Any]
     }
     if desk:
         info |= {"desk_score": 0.93, "captions": {"unconditional": "a desk"}, "keywords": [{"name": "desk", "count": 3}],
-                 "style": "retro"}  # fmt: skip
+                 "style": "retro", "concept": "gaming-rgb"}  # fmt: skip
+    if located is not None:
+        info["timings"]["locate_s"] = 0.05
+        info["products"] = located.public()
+    if annotated is not None:
+        info["annotated_b64"] = base64.b64encode(annotated).decode()
     # json_result reads nothing of the replica's state; no instance (its __del__ would flush a buffer).
-    return IngressRoutes.json_result(None, GeneratedImage(png=PNG, params=params, metadata=metadata, replica="r1"),  # type: ignore[arg-type]
-                                     info, request_id)  # fmt: skip
+    answer = IngressRoutes.json_result(None, GeneratedImage(png=PNG, params=params, metadata=metadata, replica="r1"),  # type: ignore[arg-type]
+                                       info, request_id)  # fmt: skip
+    return dict(json.loads(json.dumps(answer)))
 
 
 def stream_lines(*frames: bytes) -> list[str]:
@@ -138,11 +181,12 @@ def test_generation_stream_gives_typed_events_then_the_result() -> None:
         sse("captioned", {"captions": {"unconditional": "a desk"}, "keywords": [{"name": "desk", "count": 3}], "prompt": "p"}),
         sse(GenerationStarted.event, GenerationStarted(mix_id="3d:0.5+ott:0.7", replica="r1", queued_s=0.25).public()),
         *(sse(GenerationStep.event, GenerationStep(step=i, total=2).public()) for i in (1, 2)),
+        sse("located", LOCATED.public()),
         sse("done", done_payload()),
     )
     stream = GenerationStream("rid-1")
     events = [e for e in (stream.feed(line) for line in lines) if e is not None]
-    assert [type(e) for e in events] == [Classified, Captioned, Started, Step, Step, Done]
+    assert [type(e) for e in events] == [Classified, Captioned, Started, Step, Step, Located, Done]
     assert events[0] == Classified(score=0.93, threshold=0.5)
     assert events[2] == Started(mix_id="3d:0.5+ott:0.7", replica="r1", queued_s=0.25)
     assert [(e.step, e.total) for e in events if isinstance(e, Step)] == [(1, 2), (2, 2)]
@@ -156,6 +200,65 @@ def test_generation_stream_gives_typed_events_then_the_result() -> None:
     assert result.desk_score == 0.93 and result.keywords[0].name == "desk" and result.style == "retro"
     assert result.prompt == "a tidy desk" and result.negative_prompt == "blurry"
     assert "image_b64" not in result.raw and result.raw["request_id"] == "rid-1"
+    located = events[-2]
+    assert isinstance(located, Located) and located.products == result.products
+    assert result.products is not None and result.products.found_fraction == pytest.approx(2 / 3)
+    assert result.timings["locate_s"] == 0.05 and result.concept == "gaming-rgb" and result.annotated is None
+
+
+# -- product locations -------------------------------------------------------------------------------------
+
+
+def test_product_location_reads_the_ingress_answer() -> None:
+    products = ProductLocation.from_json(wire(LOCATED))
+    assert (products.status, products.ok, products.reason) == ("ok", True, None)
+    assert (products.threshold, products.width, products.height, products.source) == (0.1, 64, 64, "request")
+    assert products.found_fraction == pytest.approx(2 / 3) == LOCATED.found_fraction
+    assert [item.product for item in products.items] == ["monitor", "keyboard", "mug"]
+    assert [item.product for item in products.found_items] == ["monitor", "keyboard"] and products.missing == ("mug",)
+    monitor = products.get("Monitor ")  # as the server compares names: stripped, case-insensitive
+    assert monitor is not None and monitor.found and len(monitor.instances) == 2
+    assert monitor.best == ProductBox(box=(8.0, 4.0, 40.0, 30.0), box_normalized=(0.125, 0.0625, 0.625, 0.46875), score=0.91)
+    assert products.found("keyboard") and not products.found("mug") and not products.found("lamp")
+    assert products.boxes("keyboard")[0].box == (10.0, 40.0, 50.0, 52.0) and products.boxes("mug") == ()
+    assert products.get("lamp") is None and products.get("mug") is not None and products.get("mug").best is None  # type: ignore[union-attr]
+
+
+def test_product_location_off_failed_and_absent() -> None:
+    off = ProductLocation.from_json(wire(ServerLocated(status="off", reason="turned off by the request (`locate: false`)")))
+    assert (off.status, off.ok, off.items, off.found_fraction, off.threshold, off.source) == ("off", False, (), None, None, None)
+    assert off.reason is not None and "locate: false" in off.reason and not off.found("monitor")
+    timeout = ProductLocation.from_json(wire(ServerLocated(status="timeout", reason="no answer within 10.0 s", source="captions")))
+    assert timeout.status == "timeout" and timeout.source == "captions" and timeout.found_fraction is None
+    # An answer from a server that does not locate products: no `products`, read as None.
+    older = done_payload(located=None)
+    assert "products" not in older
+    from deskgen.client import GenerationResult
+
+    assert GenerationResult.from_json(older).products is None
+
+
+def test_a_generation_answer_with_products_and_the_annotated_copy(tmp_path: Any) -> None:
+    from deskgen.client import GenerationResult
+
+    drawn = b"\x89PNG\r\n\x1a\n" + b"\1" * 16
+    result = GenerationResult.from_json(done_payload(annotated=drawn))
+    assert result.annotated == drawn and result.png == PNG
+    assert "annotated_b64" not in result.raw and "image_b64" not in result.raw and result.raw["products"]["status"] == "ok"
+    assert result.products == ProductLocation.from_json(wire(LOCATED))
+    assert result.save_annotated(tmp_path / "boxes.png").read_bytes() == drawn
+    with pytest.raises(ValueError, match="annotate=True"):
+        GenerationResult.from_json(done_payload()).save_annotated(tmp_path / "none.png")
+
+
+def test_concepts_read_the_ingress_listing() -> None:
+    from deployments.ingress_models import IngressConfig
+
+    listing = json.loads(json.dumps(IngressConfig().listing(datetime(2030, 1, 7, 9, 0, tzinfo=UTC))))  # a Monday
+    concepts = Concepts.from_json(listing)
+    assert "gaming-rgb" in concepts.concepts and concepts.concepts["gaming-rgb"]["prompt"].startswith("gaming desk")
+    assert concepts.weekday == listing["weekday"] and concepts.today == listing["today"] and concepts.timezone
+    assert concepts.schedule == listing["schedule"]
 
 
 def test_generation_stream_error_events_raise_typed_errors() -> None:
@@ -300,6 +403,10 @@ def test_retry_policy_retries_only_429_503_and_unsent_connections() -> None:
                   DeskgenConnectionError("reset after sending", sent=True)):  # fmt: skip
         assert not retryable(never) and policy.delay(0, never) is None, never
     assert retryable(DeskgenConnectionError("refused", sent=False))
+    # A deployment without a product locator answers /v1/locate 503 with Retry-After: it stays without one.
+    no_locator = answered(server_errors.LocatorUnavailable("`products`: this deployment has no product locator.", field="products"))
+    assert isinstance(no_locator, Overloaded) and no_locator.retry_after == 5.0 and no_locator.code == "locator_unavailable"
+    assert not retryable(no_locator) and policy.delay(0, no_locator) is None
 
 
 def test_backoff_without_retry_after_grows_with_jitter_and_is_capped() -> None:
@@ -362,6 +469,57 @@ def test_core_builds_text2img_json_and_an_explicit_key_wins(monkeypatch: pytest.
         core.feedback("img-1", "love", None, None)  # type: ignore[arg-type]
 
 
+def test_core_sends_products_locate_annotate_and_concept() -> None:
+    core = ClientCore("http://h:1")
+    call = core.generate(b"\xff\xd8\xffjpeg", {"products": ["monitor", "desk lamp"], "locate": True, "annotate": False,
+                                                "concept": "auto"}, None, stream=False)  # fmt: skip
+    with httpx.Client() as http:
+        body = core.build(http, call.request, attempt=0).read()
+    # A form lists the products as the field repeated, booleans as the words pydantic reads.
+    assert body.count(b'name="products"') == 2
+    for part in (b'name="products"\r\n\r\nmonitor\r\n', b'name="products"\r\n\r\ndesk lamp\r\n',
+                 b'name="locate"\r\n\r\ntrue\r\n', b'name="annotate"\r\n\r\nfalse\r\n', b'name="concept"\r\n\r\nauto\r\n'):  # fmt: skip
+        assert part in body, part
+    call = core.text2img("a desk", {"products": "monitor, keyboard,", "locate": False, "annotate": True}, None, stream=True)
+    with httpx.Client() as http:
+        sent = json.loads(core.build(http, call.request, attempt=0).read())
+    assert sent == {"prompt": "a desk", "products": ["monitor", "keyboard"], "locate": False, "annotate": True}
+    # A comma inside a listed name would split it on the wire: refused before anything is sent.
+    with pytest.raises(ValueError, match=r"`products\[1\]` is 'lamp,plant'"):
+        core.generate(PNG, {"products": ["mug", "lamp,plant"]}, None, stream=False)
+
+
+def locate_answer(request: httpx.Request) -> httpx.Response:
+    """A /v1/locate that answers what the ingress would for the products the request names."""
+    body = request.read()
+    asked = re.findall(rb'name="products"\r\n\r\n([^\r]*)\r\n', body)
+    assert request.url.path == "/v1/locate" and b'name="image"; filename="photo"' in body, body[:300]
+    items = tuple(item for item in LOCATED.items if item.product.encode() in asked)
+    answer: dict[str, Any] = {"products": ServerLocated(status="ok", items=items, threshold=0.1, width=64, height=64,
+                                                        source="request").public()}  # fmt: skip
+    if b'name="annotate"\r\n\r\ntrue' in body:
+        answer["annotated_b64"] = base64.b64encode(PNG).decode()
+    return httpx.Response(200, content=json.dumps(answer).encode(), headers={"Content-Type": "application/json"})
+
+
+def test_locate_sends_the_image_and_products_and_reads_the_boxes() -> None:
+    http = httpx.Client(base_url="http://h:1", transport=httpx.MockTransport(locate_answer))
+    with Deskgen("http://h:1", http_client=http) as client:
+        result = client.locate(PNG, ["monitor", "mug"])
+        drawn = client.locate(PNG, "keyboard", annotate=True)
+    http.close()
+    assert isinstance(result, LocateResult) and result.annotated is None
+    assert [i.product for i in result.products.items] == ["monitor", "mug"] and result.products.found_fraction == 0.5
+    assert result.products.boxes("monitor")[1].score == 0.4
+    assert drawn.annotated == PNG and drawn.products.found("keyboard") and "annotated_b64" not in drawn.raw
+
+    async def run() -> LocateResult:
+        async with AsyncDeskgen("http://h:1", http_client=httpx.AsyncClient(transport=httpx.MockTransport(locate_answer))) as aclient:
+            return await aclient.locate(PNG, ["keyboard"], annotate=True)
+
+    assert asyncio.run(run()) == drawn
+
+
 def test_sniffed_photo_types() -> None:
     assert sniff_image_type(b"\xff\xd8\xff\xdb") == "image/jpeg"
     assert sniff_image_type(PNG) == "image/png"
@@ -413,6 +571,15 @@ def test_cli_parses_the_documented_command_lines() -> None:
     assert generation_options(args) == {"mix": "ott_3d", "seed": 42}
     args = build_parser().parse_args(["text2img", "a desk", "--steps", "2", "--width", "64", "--timeout", "9", "--json"])
     assert generation_options(args) == {"steps": 2, "width": 64, "timeout_s": 9.0} and args.json
+    args = build_parser().parse_args(["text2img", "a desk", "--products", "monitor, desk lamp", "--no-locate", "--concept", "auto"])
+    assert generation_options(args) == {"products": ["monitor", "desk lamp"], "locate": False, "concept": "auto"}
+    args = build_parser().parse_args(["generate", "desk.jpg", "--annotate", "boxes.png", "--products", "mug"])
+    assert generation_options(args) == {"products": ["mug"], "annotate": True} and args.annotate == "boxes.png"
+    args = build_parser().parse_args(["locate", "photo.png", "--products", "monitor,keyboard", "--annotate", "a.png", "--json"])
+    assert (str(args.image), args.products, args.annotate, args.json) == ("photo.png", ["monitor", "keyboard"], "a.png", True)
+    for wrong in (["locate", "photo.png"], ["locate", "photo.png", "--products", " , "]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(wrong)
     args = build_parser().parse_args(["feedback", "img-1", "like", "--user-id", "u-1"])
     assert (args.image_id, args.event, args.user_id) == ("img-1", "like", "u-1")
     with pytest.raises(SystemExit):
@@ -422,14 +589,57 @@ def test_cli_parses_the_documented_command_lines() -> None:
 def test_progress_bar_is_driven_by_the_step_events() -> None:
     out = io.StringIO()
     bar = ProgressBar(out, width=10)
-    for event in (Classified(0.9, 0.5), Started("ott:1.0", "r1", 0.0), Step(1, 2), Step(2, 2)):
+    located = Located(ProductLocation.from_json(wire(LOCATED)))
+    for event in (Classified(0.9, 0.5), Started("ott:1.0", "r1", 0.0), Step(1, 2), Step(2, 2), located):
         bar(event)
     assert out.getvalue().splitlines() == [
         "desk score 0.900 (threshold 0.5)",
         "generating with ott:1.0 on r1 (queued 0.00 s)",
         "steps [#####-----] 1/2  50%",
         "steps [##########] 2/2 100%",
+        "products: 2/3 found (threshold 0.1, from the request)",
     ]
+
+
+def test_cli_summary_prints_each_product_with_its_best_box() -> None:
+    out = io.StringIO()
+    show_products(ProductLocation.from_json(wire(LOCATED)), out)
+    assert out.getvalue().splitlines() == [
+        "products     2/3 found (threshold 0.1, from the request)",
+        "  monitor   box (8, 4)-(40, 30) px  score 0.910  (+1 more)",
+        "  keyboard  box (10, 40)-(50, 52) px  score 0.770",
+        "  mug       not found",
+    ]
+    out = io.StringIO()
+    show_products(ProductLocation.from_json(wire(ServerLocated(status="timeout", reason="no answer within 10.0 s"))), out)
+    assert out.getvalue() == "products     timeout (no answer within 10.0 s)\n"
+
+
+def test_cli_writes_the_annotated_copy_or_says_why_there_is_none(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from deskgen.client import GenerationResult
+
+    drawn = b"\x89PNG\r\n\x1a\n" + b"\2" * 16
+    result = GenerationResult.from_json(done_payload(annotated=drawn))
+    assert show_result(result, tmp_path / "out.png", tmp_path / "boxes.png", as_json=False) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "out.png").read_bytes() == PNG and (tmp_path / "boxes.png").read_bytes() == drawn
+    assert "timings      classify 0.010 s · caption 0.200 s · generate 0.700 s · total 0.950 s · locate 0.050 s\n" in out
+    assert out.endswith("  mug       not found\nannotated    " + str(tmp_path / "boxes.png") + "\n"), out
+    # Located but not drawn (the locator timed out): the image is written, the copy is not, stderr says why.
+    late = GenerationResult.from_json(done_payload(located=ServerLocated(status="timeout", reason="no answer within 10.0 s")))
+    assert show_result(late, tmp_path / "late.png", tmp_path / "late-boxes.png", as_json=True) == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "late.png").exists() and not (tmp_path / "late-boxes.png").exists()
+    assert "no annotated image to write to" in captured.err and "products timeout: no answer within 10.0 s" in captured.err
+    answer = json.loads(captured.out)
+    assert answer["output"] == str(tmp_path / "late.png") and "annotated" not in answer and "image_b64" not in answer
+
+
+def test_cli_refuses_annotate_without_locating_before_sending(closed_port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["text2img", "a desk", "--url", closed_port, "--no-locate", "--annotate", "boxes.png"]) == EXIT_USAGE
+    assert "--annotate draws the located products" in capsys.readouterr().err
+    assert main(["locate", "photo.png", "--url", closed_port, "--products", "mug", "--annotate", "/no/such/dir/a.png"]) == EXIT_USAGE
+    assert "--annotate /no/such/dir/a.png: the folder '/no/such/dir' does not exist." in capsys.readouterr().err
 
 
 def test_cli_without_a_server_exits_3_with_the_reason(closed_port: str, capsys: pytest.CaptureFixture[str]) -> None:

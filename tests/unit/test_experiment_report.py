@@ -86,3 +86,39 @@ def test_an_unknown_experiment_has_no_report_and_an_empty_one_has_no_numbers(tmp
     assert report is not None and [a.users for a in report.arms] == [0, 0]
     assert math.isnan(report.arms[0].rates["like"].rate)
     assert json.loads(json.dumps(report.public(), allow_nan=False))["arms"][0]["rates"]["like"]["rate"] is None
+
+
+def test_the_report_breaks_arms_down_by_concept_with_the_share_of_products_found(tmp_path: Path) -> None:
+    store = ExperimentStore.open(f"sqlite:///{tmp_path / 'e.db'}")
+    store.ensure_experiment(EXPERIMENT)
+    rows = [  # (image, arm, concept, found fraction, liked)
+        ("a1", "dalle_ott", "cozy-wood", 1.0, True),
+        ("a2", "dalle_ott", "cozy-wood", 0.5, False),
+        ("a3", "dalle_ott", None, None, True),  # no concept; the locator was off
+        ("b1", "ott_3d", "gaming-rgb", 0.25, False),
+        ("b2", "ott_3d", "gaming-rgb", 0.75, True),
+        ("b3", "ott_3d", "gaming-rgb", None, False),  # located nothing (timeout): not in the mean
+    ]
+    exposures = [Exposure(image, EXPERIMENT.id, f"u-{image}", arm, arm, "ab", "ok", 200, concept=concept,
+                          found_fraction=found) for image, arm, concept, found, _ in rows]  # fmt: skip
+    # A refused request with a concept is a guardrail, not a delivered image of its concept.
+    exposures.append(Exposure("b4", EXPERIMENT.id, "u-b4", "ott_3d", "ott_3d", "ab", "timeout", 504, concept="gaming-rgb"))
+    store.record_exposures(exposures)
+    for image, *_, liked in rows:
+        if liked:
+            store.record_feedback(Feedback(image, "like", user_id=f"u-{image}"))
+
+    report = build_report(store, EXPERIMENT.id)
+    assert report is not None
+    control, treatment = report.arms
+    assert sorted(control.by_concept) == ["cozy-wood", "none"] and list(treatment.by_concept) == ["gaming-rgb"]
+    cozy, plain, gaming = control.by_concept["cozy-wood"], control.by_concept["none"], treatment.by_concept["gaming-rgb"]
+    assert (cozy.exposures, cozy.events, cozy.rates["like"]) == (2, {"like": 1}, 0.5)
+    assert (cozy.located_images, cozy.mean_found_fraction) == (2, pytest.approx(0.75))
+    assert (plain.exposures, plain.located_images, plain.rates["like"]) == (1, 0, 1.0) and np.isnan(plain.mean_found_fraction)
+    assert (gaming.exposures, gaming.located_images, gaming.mean_found_fraction) == (3, 2, pytest.approx(0.5))
+    assert gaming.rates["like"] == pytest.approx(1 / 3)
+    assert control.guardrails.located_images == 2 and control.guardrails.mean_found_fraction == pytest.approx(0.75)
+    assert treatment.guardrails.requests == 4 and treatment.guardrails.mean_found_fraction == pytest.approx(0.5)
+    body = json.loads(json.dumps(report.public(), allow_nan=False))
+    assert body["arms"][0]["by_concept"]["none"]["mean_found_fraction"] is None

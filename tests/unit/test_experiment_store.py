@@ -93,6 +93,6 @@ def test_user_totals_count_delivered_images_and_feedback_after_the_first_exposur
     store.record_feedback(Feedback("b1", "like", created_at=t0 - timedelta(seconds=1)))
     totals = {(t.arm, t.user_id): (t.exposures, t.events) for t in store.user_totals(EXPERIMENT.id)}
     assert totals == {("dalle_ott", "alice"): (2, {"like": 2, "select": 1}), ("ott_3d", "bob"): (1, {})}
-    outcomes = sorted((arm, outcome) for arm, outcome, _, _ in store.outcomes(EXPERIMENT.id))
+    outcomes = sorted((arm, outcome) for arm, outcome, _, _, _ in store.outcomes(EXPERIMENT.id))
     assert outcomes == [("dalle_ott", "not_a_desk_setup"), ("dalle_ott", "ok"), ("dalle_ott", "ok"),
                         ("dalle_ott", "ok"), ("ott_3d", "ok")]  # fmt: skip

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 #: What each route can answer besides success: the errors its code paths raise (see deployments/ingress.py).
 ERRORS = {
     ("post", "/v1/generate"): {400, 404, 413, 415, 422, 503, 504},
-    ("post", "/v1/text2img"): {400, 404, 413, 415, 503, 504},
+    ("post", "/v1/text2img"): {400, 404, 413, 415, 422, 503, 504},
     ("post", "/v1/classify"): {400, 413, 415, 503, 504},
     ("post", "/v1/caption"): {400, 413, 415, 503, 504},
     ("post", "/v1/feedback"): {400, 404, 409, 413, 415, 503},
