@@ -73,7 +73,7 @@ def test_writes_are_idempotent_and_survive_a_new_engine(store: ExperimentStore, 
         assert reopened.experiment(EXPERIMENT.id) == EXPERIMENT  # JSON columns round-trip, key order kept
         assert list(reopened.experiment(EXPERIMENT.id).split) == list(EXPERIMENT.split)  # type: ignore[union-attr]
         assert reopened.experiment("exp-000000000000") is None
-        timings = {arm: t for arm, _, _, t in reopened.outcomes(EXPERIMENT.id) if t}
+        timings = {arm: t for arm, _, _, t, _ in reopened.outcomes(EXPERIMENT.id) if t}
         assert timings == {"dalle_ott": {"total_s": 1.25}}
         with reopened.engine.connect() as c:
             stamp = c.exec_driver_sql("SELECT created_at FROM exposures WHERE image_id = 'img-1'").scalar_one()
