@@ -77,7 +77,7 @@ system-deps:
 	fi
 
 test: lint models system-deps
-	$(BIN)/python -m pytest -m "unit or serve or cluster or postgres or observability" -q
+	$(BIN)/python -m pytest -m "unit or serve or cluster or postgres or observability" -q --durations=15
 
 bench-cpu: models
 	$(RAY_ENV) $(BIN)/python -m bench.cpu

@@ -122,9 +122,10 @@ class RunningCluster:
         return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_cluster(tiny_models: Path) -> Iterator[RunningCluster]:
-    """cluster/local.sh start with the test config and free ports; local.sh stop at the end."""
+    """cluster/local.sh start with the test config and free ports; local.sh stop after the module's tests
+    (not at the end of the whole run: its three nodes would slow every later tier on a small machine)."""
     # A short state dir: Ray's Unix socket paths under it must stay below 108 bytes.
     state = Path(tempfile.mkdtemp(prefix="dgc-", dir="/tmp"))
     config = cluster_test_config(tiny_models)
