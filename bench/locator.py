@@ -48,7 +48,7 @@ log = logging.getLogger("bench.locator")
 SECTIONS = ("local", "fullsize", "serve")
 PRODUCTS = ("monitor", "keyboard", "mouse", "desk lamp", "plant", "mug", "chair", "headphones")
 FULLSIZE_IMAGE = 960
-FULLSIZE_PARAMS = 154_846_469  # Owlv2ForObjectDetection at owlv2-base-patch16-ensemble's sizes (checked at build)
+FULLSIZE_PARAMS = 154_966_792  # Owlv2ForObjectDetection with Owlv2Config() and a 960 px input (checked at build)
 
 
 def build_fullsize_owl(out: Path) -> Path:
