@@ -15,7 +15,7 @@ METRICS_PORT ?= 8080
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-gpu cluster-up cluster-down clean
+.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -87,6 +87,9 @@ bench-overload: models
 
 bench-locator: models
 	$(BIN)/python -m bench.locator
+
+bench-bandit: install
+	$(BIN)/python -m bench.bandit
 
 bench-gpu: install
 	$(BIN)/python -m bench.gpu
