@@ -140,6 +140,7 @@ class AccessMiddleware:
         admitted = False
         try:
             key = door.authenticate(headers)
+            scope.setdefault("state", {})["api_key"] = key.name if key is not None else None
             if key is not None:
                 busy_s = door.admission.retry_after_s(door.retry_after_s)
                 verdict = door.quotas.admit(key.name, key, time.monotonic(), generation=generation, busy_retry_s=busy_s)
@@ -194,6 +195,12 @@ class AccessMiddleware:
         metrics.request_error(metrics.route_of(scope), status, body["error"]["code"])
         body["request_id"] = request_id_of(request)
         await error_response(status, body, headers)(scope, receive, send)
+
+
+def api_key_of(request: Request) -> str | None:
+    """The name of the API key the request was admitted with (``None``: the API is open)."""
+    state = request.scope.get("state") or {}
+    return state.get("api_key")  # type: ignore[no-any-return]
 
 
 def _limit_message(code: str, key: ApiKey) -> str:

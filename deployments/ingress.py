@@ -14,6 +14,7 @@ import base64
 import binascii
 import datetime as dt
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -34,7 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from deployments import metrics
-from deployments.access import AccessMiddleware, door
+from deployments.access import AccessMiddleware, api_key_of, door
+from deployments.allocation import Allocator
 from deployments.http_errors import (
     check_request_id,
     error_body,
@@ -78,7 +80,6 @@ from deployments.openapi import (
     generation_answers,
     page_or_json,
 )
-from deskgen.ab import pick_arm
 from deskgen.boxes import annotate, clean_products
 from deskgen.concepts import Concept, with_negative, woven_prompt, woven_style
 from deskgen.contracts import (
@@ -102,7 +103,7 @@ from deskgen.errors import (
 )
 from deskgen.experiments.buffer import ExposureBuffer, Reservation
 from deskgen.experiments.page import render_experiment_list_page, render_report_page
-from deskgen.experiments.records import Experiment, Exposure, Feedback
+from deskgen.experiments.records import Experiment, Exposure, Feedback, Sender
 from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
 from deskgen.limits import MAX_FORM_FIELDS, MAX_FORM_FILES, MAX_SEED
@@ -243,6 +244,8 @@ class IngressRoutes:
         self._catalog: MixCatalog | None = None
         #: Canonical mix id -> its name in the catalogue (the ``mix`` label of the metrics).
         self._mix_names: dict[str, str] = {}
+        #: Which arm a user gets (sticky; under Thompson allocation the weights come from the store).
+        self.allocator = Allocator(self.recorder_method)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig.model_validate(user_config)
@@ -335,7 +338,7 @@ class IngressRoutes:
         elif concept is not None and concept[1].mix is not None:
             name, source, arm = concept[1].mix, "concept", None
         elif self.config.ab_split:
-            arm = pick_arm(self.config.ab_split, user_id, self.config.ab_salt)
+            arm = await self.allocator.arm(self.config.experiment, user_id)
             name, source = arm, "ab"
         else:
             name, source, arm = self.config.default_mix, "default", None
@@ -356,6 +359,7 @@ class IngressRoutes:
         exposure = self.exposures.reserve(
             self.config.experiment, image_id=request_id_of(request), user_id=user_id, arm=arm,
             mix_id=mix_info["id"], mix_source=source, style=style, concept=concept[0] if concept else None,
+            api_key=api_key_of(request),
         )  # fmt: skip
         request.state.exposure = exposure
         return exposure
@@ -367,6 +371,16 @@ class IngressRoutes:
     def exposure_settled(self, exposure: Exposure) -> None:
         metrics.exposure(exposure.experiment_id, exposure.arm, exposure.outcome)
         metrics.exposure_buffer(self.exposures.stats.pending)
+
+    async def recorder_method(self, name: str, args: tuple[Any, ...]) -> Any:
+        return await self.recorder_call(getattr(self.recorder, name).remote(*args))
+
+    async def delivered(self, exposure: Reservation) -> None:
+        """Before an image goes out: wait (at most ``exposure_commit_wait_s``) until its exposure is
+        committed to the store, so an ingress replica killed after delivering loses no exposure. Past the
+        wait (the store is down) the image goes out and its exposure stays buffered."""
+        if not await exposure.committed(self.config.exposure_commit_wait_s):
+            metrics.exposure_commit_timeout()
 
     async def recorder_call(self, call: Awaitable[T]) -> T:
         """A call to the experiment store, bounded by ``recorder_timeout_s`` (then 503: nothing was
@@ -492,6 +506,10 @@ class IngressRoutes:
         admission = asdict(door.admission.stats) | {"shed_load": door.shed_load, "topology_error": door.topology_error}
         return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id, "admission": admission}
 
+    async def info(self) -> dict[str, Any]:
+        """This replica's process and id (a handle call, not a route: for ops tools and the fault tests)."""
+        return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id}
+
     @api.get("/readyz", responses={503: {"description": "a model stage does not answer (same body)"}})
     async def readyz(self) -> JSONResponse:
         """Ready when every model stage answers a ping within 5 s. The experiment recorder and the product
@@ -527,7 +545,15 @@ class IngressRoutes:
             "default_mix": self.config.default_mix,
             "ab_split": {arm: share / total for arm, share in self.config.ab_split.items()},
             "ab_salt": self.config.ab_salt,
+            "ab_policy": self.config.experiment.policy.public(),
+            "ab_weights": await self.live_weights(),
         }
+
+    async def live_weights(self) -> dict[str, float]:
+        """The share of new users each arm gets now (the split, or the bandit's current weights)."""
+        if not self.config.ab_split:
+            return {}
+        return await self.allocator.weights(self.config.experiment)
 
     @api.get("/v1/limits")
     async def limits(self) -> dict[str, Any]:
@@ -643,23 +669,27 @@ class IngressRoutes:
         return answer
 
     @api.post("/v1/feedback", status_code=201, openapi_extra=json_body(FeedbackRequest),
-              responses=answers(400, 404, 409, 413, 415, 503, ok=FEEDBACK_ANSWERS))  # fmt: skip
+              responses=answers(400, 403, 404, 409, 413, 415, 503, ok=FEEDBACK_ANSWERS))  # fmt: skip
     @json_errors
     async def feedback(self, request: Request) -> JSONResponse:
         """What the user did with an image. 201 once stored (committed), 200 for a repeat of the same
-        (image_id, event): a retry never double counts. 404 unknown image, 409 another user's image."""
+        (image_id, event): a retry never double counts. 404 unknown image. Who may rate an image: with API
+        keys configured, only the API key that generated it (403 `feedback_forbidden`, field `image_id`);
+        an image delivered to a `user_id` needs that `user_id` (403 without one, field `user_id`; 409
+        `user_mismatch` with another)."""
         body, _ = await self.parse(request, FeedbackRequest, image="none")
         fb = Feedback(image_id=body.image_id, event=body.event, user_id=body.user_id, value=body.value)
+        sender = Sender(api_key=api_key_of(request), keys_required=bool(self.config.api_keys))
         # This replica's own exposures first: the image may have been delivered a moment ago.
         await self.exposures.flush()
         try:
-            new = await self.recorder_call(self.recorder.record_feedback.remote(fb))
+            new = await self.recorder_call(self.recorder.record_feedback.remote(fb, sender))
         except Exception as exc:
             if not isinstance(unwrap(exc), UnknownImage):
                 raise
             # Delivered through another ingress replica, whose buffer flushes within exposure_flush_s.
             await asyncio.sleep(2 * self.config.exposure_flush_s)
-            new = await self.recorder_call(self.recorder.record_feedback.remote(fb))
+            new = await self.recorder_call(self.recorder.record_feedback.remote(fb, sender))
         answer = {"image_id": fb.image_id, "event": fb.event, "recorded": True, "duplicate": not new}
         return JSONResponse(answer, status_code=201 if new else 200)
 
@@ -680,7 +710,7 @@ class IngressRoutes:
         """Per arm: users, exposures, event rates with 95 % CIs (the user is the unit), differences against
         the control, the sample-ratio test and guardrails. HTML with a chart for ``Accept: text/html``."""
         await self.exposures.flush()
-        report = await self.recorder_call(self.recorder.report.remote(experiment_id))
+        report = await self.recorder_call(self.recorder.report.remote(experiment_id, self.config.experiment))
         if report is None:
             raise UnknownExperiment(f"`experiment_id`: no experiment {experiment_id!r} was recorded.", field="experiment_id")
         if wants_html(request):
@@ -763,6 +793,7 @@ class IngressRoutes:
             else Response(result.png, media_type="image/png", headers=headers)
         )
         exposure.settle("ok", 200, seed=params.seed, found_fraction=located.found_fraction)
+        await self.delivered(exposure)
         return response
 
     # -- product location ------------------------------------------------------------------------
@@ -860,6 +891,7 @@ class IngressRoutes:
                     info["timings"]["total_s"] = time.perf_counter() - started
                     done = sse(event.event, self.json_result(event, info, exposure.image_id))
                     exposure.settle("ok", 200, seed=event.params.seed, found_fraction=located.found_fraction)
+                    await self.delivered(exposure)
                     yield done
                     return
                 yield sse(event.event, event.public())

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 from deskgen.apikeys import ApiKey
 from deskgen.boxes import PRODUCT_PATTERN, PRODUCT_RULE
 from deskgen.concepts import AUTO, CONCEPT_NAME_PATTERN, ConceptConfig
-from deskgen.experiments.records import FEEDBACK_EVENTS, Experiment
+from deskgen.experiments.records import FEEDBACK_EVENTS, AllocationKind, Experiment, Policy
 from deskgen.limits import (
     DEFAULT_SIZE_LIMITS,
     DEFAULT_UPLOAD_LIMITS,
@@ -32,6 +32,42 @@ from deskgen.mixes import MIX_SPEC_PATTERN, MIX_SPEC_RULE, NAMED_MIXES
 from deskgen.prompt import STYLE_PATTERN, validate_style
 
 
+class AbPolicy(BaseModel):
+    """How the experiment decides and allocates (``ab_policy`` in the Ingress ``user_config``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary_metric: Literal["like", "dislike", "download", "select"] = Field(
+        "like", description="the event whose rate per delivered image decides the experiment"
+    )
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="error rate of the always-valid arm comparisons")
+    mde: float = Field(
+        0.03, gt=0.0, le=1.0, description="minimum detectable effect: the smallest difference of the primary "
+        "metric's rate worth acting on (absolute: 0.03 = 3 percentage points)"
+    )
+    allocation: AllocationKind = Field(
+        "fixed", description="fixed: new users split by ab_split; thompson: by each arm's probability of being "
+        "best (Thompson sampling) after a burn-in on ab_split"
+    )
+    burn_in_users: int = Field(100, ge=1, description="thompson: users every arm gets on ab_split first")
+    update_every_s: float = Field(60.0, ge=1.0, description="thompson: how often the weights are recomputed")
+    floor: float = Field(0.01, ge=0.0, lt=1.0, description="thompson: the smallest share an arm keeps")
+    floors: dict[str, float] = Field(default_factory=dict, description="thompson: per-arm floors (override floor)")
+
+    @field_validator("floors")
+    @classmethod
+    def _floors_in_range(cls, floors: dict[str, float]) -> dict[str, float]:
+        for arm, value in floors.items():
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"the floor of arm {arm!r} must be in [0, 1) but is {value}")
+        return floors
+
+    def policy(self, arms: list[str]) -> Policy:
+        floors = {arm: self.floors.get(arm, self.floor) for arm in arms}
+        return Policy(primary_metric=self.primary_metric, alpha=self.alpha, mde=self.mde, allocation=self.allocation,
+                      burn_in_users=self.burn_in_users, update_every_s=self.update_every_s, floors=floors)  # fmt: skip
+
+
 class IngressConfig(ConceptConfig):
     """The ingress's ``user_config``: mix catalogue, A/B split, defaults and limits.
 
@@ -46,6 +82,11 @@ class IngressConfig(ConceptConfig):
         default_factory=dict, description="arm (a named mix) -> share; shares are normalised; empty = default_mix"
     )
     ab_salt: str = Field("deskgen-ab-v1", description="change it to reshuffle which users land in which arm")
+    ab_policy: AbPolicy = Field(default_factory=AbPolicy)
+    exposure_commit_wait_s: float = Field(
+        2.0, ge=0.0, le=60.0, description="how long a finished image waits for its exposure to be committed "
+        "to the experiment store before it is delivered (0 = deliver at once and record in the background)"
+    )
     default_steps: int = Field(30, ge=1)
     default_guidance: float = Field(5.0, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
     default_width: int = Field(1024, ge=SIDE_MULTIPLE)
@@ -108,6 +149,13 @@ class IngressConfig(ConceptConfig):
         for arm in [*self.ab_split, self.default_mix]:
             if arm not in self.mixes:
                 raise ValueError(f"{arm!r} is not one of the named mixes {sorted(self.mixes)}")
+        arms = list(self.ab_split or {self.default_mix: 1.0})
+        unknown = sorted(set(self.ab_policy.floors) - set(arms))
+        if unknown:
+            raise ValueError(f"ab_policy.floors: {unknown} are not arms of ab_split {arms}")
+        total = sum(self.ab_policy.policy(arms).floors.values())
+        if self.ab_policy.allocation == "thompson" and total > 1.0:
+            raise ValueError(f"ab_policy.floors: the arms' floors sum to {total:g}, past 1")
         for name, concept in self.concepts.items():
             if concept.mix is not None and concept.mix not in self.mixes and not re.fullmatch(MIX_SPEC_PATTERN, concept.mix):
                 raise ValueError(f"concepts.{name}.mix: {concept.mix!r} is not {MIX_SPEC_RULE}")
@@ -118,7 +166,8 @@ class IngressConfig(ConceptConfig):
         """The experiment this config runs: its A/B split (or the default mix alone) with the salt and the
         weights of its arms. A ``serve deploy`` that changes any of them starts a new experiment."""
         split = self.ab_split or {self.default_mix: 1.0}
-        return Experiment(split=dict(split), salt=self.ab_salt, mixes={arm: dict(self.mixes[arm]) for arm in split})
+        return Experiment(split=dict(split), salt=self.ab_salt, mixes={arm: dict(self.mixes[arm]) for arm in split},
+                          policy=self.ab_policy.policy(list(split)))  # fmt: skip
 
     @property
     def limits(self) -> SizeLimits:

@@ -166,6 +166,11 @@ def feedback(experiment: str, arm: str | None, event: str) -> None:
                    {"experiment": experiment, "arm": arm or "none", "event": event})  # fmt: skip
 
 
+def exposure_commit_timeout() -> None:
+    _metrics.count("deskgen_exposure_commit_timeouts", "images delivered before their exposure was committed "
+                   "(the experiment store did not answer within exposure_commit_wait_s)", {})  # fmt: skip
+
+
 def exposure_buffer(pending: int) -> None:
     _metrics.set("deskgen_exposure_buffer_pending", "exposures waiting in the ingress for the experiment store", {}, pending)
 

@@ -30,6 +30,8 @@ class ErrorBody(BaseModel):
 STATUS_MEANING = {
     400: "a parameter is outside its documented range or malformed (the field is named)",
     401: "API keys are configured and the request has none or an unknown one (see WWW-Authenticate)",
+    403: ("feedback from a caller who may not rate the image: with API keys configured only the key that "
+          "generated it may; an image delivered to a user_id needs that user_id"),
     404: "an unknown mix, adapter, image or experiment",
     409: "the image was delivered to another user",
     413: "the body or the image is larger than the limit",

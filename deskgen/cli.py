@@ -149,12 +149,16 @@ def cmd_mixes(client: Deskgen, args: argparse.Namespace) -> int:
     mixes = client.mixes()
     if args.json:
         return print_json({"adapters": list(mixes.adapters), "named_mixes": {n: {"id": m.id, "weights": m.weights} for n, m in mixes.named.items()},
-                           "default_mix": mixes.default_mix, "ab_split": mixes.ab_split, "ab_salt": mixes.ab_salt})  # fmt: skip
+                           "default_mix": mixes.default_mix, "ab_split": mixes.ab_split, "ab_salt": mixes.ab_salt,
+                           "allocation": mixes.allocation, "ab_weights": mixes.ab_weights})  # fmt: skip
     out = sys.stdout
     print(f"adapters     {', '.join(mixes.adapters)}", file=out)
     print(f"default mix  {mixes.default_mix}", file=out)
     split = " · ".join(f"{arm} {share:.0%}" for arm, share in mixes.ab_split.items()) or "off (the default mix)"
     print(f"A/B split    {split}", file=out)
+    if mixes.allocation != "fixed" and mixes.ab_weights:
+        weights = " · ".join(f"{arm} {share:.0%}" for arm, share in mixes.ab_weights.items())
+        print(f"A/B now      {weights} ({mixes.allocation})", file=out)
     print("named mixes", file=out)
     width = max((len(n) for n in mixes.named), default=0)
     for name, mix in mixes.named.items():

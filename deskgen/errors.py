@@ -95,6 +95,14 @@ class FeedbackConflict(DeskgenError):
     code = "user_mismatch"
 
 
+class FeedbackForbidden(DeskgenError):
+    """Feedback for an image from a caller who may not rate it (403): with API keys configured, only the key
+    that generated the image; an image delivered to a ``user_id`` needs that ``user_id``."""
+
+    status = 403
+    code = "feedback_forbidden"
+
+
 class ModelFilesMissing(RuntimeError):
     """A configured model path does not exist. Raised at start-up, never per request."""
 

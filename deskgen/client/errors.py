@@ -77,6 +77,11 @@ class Unauthorized(DeskgenError):
         return self.headers.get("www-authenticate")
 
 
+class Forbidden(DeskgenError):
+    """403: feedback from a caller who may not rate the image (``feedback_forbidden``): with API keys
+    configured only the key that generated it may; an image delivered to a user needs that ``user_id``."""
+
+
 class NotFound(DeskgenError):
     """404: an unknown mix or adapter (``unknown_mix``), image (``unknown_image``), experiment or route."""
 
@@ -153,6 +158,7 @@ class DeskgenConnectionError(DeskgenError):
 ERRORS_BY_STATUS: dict[int, type[DeskgenError]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,

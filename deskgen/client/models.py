@@ -348,6 +348,10 @@ class Mixes:
     ab_split: dict[str, float]
     ab_salt: str
     unavailable: dict[str, str] = field(default_factory=dict)
+    #: The share of new users each arm gets now: the split, or a Thompson bandit's current weights.
+    ab_weights: dict[str, float] = field(default_factory=dict)
+    #: How the experiment allocates: ``fixed`` or ``thompson`` (``ab_policy.allocation``).
+    allocation: str = "fixed"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Mixes:
@@ -361,6 +365,8 @@ class Mixes:
             ab_split={str(k): float(v) for k, v in (data.get("ab_split") or {}).items()},
             ab_salt=str(data.get("ab_salt", "")),
             unavailable={str(k): str(v) for k, v in (data.get("unavailable") or {}).items()},
+            ab_weights={str(k): float(v) for k, v in (data.get("ab_weights") or {}).items()},
+            allocation=str((data.get("ab_policy") or {}).get("allocation", "fixed")),
         )
 
 

@@ -7,11 +7,16 @@ are refused with 503 before they cost anything, while the requests already admit
 the buffer may exceed ``capacity`` by the requests in flight, at most the ingress's ``max_ongoing_requests``).
 A batch leaves the buffer only once the recorder answered that it committed it; a retry of a batch whose
 answer was lost is harmless because the store skips rows it already has.
+
+A delivered image's exposure must not die with the replica: :meth:`Reservation.committed` lets the route
+wait until the exposure's batch is committed before the image goes out (bounded: while the store is down,
+images still go out and their exposures wait here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -53,9 +58,12 @@ class Reservation:
     mix_source: MixSource
     style: str | None = None
     concept: str | None = None
+    api_key: str | None = None
     #: The request's stage timings, filled in as the stages run (recorded as they are at settle time).
     timings: dict[str, float] = field(default_factory=dict)
     settled: bool = False
+    #: The exposure's place in the buffer's order (set at settle): committed once the buffer wrote it.
+    seq: int = 0
 
     def settle(self, outcome: str, status: int, *, seed: int | None = None, found_fraction: float | None = None) -> None:
         if self.settled:
@@ -65,8 +73,13 @@ class Reservation:
             image_id=self.image_id, experiment_id=self.experiment.id, user_id=self.user_id, arm=self.arm,
             mix_id=self.mix_id, mix_source=self.mix_source, outcome=outcome, status=status, style=self.style,
             seed=seed, timings=dict(self.timings), concept=self.concept, found_fraction=found_fraction,
+            api_key=self.api_key,
         )  # fmt: skip
-        self.buffer._settled(self.experiment, exposure)
+        self.seq = self.buffer._settled(self.experiment, exposure)
+
+    async def committed(self, timeout_s: float) -> bool:
+        """Wait until the settled exposure is committed to the store, at most ``timeout_s``; whether it is."""
+        return await self.buffer.wait_written(self.seq, timeout_s)
 
 
 class ExposureBuffer:
@@ -84,6 +97,12 @@ class ExposureBuffer:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: Exposures settled so far, and how many of them (a prefix: the queue is FIFO) are committed.
+        self._settled_count = 0
+        self._written_count = 0
+        self._progress = asyncio.Event()
+        #: Set while a route waits for a commit: the writer skips the gathering pause.
+        self._urgent = asyncio.Event()
 
     # -- the request side ----------------------------------------------------------------------------
 
@@ -98,13 +117,31 @@ class ExposureBuffer:
         self._ensure_task()
         return Reservation(self, experiment, **fields)
 
-    def _settled(self, experiment: Experiment, exposure: Exposure) -> None:
+    def _settled(self, experiment: Experiment, exposure: Exposure) -> int:
         self._experiments[experiment.id] = experiment
         self._queue.append(exposure)
+        self._settled_count += 1
         self.stats.pending = len(self._queue)
         self._wake.set()
         if self.on_settled is not None:
             self.on_settled(exposure)
+        return self._settled_count
+
+    async def wait_written(self, seq: int, timeout_s: float) -> bool:
+        """Wait until the ``seq``-th settled exposure is committed, at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        if self._written_count < seq:
+            self._urgent.set()
+        while self._written_count < seq:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            progress = self._progress
+            try:
+                await asyncio.wait_for(progress.wait(), remaining)
+            except TimeoutError:
+                return self._written_count >= seq
+        return True
 
     # -- the writer side -----------------------------------------------------------------------------
 
@@ -124,6 +161,9 @@ class ExposureBuffer:
                     raise
                 for _ in batch:
                     self._queue.popleft()
+                self._written_count += len(batch)
+                self._progress.set()
+                self._progress = asyncio.Event()
                 written += len(batch)
                 self.stats.written += len(batch)
                 self.stats.pending = len(self._queue)
@@ -140,8 +180,12 @@ class ExposureBuffer:
         backoff = self.flush_interval_s
         while True:
             await self._wake.wait()
-            await asyncio.sleep(self.flush_interval_s)  # let a burst gather into one batch
+            # Let a burst gather into one batch, unless a route waits for its exposure to be committed: then
+            # write now (group commit: what settles while this write is in flight goes in the next one).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), self.flush_interval_s)
             self._wake.clear()
+            self._urgent.clear()
             try:
                 await self.flush()
                 backoff = self.flush_interval_s

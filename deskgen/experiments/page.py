@@ -36,6 +36,7 @@ th:first-child,td:first-child{text-align:left}
 figure{margin:1rem 0}figcaption{color:#57606a;font-size:.9em}
 svg{width:100%;max-width:44rem;height:auto;font:12px system-ui,sans-serif}svg text{fill:#1b1f24}
 svg .grid{stroke:#d0d7de}svg .event{font-weight:600}
+pre{overflow-x:auto;background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:.5rem .75rem}
 """
 
 
@@ -205,20 +206,27 @@ def render_report_page(report: Mapping[str, Any]) -> str:
         name = str(arm.get("arm"))
         rates: Mapping[str, Any] = arm.get("rates") or {}
         diffs: Mapping[str, Any] | None = arm.get("vs_control")
+        always: Mapping[str, Any] = arm.get("vs_control_sequential") or {}
         rows = []
         for event in events:
-            r, d = rates.get(event) or {}, (diffs or {}).get(event) or {}
+            r, d, a = rates.get(event) or {}, (diffs or {}).get(event) or {}, always.get(event) or {}
             rate = f'{_pct(r.get("rate"))} <span class="ci">{_interval(r.get("ci_low"), r.get("ci_high"), _pct)}</span>'
             if diffs is None:
-                diff, p = "control", MISSING
-            else:
-                diff = f'{_pp(d.get("estimate"))} <span class="ci">{_interval(d.get("ci_low"), d.get("ci_high"), _pp)}</span>'
-                p = _p(d.get("p_value"))
-            rows.append((escape(event), rate, diff, p))
+                rows.append((escape(event), rate, "control", MISSING, "control", MISSING))
+                continue
+            rows.append((
+                escape(event), rate,
+                f'{_pp(a.get("estimate"))} <span class="ci">{_interval(a.get("ci_low"), a.get("ci_high"), _pp)}</span>',
+                _p(a.get("p_value")),
+                f'{_pp(d.get("estimate"))} <span class="ci">{_interval(d.get("ci_low"), d.get("ci_high"), _pp)}</span>',
+                _p(d.get("p_value")),
+            ))  # fmt: skip
         role = " (control)" if name == control else ""
         caption = (f'<span class="swatch" style="background:{colours[name]}"></span>{escape(name)}{role} — '
-                   f"users {arm.get('users', MISSING)}, exposures {arm.get('exposures', MISSING)}")  # fmt: skip
-        sections.append(_table(caption, ("Event", "Rate (95 % CI)", "Δ vs control (95 % CI)", "p"), rows))
+                   f"users {arm.get('users', MISSING)}, exposures {arm.get('exposures', MISSING)}, "
+                   f"P(best) {_pct(arm.get('p_best'))}, share of new users {_pct(arm.get('weight'))}")  # fmt: skip
+        sections.append(_table(caption, ("Event", "Rate (95 % CI)", "Δ vs control, always valid", "p, always valid",
+                                         "Δ vs control, fixed horizon (95 % CI)", "p, fixed horizon"), rows))  # fmt: skip
     guard = [
         (escape(str(a.get("arm"))), str((g := a.get("guardrails") or {}).get("requests", MISSING)),
          _seconds(g.get("p50_total_s")), _seconds(g.get("p95_total_s")),
@@ -237,11 +245,15 @@ def render_report_page(report: Mapping[str, Any]) -> str:
         f'<p class="meta">Split: {_shares(split)}<br>Salt: <code>{escape(str(report.get("salt")))}</code><br>'
         f"Control: {escape(control)}</p>",
         banner,
+        _decision(report.get("decision") or {}, report.get("promotion")),
         "<h2>Event rates per arm</h2>",
+        _reading(report.get("methods") or {}),
         *sections,
         "<h2>Chart</h2>",
         f"<figure>{_chart(arms, events, colours)}<figcaption>Rate per exposure, users as the unit; bars: 95 % "
         f"confidence intervals.</figcaption></figure>",
+        "<h2>Allocation</h2>",
+        _allocation(report.get("allocation") or {}, [str(a.get("arm")) for a in arms]),
         "<h2>Guardrails</h2>",
         _table("Latency of delivered images, errors and gate rejections over all requests; the share of the "
                "products asked for that the locator found in delivered images",
@@ -252,6 +264,58 @@ def render_report_page(report: Mapping[str, Any]) -> str:
         if by_concept else "<p>No delivered image yet.</p>",
     ])  # fmt: skip
     return _page(f"Experiment {experiment_id}", body)
+
+
+VERDICTS = {"winner": "Winner", "no_difference": "No difference larger than the MDE", "keep_running": "Keep running"}
+
+
+def _decision(decision: Mapping[str, Any], promotion: Mapping[str, Any] | None) -> str:
+    """The decision on the primary metric in one banner, and the config change that acts on it."""
+    if not decision:
+        return ""
+    verdict = str(decision.get("verdict"))
+    head = escape(VERDICTS.get(verdict, verdict))
+    if verdict == "winner":
+        head += (f": <strong>{escape(str(decision.get('winner')))}</strong>, "
+                 f"{_pp(decision.get('effect'))} {_interval(decision.get('ci_low'), decision.get('ci_high'), _pp)}")  # fmt: skip
+    elif verdict == "keep_running" and decision.get("users_needed") is not None:
+        head += f": at most about {escape(str(decision.get('users_needed')))} more users"
+    policy = (f"Primary metric {escape(str(decision.get('metric')))} rate, alpha {escape(str(decision.get('alpha')))}, "
+              f"minimum detectable effect {_pp(decision.get('mde'))}.")  # fmt: skip
+    parts = [f'<div class="banner decision" data-verdict="{escape(verdict)}"><strong>Decision</strong> — {head}.<br>'
+             f'{escape(str(decision.get("reason", "")))} <span class="ci">{policy}</span></div>']  # fmt: skip
+    if promotion:
+        parts.append(f"<p>To act on it, change <code>serve_config.yaml</code> and run "
+                     f"<code>{escape(str(promotion.get('apply')))}</code>:</p>"
+                     f'<pre class="promotion">{escape(str(promotion.get("yaml")))}</pre>')  # fmt: skip
+    return "\n".join(parts)
+
+
+def _reading(methods: Mapping[str, Any]) -> str:
+    """Which figures may be read when."""
+    if not methods:
+        return ""
+    items = "".join(f"<li><strong>{escape(str(k))}</strong>: {escape(str(v))}</li>" for k, v in methods.items())
+    return (f'<p class="reading">Read the <em>always valid</em> columns at any time, as often as you like; the '
+            f"<em>fixed horizon</em> columns only once, at a number of users chosen in advance.</p><ul>{items}</ul>")
+
+
+def _allocation(allocation: Mapping[str, Any], arms: Sequence[str]) -> str:
+    """The allocation policy and the weights over time (one row per stored epoch, the latest 30)."""
+    history: list[Mapping[str, Any]] = list(allocation.get("history") or [])
+    head = (f'<p class="meta">Allocation: {escape(str(allocation.get("policy", "fixed")))}, phase '
+            f'{escape(str(allocation.get("phase", MISSING)))}; share of new users now: '
+            f'{_shares(allocation.get("weights") or {})}</p>')  # fmt: skip
+    if not history:
+        return head
+    rows = [
+        (escape(str(h.get("computed_at", MISSING))), escape(str(h.get("phase"))),
+         *(f'{_pct((h.get("weights") or {}).get(arm))} <span class="ci">P(best) {_pct((h.get("p_best") or {}).get(arm))}</span>'
+           for arm in arms))
+        for h in history[-30:]
+    ]  # fmt: skip
+    return head + _table(f"Weights over time ({len(history)} updates; the latest 30)",
+                         ("Computed at", "Phase", *(escape(a) for a in arms)), rows)  # fmt: skip
 
 
 def render_experiment_list_page(experiments: Sequence[Mapping[str, Any]]) -> str:

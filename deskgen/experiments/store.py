@@ -18,9 +18,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
-from deskgen.errors import FeedbackConflict, UnknownImage
-from deskgen.experiments.records import Experiment, Exposure, Feedback, now
-from deskgen.experiments.schema import experiments, exposures, feedback
+from deskgen.errors import FeedbackConflict, FeedbackForbidden, UnknownImage
+from deskgen.experiments.records import Experiment, Exposure, Feedback, Policy, Sender, now
+from deskgen.experiments.schema import allocations, assignments, experiments, exposures, feedback
 from deskgen.paths import resolve
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -65,6 +65,11 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def _allocation_row(row: Any) -> dict[str, Any]:
+    return {"epoch": int(row.epoch), "phase": row.phase, "weights": dict(row.weights), "p_best": dict(row.p_best),
+            "users": dict(row.users), "computed_at": row.computed_at.isoformat()}  # fmt: skip
 
 
 def _insert(connection: Connection, table: Any) -> Any:
@@ -123,10 +128,13 @@ class ExperimentStore:
         return cls(engine)
 
     def ensure_experiment(self, experiment: Experiment) -> str:
+        """Store ``experiment`` if new; its policy (not part of its id) is updated to the one given."""
+        policy = experiment.policy.public()
         with self.engine.begin() as c:
             row = {"id": experiment.id, "split": experiment.split, "salt": experiment.salt,
-                   "mixes": experiment.mixes, "created_at": now()}  # fmt: skip
+                   "mixes": experiment.mixes, "created_at": now(), "policy": policy}  # fmt: skip
             c.execute(_insert(c, experiments).values(row).on_conflict_do_nothing(index_elements=["id"]))
+            c.execute(experiments.update().where(experiments.c.id == experiment.id).values(policy=policy))
         return experiment.id
 
     def record_exposures(self, batch: Sequence[Exposure]) -> int:
@@ -140,16 +148,33 @@ class ExperimentStore:
             )
         return int(result.rowcount or 0)
 
-    def record_feedback(self, fb: Feedback) -> FeedbackReceipt:
+    def record_feedback(self, fb: Feedback, sender: Sender | None = None) -> FeedbackReceipt:
         """Store ``fb``; the receipt says whether it is new (not a retry of a stored (image, event)) and
-        which experiment arm the image belongs to."""
+        which experiment arm the image belongs to.
+
+        Who may rate an image: with API keys required (``sender.keys_required``), only the key that
+        generated it (an image made while the API was open has no key and any key may rate it); an image
+        delivered to a user id needs that user id (403 without one, 409 with another)."""
+        sender = sender or Sender()
         with self.engine.begin() as c:
             owner = c.execute(
-                select(exposures.c.user_id, exposures.c.experiment_id, exposures.c.arm)
+                select(exposures.c.user_id, exposures.c.experiment_id, exposures.c.arm, exposures.c.api_key)
                 .where(exposures.c.image_id == fb.image_id, exposures.c.outcome == "ok")
             ).first()
             if owner is None:  # never answered, or answered with an error and no image
                 raise UnknownImage(f"`image_id`: no image {fb.image_id!r} was delivered.", field="image_id")
+            if sender.keys_required and owner.api_key is not None and owner.api_key != sender.api_key:
+                raise FeedbackForbidden(
+                    f"`image_id`: image {fb.image_id!r} was generated with another API key; feedback for an "
+                    "image is accepted only with the API key that generated it.",
+                    field="image_id",
+                )
+            if fb.user_id is None and owner.user_id is not None:
+                raise FeedbackForbidden(
+                    f"`user_id`: image {fb.image_id!r} was delivered to a user; feedback for it needs that "
+                    "user's `user_id`.",
+                    field="user_id",
+                )
             if fb.user_id is not None and fb.user_id != owner.user_id:
                 raise FeedbackConflict(
                     f"`user_id`: image {fb.image_id!r} was delivered to another user, not {fb.user_id!r}.",
@@ -165,7 +190,60 @@ class ExperimentStore:
     def experiment(self, experiment_id: str) -> Experiment | None:
         with self.engine.connect() as c:
             row = c.execute(select(experiments).where(experiments.c.id == experiment_id)).first()
-        return None if row is None else Experiment(split=dict(row.split), salt=row.salt, mixes=dict(row.mixes))
+        if row is None:
+            return None
+        return Experiment(split=dict(row.split), salt=row.salt, mixes=dict(row.mixes), policy=Policy.of(row.policy))
+
+    # -- allocation (bandits) -------------------------------------------------------------------------
+
+    def allocation(self, experiment_id: str, epoch: int) -> dict[str, Any] | None:
+        """The weights stored for ``epoch`` (``None``: not computed yet)."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                select(allocations).where(allocations.c.experiment_id == experiment_id, allocations.c.epoch == epoch)
+            ).first()
+        return None if row is None else _allocation_row(row)
+
+    def store_allocation(self, experiment_id: str, epoch: int, phase: str, weights: dict[str, float],
+                         p_best: dict[str, float], users: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+        """Store the weights of ``epoch`` unless some replica stored them first; returns the stored row (the
+        first writer's), so every replica uses the same weights within an epoch."""
+        row = {"experiment_id": experiment_id, "epoch": epoch, "phase": phase, "weights": weights,
+               "p_best": p_best, "users": users, "computed_at": now()}  # fmt: skip
+        with self.engine.begin() as c:
+            c.execute(_insert(c, allocations).values(row).on_conflict_do_nothing(index_elements=["experiment_id", "epoch"]))
+        stored = self.allocation(experiment_id, epoch)
+        assert stored is not None
+        return stored
+
+    def allocation_history(self, experiment_id: str) -> list[dict[str, Any]]:
+        """Every stored epoch's weights, oldest first."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(allocations).where(allocations.c.experiment_id == experiment_id).order_by(allocations.c.epoch)
+            ).all()
+        return [_allocation_row(r) for r in rows]
+
+    def assign(self, experiment_id: str, user_id: str, arm: str, weights: dict[str, float]) -> str:
+        """The user's arm: the one first stored for them in this experiment, else ``arm`` (drawn with
+        ``weights``), stored now. Concurrent first requests of one user agree: the first insert wins."""
+        row = {"experiment_id": experiment_id, "user_id": user_id, "arm": arm, "weights": weights,
+               "assigned_at": now()}  # fmt: skip
+        with self.engine.begin() as c:
+            c.execute(_insert(c, assignments).values(row).on_conflict_do_nothing(index_elements=["experiment_id", "user_id"]))
+            stored = c.execute(
+                select(assignments.c.arm)
+                .where(assignments.c.experiment_id == experiment_id, assignments.c.user_id == user_id)
+            ).scalar_one()  # fmt: skip
+        return str(stored)
+
+    def assignment_weights(self, experiment_id: str) -> dict[str, dict[str, float]]:
+        """User id -> the weights their arm was drawn with (bandit experiments)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(assignments.c.user_id, assignments.c.weights).where(assignments.c.experiment_id == experiment_id)
+            ).all()
+        return {r.user_id: dict(r.weights) for r in rows}
 
     def experiment_ids(self) -> list[str]:
         with self.engine.connect() as c:
@@ -220,6 +298,18 @@ class ExperimentStore:
         for arm, user, name, n in events:
             counts.setdefault((arm, user), {})[name] = int(n)
         return [UserTotals(arm, user, int(n), counts.get((arm, user), {})) for arm, user, n in shown]
+
+    def evidence(self, experiment_id: str, metric: str) -> dict[str, Any]:
+        """Per arm, the users' totals of one event (``metric``) and of delivered images: what a bandit
+        allocates on (deskgen.experiments.bandit.ArmEvidence)."""
+        from deskgen.experiments.bandit import ArmEvidence
+
+        per_arm: dict[str, tuple[list[float], list[float]]] = {}
+        for totals in self.user_totals(experiment_id):
+            events, shown = per_arm.setdefault(totals.arm, ([], []))
+            events.append(float(totals.events.get(metric, 0)))
+            shown.append(float(totals.exposures))
+        return {arm: ArmEvidence(events=events, exposures=shown) for arm, (events, shown) in per_arm.items()}
 
     def outcomes(self, experiment_id: str) -> Iterable[Any]:
         """Every exposure's arm, outcome, status, timings and found fraction (for the guardrails)."""

@@ -64,7 +64,7 @@ def test_writes_are_idempotent_and_survive_a_new_engine(store: ExperimentStore, 
     assert store.record_exposures([]) == 0
     assert store.record_feedback(Feedback("img-1", "like", user_id="alice")).new is True
     assert store.record_feedback(Feedback("img-1", "like", user_id="alice")).new is False  # a retried post
-    assert store.record_feedback(Feedback("img-1", "download")).new is True  # no user id given: accepted
+    assert store.record_feedback(Feedback("img-1", "download", user_id="alice")).new is True
     reopened = ExperimentStore.open(pg_url)
     try:
         totals = {(t.arm, t.user_id): (t.exposures, t.events) for t in reopened.user_totals(EXPERIMENT.id)}
@@ -105,6 +105,30 @@ def test_user_totals_count_delivered_images_and_feedback_after_the_first_exposur
     sqlite_store_tests.test_user_totals_count_delivered_images_and_feedback_after_the_first_exposure(store)
 
 
+def test_only_the_generating_key_and_the_delivered_user_may_rate_an_image(store: ExperimentStore) -> None:
+    sqlite_store_tests.test_only_the_generating_key_and_the_delivered_user_may_rate_an_image(store)
+
+
+def test_allocations_keep_the_first_writer_per_epoch_and_assignments_the_first_arm(store: ExperimentStore) -> None:
+    sqlite_store_tests.test_allocations_keep_the_first_writer_per_epoch_and_assignments_the_first_arm(store)
+
+
+def test_a_policy_change_keeps_the_experiment_and_updates_its_policy(store: ExperimentStore) -> None:
+    sqlite_store_tests.test_a_policy_change_keeps_the_experiment_and_updates_its_policy(store)
+
+
+def test_racing_first_requests_of_a_user_agree_on_one_arm_and_one_epoch_on_one_weight_set(store: ExperimentStore) -> None:
+    """Replicas (threads on their own connections) assign a new user and store an epoch's weights at once:
+    the first insert wins and every caller gets what it stored."""
+    arms = ["dalle_ott", "ott_3d"] * 8
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda arm: store.assign(EXPERIMENT.id, "racer", arm, {arm: 1.0}), arms))
+        weights = list(pool.map(lambda i: store.store_allocation(EXPERIMENT.id, 42, "thompson", {"dalle_ott": i / 16, "ott_3d": 1 - i / 16},
+                                                                 {}, {})["weights"], range(16)))  # fmt: skip
+    assert len(set(got)) == 1 and store.assignment_weights(EXPERIMENT.id) == {"racer": {got[0]: 1.0}}
+    assert all(w == weights[0] for w in weights)
+
+
 def _scenario(seed: int) -> tuple[list[Exposure], list[Feedback]]:
     """Two arms of users with 1..6 images each, likes and downloads (some retried, some stamped before the
     user's first exposure), anonymous exposures, gate rejections and timeouts."""
@@ -122,9 +146,9 @@ def _scenario(seed: int) -> tuple[list[Exposure], list[Feedback]]:
                 if rng.random() < like_p:
                     feedback += [Feedback(image, "like", user_id=user, created_at=at + timedelta(seconds=2))] * 2
                 if rng.random() < 0.2:
-                    feedback.append(Feedback(image, "download", created_at=at - timedelta(hours=1)))  # skewed clock
+                    feedback.append(Feedback(image, "download", user_id=user, created_at=at - timedelta(hours=1)))  # skewed clock
                 if i == 0 and rng.random() < 0.5:
-                    feedback.append(Feedback(image, "select", value=float(i), created_at=at + timedelta(seconds=1)))
+                    feedback.append(Feedback(image, "select", user_id=user, value=float(i), created_at=at + timedelta(seconds=1)))
         exposures.append(exposure(f"{arm}-anon", None, arm=arm, timings={"total_s": 9.0}))
         exposures.append(exposure(f"{arm}-rejected", f"{arm}-u0", arm=arm, outcome="not_a_desk_setup"))
         exposures.append(Exposure(f"{arm}-timeout", EXPERIMENT.id, f"{arm}-u1", arm, arm, "ab", "timeout", 504))

@@ -81,6 +81,25 @@ def test_keys_are_required_once_configured_and_revocable(with_keys: None, client
     assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey"}
     assert {"401", "429"} <= set(document["paths"]["/v1/text2img"]["post"]["responses"])
     assert "security" not in document["paths"]["/healthz"]["get"]
+    feedback_doc = document["paths"]["/v1/feedback"]["post"]
+    assert "403" in feedback_doc["responses"] and "only the API key that generated it" in feedback_doc["description"]
+
+    # Feedback for an image: only with the key that generated it, and with the user it was delivered to.
+    mine = text2img(client, seed=4, user_id="key-user", headers=bearer(BACKEND))
+    assert mine.status_code == 200, mine.text
+    image_id = mine.headers["x-request-id"]
+    body = {"image_id": image_id, "event": "like", "user_id": "key-user"}
+    other_key = client.post("/v1/feedback", json=body, headers=bearer(BUSY))
+    assert_error(other_key, 403, "feedback_forbidden", "image_id", "only with the API key that generated it")
+    no_user = client.post("/v1/feedback", json={"image_id": image_id, "event": "like"}, headers=bearer(BACKEND))
+    assert_error(no_user, 403, "feedback_forbidden", "user_id", "needs that user's `user_id`")
+    assert client.post("/v1/feedback", json=body, headers=bearer(BACKEND)).status_code == 201
+    anonymous = text2img(client, seed=5, headers=bearer(BUSY))  # no user id: the key alone decides
+    assert anonymous.status_code == 200, anonymous.text
+    anonymous_body = {"image_id": anonymous.headers["x-request-id"], "event": "download"}
+    assert_error(client.post("/v1/feedback", json=anonymous_body, headers=bearer(BACKEND)), 403, "feedback_forbidden", "image_id")
+    assert client.post("/v1/feedback", json=anonymous_body, headers=bearer(BUSY)).status_code == 201
+
     # Revoked by a serve deploy without it: refused at once, no restart.
     replica = client.get("/healthz").json()["replica"]
     keys = [{"name": "limited", "sha256": key_hash(LIMITED)}]

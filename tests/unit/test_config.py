@@ -70,6 +70,15 @@ def test_user_configs_parse_into_the_deployments_models(config: dict[str, Any]) 
         ({"ab_split": {"mix": 0}}, "must be > 0"),
         ({"colour": "blue"}, "Extra inputs"),
         ({"default_guidance": 99}, "less than or equal to 30"),
+        ({"ab_policy": {"allocation": "greedy"}}, "ab_policy.allocation"),
+        ({"ab_policy": {"alpha": 0.5}}, "ab_policy.alpha"),
+        ({"ab_policy": {"alpha": 0}}, "ab_policy.alpha"),
+        ({"ab_policy": {"mde": 0}}, "ab_policy.mde"),
+        ({"ab_policy": {"update_every_s": 0.5}}, "ab_policy.update_every_s"),
+        ({"ab_policy": {"primary_metric": "love"}}, "ab_policy.primary_metric"),
+        ({"ab_split": {"dalle_ott": 1, "ott_3d": 1}, "ab_policy": {"allocation": "thompson", "floors": {"dalle_ott": 0.6, "ott_3d": 0.5}}},
+         "ab_policy.floors: the arms' floors sum to 1.1, past 1"),
+        ({"ab_split": {"dalle_ott": 1, "ott_3d": 1}, "ab_policy": {"floors": {"mix": 0.1}}}, "ab_policy.floors: ['mix'] are not arms"),
     ],
 )
 def test_bad_ingress_config_is_refused(patch: dict[str, Any], fragment: str) -> None:

@@ -142,15 +142,14 @@ def test_names_from_the_configuration_are_escaped(tmp_path: Path) -> None:
 
 
 def test_missing_figures_show_as_a_dash_and_stay_out_of_the_chart(tmp_path: Path) -> None:
-    # "once" has one user (a rate, no interval); "never" none (no rate, no guardrails).
+    # "once" has one user (a rate, and an interval: Korn-Graubard needs no second user); "never" none (no rate,
+    # no guardrails).
     split = {"a": 0.48, "b": 0.48, "once": 0.02, "never": 0.02}
     body = report(tmp_path, split, {"a": 12, "b": 12, "once": 1, "never": 0})
     never = body["arms"][3]
     assert never["rates"]["like"]["rate"] is None and never["guardrails"]["p50_total_s"] is None
-    assert (
-        body["arms"][2]["rates"]["like"]["ci_low"] is None
-        and body["arms"][2]["rates"]["like"]["rate"] is not None
-    )
+    once = body["arms"][2]["rates"]["like"]
+    assert once["rate"] is not None and once["se"] is None and 0 <= once["ci_low"] < once["ci_high"] <= 1
     page = render_report_page(body)
     parsed = parse(page)
     assert parsed.count("g", **{"class": "errbar", "data-arm": "never"}) == 0
@@ -177,3 +176,23 @@ def test_the_list_page_links_each_experiment_to_its_report() -> None:
     assert parsed.count("a", href="/v1/experiments/exp-%3Ci%3E") == 1 and parsed.count("i") == 0
     assert "a 70 % · b 30 %" in page and "2025-01-02T03:04:05+00:00" in page and "&lt;v2&gt;" in page
     assert "No experiment yet." in render_experiment_list_page([])
+
+
+def test_the_page_states_the_decision_and_which_figures_may_be_read_when(tmp_path: Path) -> None:
+    body = report(tmp_path, {"dalle_ott": 0.5, "ott_3d": 0.5}, {"dalle_ott": 12, "ott_3d": 12})
+    page = render_report_page(body)
+    parsed = parse(page)
+    verdict = body["decision"]["verdict"]
+    assert parsed.count("div", **{"class": "banner decision", "data-verdict": verdict}) == 1
+    assert "always valid" in page and "fixed horizon" in page
+    assert "Read the <em>always valid</em> columns at any time" in page
+    seq = body["arms"][1]["vs_control_sequential"]["like"]
+    assert f'{seq["estimate"] * 100:+.1f} pp <span class="ci">[{seq["ci_low"] * 100:+.1f} pp, ' in page
+    assert "Allocation: fixed" in page
+    # A concluded experiment shows the config change to apply.
+    concluded = dict(body, decision=dict(body["decision"], verdict="winner", winner="ott_3d", effect=0.1,
+                                         ci_low=0.02, ci_high=0.18),
+                     promotion={"yaml": "default_mix: ott_3d\nab_split: {}\n", "apply": "serve deploy serve_config.yaml"})
+    shown = render_report_page(concluded)
+    assert "Winner: <strong>ott_3d</strong>, +10.0 pp [+2.0 pp, +18.0 pp]" in shown
+    assert '<pre class="promotion">default_mix: ott_3d\nab_split: {}\n</pre>' in shown

@@ -43,7 +43,7 @@ def test_a_two_arm_report_counts_users_exposures_events_and_guardrails(tmp_path:
                     feedback.append(Feedback(image, "like", user_id=user))  # a retry: counted once
                     likes += 1
                 if i == 0:
-                    feedback.append(Feedback(image, "download"))
+                    feedback.append(Feedback(image, "download", user_id=user))
                     downloads += 1
             expected[arm]["exposures"].append(n)
             expected[arm]["like"].append(likes)
@@ -122,3 +122,89 @@ def test_the_report_breaks_arms_down_by_concept_with_the_share_of_products_found
     assert treatment.guardrails.requests == 4 and treatment.guardrails.mean_found_fraction == pytest.approx(0.5)
     body = json.loads(json.dumps(report.public(), allow_nan=False))
     assert body["arms"][0]["by_concept"]["none"]["mean_found_fraction"] is None
+
+
+def _store_with(tmp_path: Path, experiment: Experiment, like_p: dict[str, float], users: int, seed: int = 3) -> ExperimentStore:
+    """``users`` users per arm, 1..4 images each, liked with the arm's probability."""
+    store = ExperimentStore.open(f"sqlite:///{tmp_path / 'd.db'}")
+    store.ensure_experiment(experiment)
+    rng = np.random.default_rng(seed)
+    exposures, feedback = [], []
+    for arm, p in like_p.items():
+        for u in range(users):
+            user = f"{arm}-{u}"
+            for i in range(1 + u % 4):
+                image = f"{user}-{i}"
+                exposures.append(Exposure(image, experiment.id, user, arm, arm, "ab", "ok", 200))
+                if rng.random() < p:
+                    feedback.append(Feedback(image, "like", user_id=user))
+    store.record_exposures(exposures)
+    for fb in feedback:
+        store.record_feedback(fb)
+    return store
+
+
+def test_a_clear_winner_is_stated_with_the_config_change_that_ships_it(tmp_path: Path) -> None:
+    from deskgen.experiments.records import Policy
+
+    experiment = Experiment(SPLIT, "win", EXPERIMENT.mixes, policy=Policy(alpha=0.05, mde=0.05))
+    store = _store_with(tmp_path, experiment, {"dalle_ott": 0.1, "ott_3d": 0.6}, users=150)
+    report = build_report(store, experiment.id)
+    assert report is not None and report.decision is not None
+    assert (report.decision.verdict, report.decision.winner) == ("winner", "ott_3d")
+    treatment = report.arms[1]
+    assert treatment.vs_control_sequential is not None
+    seq, fixed = treatment.vs_control_sequential["like"], treatment.vs_control["like"]  # type: ignore[index]
+    assert seq.ci_low > 0 and seq.estimate == pytest.approx(fixed.estimate)
+    assert seq.ci_high - seq.ci_low > fixed.ci_high - fixed.ci_low  # valid at every look costs width
+    assert treatment.p_best > 0.99 and report.arms[0].p_best < 0.01
+    assert report.promotion is not None and report.promotion["default_mix"] == "ott_3d"
+    assert "default_mix: ott_3d\nab_split: {}\n" in report.promotion["yaml"]
+    body = json.loads(json.dumps(report.public(), allow_nan=False))
+    assert body["decision"]["verdict"] == "winner" and body["policy"]["mde"] == 0.05
+    assert set(body["methods"]) >= {"rates", "vs_control", "vs_control_sequential"}
+    assert body["allocation"] == {"policy": "fixed", "phase": "fixed", "weights": SPLIT, "history": []}
+
+
+def test_a_young_experiment_keeps_running_and_says_for_how_many_users(tmp_path: Path) -> None:
+    experiment = Experiment(SPLIT, "young", EXPERIMENT.mixes)
+    store = _store_with(tmp_path, experiment, {"dalle_ott": 0.3, "ott_3d": 0.33}, users=10)
+    report = build_report(store, experiment.id)
+    assert report is not None and report.decision is not None
+    assert report.decision.verdict == "keep_running"
+    assert report.decision.users_needed is not None and report.decision.users_needed > 0
+    assert report.promotion is None
+
+
+def test_a_bandit_report_tests_the_sample_ratio_against_each_users_weights(tmp_path: Path) -> None:
+    from deskgen.experiments.records import Policy
+
+    experiment = Experiment(SPLIT, "bandit", EXPERIMENT.mixes, policy=Policy(allocation="thompson"))
+    store = _store_with(tmp_path, experiment, {"dalle_ott": 0.2, "ott_3d": 0.5}, users=20)
+    # Of each arm's 20 users, 10 were drawn at 50/50 and 10 at 20/80: dalle_ott is expected 2 * (5 + 2) = 14
+    # users and ott_3d 2 * (5 + 8) = 26 (the split alone would expect 20 each).
+    for arm in SPLIT:
+        for u in range(20):
+            weights = {"dalle_ott": 0.5, "ott_3d": 0.5} if u < 10 else {"dalle_ott": 0.2, "ott_3d": 0.8}
+            store.assign(experiment.id, f"{arm}-{u}", arm, weights)
+    store.store_allocation(experiment.id, 1, "burn_in", {"dalle_ott": 0.5, "ott_3d": 0.5}, {}, {})
+    store.store_allocation(experiment.id, 2, "thompson", {"dalle_ott": 0.2, "ott_3d": 0.8}, {"dalle_ott": 0.1, "ott_3d": 0.9}, {})
+    report = build_report(store, experiment.id)
+    assert report is not None
+    srm = report.sample_ratio
+    assert srm.expected == pytest.approx({"dalle_ott": 2 * (10 * 0.5 + 10 * 0.2), "ott_3d": 2 * (10 * 0.5 + 10 * 0.8)})
+    from scipy.stats import chisquare
+
+    want = chisquare([20, 20], [14.0, 26.0])
+    assert srm.p_value == pytest.approx(float(want.pvalue))
+    assert report.allocation["phase"] == "thompson" and report.allocation["weights"] == {"dalle_ott": 0.2, "ott_3d": 0.8}
+    assert [h["phase"] for h in report.allocation["history"]] == ["burn_in", "thompson"]
+    assert [a.weight for a in report.arms] == [0.2, 0.8]
+
+
+def test_an_experiment_of_one_arm_has_no_decision(tmp_path: Path) -> None:
+    single = Experiment({"mix": 1.0}, "solo", {"mix": {"dalle": 0.6}})
+    store = _store_with(tmp_path, single, {"mix": 0.3}, users=5)
+    report = build_report(store, single.id)
+    assert report is not None and report.decision is None and report.promotion is None
+    assert json.loads(json.dumps(report.public(), allow_nan=False))["decision"] is None

@@ -102,3 +102,35 @@ def test_close_hands_over_what_is_left(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert exposures_in(store) == 1
+
+
+def test_a_route_can_wait_until_its_exposure_is_committed(tmp_path: Path) -> None:
+    """What delivery waits for: the exposure is in the store when ``committed`` says so; while the store is
+    down the wait ends at its bound, and the exposure stays buffered (and is written later)."""
+    store = ExperimentStore.open(f"sqlite:///{tmp_path / 'e.db'}")
+    up = [True]
+
+    async def sink(experiments: list[Experiment], batch: list[Exposure]) -> None:
+        if not up[0]:
+            raise ConnectionError("store down")
+        for e in experiments:
+            store.ensure_experiment(e)
+        store.record_exposures(batch)
+
+    async def scenario() -> None:
+        buffer = ExposureBuffer(sink, capacity=100, flush_interval_s=0.01)
+        r = buffer.reserve(EXPERIMENT, image_id="img-1", user_id="u", arm="a", mix_id="a", mix_source="ab")
+        r.settle("ok", 200)
+        assert await r.committed(5.0) is True
+        assert exposures_in(store) == 1
+        up[0] = False  # the store goes down
+        down = buffer.reserve(EXPERIMENT, image_id="img-2", user_id="u", arm="a", mix_id="a", mix_source="ab")
+        down.settle("ok", 200)
+        assert await down.committed(0.2) is False
+        assert buffer.stats.pending == 1 and exposures_in(store) == 1
+        up[0] = True  # back: the buffered exposure is written, and a late waiter sees it
+        assert await down.committed(10.0) is True
+        assert exposures_in(store) == 2
+        await buffer.close(timeout_s=1.0)
+
+    asyncio.run(scenario())

@@ -15,7 +15,7 @@ ERRORS = {
     ("post", "/v1/text2img"): {400, 404, 413, 415, 422, 503, 504},
     ("post", "/v1/classify"): {400, 413, 415, 503, 504},
     ("post", "/v1/caption"): {400, 413, 415, 503, 504},
-    ("post", "/v1/feedback"): {400, 404, 409, 413, 415, 503},
+    ("post", "/v1/feedback"): {400, 403, 404, 409, 413, 415, 503},
     ("get", "/v1/experiments"): {503},
     ("get", "/v1/experiments/{experiment_id}"): {404, 503},
     ("get", "/v1/mixes"): {503},
