@@ -24,6 +24,7 @@ from scipy.stats import chisquare
 from sqlalchemy import select
 
 from deployments.ingress_models import IngressConfig
+from deskgen.ab import pick_arm
 from deskgen.experiments.schema import exposures, feedback
 from deskgen.experiments.stats import difference, ratio_estimate, sequential_difference
 from deskgen.experiments.store import make_engine
@@ -43,7 +44,7 @@ def experiment_app(request: pytest.FixtureRequest, serve_app: dict[str, Any]) ->
     if request.param == "sqlite":
         yield serve_app
         return
-    from tests.postgres import running_postgres
+    from deskgen.tools.postgres import running_postgres
 
     with running_postgres() as url:
         config = copy.deepcopy(serve_app["config"])
@@ -128,7 +129,18 @@ def test_the_report_counts_every_user_image_and_event_exactly(
     experiment_id = ingress_config(config).experiment.id
     assert experiment_id != before  # a new split/salt is a new experiment
     try:
-        users = [f"user-{uuid.uuid4().hex[:6]}-{i}" for i in range(8)]
+        # Eight users, four per arm: the split's hash of the salt and the user id decides (deskgen.ab), so the
+        # users are picked with it (eight random ones would all land in one arm 1 time in 128).
+        salt, tag = ingress_config(config).ab_salt, uuid.uuid4().hex[:6]
+        candidates = (f"user-{tag}-{i}" for i in range(1000))
+        by_arm: dict[str, list[str]] = {arm: [] for arm in SPLIT}
+        for candidate in candidates:
+            chosen = by_arm[pick_arm(SPLIT, candidate, salt)]
+            if len(chosen) < 4:
+                chosen.append(candidate)
+            if all(len(v) == 4 for v in by_arm.values()):
+                break
+        users = [u for pair in zip(*by_arm.values(), strict=True) for u in pair]
         arm_of: dict[str, str] = {}
         images: dict[str, list[str]] = {u: [] for u in users}
         for user in users:
@@ -330,14 +342,13 @@ def test_a_killed_recorder_loses_no_exposure_and_no_answered_feedback(
     assert set(acknowledged) <= liked, set(acknowledged) - liked
 
 
-@pytest.mark.serve
-def test_a_killed_ingress_loses_no_delivered_exposure(serve_app: dict[str, Any], client: httpx.Client) -> None:
+def test_a_killed_ingress_loses_no_delivered_exposure(experiment_app: dict[str, Any], client: httpx.Client) -> None:
     """Two clients generate while the Ingress replica is SIGKILLed: every image a client got whole has its
     exposure in the store, because an image leaves only once its exposure is committed
     (``exposure_commit_wait_s``; ``python -m bench.ingress_kill`` measures the loss without the wait)."""
     from bench.ingress_kill import kill_under_load
 
-    run = kill_under_load(serve_app["url"], serve_app["experiments_db"], clients=2, before=4, after=4)
+    run = kill_under_load(experiment_app["url"], experiment_app["experiments_db"], clients=2, before=4, after=4)
     print(f"\n[ingress kill] {len(run.delivered)} images delivered, {run.failed} requests without an image, ingress "
           f"pid {run.pids[0]} -> {run.pids[1]} in {run.outage_s:.1f} s; delivered without an exposure: {len(run.lost)}")  # fmt: skip
     assert run.pids[0] != run.pids[1]
