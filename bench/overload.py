@@ -1,5 +1,5 @@
 """Overload: goodput when more clients want images than the generator makes, with admission control
-(``shed_load``: refuse at the door, before the body is read) off and on, in the same run.
+(``shed_load``: refuse at the door, before the body is parsed) off and on, in the same run.
 
     make bench-overload          # or: python -m bench.overload [--seconds 30] [--no-write]
 
@@ -16,6 +16,12 @@ Everything shares this machine's cores: the clients, Serve's proxy and the ingre
 generator in proportion to the requests they handle, refused or not, which a GPU generator would not
 feel. The second table therefore repeats the rows with the Generator replica alone on one core and
 everything else (clients included) on the others, standing in for a generator on its own device.
+
+``--only refusal`` (also part of the full run) measures what one refusal at the full door costs: with the
+generator's capacity held by long generations, requests with bodies of several sizes are refused 503; the
+refused body is never parsed, but it is read off the connection and dropped (at most 64 MiB) so that the
+client reads the 503 instead of a reset. Per refusal: latency, the bytes the body had, and the CPU seconds
+of the Ingress replica and of Serve's HTTP proxy (``/proc`` times of their processes).
 """
 
 from __future__ import annotations
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase (default 30)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
+    parser.add_argument("--only", choices=("suite", "refusal"), default=None, help="run one part (default: both)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load_before = os.getloadavg()[0]
@@ -167,20 +174,22 @@ def main(argv: list[str] | None = None) -> None:
     with ServeApp(overload_config(free_port())) as app:
         log.info("%s deployed in %.1f s at %s", APP, app.deploy_s, app.url)
         asyncio.run(run_phase(app.url, 1, 5.0, "retry-after"))  # warm every mix on the replica
-        for pinned in (False, True):
-            where = pin_generator(pinned)
-            log.info("placement: %s", where if pinned else "shared cores")
-            tables.append(measure(app, args.seconds, pinned))
-            if pinned:
-                tables[-1].notes.append(f"Placement: {where}.")
-        pin_generator(False)
-    table = tables[0]
-    table.notes.append(
-        "admission off: every request walks the ingress (body parsed, mix chosen, exposure reserved) until the "
-        "generator's router refuses it (BackPressureError, 503 with the configured Retry-After). On: the ingress "
-        "refuses at the door from its count of generation requests in flight and the generator's capacity read from "
-        "the Serve controller; its Retry-After is a place in a virtual queue (deskgen/admission.py)."
-    )
+        if args.only != "refusal":
+            for pinned in (False, True):
+                where = pin_generator(pinned)
+                log.info("placement: %s", where if pinned else "shared cores")
+                tables.append(measure(app, args.seconds, pinned))
+                if pinned:
+                    tables[-1].notes.append(f"Placement: {where}.")
+            pin_generator(False)
+            tables[0].notes.append(
+                "admission off: every request walks the ingress (body parsed, mix chosen, exposure reserved) until the "
+                "generator's router refuses it (BackPressureError, 503 with the configured Retry-After). On: the ingress "
+                "refuses at the door from its count of generation requests in flight and the generator's capacity read "
+                "from the Serve controller; its Retry-After is a place in a virtual queue (deskgen/admission.py)."
+            )
+        if args.only != "suite":
+            tables.append(refusal_cost(app))
     section = render_section("Overload suite", tables, command=command_line(), wall_s=time.perf_counter() - started,
                              host=machine(), preface=[f"Machine load (1-min) at start {load_before:.1f}, at end "
                                                       f"{os.getloadavg()[0]:.1f}; clients run on the same machine."])  # fmt: skip
@@ -218,6 +227,93 @@ def measure(app: ServeApp, seconds: float, pinned: bool) -> Table:
                           f"{100 * goodput / baseline:.0f} %", f"{100 * goodput / at_capacity:.0f} %",
                           tally.refused, tally.refused_without_retry_after,
                           sum(tally.other.values()), tally.lost, f"{_p50(tally.latencies):.3f}")  # fmt: skip
+    return table
+
+
+#: Bodies of the refused requests: a tiny JSON generation request, then padded JSON of 1 and 10 MiB.
+REFUSAL_BODIES = (("tiny JSON", 0), ("1 MiB", 1 << 20), ("10 MiB", 10 << 20))
+REFUSALS = 20
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _proxy_pid() -> int:
+    import psutil
+
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if "ProxyActor" in " ".join(process.info["cmdline"] or []):
+            return int(process.info["pid"])
+    raise RuntimeError("no Serve ProxyActor process found")
+
+
+def refusal_cost(app: ServeApp) -> Table:
+    """What a refusal at the full door costs, per body size (see the module docstring)."""
+    import threading
+
+    import httpx
+
+    from bench.ingress_kill import ingress_pid
+
+    set_shed_load(app, True)
+    table = Table(
+        f"A refusal at the full door (admission on; the generator's {CAPACITY} places held by long generations), "
+        f"{REFUSALS} refusals per row, one at a time",
+        ["body", "bytes sent", "answer", "latency p50 (ms)", "Ingress CPU per refusal (ms)", "proxy CPU per refusal (ms)"],
+    )  # fmt: skip
+    release = threading.Event()
+    holding: list[int] = []
+
+    def hold() -> None:
+        body = {"prompt": "desk", "steps": 150, "width": 512, "height": 512, "timeout_s": 120}
+        with httpx.Client(base_url=app.url, timeout=180) as c, c.stream(
+            "POST", "/v1/text2img", json=body, headers={"Accept": "text/event-stream"}
+        ) as response:
+            lines = response.iter_lines()
+            if response.status_code == 200:
+                next(lines)
+                holding.append(1)
+            release.wait(150)
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(CAPACITY)]
+    for t in threads:
+        t.start()
+    try:
+        with httpx.Client(base_url=app.url, timeout=60) as http:
+            deadline = time.monotonic() + 60
+            while http.get("/healthz").json()["admission"]["in_flight"] < CAPACITY:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the long generations never filled the door")
+                time.sleep(0.2)
+            ingress, proxy = ingress_pid(), _proxy_pid()
+            for label, size in REFUSAL_BODIES:
+                body = b'{"prompt": "a desk", "pad": "' + b"x" * size + b'"}'
+                statuses: set[int] = set()
+                latencies = []
+                cpu_ingress, cpu_proxy = _cpu_seconds(ingress), _cpu_seconds(proxy)
+                for _ in range(REFUSALS):
+                    t = time.perf_counter()
+                    r = http.post("/v1/text2img", content=body, headers={"Content-Type": "application/json"})
+                    latencies.append(time.perf_counter() - t)
+                    statuses.add(r.status_code)
+                cpu_ingress = (_cpu_seconds(ingress) - cpu_ingress) / REFUSALS
+                cpu_proxy = (_cpu_seconds(proxy) - cpu_proxy) / REFUSALS
+                table.add(label, f"{len(body):,}", " ".join(str(c) for c in sorted(statuses)),
+                          f"{_p50(latencies) * 1000:.1f}", f"{cpu_ingress * 1000:.2f}", f"{cpu_proxy * 1000:.2f}")  # fmt: skip
+    finally:
+        release.set()
+        for t in threads:
+            t.join(timeout=180)
+    table.notes.append(
+        "the refused body is not parsed, but the Ingress reads it off Serve's proxy and drops it (deployments/access.py "
+        "`refuse` -> `drain`, at most 64 MiB) so the client reads the 503 instead of a reset; the proxy receives the "
+        "whole body from the client either way. CPU: user + system seconds of each process over the row, divided by "
+        "the refusals (the long generations' streams add a little to the Ingress's and the proxy's)."
+    )
     return table
 
 

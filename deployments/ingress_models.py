@@ -29,7 +29,7 @@ from deskgen.limits import (
     SizeLimits,
 )
 from deskgen.mixes import MIX_SPEC_PATTERN, MIX_SPEC_RULE, NAMED_MIXES
-from deskgen.prompt import STYLE_PATTERN, validate_style
+from deskgen.prompts.style import STYLE_PATTERN, validate_style
 
 
 class AbPolicy(BaseModel):
@@ -114,7 +114,7 @@ class IngressConfig(ConceptConfig):
         "each with its rate and concurrency limits; empty = the API is open to anyone who reaches it"
     )
     shed_load: bool = Field(
-        True, description="refuse generation requests the generator cannot take (503) before reading their body"
+        True, description="refuse generation requests the generator cannot take (503) before parsing their body (drained unparsed)"
     )
     locate_timeout_s: float = Field(
         10.0, gt=0.0, le=MAX_TIMEOUT_S, description="how long a generated image waits for the product locator; "

@@ -1,5 +1,5 @@
 """The ingress's door on the real app: API keys (401), per-key rate and concurrency limits (429) and
-admission control (503 before the body is read), each changed with a `serve deploy` of the config and
+admission control (503 before the body is parsed), each changed with a `serve deploy` of the config and
 restored after (so the tests run in any order with the rest of the tier)."""
 
 from __future__ import annotations
@@ -126,17 +126,25 @@ def test_rate_limit_is_429_with_retry_after_and_ratelimit_headers(with_keys: Non
 
 
 def test_concurrent_generations_per_key(with_keys: None, client: httpx.Client, serve_app: dict[str, Any]) -> None:
-    """``busy`` may run one generation at a time: a second while the first streams is 429, and the slot
-    is free again once the first is answered."""
-    with long_stream(client, bearer(BUSY)) as first:
-        assert first.status_code == 200
-        second = text2img(client, seed=4, headers=bearer(BUSY))
-        other_key = text2img(client, seed=4, headers=bearer(BACKEND), timeout_s=0.5)
-        # Reading the mixes is not a generation.
-        assert client.get("/v1/mixes", headers=bearer(BUSY)).status_code == 200
+    """``busy`` may run one generation at a time: a second while the first streams is 429, another key's
+    generation is admitted meanwhile and answered 200 once the generator is free, and the slot is free again
+    once the first is answered."""
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=serve_app["url"], timeout=120) as other:
+        with long_stream(client, bearer(BUSY)) as first:
+            assert first.status_code == 200
+            second = text2img(client, seed=4, headers=bearer(BUSY))
+            # The quota is the key's, not the service's: another key's generation gets in (it queues behind
+            # the stream, which holds the generator) ...
+            other_key = pool.submit(text2img, other, seed=4, headers=bearer(BACKEND))
+            wait_until(lambda: door(client)["in_flight"] == 2, "the other key's generation never got in",
+                       lambda: door(client))  # fmt: skip
+            # Reading the mixes is not a generation.
+            assert client.get("/v1/mixes", headers=bearer(BUSY)).status_code == 200
+        # ... and is answered once the stream is closed (its generation cancelled).
+        answered = other_key.result(timeout=120)
     assert_error(second, 429, "concurrency_limited", None, "1 generation(s) in flight")
     assert int(second.headers["retry-after"]) >= 1
-    assert other_key.status_code != 429  # the quota is the key's, not the service's
+    assert answered.status_code == 200 and answered.headers["content-type"] == "image/png", answered.text
     # Once the first is gone (closed: its generation is cancelled) the slot is free again.
     wait_until(lambda: door(client)["in_flight"] == 0, "the closed stream never left the door")
     assert text2img(client, seed=5, headers=bearer(BUSY)).status_code == 200
@@ -158,7 +166,7 @@ def door(client: httpx.Client) -> dict[str, Any]:
     return dict(client.get("/healthz").json()["admission"])
 
 
-def test_admission_sheds_before_the_body_is_read(client: httpx.Client, serve_app: dict[str, Any], desk_photo: bytes) -> None:
+def test_admission_sheds_before_the_body_is_parsed(client: httpx.Client, serve_app: dict[str, Any], desk_photo: bytes) -> None:
     """The generator takes 1 running + 2 queued from this ingress (the tier's queue limits): with three
     long generations in flight, a fourth generation request is refused 503 at the door — a malformed body
     is not even parsed (503, not 400) and a photo is not gated — while other routes keep answering."""

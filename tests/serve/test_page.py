@@ -44,24 +44,19 @@ new MutationObserver(note).observe(bar, {attributes: true});
 new MutationObserver(note).observe(line, {childList: true, characterData: true, subtree: true});
 """
 
-#: Keeps the `products` of each JSON generation answer the page gets (in ``window.__products``) so the test
-#: can hold the boxes drawn against them. The first answer's (and any answer without them) are replaced by
-#: the documented shape with one found instance, so the drawing is checked whatever the locator found, or
-#: whether it answered in time; the others are the deployment's own.
-RECORD_PRODUCTS = """
-window.__products = [];
-const standIn = {status: 'ok', reason: null, threshold: 0.1, found_fraction: 0.5, items: [
-  {product: 'monitor', found: true, instances: [{box: [8, 6, 40, 30], box_normalized: [0.125, 0.1, 0.625, 0.47], score: 0.43}]},
-  {product: 'keyboard', found: false, instances: []}]};
+#: Watches the JSON generation answers the page gets and keeps a copy of each one's ``products`` and mix
+#: in ``window.__answers`` (read from a clone: the page gets the response untouched), so the test can
+#: hold the boxes drawn against what the real locator answered.
+RECORD_ANSWERS = """
+window.__answers = [];
 const realFetch = window.fetch;
 window.fetch = async (url, init) => {
   const response = await realFetch(url, init);
   const accept = ((init || {}).headers || {}).Accept;
-  if (!response.ok || accept !== 'application/json' || !String(url).startsWith('/v1/generate')) return response;
-  const body = await response.json();
-  if (body.products === undefined || window.__products.length === 0) body.products = standIn;
-  window.__products.push(body.products);
-  return new Response(JSON.stringify(body), {status: response.status, headers: response.headers});
+  if (response.ok && accept === 'application/json' && String(url).startsWith('/v1/generate')) {
+    response.clone().json().then((body) => window.__answers.push({mix: body.mix.id, products: body.products}));
+  }
+  return response;
 };
 """
 
@@ -288,7 +283,10 @@ def test_two_mixes_compared_side_by_side_with_the_same_seed_and_their_product_bo
     for box in page.all("#compare-mixes input[type=checkbox]"):
         if box.is_selected() != (box.get_attribute("value") in ("dalle_only", "ott_3d")):
             box.click()
-    page.js(RECORD_PRODUCTS)
+    # Name the products, so that the real locator (threshold 0 in this tier: its best box per product
+    # counts as found) answers with boxes for each, deterministically.
+    page.set_value("products", "monitor, keyboard")
+    page.js(RECORD_ANSWERS)
     page.by_id("compare").click()
     page.until(lambda d: "Compared 2 mixes" in page.text("compare-status"), GENERATE_S, "two images")
     figures = page.all("#compare-grid figure.result")
@@ -298,9 +296,13 @@ def test_two_mixes_compared_side_by_side_with_the_same_seed_and_their_product_bo
     assert [f.find_element("css selector", ".seed").text for f in figures] == ["42", "42"]
     page.until(lambda d: page.js("return [...document.querySelectorAll('#compare-grid img')].every(i => i.complete && i.naturalWidth === 64)"),
                LOAD_S, "both images to load")  # fmt: skip
-    # The boxes: each found instance of each answer drawn, labelled, placed from its box_normalized.
-    answers = page.js("return window.__products")
-    assert len(answers) == 2
+    # The boxes: each found instance of each real answer drawn, labelled, placed from its box_normalized.
+    page.until(lambda d: len(page.js("return window.__answers")) == 2, LOAD_S, "both answers recorded")
+    by_mix = {a["mix"]: a["products"] for a in page.js("return window.__answers")}
+    answers = [by_mix[m.split(" = ", 1)[1].split()[0]] for m in mixes]
+    for products in answers:
+        assert products["status"] == "ok" and products["source"] == "request", products
+        assert [(i["product"], i["found"]) for i in products["items"]] == [("monitor", True), ("keyboard", True)], products
     for figure, products in zip(figures, answers, strict=True):
         wanted = [(item["product"], instance) for item in products.get("items", []) if item["found"]
                   for instance in item["instances"]]  # fmt: skip
@@ -311,7 +313,8 @@ def test_two_mixes_compared_side_by_side_with_the_same_seed_and_their_product_bo
             x0, y0, x1, _ = instance["box_normalized"]
             style = page.js("const s = arguments[0].style; return [s.left, s.top, s.width]", box)
             assert [float(v.rstrip("%")) for v in style] == pytest.approx([x0 * 100, y0 * 100, (x1 - x0) * 100], abs=1e-6)
-    assert page.js("return arguments[0].querySelector('.box span').textContent", figures[0]) == "monitor 0.43"
+    first = answers[0]["items"][0]["instances"][0]
+    assert page.js("return arguments[0].querySelector('.box span').textContent", figures[0]) == f"monitor {first['score']:.2f}"
     page.shot("6-compare")
 
 
