@@ -43,7 +43,7 @@ def exposure(i: int) -> Exposure:
 @contextmanager
 def stores() -> Iterator[list[tuple[str, str]]]:
     """(label, URL) of each store to measure: SQLite in a temp dir, PostgreSQL when it is installed."""
-    from tests.postgres import postgres_available, running_postgres
+    from deskgen.tools.postgres import postgres_available, running_postgres
 
     with tempfile.TemporaryDirectory() as tmp:
         urls = [("SQLite (WAL, synchronous=FULL)", f"sqlite:///{Path(tmp) / 'experiments.db'}")]

@@ -1,6 +1,7 @@
-"""A throwaway PostgreSQL server for tests: :func:`running_postgres` starts one in a temp dir and yields its
-SQLAlchemy URL (``postgresql+psycopg://deskgen@127.0.0.1:<port>/deskgen``, trust auth, TCP on loopback
-only), and stops it and removes the dir on exit.
+"""A throwaway PostgreSQL server for the tests and the benchmarks (never run by the server):
+:func:`running_postgres` starts one in a temp dir and yields its SQLAlchemy URL
+(``postgresql+psycopg://deskgen@127.0.0.1:<port>/deskgen``, trust auth, TCP on loopback only), and stops it
+and removes the dir on exit.
 
 The binaries are Debian's (``apt-get install postgresql``; ``make system-deps``, run by ``make test``, installs them on a fresh machine):
 the highest ``/usr/lib/postgresql/<major>/bin``, else ``pg_config --bindir``, else ``initdb`` on PATH.

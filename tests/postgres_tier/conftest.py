@@ -1,4 +1,4 @@
-"""The PostgreSQL tier: one real PostgreSQL server per session (:func:`tests.postgres.running_postgres`) and a
+"""The PostgreSQL tier: one real PostgreSQL server per session (:func:`deskgen.tools.postgres.running_postgres`) and a
 fresh database per test, so the tests are independent and each starts from an empty schema."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from tests.postgres import find_bindir, postgres_available, running_postgres
+from deskgen.tools.postgres import find_bindir, postgres_available, running_postgres
 
 
 @pytest.fixture(scope="session")
