@@ -358,7 +358,8 @@ def build_loras(out: Path, names: Iterable[str] = tuple(LORA_SEEDS)) -> dict[str
 def blip_vocabulary() -> dict[str, int]:
     """A BERT-shaped vocabulary of exactly :data:`BLIP_VOCAB_SIZE` ids: BERT's special ids, the tiny
     BLIP's words (so prefixes tokenize to real words), ``[unusedN]`` fillers, then [DEC] and [ENC]."""
-    from deskgen.prompt import DEFAULT_PREFIXES, DESK_VOCABULARY
+    from deskgen.prompts.captions import DEFAULT_PREFIXES
+    from deskgen.prompts.vocabulary import DESK_VOCABULARY
     from deskgen.tools.tiny_blip import COMMON_WORDS, PUNCTUATION
 
     words: list[str] = [*PUNCTUATION, *COMMON_WORDS]

@@ -111,7 +111,8 @@ from deskgen.loras import LORA_SUFFIX, LoraRegistry
 from deskgen.mixes import Mix, MixCatalog
 from deskgen.paths import resolve
 from deskgen.pngmeta import PRODUCTS_KEY, encode_png, with_text
-from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT, rank_keywords
+from deskgen.prompts.build import DEFAULT_NEGATIVE_PROMPT
+from deskgen.prompts.captions import rank_keywords
 
 log = logging.getLogger("ray.serve")
 #: Stages /readyz reports without waiting for them: generation goes on while they are down.

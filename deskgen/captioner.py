@@ -35,7 +35,7 @@ from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.images import to_rgb
 from deskgen.limits import MAX_PREFIX_CHARS, MAX_PREFIXES
 from deskgen.paths import resolve_model_id
-from deskgen.prompt import DEFAULT_PREFIXES
+from deskgen.prompts.captions import DEFAULT_PREFIXES
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """The desk gate: "is this photo a desk setup?" — a Keras VGG16 (or a tiny VGG-shaped) binary classifier.
 
 Ray-free. The Serve deployment wraps :class:`DeskClassifier`; the training CLI
-(:mod:`deskgen.tools.train_classifier`) builds models with :func:`build_gate_model`.
+(:mod:`deskgen.tools.gate_training`) builds models with :func:`build_gate_model`.
 
 TensorFlow and Keras are imported inside functions only: the ingress process imports this package
 (for the errors and types) and must never pay for, or hold, TensorFlow.

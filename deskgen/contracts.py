@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from deskgen.generator.params import GenerationParams
 from deskgen.limits import DEFAULT_SIZE_LIMITS, SizeLimits
-from deskgen.prompt import Keyword
+from deskgen.prompts.captions import Keyword
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ from deskgen.generator.settings import (
     settings_from_options,
 )
 from deskgen.limits import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MIN_GUIDANCE, SizeLimits
-from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT
+from deskgen.prompts.build import DEFAULT_NEGATIVE_PROMPT
 
 __all__ = [
     "ATTENTIONS",

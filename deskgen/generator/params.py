@@ -20,7 +20,7 @@ from deskgen.limits import (
     SizeLimits,
 )
 from deskgen.pngmeta import encode_png
-from deskgen.prompt import DEFAULT_NEGATIVE_PROMPT
+from deskgen.prompts.build import DEFAULT_NEGATIVE_PROMPT
 
 if TYPE_CHECKING:
     from PIL import Image

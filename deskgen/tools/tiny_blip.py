@@ -10,7 +10,7 @@ What is written (what ``BlipForConditionalGeneration.from_pretrained`` / the cap
     blip/tokenizer.json, tokenizer_config.json                      BertTokenizer with [DEC] as bos
 
 The vocabulary holds the special tokens, [DEC], punctuation, every word of the desk-object vocabulary
-(deskgen.prompt.DESK_VOCABULARY), the words of the default prefixes and about 150 common caption
+(deskgen.prompts.vocabulary.DESK_VOCABULARY), the words of the default prefixes and about 150 common caption
 words, so captions decode to real words and prefixes tokenize without [UNK].
 
 Steering (so the keyword ranking has something real to rank). A random decoder of this size has
@@ -35,7 +35,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from deskgen.prompt import DEFAULT_PREFIXES, DESK_VOCABULARY
+from deskgen.prompts.captions import DEFAULT_PREFIXES
+from deskgen.prompts.vocabulary import DESK_VOCABULARY
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ MIN_VAL_ACCURACY = 0.95
 
 def build(out: Path) -> None:
     """Generate ``out/samples`` and train ``out/classifier/desk_gate.keras`` (tiny backbone, 64 px)."""
+    from deskgen.tools.gate_training.training import train_gate
     from deskgen.tools.samples import generate_samples
-    from deskgen.tools.train_classifier import train_gate
 
     start = time.perf_counter()
     samples = Path(out) / SAMPLES_DIR

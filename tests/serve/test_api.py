@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from deskgen.pngmeta import read_png_metadata
-from deskgen.prompt import DEFAULT_PREFIXES
+from deskgen.prompts.captions import DEFAULT_PREFIXES
 
 from .conftest import generator_info
 from .helpers import assert_error, generate, parse_sse, text2img

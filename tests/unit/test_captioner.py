@@ -14,7 +14,7 @@ from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.images import to_rgb
 from deskgen.limits import MAX_PREFIXES
 from deskgen.paths import PROJECT_ROOT
-from deskgen.prompt import DEFAULT_PREFIXES, rank_keywords
+from deskgen.prompts.captions import DEFAULT_PREFIXES, rank_keywords
 
 pytestmark = pytest.mark.unit
 

@@ -23,8 +23,8 @@ from deskgen.classifier import (
 from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.images import decode_image
 from deskgen.paths import PROJECT_ROOT
+from deskgen.tools.gate_training.training import train_gate
 from deskgen.tools.samples import NON_DESK_KINDS, desk_scene, generate_samples, non_desk_scene
-from deskgen.tools.train_classifier import train_gate
 
 pytestmark = pytest.mark.unit
 
@@ -323,7 +323,7 @@ def test_train_cli_writes_a_loadable_gate(tmp_path: Path) -> None:
     out = tmp_path / "out" / "gate.keras"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
-        [sys.executable, "-m", "deskgen.tools.train_classifier", str(data), "--out", str(out),
+        [sys.executable, "-m", "deskgen.train_classifier", str(data), "--out", str(out),
          "--backbone", "tiny", "--epochs", "3", "--batch-size", "8", "--seed", "3", "--input-size", "32"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -6,20 +6,16 @@ from pathlib import Path
 import pytest
 
 from deskgen.errors import InvalidParameter
-from deskgen.prompt import (
-    _INVISIBLE,
+from deskgen.prompts.build import (
     CLIP_MAX_TOKENS,
     DEFAULT_NEGATIVE_PROMPT,
     QUALITY_SUFFIX,
-    STYLE_PATTERN,
-    Keyword,
     Prompt,
-    _invisible_class,
     build_prompt,
     clip_token_counter,
-    rank_keywords,
-    validate_style,
 )
+from deskgen.prompts.captions import Keyword, rank_keywords
+from deskgen.prompts.style import _INVISIBLE, STYLE_PATTERN, _invisible_class, validate_style
 
 pytestmark = pytest.mark.unit
 
@@ -236,6 +232,6 @@ def test_importing_the_prompt_module_does_not_scan_unicode() -> None:
     0.3 s scan of every code point."""
     import unicodedata
 
-    from deskgen import prompt
+    from deskgen.prompts import style as prompt
 
     assert prompt._INVISIBLE is prompt._INVISIBLE_BY_UNICODE[unicodedata.unidata_version]

@@ -14,16 +14,9 @@ import pytest
 import yaml
 
 from deskgen.errors import InvalidParameter
-from deskgen.prompt import (
-    DEFAULT_PREFIXES,
-    DEFAULT_VOCABULARY,
-    Keyword,
-    Vocabulary,
-    build_prompt,
-    clean_caption,
-    rank_keywords,
-    unknown_objects,
-)
+from deskgen.prompts.build import build_prompt
+from deskgen.prompts.captions import DEFAULT_PREFIXES, Keyword, clean_caption, rank_keywords, unknown_objects
+from deskgen.prompts.vocabulary import DEFAULT_VOCABULARY, Vocabulary
 
 pytestmark = pytest.mark.unit
 

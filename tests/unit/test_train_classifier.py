@@ -1,4 +1,4 @@
-"""The desk gate's training CLI (deskgen/tools/train_classifier.py, also `python -m deskgen.train_classifier`).
+"""The desk gate's training CLI (`python -m deskgen.train_classifier`; the training in deskgen/tools/gate_training/).
 
 The quality test trains a tiny gate on a separable generated set and checks it against bounds computed
 here, independently of the CLI's own metrics: the held-out images are read back from the sidecar, scored
@@ -29,15 +29,10 @@ from deskgen.classifier import VGG16_NOTOP_FILE, DeskClassifier
 from deskgen.errors import InvalidParameter, ModelFilesMissing, NotAnImage
 from deskgen.limits import DEFAULT_UPLOAD_LIMITS
 from deskgen.paths import PROJECT_ROOT
+from deskgen.tools.gate_training.data import load_training_image
+from deskgen.tools.gate_training.metrics import precision_recall, roc_auc, threshold_for_precision
+from deskgen.tools.gate_training.training import resolve_weights, train_gate
 from deskgen.tools.samples import generate_samples
-from deskgen.tools.train_classifier import (
-    load_training_image,
-    precision_recall,
-    resolve_weights,
-    roc_auc,
-    threshold_for_precision,
-    train_gate,
-)
 
 pytestmark = pytest.mark.unit
 
@@ -212,7 +207,7 @@ def test_metrics_on_known_scores() -> None:
 
 def test_stage_two_unfreezes_exactly_vgg16s_last_block() -> None:
     from deskgen.classifier import build_gate_model
-    from deskgen.tools.train_classifier import _unfreeze_last_block
+    from deskgen.tools.gate_training.training import _unfreeze_last_block
 
     model = build_gate_model("vgg16", "none", input_size=32)
     assert {w.path.split("/")[0] for w in model.trainable_weights} == {"gate_dense", "desk_score"}
