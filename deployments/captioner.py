@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
-from deployments import metrics
-from deployments.logs import stamp_library_logs
-from deskgen.batching import DynamicBatcher
+from deployments.batched import BatchConfig, BatchedStage
 from deskgen.captioner import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NO_REPEAT_NGRAM_SIZE,
@@ -24,17 +20,9 @@ from deskgen.captioner import (
 from deskgen.contracts import CaptionResult
 from deskgen.errors import InvalidParameter
 from deskgen.limits import MAX_PREFIXES, MAX_PROMPT_CHARS
-from deskgen.prompt import (
-    DEFAULT_NEGATIVE_PROMPT,
-    DEFAULT_PREFIXES,
-    DEFAULT_VOCABULARY,
-    MAX_EXTRA_OBJECTS,
-    MAX_IGNORED,
-    Vocabulary,
-    build_prompt,
-    rank_keywords,
-    unknown_objects,
-)
+from deskgen.prompts.build import DEFAULT_NEGATIVE_PROMPT, build_prompt
+from deskgen.prompts.captions import DEFAULT_PREFIXES, rank_keywords, unknown_objects
+from deskgen.prompts.vocabulary import DEFAULT_VOCABULARY, MAX_EXTRA_OBJECTS, MAX_IGNORED, Vocabulary
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,10 +35,10 @@ log = logging.getLogger("ray.serve")
 
 
 class VocabularyConfig(BaseModel):
-    """Extensions of the built-in desk-object vocabulary (deskgen.prompt.DESK_VOCABULARY), applied on
+    """Extensions of the built-in desk-object vocabulary (deskgen.prompts.vocabulary.DESK_VOCABULARY), applied on
     ``serve deploy`` without a restart. ``extra_objects``: canonical name -> synonyms (each name also
     matches itself and its simple plural); ``ignore``: phrases that name no desk object. Validated by
-    :meth:`deskgen.prompt.Vocabulary.extended`; an error names the entry."""
+    :meth:`deskgen.prompts.vocabulary.Vocabulary.extended`; an error names the entry."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -72,16 +60,13 @@ class VocabularyConfig(BaseModel):
             raise ValueError(exc.message) from exc  # pydantic reports it at `vocabulary`
 
 
-class CaptionerConfig(BaseModel):
+class CaptionerConfig(BatchConfig):
     """The captioner's ``user_config``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_PREFIXES), max_length=MAX_PREFIXES)
     max_keywords: int = Field(8, ge=1, le=32)
     negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=MAX_PROMPT_CHARS)
-    max_batch_size: int = Field(4, ge=1, le=32)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+    max_batch_size: int = Field(4, ge=1, le=32, description="images per forward pass")
     vocabulary: VocabularyConfig = Field(default_factory=VocabularyConfig)
     # Decoding (deskgen.captioner.DecodeSettings checks the ranges and names the field).
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
@@ -101,37 +86,31 @@ class CaptionerConfig(BaseModel):
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
-class Captioner:
+class Captioner(BatchedStage[CaptionerConfig, "Image.Image", "tuple[CaptionSet, float]"]):
     """Captions desk photos (unconditional + one caption per prefix), ranks the objects they name
     and builds the SDXL prompt. Concurrent requests are captioned in one batch. ``captioner`` injects an
     already loaded BLIP captioner (tests); otherwise ``model_id`` loads one."""
 
+    stage = "captioner"
+    config_model = CaptionerConfig
+
     def __init__(
         self, model_id: str, device: str | None = None, dtype: str | None = None, *, captioner: BlipCaptioner | None = None
     ) -> None:
-        stamp_library_logs()
+        super().__init__(self.caption_batch)
         if captioner is None:
             from deskgen.captioner import Captioner as BlipCaptioner
 
             captioner = BlipCaptioner.from_pretrained(model_id, device=device, dtype=dtype)
         self.captioner = captioner
-        self.config = CaptionerConfig()
         self.vocabulary = self.config.vocabulary.build()
-        # Batches form when the model is free (see deskgen/batching.py for why not @serve.batch).
-        self.batcher = DynamicBatcher(self.caption_batch, max_batch_size=self.config.max_batch_size,
-                                      max_wait_s=self.config.batch_wait_timeout_s)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = CaptionerConfig.model_validate(user_config)
+    def apply_config(self, config: CaptionerConfig) -> None:
         self.captioner.configure(config.prefixes, config.decoding())
-        self.config, self.vocabulary = config, config.vocabulary.build()
-        self.batcher.configure(max_batch_size=self.config.max_batch_size, max_wait_s=self.config.batch_wait_timeout_s)
+        self.vocabulary = config.vocabulary.build()
 
     async def caption_batch(self, images: list[Image.Image]) -> list[tuple[CaptionSet, float]]:
-        start = time.perf_counter()
-        caption_sets = await asyncio.to_thread(self.captioner.caption_batch, images)
-        seconds = time.perf_counter() - start
-        metrics.batch_size("captioner", len(images))
+        caption_sets, seconds = await self.run_model(self.captioner.caption_batch, images)
         return [(captions, seconds) for captions in caption_sets]
 
     async def caption(self, image: Image.Image, style: str | None = None) -> CaptionResult:
@@ -163,13 +142,3 @@ class Captioner:
             negative_prompt=prompt.negative_prompt,
             seconds=seconds,
         )
-
-    def stats(self) -> dict[str, int]:
-        return self.batcher.stats()
-
-    def check_health(self) -> None:
-        """Raise if the model keeps failing (Serve then replaces the replica)."""
-        self.batcher.check_health()
-
-    def ping(self) -> str:
-        return "ok"
