@@ -147,9 +147,9 @@ def wire(located: ServerLocated) -> dict[str, Any]:
 
 def done_payload(request_id: str = "rid-1", desk: bool = True, located: ServerLocated | None = LOCATED,
                  annotated: bytes | None = None) -> dict[str, Any]:  # fmt: skip
-    """The JSON answer exactly as the ingress builds it (``IngressRoutes.json_result``, with the ``products``
-    and ``annotated_b64`` that ``IngressRoutes.with_products`` adds to its info)."""
-    from deployments.ingress import IngressRoutes
+    """The JSON answer exactly as the ingress builds it (``deployments.render.json_result`` over the fields of
+    ``GenerationRun.answer``, with the ``products`` and ``annotated_b64`` its locate step adds)."""
+    from deployments.render import json_result
 
     params = GenerationParams(prompt="a tidy desk", negative_prompt="blurry", seed=42, steps=2, guidance=5.0, width=64, height=64)
     metadata = {"mix_id": "3d:0.5+ott:0.7", "timings": {"denoise_s": 0.5, "decode_s": 0.1}}
@@ -165,9 +165,7 @@ def done_payload(request_id: str = "rid-1", desk: bool = True, located: ServerLo
         info["products"] = located.public()
     if annotated is not None:
         info["annotated_b64"] = base64.b64encode(annotated).decode()
-    # json_result reads nothing of the replica's state; no instance (its __del__ would flush a buffer).
-    answer = IngressRoutes.json_result(None, GeneratedImage(png=PNG, params=params, metadata=metadata, replica="r1"),  # type: ignore[arg-type]
-                                       info, request_id)  # fmt: skip
+    answer = json_result(GeneratedImage(png=PNG, params=params, metadata=metadata, replica="r1"), info, request_id)
     return dict(json.loads(json.dumps(answer)))
 
 

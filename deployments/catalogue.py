@@ -1,0 +1,127 @@
+"""The ingress's LoRA catalogue and mix choice: which adapters exist and may be used, the named mixes over
+them, and the mix a request gets (asked for, the multiplexed-id header, its concept's, its A/B arm, or the
+default).
+
+The adapters are the ``*.safetensors`` files in the generators' ``lora_dir``, listed here without asking a
+GPU replica and re-listed every ``catalog_ttl_s`` (a file added there is usable without a restart). Each
+file's verdict is cached once (deskgen.loras.LoraRegistry: its header check, redone only when the file
+changes); what only a replica can tell (the key mapping onto the model needs torch) joins it once a replica
+refused a file, for as long as that file is unchanged. Where the folder is not visible from the ingress's
+node, the list comes from a Generator replica instead (same refresh).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from deployments.allocation import Allocator
+from deployments.ingress_models import IngressConfig
+from deskgen.concepts import Concept
+from deskgen.errors import AdapterUnavailable, InvalidParameter
+from deskgen.loras import LORA_SUFFIX, LoraRegistry
+from deskgen.mixes import Mix, MixCatalog
+
+#: A request's concept preset: its name (``auto`` resolved) and the preset.
+Chosen = tuple[str, Concept]
+
+
+class MixCatalogue:
+    def __init__(self, config: Callable[[], IngressConfig], generator: Any, lora_dir: Path | None,
+                 allocator: Allocator) -> None:  # fmt: skip
+        self.config = config
+        self.generator = generator
+        self.lora_dir = lora_dir
+        self.allocator = allocator
+        self._adapters: tuple[str, ...] | None = None
+        #: Adapter files present but unusable (deskgen.loras.lora_file_problem), with the reason.
+        self._unavailable: dict[str, str] = {}
+        self._adapters_at = 0.0
+        self._registry: LoraRegistry | None = None  # caches each file's header check
+        #: Adapters a generator replica refused (AdapterUnavailable): name -> (file version, reason).
+        self._replica_unavailable: dict[str, tuple[tuple[int, int] | None, str]] = {}
+        self._catalog: MixCatalog | None = None
+        #: Canonical mix id -> its name in the catalogue (the ``mix`` label of the metrics).
+        self.names: dict[str, str] = {}
+
+    def reconfigured(self) -> None:
+        """The named mixes may have changed: the catalogue is rebuilt on next use."""
+        self._catalog = None
+
+    async def adapters(self) -> tuple[str, ...]:
+        now = time.monotonic()
+        if self._adapters is not None and now - self._adapters_at < self.config().catalog_ttl_s:
+            return self._adapters
+        if self.lora_dir is not None and self.lora_dir.is_dir():
+            # The same header check a generator replica runs at start (no torch here): a bad file is listed
+            # as unavailable and a mix naming it answered 422, not a 500 from the replica.
+            if self._registry is None or self._registry.folder != self.lora_dir.resolve():
+                self._registry = LoraRegistry(self.lora_dir)
+            present = self._registry.names()
+            unavailable = self._replica_verdicts(present) | self._registry.problems()
+            names = tuple(n for n in present if n not in unavailable)
+        else:
+            info = await self.generator.info.remote()
+            names, unavailable = tuple(info["adapters"]), dict(info.get("unavailable", {}))
+        if names != self._adapters or unavailable != self._unavailable:
+            self._catalog = None
+        self._adapters, self._unavailable, self._adapters_at = names, unavailable, now
+        return names
+
+    def _file_version(self, name: str) -> tuple[int, int] | None:
+        try:
+            stat = (self.lora_dir / f"{name}{LORA_SUFFIX}").stat() if self.lora_dir is not None else None
+        except OSError:
+            return None
+        return (stat.st_size, stat.st_mtime_ns) if stat is not None else None
+
+    def note_unavailable(self, exc: AdapterUnavailable) -> None:
+        """A generator replica refused an adapter: list it as unavailable until its file changes, and
+        re-read the catalogue on the next request (polling the replicas instead would queue calls behind
+        their generations)."""
+        name, reason = str(exc.extra.get("adapter", "")), str(exc.extra.get("reason", ""))
+        if name:
+            self._replica_unavailable[name] = (self._file_version(name), reason)
+            self._adapters_at = float("-inf")
+
+    def _replica_verdicts(self, present: list[str]) -> dict[str, str]:
+        for name, (version, _) in list(self._replica_unavailable.items()):
+            if name not in present or version != self._file_version(name):
+                del self._replica_unavailable[name]  # gone or replaced: the replica checks it again
+        return {name: reason for name, (_, reason) in self._replica_unavailable.items()}
+
+    async def catalog(self) -> MixCatalog:
+        adapters = await self.adapters()
+        if self._catalog is None:
+            self._catalog = MixCatalog(list(adapters), self.config().mixes, unavailable=self._unavailable)
+            self.names = {m.id: n for n, m in reversed(self._catalog.named.items())}
+        return self._catalog
+
+    async def choose(self, requested: str | None, header_mix: str | None, user_id: str | None,
+                     concept: Chosen | None = None) -> tuple[Mix, dict[str, Any]]:  # fmt: skip
+        """The mix to use and how it was chosen: ``request``, ``header`` (``serve_multiplexed_model_id``),
+        ``concept`` (the concept preset's mix), ``ab`` or ``default``."""
+        config = self.config()
+        catalog = await self.catalog()
+        if requested is not None and header_mix is not None and catalog.resolve(requested).id != catalog.resolve(header_mix, field="serve_multiplexed_model_id").id:
+            raise InvalidParameter(
+                f"`mix` is {requested!r} but the serve_multiplexed_model_id header is {header_mix!r}: send one.",
+                field="mix",
+            )
+        if requested is not None:
+            name, source, arm = requested, "request", None
+        elif header_mix is not None:
+            name, source, arm = header_mix, "header", None
+        elif concept is not None and concept[1].mix is not None:
+            name, source, arm = concept[1].mix, "concept", None
+        elif config.ab_split:
+            arm = await self.allocator.arm(config.experiment, user_id)
+            name, source = arm, "ab"
+        else:
+            name, source, arm = config.default_mix, "default", None
+        field = "serve_multiplexed_model_id" if source == "header" else "mix"
+        mix = catalog.resolve(name, field=field)
+        named = name if name in catalog.named else None
+        return mix, {"id": mix.id, "name": named, "weights": mix.as_dict(), "source": source, "arm": arm}
