@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-#: What each route can answer besides success: the errors its code paths raise (see deployments/ingress.py).
+#: What each route can answer besides success: the errors its code paths raise (see deployments/routes/ and deployments/pipeline.py).
 ERRORS = {
     ("post", "/v1/generate"): {400, 404, 413, 415, 422, 503, 504},
     ("post", "/v1/text2img"): {400, 404, 413, 415, 422, 503, 504},
