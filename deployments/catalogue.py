@@ -7,11 +7,13 @@ GPU replica and re-listed every ``catalog_ttl_s`` (a file added there is usable 
 file's verdict is cached once (deskgen.loras.LoraRegistry: its header check, redone only when the file
 changes); what only a replica can tell (the key mapping onto the model needs torch) joins it once a replica
 refused a file, for as long as that file is unchanged. Where the folder is not visible from the ingress's
-node, the list comes from a Generator replica instead (same refresh).
+node, the list comes from a Generator replica instead (same refresh). The verdicts live in one cache per file
+version: the registry's (deskgen.loras.LoraRegistry).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +22,8 @@ from typing import Any
 from deployments.allocation import Allocator
 from deployments.ingress_models import IngressConfig
 from deskgen.concepts import Concept
-from deskgen.errors import AdapterUnavailable, InvalidParameter
-from deskgen.loras import LORA_SUFFIX, LoraRegistry
+from deskgen.errors import AdapterUnavailable, DeskgenError, InvalidParameter
+from deskgen.loras import LoraRegistry
 from deskgen.mixes import Mix, MixCatalog
 
 #: A request's concept preset: its name (``auto`` resolved) and the preset.
@@ -39,9 +41,7 @@ class MixCatalogue:
         #: Adapter files present but unusable (deskgen.loras.lora_file_problem), with the reason.
         self._unavailable: dict[str, str] = {}
         self._adapters_at = 0.0
-        self._registry: LoraRegistry | None = None  # caches each file's header check
-        #: Adapters a generator replica refused (AdapterUnavailable): name -> (file version, reason).
-        self._replica_unavailable: dict[str, tuple[tuple[int, int] | None, str]] = {}
+        self._registry: LoraRegistry | None = None  # each file's verdicts, per file version
         self._catalog: MixCatalog | None = None
         #: Canonical mix id -> its name in the catalogue (the ``mix`` label of the metrics).
         self.names: dict[str, str] = {}
@@ -59,9 +59,8 @@ class MixCatalogue:
             # as unavailable and a mix naming it answered 422, not a 500 from the replica.
             if self._registry is None or self._registry.folder != self.lora_dir.resolve():
                 self._registry = LoraRegistry(self.lora_dir)
-            present = self._registry.names()
-            unavailable = self._replica_verdicts(present) | self._registry.problems()
-            names = tuple(n for n in present if n not in unavailable)
+            unavailable = self._registry.unavailable()
+            names = tuple(n for n in self._registry.names() if n not in unavailable)
         else:
             info = await self.generator.info.remote()
             names, unavailable = tuple(info["adapters"]), dict(info.get("unavailable", {}))
@@ -70,27 +69,15 @@ class MixCatalogue:
         self._adapters, self._unavailable, self._adapters_at = names, unavailable, now
         return names
 
-    def _file_version(self, name: str) -> tuple[int, int] | None:
-        try:
-            stat = (self.lora_dir / f"{name}{LORA_SUFFIX}").stat() if self.lora_dir is not None else None
-        except OSError:
-            return None
-        return (stat.st_size, stat.st_mtime_ns) if stat is not None else None
-
     def note_unavailable(self, exc: AdapterUnavailable) -> None:
-        """A generator replica refused an adapter: list it as unavailable until its file changes, and
+        """A generator replica refused an adapter: record it as unavailable until its file changes, and
         re-read the catalogue on the next request (polling the replicas instead would queue calls behind
         their generations)."""
         name, reason = str(exc.extra.get("adapter", "")), str(exc.extra.get("reason", ""))
-        if name:
-            self._replica_unavailable[name] = (self._file_version(name), reason)
-            self._adapters_at = float("-inf")
-
-    def _replica_verdicts(self, present: list[str]) -> dict[str, str]:
-        for name, (version, _) in list(self._replica_unavailable.items()):
-            if name not in present or version != self._file_version(name):
-                del self._replica_unavailable[name]  # gone or replaced: the replica checks it again
-        return {name: reason for name, (_, reason) in self._replica_unavailable.items()}
+        if name and self._registry is not None:
+            with contextlib.suppress(DeskgenError):
+                self._registry.record(name, reason)
+        self._adapters_at = float("-inf")
 
     async def catalog(self) -> MixCatalog:
         adapters = await self.adapters()

@@ -124,7 +124,10 @@ class LoraRegistry:
     (:meth:`path`, raising :class:`UnknownMix` listing the available names); give each file's sha256
     (:meth:`sha256`, cached: written into every image's metadata so an output names the exact weights);
     tell the key layout (:meth:`layout`) and the number of modules a file targets (:meth:`module_count`),
-    which the generator compares with what actually loaded. Thread-safe.
+    which the generator compares with what actually loaded. It is the one cache of each file's verdict, per
+    file version (size, mtime): the header check (:meth:`problem`), and what a deeper check found
+    (:meth:`record`: the key mapping onto the model, a failed load, a generator replica's refusal), both
+    forgotten when the file changes. Thread-safe.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -136,6 +139,8 @@ class LoraRegistry:
         self._sha256: dict[str, str] = {}
         #: name -> ((size, mtime_ns), problem or None): a file is checked again only when it changes.
         self._checked: dict[str, tuple[tuple[int, int], str | None]] = {}
+        #: name -> ((size, mtime_ns), problem or None): what a check beyond the header found for that version.
+        self._recorded: dict[str, tuple[tuple[int, int], str | None]] = {}
 
     def names(self) -> list[str]:
         """Sorted names of the valid adapters in the folder (files that :meth:`path` would accept)."""
@@ -175,6 +180,40 @@ class LoraRegistry:
         with self._lock:
             self._checked[name] = (stamp, problem)
         return problem
+
+    def version(self, name: str) -> tuple[int, int] | None:
+        """The file's (size, mtime_ns), its version for the verdicts; None when it cannot be read."""
+        try:
+            stat = self.path(name).stat()
+        except OSError:
+            return None
+        return (stat.st_size, stat.st_mtime_ns)
+
+    def record(self, name: str, problem: str | None) -> None:
+        """Remember what a check beyond the header found for the file's current version (None: usable)."""
+        version = self.version(name)
+        if version is not None:
+            with self._lock:
+                self._recorded[name] = (version, problem)
+
+    def recorded(self, name: str) -> tuple[bool, str | None]:
+        """Whether the file's current version has a recorded verdict, and that verdict."""
+        version = self.version(name)
+        with self._lock:
+            entry = self._recorded.get(name)
+        if version is None or entry is None or entry[0] != version:
+            return False, None
+        return True, entry[1]
+
+    def unavailable(self) -> dict[str, str]:
+        """name -> reason for every file known to be unusable now: its header refused, or a recorded verdict
+        of its current version."""
+        found = self.problems()
+        for name in self.names():
+            known, problem = self.recorded(name)
+            if known and problem is not None and name not in found:
+                found[name] = problem
+        return dict(sorted(found.items()))
 
     def usable(self) -> list[str]:
         """Sorted names of the adapters whose files pass :meth:`problem`."""

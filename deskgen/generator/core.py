@@ -131,10 +131,8 @@ class DeskGenerator:
 
         # Every LoRA file is checked before the strategy reads any (hot-swap slots read them all).
         timer = _Timer()
-        #: adapter -> ((size, mtime_ns), why it cannot be loaded, or None), under its own lock so that
-        #: listing adapters (a replica's ``info``) never waits for a generation.
-        self._checked: dict[str, tuple[tuple[int, int], str | None]] = {}
-        self._check_lock = threading.Lock()
+        # The verdicts are the registry's (one cache per file version), under its own lock, so that listing
+        # adapters (a replica's ``info``) never waits for a generation.
         unavailable = self.check_adapters()
         log.info("checked %d LoRA files in %.3f s; unavailable: %s", len(registry.names()), timer.seconds(),
                  unavailable or "none")  # fmt: skip
@@ -260,47 +258,28 @@ class DeskGenerator:
     def unavailable(self) -> dict[str, str]:
         """adapter -> reason, for the files of the registry known to be unusable: their header refused now
         (cheap, cached per file version), or refused by a full check of their current version."""
-        found = self.registry.problems()
-        with self._check_lock:
-            checked = dict(self._checked)
-        for name in self.registry.names():
-            entry = checked.get(name)
-            if entry is None or entry[1] is None or name in found:
-                continue
-            with contextlib.suppress(OSError):
-                stat = self.registry.path(name).stat()
-                if entry[0] == (stat.st_size, stat.st_mtime_ns):
-                    found[name] = entry[1]
-        return dict(sorted(found.items()))
+        return self.registry.unavailable()
 
     def adapter_problem(self, name: str) -> str | None:
         """Why adapter ``name`` cannot be loaded into this pipeline, or None: its header
         (:meth:`LoraRegistry.problem`: truncated, LyCORIS, DoRA, unknown layout), then its key mapping
-        onto this model's modules (:func:`mapping_problem`). Cached per (size, mtime) of the file;
+        onto this model's modules (:func:`mapping_problem`). Both cached per file version by the registry;
         raises UnknownMix for a name the registry does not hold."""
         path = self.registry.path(name)
         try:
-            stat = path.stat()
-            stamp = (stat.st_size, stat.st_mtime_ns)
+            path.stat()
         except OSError as exc:
             return f"unreadable: {exc.strerror or exc}"
-        with self._check_lock:
-            cached = self._checked.get(name)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        known, problem = self.registry.recorded(name)
+        if known:
+            return problem
         problem = self.registry.problem(name)
         if problem is None:
             problem = mapping_problem(self.pipe, path, self.registry.module_count(name))
             if problem is not None:
                 log.warning("LoRA %s (%s) is unavailable: %s", name, path, problem)
-        with self._check_lock:
-            self._checked[name] = (stamp, problem)
+        self.registry.record(name, problem)
         return problem
-
-    def _mark_unavailable(self, name: str, path: Path, problem: str) -> None:
-        with contextlib.suppress(OSError), self._check_lock:
-            stat = path.stat()
-            self._checked[name] = ((stat.st_size, stat.st_mtime_ns), problem)
 
     def loaded_adapters(self) -> set[str]:
         """Adapters currently held by the pipeline."""
@@ -339,7 +318,7 @@ class DeskGenerator:
                     if isinstance(exc, (torch.OutOfMemoryError, DeskgenError)) or not isinstance(exc, (ValueError, KeyError, OSError, RuntimeError)):
                         raise  # the replica's trouble (memory) or already the caller's, not the file's
                     problem = f"it did not load ({type(exc).__name__}: {str(exc).strip()[:200]})"
-                    self._mark_unavailable(name, path, problem)
+                    self.registry.record(name, problem)
                     raise AdapterUnavailable.of(name, problem) from exc
                 self._loaded[name] = peft
                 self._check_loaded(name, peft, path)
@@ -354,7 +333,7 @@ class DeskGenerator:
             self._delete([name])
             problem = f"only {loaded} of its {expected} layers match this model; is it a LoRA for SDXL, and for this base model?"
             log.warning("LoRA %s (%s) is unavailable: %s", name, path, problem)
-            self._mark_unavailable(name, path, problem)
+            self.registry.record(name, problem)
             raise AdapterUnavailable.of(name, problem)
 
     # -- mixes ----------------------------------------------------------------------------------

@@ -137,3 +137,22 @@ def test_a_rebuild_is_byte_identical_and_verifies(tiny_models: Path, tmp_path: P
     rebuilt = digests(tmp_path)
     assert {"loras/dalle.safetensors", "loras/ott.safetensors", "loras/3d.safetensors"} <= set(rebuilt)
     assert rebuilt == digests(tiny_models)
+
+
+def test_a_recorded_verdict_holds_for_its_file_version_only(scratch: Path) -> None:
+    """The one cache of verdicts: a deeper check's (or a replica's) verdict counts while the file is unchanged,
+    and is forgotten when the file changes."""
+    import os
+
+    shutil.copy(scratch / "dalle.safetensors", scratch / "other.safetensors")
+    registry = LoraRegistry(scratch)
+    assert registry.recorded("other") == (False, None) and "other" not in registry.unavailable()
+    registry.record("other", "targets layers this model lacks")
+    assert registry.recorded("other") == (True, "targets layers this model lacks")
+    assert registry.unavailable()["other"] == "targets layers this model lacks"
+    registry.record("dalle", None)
+    assert registry.recorded("dalle") == (True, None) and "dalle" not in registry.unavailable()
+    path = scratch / "other.safetensors"
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new version of the file
+    assert registry.recorded("other") == (False, None) and "other" not in registry.unavailable()
