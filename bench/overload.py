@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 "admission off: every request walks the ingress (body parsed, mix chosen, exposure reserved) until the "
                 "generator's router refuses it (BackPressureError, 503 with the configured Retry-After). On: the ingress "
                 "refuses at the door from its count of generation requests in flight and the generator's capacity read "
-                "from the Serve controller; its Retry-After is a place in a virtual queue (deskgen/admission.py)."
+                "from the Serve controller; its Retry-After is a place in a virtual queue (deployments/door/admission.py)."
             )
         if args.only != "suite":
             tables.append(refusal_cost(app))

@@ -17,13 +17,14 @@ from starlette.requests import Request
 from starlette.routing import Match
 
 from deployments import metrics
+from deployments.door.admission import Admission
+from deployments.door.apikeys import ApiKey, KeyRing, presented_key
+from deployments.door.errors import ConcurrencyLimited, Overloaded, RateLimited, Unauthorized
+from deployments.door.ratelimit import KeyQuotas
 from deployments.http_errors import error_for, error_response, request_id_of
 from deployments.http_io import drain
-from deskgen.admission import Admission
-from deskgen.apikeys import ApiKey, KeyRing, presented_key
-from deskgen.errors import ConcurrencyLimited, DeskgenError, Overloaded, RateLimited, Unauthorized
+from deskgen.errors import DeskgenError
 from deskgen.limits import MAX_DRAIN_BYTES
-from deskgen.ratelimit import KeyQuotas
 
 log = logging.getLogger("ray.serve")
 

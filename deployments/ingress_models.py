@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from deskgen.apikeys import ApiKey
+from deployments.door.apikeys import ApiKey
 from deskgen.boxes import PRODUCT_PATTERN, PRODUCT_RULE
 from deskgen.concepts import AUTO, CONCEPT_NAME_PATTERN, ConceptConfig
 from deskgen.experiments.records import FEEDBACK_EVENTS, AllocationKind, Experiment, Policy
@@ -110,7 +110,7 @@ class IngressConfig(ConceptConfig):
         5.0, gt=0.0, le=60.0, description="how long a feedback or report call waits for the experiment store"
     )
     api_keys: list[ApiKey] = Field(
-        default_factory=list, description="who may call the API (hashes; mint with `python -m deskgen.apikeys NAME`), "
+        default_factory=list, description="who may call the API (hashes; mint with `python -m deployments.door.apikeys NAME`), "
         "each with its rate and concurrency limits; empty = the API is open to anyone who reaches it"
     )
     shed_load: bool = Field(

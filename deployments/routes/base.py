@@ -74,7 +74,7 @@ class RoutesBase:
             log.info("API keys: %d configured (%s)", len(self.config.api_keys), ", ".join(k.name for k in self.config.api_keys))
         else:
             log.warning("API keys: none configured, so the API is open to anyone who reaches it "
-                        "(add user_config.api_keys; mint one with `python -m deskgen.apikeys NAME`)")
+                        "(add user_config.api_keys; mint one with `python -m deployments.door.apikeys NAME`)")
         log.info("ingress config: default_mix=%s ab_split=%s experiment=%s", self.config.default_mix,
                  self.config.ab_split, self.config.experiment.id)  # fmt: skip
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deskgen.apikeys import key_hash, mint
+from deployments.door.apikeys import key_hash, mint
 
 from .conftest import deploy, deployment, stage_stats
 from .helpers import assert_error, text2img

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deskgen.apikeys import key_hash, mint
+from deployments.door.apikeys import key_hash, mint
 from deskgen.paths import PROJECT_ROOT
 
 from .conftest import deploy, deployment

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from deskgen.apikeys import ApiKey, KeyRing, key_hash, mint, presented_key
-from deskgen.ratelimit import KeyQuotas
+from deployments.door.apikeys import ApiKey, KeyRing, key_hash, mint, presented_key
+from deployments.door.ratelimit import KeyQuotas
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deskgen.admission import Admission, caller_capacity
+from deployments.door.admission import Admission, caller_capacity
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,7 @@
 """API keys: configured as SHA-256 hashes (the key itself is never stored, logged or echoed), presented
 as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 
-Keys are random 256-bit tokens minted by ``python -m deskgen.apikeys NAME``, so an unsalted SHA-256 is
+Keys are random 256-bit tokens minted by ``python -m deployments.door.apikeys NAME``, so an unsalted SHA-256 is
 enough (there is nothing to brute-force, unlike a password) and lets the key ring look a key up in one
 dict access. Each key carries its limits (:class:`KeyLimits`); the ingress's ``user_config`` lists them,
 so a key is added or revoked with ``serve deploy`` (no restart).
@@ -40,7 +40,7 @@ class ApiKey(KeyLimits):
     """One key in ``user_config.api_keys``: a name (logs and metrics show it; the key never), the hash."""
 
     name: str = Field(..., pattern=KEY_NAME_PATTERN)
-    sha256: str = Field(..., pattern=SHA256_PATTERN, description="hex SHA-256 of the key (python -m deskgen.apikeys)")
+    sha256: str = Field(..., pattern=SHA256_PATTERN, description="hex SHA-256 of the key (python -m deployments.door.apikeys)")
 
 
 def key_hash(key: str) -> str:

@@ -1,7 +1,7 @@
 """Per-key rate limits and concurrency quotas, enforced by each ingress replica for its share of the keys'
 traffic.
 
-A key's limits (:class:`~deskgen.apikeys.KeyLimits`) are global; with ``replicas`` ingress replicas each
+A key's limits (:class:`~deployments.door.apikeys.KeyLimits`) are global; with ``replicas`` ingress replicas each
 enforces ``1/replicas`` of them (rate and burst divided, concurrency rounded up). Serve's proxy spreads a
 key's requests over the replicas (it routes by queue length, not by key), so the sum holds the global
 limit **approximately**: within a burst of a few requests, and exactly with one replica. An exact global
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from deskgen.apikeys import KeyLimits
+from deployments.door.apikeys import KeyLimits
 
 
 @dataclass
