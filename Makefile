@@ -20,10 +20,12 @@ RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU"
 install: $(VENV)/.installed
 
 # torch first: on a CPU machine the local CPU wheel (torch==2.13.0); elsewhere the CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The client distribution (client/: httpx and pydantic) before the server, which depends on it.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e './client[test]'
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 

@@ -28,8 +28,8 @@ from deskgen.contracts import (
     GeneratedImage,
     GenerationEvent,
     GenerationRequest,
-    GenerationStarted,
-    GenerationStep,
+    Started,
+    Step,
 )
 from deskgen.errors import DeskgenError
 from deskgen.limits import UNHEALTHY_AFTER_FAILURES
@@ -136,17 +136,17 @@ class GeneratorReplica:
         """Started (mix active on this replica), one step per denoising step, then the image. ``get_mix``
         loads (or finds cached) the mix, inside the replica's lock."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[GenerationStep] = asyncio.Queue()
+        events: asyncio.Queue[Step] = asyncio.Queue()
         cancel = threading.Event()
 
         def relay(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, GenerationStep(step=step, total=total))
+            loop.call_soon_threadsafe(events.put_nowait, Step(step=step, total=total))
 
         queued_at = time.perf_counter()
         async with self._turn(request, queued_at):
             try:
                 loaded = await get_mix()
-                yield GenerationStarted(mix_id=loaded.mix.id, replica=self.replica_id(),
+                yield Started(mix_id=loaded.mix.id, replica=self.replica_id(),
                                         queued_s=time.perf_counter() - queued_at)  # fmt: skip
                 work = self._start(request, loaded.mix, cancel, relay)
                 while not work.done():

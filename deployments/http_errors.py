@@ -18,12 +18,41 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from deployments import metrics
+from deployments.door.errors import DoorRefusal
+from deskgen import errors
+from deskgen.concepts import UnknownConcept
 from deskgen.errors import DeskgenError, InvalidParameter
 from deskgen.limits import REQUEST_ID_PATTERN
 
 log = logging.getLogger("ray.serve")
 
 REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+
+#: The HTTP status of each of the model layer's errors (the door's refusals carry their own). A subclass
+#: takes its nearest listed base's; an error class listed nowhere is a 400.
+STATUS: dict[type[DeskgenError], int] = {
+    errors.InvalidParameter: 400,
+    errors.UnknownMix: 404,
+    errors.UnknownImage: 404,
+    errors.UnknownExperiment: 404,
+    UnknownConcept: 404,
+    errors.FeedbackForbidden: 403,
+    errors.FeedbackConflict: 409,
+    errors.PayloadTooLarge: 413,
+    errors.NotAnImage: 415,
+    errors.NotADeskSetup: 422,
+    errors.AdapterUnavailable: 422,
+    errors.RecorderBacklog: 503,
+    errors.RecorderUnavailable: 503,
+    errors.LocatorUnavailable: 503,
+}
+
+
+def status_of(exc: DeskgenError) -> int:
+    """The HTTP status a model-layer error (or a door refusal) is answered with."""
+    if isinstance(exc, DoorRefusal):
+        return exc.status
+    return next((STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS), 400)
 
 
 def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -45,6 +74,9 @@ def validation_error(exc: ValidationError | RequestValidationError) -> InvalidPa
     if first.get("type") == "extra_forbidden":
         named = f"`{field}`" if field else "a field with an empty name"
         return InvalidParameter(f"{named} is not a known field.", field=field or "")
+    cause = (first.get("ctx") or {}).get("error")
+    if first.get("type") == "value_error" and str(cause).startswith("`"):
+        return InvalidParameter(str(cause), field=field)  # the rule's own sentence names the field and the value
     value = first.get("input")
     shown = f" but is {value!r}" if not isinstance(value, (dict, list)) and value is not None else ""
     return InvalidParameter(f"`{field}`: {first.get('msg', 'invalid')}{shown}.", field=field)
@@ -87,10 +119,11 @@ def error_for(exc: BaseException, retry_after_s: int) -> tuple[int, dict[str, An
 
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, DeskgenError):
-        return exc.status, {"error": exc.to_dict()}, (retry if exc.status in (429, 503) else {}) | exc.headers
+        status = status_of(exc)
+        own = exc.headers if isinstance(exc, DoorRefusal) else {}
+        return status, {"error": exc.to_dict()}, (retry if status in (429, 503) else {}) | own
     if isinstance(exc, (ValidationError, RequestValidationError)):
-        err = validation_error(exc)
-        return err.status, {"error": err.to_dict()}, {}
+        return 400, {"error": validation_error(exc).to_dict()}, {}
     if isinstance(exc, BackPressureError):
         return 503, error_body("overloaded", "deskgen is at capacity: retry after Retry-After seconds."), retry
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):

@@ -30,7 +30,10 @@ def wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "").lower()
 
 
-def sse(event: str, data: dict[str, Any]) -> bytes:
+def sse(event: str, data: dict[str, Any] | BaseModel) -> bytes:
+    """One server-sent event; a protocol model is written as its JSON (computed fields included)."""
+    if isinstance(data, BaseModel):
+        return f"event: {event}\ndata: {data.model_dump_json()}\n\n".encode()
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 

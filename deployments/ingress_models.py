@@ -1,16 +1,15 @@
-"""The ingress's typed inputs: its ``user_config`` (:class:`IngressConfig`) and the request bodies of the
-HTTP API (pydantic models; the OpenAPI document is generated from them). Bounds come from
-:mod:`deskgen.limits`, the one place limits live."""
+"""The ingress's typed ``user_config`` (:class:`IngressConfig`, with the experiment's :class:`AbPolicy`) and
+how a multipart form carries the request models' non-text options. The request bodies themselves are the
+protocol's (:mod:`deskgen_client.protocol`); bounds come from :mod:`deskgen.limits`."""
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.door.apikeys import ApiKey
-from deskgen.boxes import PRODUCT_PATTERN, PRODUCT_RULE
-from deskgen.concepts import AUTO, CONCEPT_NAME_PATTERN, ConceptConfig
-from deskgen.experiments.records import FEEDBACK_EVENTS, AllocationKind, Experiment, Policy
+from deskgen.concepts import ConceptConfig
+from deskgen.experiments.records import AllocationKind, Experiment, Policy
 from deskgen.limits import (
     DEFAULT_SIZE_LIMITS,
     DEFAULT_UPLOAD_LIMITS,
@@ -24,12 +23,11 @@ from deskgen.limits import (
     MAX_TIMEOUT_S,
     MAX_USER_ID_CHARS,
     MIN_GUIDANCE,
-    REQUEST_ID_PATTERN,
     SIDE_MULTIPLE,
     SizeLimits,
 )
-from deskgen.mixes import MIX_SPEC_PATTERN, MIX_SPEC_RULE, NAMED_MIXES
-from deskgen.prompts.style import STYLE_PATTERN, validate_style
+from deskgen.mixes import NAMED_MIXES
+from deskgen_client.rules import MIX_SPEC_PATTERN, MIX_SPEC_RULE, PRODUCT_RULE, FeedbackEvent
 
 
 class AbPolicy(BaseModel):
@@ -37,7 +35,7 @@ class AbPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    primary_metric: Literal["like", "dislike", "download", "select"] = Field(
+    primary_metric: FeedbackEvent = Field(
         "like", description="the event whose rate per delivered image decides the experiment"
     )
     alpha: float = Field(0.05, gt=0.0, lt=0.5, description="error rate of the always-valid arm comparisons")
@@ -198,22 +196,6 @@ class IngressConfig(ConceptConfig):
         }  # fmt: skip
 
 
-class StyleOption(BaseModel):
-    """A style concept woven into the prompt, checked by the prompt builder's rule (stated in the document)."""
-
-    style: str | None = Field(None, max_length=MAX_STYLE_CHARS, description="a style concept woven into the prompt "
-                              "(visible text, no control or format characters)", json_schema_extra={"pattern": STYLE_PATTERN})  # fmt: skip
-
-    @field_validator("style")
-    @classmethod
-    def _style_rule(cls, style: str | None) -> str | None:
-        return validate_style(style)
-
-
-#: One product name (its rule stated in the document; the ingress strips it and drops repeats).
-ProductName = Annotated[str, Field(min_length=1, max_length=MAX_PRODUCT_CHARS, pattern=PRODUCT_PATTERN)]
-
-
 #: A form's text for a product list: names separated by commas (empty items are skipped), each at most
 #: MAX_PRODUCT_CHARS once stripped, at most MAX_PRODUCTS of them. The pattern states exactly what
 #: :func:`form_values` accepts, so the multipart schema and the server agree.
@@ -248,101 +230,3 @@ def form_values(fields: dict[str, Any]) -> dict[str, Any]:
         texts = out["products"] if isinstance(out["products"], list) else [out["products"]]
         out["products"] = [part.strip() for text in texts for part in str(text).split(",") if part.strip()]
     return out
-
-
-class LocateOptions(BaseModel):
-    """Which products to find in the image, and whether to draw them."""
-
-    products: list[ProductName] | None = Field(
-        None, max_length=MAX_PRODUCTS, description=f"products to find ({PRODUCT_RULE} each; in a form: "
-        "comma-separated or the field repeated); omitted on a generation: the objects its captions or prompt name",
-    )
-    annotate: StrictBool = Field(False, description="also answer a copy of the image with the boxes drawn (JSON and SSE)")
-
-
-class GenerationOptions(LocateOptions):
-    """Options shared by /v1/generate and /v1/text2img. Omitted values take the configured defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mix: str | None = Field(None, max_length=MAX_MIX_SPEC_CHARS, description=MIX_SPEC_RULE,
-                            json_schema_extra={"pattern": MIX_SPEC_PATTERN})  # fmt: skip
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted (and reported)")
-    steps: int | None = Field(None, ge=1)
-    guidance: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)
-    width: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
-    height: int | None = Field(None, ge=SIDE_MULTIPLE, description=f"a multiple of {SIDE_MULTIPLE}")
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    user_id: str | None = Field(None, min_length=1, max_length=MAX_USER_ID_CHARS, description="makes the A/B arm sticky")
-    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="deadline for this request")
-    concept: str | None = Field(
-        None, description=f"a concept preset (GET /v1/concepts) woven into the prompt, or `{AUTO}` for today's by the "
-        "schedule; its mix, steps and guidance apply where the request sets none",
-        json_schema_extra={"pattern": f"^(?:{AUTO}|{CONCEPT_NAME_PATTERN[1:-1]})$"},
-    )
-
-    locate: StrictBool = Field(True, description="find the products in the generated image (`products` in the answer)")
-
-    @field_validator("concept")
-    @classmethod
-    def _concept_syntax(cls, concept: str | None) -> str | None:
-        if concept is not None and not re.fullmatch(f"{AUTO}|{CONCEPT_NAME_PATTERN[1:-1]}", concept):
-            raise ValueError(f"must be `{AUTO}` or a concept name (1-64 of a-z 0-9 _ -)")
-        return concept
-
-
-    @field_validator("mix")
-    @classmethod
-    def _mix_syntax(cls, mix: str | None) -> str | None:
-        if mix is not None and not re.fullmatch(MIX_SPEC_PATTERN, mix):
-            raise ValueError(f"must be {MIX_SPEC_RULE}")
-        return mix
-
-
-class GenerateForm(GenerationOptions, StyleOption):
-    """/v1/generate: the photo (multipart `image`, or `image_b64` in JSON) plus options."""
-
-
-    image_b64: str | None = Field(None, description="JSON only: the photo, base64")
-
-
-class Text2ImgRequest(GenerationOptions):
-    """/v1/text2img: a prompt straight to the generator."""
-
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-
-
-class ClassifyForm(BaseModel):
-    """/v1/classify: just the photo."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_b64: str | None = None
-
-
-class CaptionForm(ClassifyForm, StyleOption):
-    """/v1/caption: the photo and, optionally, a style woven into the prompt."""
-
-
-
-class LocateForm(LocateOptions):
-    """/v1/locate: any image and the products to find in it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_b64: str | None = Field(None, description="JSON only: the image, base64")
-    products: list[ProductName] = Field(..., min_length=1, max_length=MAX_PRODUCTS,  # type: ignore[assignment]
-                                        description=f"products to find ({PRODUCT_RULE} each; in a form: comma-separated)")  # fmt: skip
-
-
-class FeedbackRequest(BaseModel):
-    """/v1/feedback: what a user did with an image. Idempotent per (image_id, event)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_id: str = Field(..., pattern=REQUEST_ID_PATTERN, description="the request id the image was answered with")
-    event: Literal[FEEDBACK_EVENTS] = Field(..., description="what the user did")  # type: ignore[valid-type]
-    value: float | None = Field(None, allow_inf_nan=False, description="optional, e.g. a rating")
-    user_id: str | None = Field(
-        None, min_length=1, max_length=MAX_USER_ID_CHARS, description="must be the user the image was delivered to"
-    )

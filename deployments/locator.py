@@ -11,7 +11,7 @@ from ray import serve
 
 from deployments.batched import BatchConfig, BatchedStage
 from deskgen.boxes import clean_products
-from deskgen.contracts import Located, LocatedProduct
+from deskgen.contracts import LocatedProduct, ProductLocation
 from deskgen.limits import MAX_INSTANCES
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class Locator(BatchedStage[LocatorConfig, "tuple[Image.Image, tuple[str, ...]]",
         found, _ = await self.run_model(self.locator.locate_batch, [i for i, _ in items], [p for _, p in items], settings)
         return found
 
-    async def locate(self, image: Image.Image | bytes, products: tuple[str, ...]) -> Located:
+    async def locate(self, image: Image.Image | bytes, products: tuple[str, ...]) -> ProductLocation:
         """Where ``products`` are in ``image`` (a PIL image, or encoded bytes such as a generated PNG)."""
         if isinstance(image, bytes):
             from PIL import Image
@@ -62,7 +62,7 @@ class Locator(BatchedStage[LocatorConfig, "tuple[Image.Image, tuple[str, ...]]",
                 image = opened.convert("RGB")
         products = clean_products(products)
         found = await self.batcher.submit((image, products))
-        return Located(status="ok", items=found, threshold=self.config.threshold, width=image.width, height=image.height)
+        return ProductLocation(status="ok", items=found, threshold=self.config.threshold, width=image.width, height=image.height)
 
     def stats(self) -> dict[str, int]:
         """Batches and images located since start, and this replica's process id."""

@@ -1,30 +1,15 @@
 """What the OpenAPI document says each route answers: every status it can send, each with the shared JSON
-error body, and each success media type. A unit test compares this with the routes, so a route cannot
-forget a status it answers."""
+error body, and each success media type with the protocol's model of its answer. A unit test compares
+this with the routes, so a route cannot forget a status it answers."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from deskgen.limits import SIDE_MULTIPLE, SizeLimits
+from deskgen_client.protocol import ErrorBody, ExperimentList, FeedbackResult, GenerationResult
 
-
-class ErrorDetail(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    code: str = Field(..., description="stable machine-readable code, e.g. invalid_parameter, not_a_desk_setup")
-    message: str = Field(..., description="what was wrong, naming the field and the rule")
-    field: str | None = Field(None, description="the request field at fault, when one is")
-
-
-class ErrorBody(BaseModel):
-    """Every error deskgen answers (422 adds ``score`` and ``threshold`` to ``error``, or ``adapter`` and
-    ``reason`` for an unavailable LoRA adapter)."""
-
-    error: ErrorDetail
-    request_id: str
+REF = "#/components/schemas/"
 
 
 STATUS_MEANING = {
@@ -47,18 +32,15 @@ STATUS_MEANING = {
 #: The success answer of the generation routes, by the request's Accept header.
 GENERATION_CONTENT = {
     "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "application/json": {"schema": {"type": "object", "description": "image_b64, the request id, captions, "
-                                    "keywords, prompt, mix, seed, steps, size, timings, metadata and products (per "
-                                    "product its boxes in pixels and normalised, with scores; annotated_b64 when asked)"}},
+    "application/json": {"schema": {"$ref": REF + "GenerationResult"}},
     "text/event-stream": {"schema": {"type": "string", "description": "events: classified, captioned, started, "
                                      "step (one per denoising step), located (the products), done (the JSON answer) "
                                      "or error"}},
 }  # fmt: skip
 
 
-_FEEDBACK_STORED = {"application/json": {"schema": {"type": "object", "description": "image_id, event, recorded, duplicate"}}}
-FEEDBACK_ANSWERS = {201: {"description": "stored (committed)", "content": _FEEDBACK_STORED},
-                    200: {"description": "a repeat of a stored (image_id, event): not counted again", "content": _FEEDBACK_STORED}}  # fmt: skip
+FEEDBACK_ANSWERS = {201: {"description": "stored (committed)", "model": FeedbackResult},
+                    200: {"description": "a repeat of a stored (image_id, event): not counted again", "model": FeedbackResult}}  # fmt: skip
 
 
 def answers(*statuses: int, ok: dict[int, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
@@ -70,12 +52,20 @@ def answers(*statuses: int, ok: dict[int, dict[str, Any]] | None = None) -> dict
 
 
 def generation_answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return answers(*statuses, ok={200: {"description": "the image (by Accept)", "content": GENERATION_CONTENT}})
+    # `model` puts GenerationResult among the document's schemas; `content` names it for JSON beside the
+    # PNG and the event stream.
+    return answers(*statuses, ok={200: {"description": "the image (by Accept)", "model": GenerationResult,
+                                        "content": GENERATION_CONTENT}})  # fmt: skip
 
 
-def page_or_json(description: str) -> dict[int, dict[str, Any]]:
-    return {200: {"description": description + " (an HTML page for Accept: text/html)",
-                  "content": {"application/json": {"schema": {"type": "object"}}, "text/html": {"schema": {"type": "string"}}}}}  # fmt: skip
+def page_or_json(description: str, model: type[ExperimentList] | None = None) -> dict[int, dict[str, Any]]:
+    """An answer that is JSON (the model's, or any object) or an HTML page for ``Accept: text/html``."""
+    json_schema = {"$ref": REF + model.__name__} if model is not None else {"type": "object"}
+    answer: dict[str, Any] = {"description": description + " (an HTML page for Accept: text/html)",
+                              "content": {"application/json": {"schema": json_schema}, "text/html": {"schema": {"type": "string"}}}}  # fmt: skip
+    if model is not None:
+        answer["model"] = model
+    return {200: answer}
 
 
 def without_fastapi_422(document: dict[str, Any]) -> dict[str, Any]:

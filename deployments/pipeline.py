@@ -33,7 +33,7 @@ from deployments import metrics
 from deployments.catalogue import Chosen, MixCatalogue
 from deployments.http_errors import unwrap
 from deployments.http_io import awaitable
-from deployments.ingress_models import GenerateForm, GenerationOptions, IngressConfig, Text2ImgRequest
+from deployments.ingress_models import IngressConfig
 from deskgen.boxes import annotate, clean_products
 from deskgen.concepts import with_negative, woven_prompt, woven_style
 from deskgen.contracts import (
@@ -41,8 +41,7 @@ from deskgen.contracts import (
     GateVerdict,
     GeneratedImage,
     GenerationRequest,
-    Located,
-    ProductSource,
+    ProductLocation,
 )
 from deskgen.errors import AdapterUnavailable, NotADeskSetup
 from deskgen.experiments.buffer import ExposureBuffer, Reservation
@@ -53,6 +52,7 @@ from deskgen.mixes import Mix
 from deskgen.pngmeta import PRODUCTS_KEY, encode_png, with_text
 from deskgen.prompts.build import DEFAULT_NEGATIVE_PROMPT
 from deskgen.prompts.captions import rank_keywords
+from deskgen_client.protocol import GenerateRequest, GenerationOptions, ProductSource, Text2ImgRequest
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -108,7 +108,7 @@ class GenerationRun:
     caption_style: str | None = None
     verdict: GateVerdict | None = None
     captioned: CaptionResult | None = None
-    located: Located | None = None
+    located: ProductLocation | None = None
     annotated_b64: str | None = None
 
     @property
@@ -128,7 +128,7 @@ class GenerationRun:
         else:
             out |= {"concept": self.params.concept, "mix": self.mix_info, "timings": self.timings}
         if self.located is not None:
-            out["products"] = self.located.public()
+            out["products"] = self.located.model_dump(mode="json")
         if self.annotated_b64 is not None:
             out["annotated_b64"] = self.annotated_b64
         return out
@@ -160,7 +160,7 @@ class GenerationPipeline:
         run.plan = self.locate_plan(body, [k.name for k in rank_keywords([prompt])], "prompt")
         return run
 
-    async def prepare_photo(self, form: GenerateForm, photo: bytes | None, caller: Caller) -> GenerationRun:
+    async def prepare_photo(self, form: GenerateRequest, photo: bytes | None, caller: Caller) -> GenerationRun:
         concept = self.concept(form)
         params = self.params(form, PENDING_PROMPT, None, concept)  # the options, before the captions exist
         run = await self._run(caller, form, params, concept, style=form.style)
@@ -298,26 +298,26 @@ class GenerationPipeline:
         run.located = located
         if run.plan.annotate and located.status == "ok":
             run.annotated_b64 = await asyncio.to_thread(self.annotated_b64, result.png, located)
-        return replace(result, png=with_text(result.png, PRODUCTS_KEY, located.public()))
+        return replace(result, png=with_text(result.png, PRODUCTS_KEY, located.model_dump(mode="json")))
 
-    async def located(self, png: bytes, plan: LocatePlan) -> Located:
+    async def located(self, png: bytes, plan: LocatePlan) -> ProductLocation:
         if self.locator is None or plan.off is not None:
-            return Located(status="off", reason=plan.off)
+            return ProductLocation(status="off", reason=plan.off)
         timeout = self.config().locate_timeout_s
         start = time.perf_counter()
         try:
-            located: Located = await self.within(self.locator.locate.remote(png, plan.products), start + timeout)
+            located: ProductLocation = await self.within(self.locator.locate.remote(png, plan.products), start + timeout)
         except TimeoutError:
-            located = Located(status="timeout", reason=f"the product locator did not answer within {timeout} s")
+            located = ProductLocation(status="timeout", reason=f"the product locator did not answer within {timeout} s")
         except Exception as exc:
             cause = unwrap(exc)
             log.warning("product locator failed; the image is delivered without products: %r", cause)
-            located = Located(status="failed", reason=f"the product locator failed ({type(cause).__name__}: {cause})"[:500])
+            located = ProductLocation(status="failed", reason=f"the product locator failed ({type(cause).__name__}: {cause})"[:500])
         metrics.stage_seconds("locate", time.perf_counter() - start)
         metrics.located(located.status)
-        return replace(located, source=plan.source)
+        return located.model_copy(update={"source": plan.source})
 
-    def annotated_b64(self, image: Any, located: Located) -> str:
+    def annotated_b64(self, image: Any, located: ProductLocation) -> str:
         """A copy of ``image`` (PIL, or PNG bytes) with the boxes and labels drawn, as base64 PNG."""
         if isinstance(image, bytes):
             image = decode_image(image, field="image")

@@ -16,13 +16,15 @@ from deployments.http_errors import error_body, error_for, unwrap
 from deployments.http_io import OutputFormat, sse
 from deployments.pipeline import GenerationPipeline, GenerationRun
 from deskgen.contracts import GeneratedImage, GenerationEvent
+from deskgen_client.protocol import Captioned, Classified, GenerationResult, event_name
 
 
 def json_result(result: GeneratedImage, fields: dict[str, Any], request_id: str) -> dict[str, Any]:
-    """The JSON answer (and the SSE ``done`` event): the image, the run's ``fields`` (GenerationRun.answer),
-    and the parameters the image was made with."""
+    """The JSON answer (and the SSE ``done`` event), a :class:`~deskgen_client.protocol.GenerationResult`:
+    the image, the run's ``fields`` (GenerationRun.answer), and the parameters the image was made with.
+    The fields a run does not have (a text run's captions) are left out, not sent as null."""
     params = result.params
-    return {
+    answer = GenerationResult.model_validate({
         "request_id": request_id,
         "image_b64": base64.b64encode(result.png).decode(),
         "media_type": "image/png",
@@ -35,7 +37,8 @@ def json_result(result: GeneratedImage, fields: dict[str, Any], request_id: str)
         "width": params.width,
         "height": params.height,
         "metadata": result.metadata,
-    }
+    })
+    return answer.model_dump(mode="json", exclude_unset=True)
 
 
 def headers(run: GenerationRun, result: GeneratedImage) -> dict[str, str]:
@@ -76,9 +79,9 @@ async def streamed(pipeline: GenerationPipeline, run: GenerationRun, route: str)
         verdict = await pipeline.gate(run)
         captioned = await pipeline.caption(run)
         prelude = [
-            sse("classified", {"score": verdict.score, "threshold": verdict.threshold}),
-            sse("captioned", {"captions": captioned.captions, "keywords": captioned.keyword_dicts(),
-                              "prompt": run.params.prompt}),
+            sse("classified", Classified(score=verdict.score, threshold=verdict.threshold)),
+            sse("captioned", Captioned(captions=captioned.captions, keywords=captioned.keyword_dicts(),
+                                       prompt=run.params.prompt)),
         ]  # fmt: skip
     stream = pipeline.stream(run)
     first = await pipeline.next(run, stream)
@@ -101,11 +104,11 @@ async def _events(pipeline: GenerationPipeline, run: GenerationRun, stream: Any,
                 run.timings["generate_s"] = time.perf_counter() - t
                 result = await pipeline.locate(run, event)
                 assert run.located is not None
-                yield sse("located", run.located.public())
+                yield sse("located", run.located)
                 await pipeline.deliver(run, result)
                 yield sse(result.event, json_result(result, run.answer(), run.caller.request_id))
                 return
-            yield sse(event.event, event.public())
+            yield sse(event_name(event), event)
             try:
                 event = await pipeline.next(run, stream)
             except StopAsyncIteration:

@@ -21,14 +21,13 @@ import numpy as np
 from deskgen.contracts import LocatedProduct, ProductBox
 from deskgen.errors import InvalidParameter
 from deskgen.limits import MAX_INSTANCES, MAX_PRODUCT_CHARS, MAX_PRODUCTS
+from deskgen_client.rules import PRODUCT_PATTERN, PRODUCT_RULE
 
 if TYPE_CHECKING:
     from PIL import Image
 
 #: A product name: visible text without commas (a form may list products comma-separated) or control
 #: characters. Stated in the OpenAPI document; :func:`clean_products` applies the same rule.
-PRODUCT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f,]*[^\s\x00-\x1f\x7f-\x9f,][^\x00-\x1f\x7f-\x9f,]*$"
-PRODUCT_RULE = f"1-{MAX_PRODUCT_CHARS} characters of visible text, no commas"
 #: A box smaller than this (pixels, either side) after clipping to the image is dropped: it lay in the padding.
 MIN_BOX_SIDE_PX = 1.0
 

@@ -16,17 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deskgen.errors import DeskgenError
 from deskgen.limits import MAX_GUIDANCE, MAX_STYLE_CHARS, MIN_GUIDANCE
+from deskgen_client.rules import AUTO, CONCEPT_NAME_PATTERN
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-#: What a request writes to get today's concept.
-AUTO = "auto"
-CONCEPT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
 class UnknownConcept(DeskgenError):
-    """A request names a concept the catalogue does not have (404, listing the names)."""
+    """A request names a concept the catalogue does not have (the message lists the names)."""
 
-    status = 404
     code = "unknown_concept"
 
 

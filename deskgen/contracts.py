@@ -3,21 +3,44 @@
 
     Ingress --image-->            Classifier  --> GateVerdict
     Ingress --image, style-->     Captioner   --> CaptionResult
-    Ingress --GenerationRequest--> Generator  --> GenerationStarted, GenerationStep..., GeneratedImage
-    Ingress --image, products-->  Locator     --> Located (LocatedProduct per product, ProductBox per instance)
+    Ingress --GenerationRequest--> Generator  --> Started, Step..., GeneratedImage
+    Ingress --image, products-->  Locator     --> ProductLocation (LocatedProduct per product, ProductBox per instance)
 
-They are frozen dataclasses of plain values, pickled by Ray between processes; ``public()`` gives the
-JSON an HTTP client sees (the wire format of the API, kept stable when internals change).
+They are frozen values, pickled by Ray between processes. What a client sees as it is (the progress events,
+where the products are) is the protocol's own model (:mod:`deskgen_client.protocol`), so it has one name
+on both sides; the rest are dataclasses whose ``public()`` gives the JSON an HTTP client sees.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from deskgen.generator.params import GenerationParams
 from deskgen.limits import DEFAULT_SIZE_LIMITS, SizeLimits
 from deskgen.prompts.captions import Keyword
+from deskgen_client.protocol import (
+    Caption,
+    Classification,
+    LocatedProduct,
+    ProductBox,
+    ProductLocation,
+    Started,
+    Step,
+)
+
+__all__ = [
+    "CaptionResult",
+    "GateVerdict",
+    "GeneratedImage",
+    "GenerationEvent",
+    "GenerationRequest",
+    "LocatedProduct",
+    "ProductBox",
+    "ProductLocation",
+    "Started",
+    "Step",
+]
 
 
 @dataclass(frozen=True)
@@ -31,8 +54,8 @@ class GateVerdict:
     batch_size: int
     seconds: float
 
-    def public(self) -> dict[str, Any]:
-        return {"score": self.score, "is_desk": self.is_desk, "threshold": self.threshold}
+    def public(self) -> Classification:
+        return Classification(score=self.score, is_desk=self.is_desk, threshold=self.threshold)
 
 
 @dataclass(frozen=True)
@@ -49,14 +72,9 @@ class CaptionResult:
     def keyword_dicts(self) -> list[dict[str, Any]]:
         return [{"name": k.name, "count": k.count} for k in self.keywords]
 
-    def public(self) -> dict[str, Any]:
-        return {
-            "captions": self.captions,
-            "keywords": self.keyword_dicts(),
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "seconds": self.seconds,
-        }
+    def public(self) -> Caption:
+        return Caption(captions=self.captions, keywords=self.keyword_dicts(), prompt=self.prompt,
+                       negative_prompt=self.negative_prompt, seconds=self.seconds)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,31 +91,6 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class GenerationStarted:
-    """The replica has the mix active and starts denoising."""
-
-    event: ClassVar[str] = "started"
-    mix_id: str
-    replica: str
-    queued_s: float
-
-    def public(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class GenerationStep:
-    """One denoising step done (``step`` counts from 1 to ``total``)."""
-
-    event: ClassVar[str] = "step"
-    step: int
-    total: int
-
-    def public(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class GeneratedImage:
     """The final image: PNG bytes (its recipe inside, without timings, so the same request gives the same
     bytes), the params it was drawn with, and the metadata (recipe + timings + replica)."""
@@ -109,52 +102,4 @@ class GeneratedImage:
     replica: str
 
 
-GenerationEvent = GenerationStarted | GenerationStep | GeneratedImage
-
-
-@dataclass(frozen=True)
-class ProductBox:
-    """One instance of a product in an image: ``(x0, y0, x1, y1)`` in pixels and normalised to [0, 1]."""
-
-    box: tuple[float, float, float, float]
-    box_normalized: tuple[float, float, float, float]
-    score: float
-
-
-@dataclass(frozen=True)
-class LocatedProduct:
-    """A product asked for: its instances, best first; ``found`` is False when none passed the threshold."""
-
-    product: str
-    found: bool
-    instances: tuple[ProductBox, ...] = ()
-
-
-#: ``ok``: the locator answered; ``off``: not asked (turned off, or no products to look for); ``failed`` /
-#: ``timeout``: it did not answer in time or raised (the image is delivered anyway; ``reason`` says why).
-LocateStatus = Literal["ok", "off", "failed", "timeout"]
-#: Where the product list came from: the request, the captioner's ranked objects, or the prompt's objects.
-ProductSource = Literal["request", "captions", "prompt"]
-
-
-@dataclass(frozen=True)
-class Located:
-    """Where the products are in one image (the ``products`` field of an answer)."""
-
-    status: LocateStatus
-    items: tuple[LocatedProduct, ...] = ()
-    reason: str | None = None
-    threshold: float | None = None
-    width: int | None = None
-    height: int | None = None
-    source: ProductSource | None = None
-
-    @property
-    def found_fraction(self) -> float | None:
-        """Share of the products asked for that were found; None unless the locator answered with any."""
-        if self.status != "ok" or not self.items:
-            return None
-        return sum(item.found for item in self.items) / len(self.items)
-
-    def public(self) -> dict[str, Any]:
-        return asdict(self) | {"found_fraction": self.found_fraction}
+GenerationEvent = Started | Step | GeneratedImage

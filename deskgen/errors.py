@@ -1,7 +1,8 @@
-"""Errors the model layer raises on bad input; the ingress maps each to one HTTP status.
+"""Errors the model layer raises on bad input.
 
-Every error carries a stable machine-readable ``code`` and, where one input is at fault, the
-``field`` that holds it, so a client can point at the offending value.
+Every error carries a stable machine-readable ``code`` and, where one input is at fault, the ``field``
+that holds it, so a client can point at the offending value. The model layer knows no protocol: the
+serving layer maps each error class to its HTTP status (deployments/http_errors.py, ``STATUS``).
 """
 
 from __future__ import annotations
@@ -10,17 +11,14 @@ from typing import Any
 
 
 class DeskgenError(Exception):
-    """Base class. ``status`` is the HTTP status the ingress answers with."""
+    """Base class: a refusal of bad input or of work that cannot be done now, with its ``code``."""
 
-    status: int = 400
     code: str = "bad_request"
 
-    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(self, message: str, *, field: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
-        #: HTTP headers the answer carries (``WWW-Authenticate``, ``Retry-After``, ``RateLimit-*``).
-        self.headers = dict(headers or {})
         self.extra = extra
 
     def to_dict(self) -> dict[str, Any]:
@@ -32,25 +30,22 @@ class DeskgenError(Exception):
 
 
 class InvalidParameter(DeskgenError):
-    """A parameter is outside its documented range or malformed (400)."""
+    """A parameter is outside its documented range or malformed."""
 
-    status = 400
     code = "invalid_parameter"
 
 
 class UnknownMix(DeskgenError):
-    """A mix name or an adapter inside an ad-hoc mix does not exist (404)."""
+    """A mix name or an adapter inside an ad-hoc mix does not exist."""
 
-    status = 404
     code = "unknown_mix"
 
 
 class AdapterUnavailable(DeskgenError):
-    """A mix names a LoRA file that is present but cannot be loaded (422): a LyCORIS/DoRA/truncated file,
+    """A mix names a LoRA file that is present but cannot be loaded: a LyCORIS/DoRA/truncated file,
     an unknown key layout, or layers this model lacks. Carries ``adapter`` and ``reason``; every other mix
     keeps working."""
 
-    status = 422
     code = "adapter_unavailable"
 
     @classmethod
@@ -61,45 +56,39 @@ class AdapterUnavailable(DeskgenError):
 
 
 class PayloadTooLarge(DeskgenError):
-    """The upload is larger than the configured byte or pixel limit (413)."""
+    """The upload is larger than the configured byte or pixel limit."""
 
-    status = 413
     code = "payload_too_large"
 
 
 class NotAnImage(DeskgenError):
-    """The upload cannot be decoded as an image (415)."""
+    """The upload cannot be decoded as an image."""
 
-    status = 415
     code = "unsupported_media_type"
 
 
 class NotADeskSetup(DeskgenError):
-    """The gate scored the photo below the threshold (422); carries the score."""
+    """The gate scored the photo below the threshold; carries the score."""
 
-    status = 422
     code = "not_a_desk_setup"
 
 
 class UnknownImage(DeskgenError):
-    """Feedback names an image id no exposure was recorded for (404)."""
+    """Feedback names an image id no exposure was recorded for."""
 
-    status = 404
     code = "unknown_image"
 
 
 class FeedbackConflict(DeskgenError):
-    """Feedback's user id is not the user the image was delivered to (409)."""
+    """Feedback's user id is not the user the image was delivered to."""
 
-    status = 409
     code = "user_mismatch"
 
 
 class FeedbackForbidden(DeskgenError):
-    """Feedback for an image from a caller who may not rate it (403): with API keys configured, only the key
+    """Feedback for an image from a caller who may not rate it: with API keys configured, only the key
     that generated the image; an image delivered to a ``user_id`` needs that ``user_id``."""
 
-    status = 403
     code = "feedback_forbidden"
 
 
@@ -113,28 +102,24 @@ class ModelFilesMissing(RuntimeError):
 
 class RecorderBacklog(DeskgenError):
     """The ingress's exposure buffer is full (the experiment store has been unreachable): refused before
-    any model runs, so that no delivered image goes unrecorded (503, with Retry-After)."""
+    any model runs, so that no delivered image goes unrecorded (with a retry hint)."""
 
-    status = 503
     code = "recorder_backlog"
 
 
 class RecorderUnavailable(DeskgenError):
-    """The experiment store did not answer in time; nothing was acknowledged, so a retry is safe (503)."""
+    """The experiment store did not answer in time; nothing was acknowledged, so a retry is safe."""
 
-    status = 503
     code = "recorder_unavailable"
 
 
 class LocatorUnavailable(DeskgenError):
-    """/v1/locate on a deployment without a product locator (503)."""
+    """/v1/locate on a deployment without a product locator."""
 
-    status = 503
     code = "locator_unavailable"
 
 
 class UnknownExperiment(DeskgenError):
-    """No experiment with this id was recorded (404)."""
+    """No experiment with this id was recorded."""
 
-    status = 404
     code = "unknown_experiment"

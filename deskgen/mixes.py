@@ -15,16 +15,11 @@ from dataclasses import dataclass
 
 from deskgen.errors import AdapterUnavailable, InvalidParameter, UnknownMix
 from deskgen.limits import MAX_WEIGHT, MIN_WEIGHT
+from deskgen_client.rules import ADAPTER_NAME_PATTERN
 
 #: The id of the empty mix (no LoRA, or every weight 0).
 BASE_MIX_ID = "base"
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
-ADAPTER_NAME_RE = re.compile(rf"^{_NAME}$")
-#: What a client may write as a mix: a named mix, ``base``, or ``adapter[:weight]+...`` (the weights'
-#: range and the adapters' existence are checked against the catalogue). The OpenAPI document states it.
-MIX_SPEC_PATTERN = rf"^{_NAME}(?::(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?(?:\+{_NAME}(?::(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?)*$"
-MIX_SPEC_RULE = ("a named mix, `base`, or `adapter:weight+...` (adapter names are 1-64 letters, digits, '_' or '-', "
-                 "weights decimal numbers, no spaces)")  # fmt: skip
+ADAPTER_NAME_RE = re.compile(rf"^{ADAPTER_NAME_PATTERN}$")
 
 NAMED_MIXES: dict[str, dict[str, float]] = {
     "dalle_only": {"dalle": 1.0},

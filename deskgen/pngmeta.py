@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 METADATA_KEY = "deskgen"
-#: The located products (deskgen.contracts.Located, as JSON), added to a generated PNG by the ingress.
+#: The located products (deskgen_client.protocol.ProductLocation, as JSON), added to a generated PNG by the ingress.
 PRODUCTS_KEY = "deskgen-products"
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 

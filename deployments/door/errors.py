@@ -1,20 +1,33 @@
 """The door's refusals: no or a wrong API key (401), a key over its rate or its concurrent generations
-(429), the generator at capacity (503). Each carries the headers its answer needs (WWW-Authenticate,
-Retry-After, RateLimit-*)."""
+(429), the generator at capacity (503). They belong to the HTTP layer, so each carries its status and
+the headers its answer needs (WWW-Authenticate, Retry-After, RateLimit-*)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from deskgen.errors import DeskgenError
 
 
-class Unauthorized(DeskgenError):
+class DoorRefusal(DeskgenError):
+    """A refusal at the HTTP door, with its ``status`` and the ``headers`` of its answer."""
+
+    status: int = 400
+
+    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:  # fmt: skip
+        super().__init__(message, field=field, **extra)
+        self.headers = dict(headers or {})
+
+
+class Unauthorized(DoorRefusal):
     """API keys are configured and the request has none, or an unknown one (401, with WWW-Authenticate)."""
 
     status = 401
     code = "unauthorized"
 
 
-class RateLimited(DeskgenError):
+class RateLimited(DoorRefusal):
     """The key is over its request rate (``rate_limited``) or its concurrent generations
     (``concurrency_limited``) (429, with Retry-After and RateLimit-* headers)."""
 
@@ -28,7 +41,7 @@ class ConcurrencyLimited(RateLimited):
     code = "concurrency_limited"
 
 
-class Overloaded(DeskgenError):
+class Overloaded(DoorRefusal):
     """The generator is at capacity (503, with Retry-After): refused at the door, before any work."""
 
     status = 503

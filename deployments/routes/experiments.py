@@ -12,12 +12,12 @@ from deployments.access import api_key_of
 from deployments.app import api
 from deployments.http_errors import json_errors, unwrap
 from deployments.http_io import json_body, wants_html
-from deployments.ingress_models import FeedbackRequest
 from deployments.openapi import FEEDBACK_ANSWERS, answers, page_or_json
 from deployments.routes.base import RoutesBase
 from deskgen.errors import UnknownExperiment, UnknownImage
 from deskgen.experiments.page import render_experiment_list_page, render_report_page
 from deskgen.experiments.records import Feedback, Sender
+from deskgen_client.protocol import ExperimentList, FeedbackRequest, FeedbackResult
 
 
 class ExperimentRoutes(RoutesBase):
@@ -45,10 +45,10 @@ class ExperimentRoutes(RoutesBase):
             # Delivered through another ingress replica, whose buffer flushes within exposure_flush_s.
             await asyncio.sleep(2 * self.config.exposure_flush_s)
             new = await self.recorder_call(self.recorder.record_feedback.remote(fb, sender))
-        answer = {"image_id": fb.image_id, "event": fb.event, "recorded": True, "duplicate": not new}
-        return JSONResponse(answer, status_code=201 if new else 200)
+        answer = FeedbackResult(image_id=fb.image_id, event=fb.event, recorded=True, duplicate=not new)
+        return JSONResponse(answer.model_dump(mode="json"), status_code=answer.status)
 
-    @api.get("/v1/experiments", responses=answers(503, ok=page_or_json("every experiment")))
+    @api.get("/v1/experiments", responses=answers(503, ok=page_or_json("every experiment", ExperimentList)))
     @json_errors
     async def experiments(self, request: Request) -> Response:
         """Every experiment with its split, salt, start, exposures and users; ``current`` is the one the
@@ -57,7 +57,7 @@ class ExperimentRoutes(RoutesBase):
         listed: list[dict[str, Any]] = await self.recorder_call(self.recorder.experiments.remote())
         if wants_html(request):
             return HTMLResponse(render_experiment_list_page(listed))
-        return JSONResponse({"current": self.config.experiment.id, "experiments": listed})
+        return JSONResponse(ExperimentList(current=self.config.experiment.id, experiments=listed).model_dump(mode="json"))
 
     @api.get("/v1/experiments/{experiment_id}", responses=answers(404, 503, ok=page_or_json("the report")))
     @json_errors

@@ -12,10 +12,11 @@ from deployments.access import api_key_of
 from deployments.app import api
 from deployments.http_errors import json_errors, request_id_of
 from deployments.http_io import choose_format, image_body, json_body
-from deployments.ingress_models import FORM_SCHEMAS, GenerateForm, Text2ImgRequest
+from deployments.ingress_models import FORM_SCHEMAS
 from deployments.openapi import generation_answers
 from deployments.pipeline import Caller, GenerationRun
 from deployments.routes.base import RoutesBase
+from deskgen_client.protocol import GenerateRequest, Text2ImgRequest
 
 
 class GenerationRoutes(RoutesBase):
@@ -44,12 +45,12 @@ class GenerationRoutes(RoutesBase):
         run = await self.pipeline.prepare_text(body, caller)
         return await self.answer(request, run)
 
-    @api.post("/v1/generate", openapi_extra=image_body(GenerateForm, FORM_SCHEMAS),
+    @api.post("/v1/generate", openapi_extra=image_body(GenerateRequest, FORM_SCHEMAS),
               responses=generation_answers(400, 404, 413, 415, 422, 503, 504))  # fmt: skip
     @json_errors
     async def generate(self, request: Request) -> Response:
         """classify -> caption -> prompt -> generate -> locate. PNG by default; JSON or SSE by `Accept`."""
         caller = self.caller(request)
-        form, raw = await self.parse(request, GenerateForm, image="required")
+        form, raw = await self.parse(request, GenerateRequest, image="required")
         run = await self.pipeline.prepare_photo(form, raw, caller)
         return await self.answer(request, run)

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deskgen.errors import RecorderBacklog
-from deskgen.experiments.records import Experiment, Exposure, MixSource
+from deskgen.experiments.records import Experiment, Exposure
+from deskgen_client.protocol import MixSource
 
 log = logging.getLogger("ray.serve")
 

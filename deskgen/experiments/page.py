@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
-from deskgen.experiments.records import FEEDBACK_EVENTS
+from deskgen_client.rules import FEEDBACK_EVENTS
 
 #: What a missing figure shows.
 MISSING = "—"

@@ -9,11 +9,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-#: What a user may tell us about an image.
-FeedbackEvent = Literal["like", "dislike", "download", "select"]
-FEEDBACK_EVENTS: tuple[str, ...] = ("like", "dislike", "download", "select")
-#: How the mix of a request was chosen.
-MixSource = Literal["request", "header", "concept", "ab", "default"]
+from deskgen_client.protocol import MixSource
+from deskgen_client.rules import FeedbackEvent
+
 #: How an experiment splits new users between its arms: the configured split, or Thompson sampling.
 AllocationKind = Literal["fixed", "thompson"]
 ALLOCATIONS: tuple[str, ...] = ("fixed", "thompson")

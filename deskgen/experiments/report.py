@@ -13,7 +13,7 @@ import numpy as np
 
 from deskgen.experiments.bandit import ArmEvidence, p_best
 from deskgen.experiments.decision import Decision, decide
-from deskgen.experiments.records import FEEDBACK_EVENTS, Experiment
+from deskgen.experiments.records import Experiment
 from deskgen.experiments.stats import (
     Difference,
     RatioEstimate,
@@ -25,6 +25,7 @@ from deskgen.experiments.stats import (
     sequential_difference,
 )
 from deskgen.experiments.store import ConceptTotals, ExperimentStore, UserTotals
+from deskgen_client.rules import FEEDBACK_EVENTS
 
 #: The outcome an exposure records when the gate refused the photo.
 GATE_REJECTED = "not_a_desk_setup"

@@ -24,7 +24,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from deskgen.client import (
+from deskgen.pngmeta import PRODUCTS_KEY, read_png_metadata, read_png_text
+from deskgen_client import (
     AsyncDeskgen,
     Captioned,
     Classified,
@@ -42,7 +43,6 @@ from deskgen.client import (
     Step,
     UnsupportedMediaType,
 )
-from deskgen.pngmeta import PRODUCTS_KEY, read_png_metadata, read_png_text
 
 from .helpers import text2img
 
@@ -271,7 +271,7 @@ def test_generate_and_text2img_locate_the_products_asked_and_draw_them(serve_app
     assert result.concept == "gaming-rgb" and "gaming desk" in result.prompt and "locate_s" in result.timings
     assert events[-2] == Located(result.products)  # type: ignore[arg-type]
     assert result.annotated is not None and png_size(result.annotated) == (64, 64) and pixels(result.annotated) != pixels(result.png)
-    assert read_png_text(result.png, PRODUCTS_KEY) == result.raw["products"]  # the PNG carries them too
+    assert read_png_text(result.png, PRODUCTS_KEY) == result.products.model_dump(mode="json")  # the PNG carries them too
     assert_all_found(from_prompt.products, ["mug", "plant"], (64, 64), "request")
     assert off.products is not None and (off.products.status, off.products.items, off.annotated) == ("off", (), None)
     # /v1/locate on the image just made: the repeat dropped, the boxes of the same image.
@@ -306,8 +306,8 @@ def test_feedback_is_201_then_a_duplicate_200(serve_app: dict[str, Any]) -> None
         mixes = client.mixes()
     assert (first.status, first.duplicate) == (201, False) and first.image_id == result.image_id
     assert (again.status, again.duplicate) == (200, True)
-    assert set(mixes.adapters) == {"dalle", "ott", "3d"} and mixes.named["ott_3d"].id == OTT_3D
-    assert mixes.named["ott_3d"].weights == {"ott": 0.7, "3d": 0.5}
+    assert set(mixes.adapters) == {"dalle", "ott", "3d"} and mixes.named_mixes["ott_3d"].id == OTT_3D
+    assert mixes.named_mixes["ott_3d"].weights == {"ott": 0.7, "3d": 0.5}
 
 
 def test_async_client_does_what_the_sync_client_does(serve_app: dict[str, Any], desk_photo: bytes) -> None:

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from deskgen.client import Deskgen
 from deskgen.pngmeta import read_png_metadata
 from deskgen.tools.tiny_sdxl import write_lora_variant
+from deskgen_client import Deskgen
 
 from .conftest import generator_info
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from deskgen.boxes import annotate, clean_products, non_max_suppression, product_boxes
-from deskgen.contracts import Located, LocatedProduct, ProductBox
+from deskgen.contracts import LocatedProduct, ProductBox, ProductLocation
 from deskgen.errors import InvalidParameter
 from deskgen.limits import MAX_PRODUCT_CHARS, MAX_PRODUCTS
 
@@ -103,17 +103,20 @@ def test_product_lists_are_stripped_deduplicated_and_bounded() -> None:
 
 
 def test_found_fraction_counts_products_not_instances() -> None:
-    box = ProductBox((0, 0, 1, 1), (0, 0, 0.1, 0.1), 0.5)
-    items = (LocatedProduct("monitor", True, (box, box)), LocatedProduct("lamp", False), LocatedProduct("mug", True, (box,)))
-    assert Located("ok", items).found_fraction == pytest.approx(2 / 3)
-    assert Located("timeout", reason="slow").found_fraction is None and Located("ok").found_fraction is None
-    assert Located("ok", items).public()["found_fraction"] == pytest.approx(2 / 3)
+    box = ProductBox(box=(0, 0, 1, 1), box_normalized=(0, 0, 0.1, 0.1), score=0.5)
+    items = (LocatedProduct(product="monitor", found=True, instances=(box, box)), LocatedProduct(product="lamp", found=False),
+             LocatedProduct(product="mug", found=True, instances=(box,)))
+    assert ProductLocation(status="ok", items=items).found_fraction == pytest.approx(2 / 3)
+    assert ProductLocation(status="timeout", reason="slow").found_fraction is None
+    assert ProductLocation(status="ok").found_fraction is None
+    assert ProductLocation(status="ok", items=items).model_dump(mode="json")["found_fraction"] == pytest.approx(2 / 3)
 
 
 def test_the_annotated_copy_draws_found_boxes_and_leaves_the_original() -> None:
     image = Image.new("RGB", (64, 48), "white")
-    box = ProductBox((10.0, 20.0, 40.0, 40.0), (0.15, 0.41, 0.62, 0.83), 0.77)
-    drawn = np.asarray(annotate(image, [LocatedProduct("monitor", True, (box,)), LocatedProduct("lamp", False)]))
+    box = ProductBox(box=(10.0, 20.0, 40.0, 40.0), box_normalized=(0.15, 0.41, 0.62, 0.83), score=0.77)
+    drawn = np.asarray(annotate(image, [LocatedProduct(product="monitor", found=True, instances=(box,)),
+                                        LocatedProduct(product="lamp", found=False)]))
     assert np.asarray(image).min() == 255  # the original is untouched
     assert drawn.shape == (48, 64, 3)
     assert tuple(drawn[30, 10]) != (255, 255, 255) and tuple(drawn[30, 40]) != (255, 255, 255)  # the box's sides
@@ -128,20 +131,15 @@ def test_the_form_pattern_for_products_states_exactly_what_the_server_accepts() 
 
     from pydantic import ValidationError
 
-    from deployments.ingress_models import (
-        OPTIONAL_PRODUCT_LIST_PATTERN,
-        PRODUCT_LIST_PATTERN,
-        GenerateForm,
-        LocateForm,
-        form_values,
-    )
+    from deployments.ingress_models import OPTIONAL_PRODUCT_LIST_PATTERN, PRODUCT_LIST_PATTERN, form_values
+    from deskgen_client.protocol import GenerateRequest, LocateRequest
 
     pieces = ["monitor", "desk lamp", " ", ",", ", ", "\t", "x" * 47, "y", "\x1f", "é", "\u3000"]
     rng = random.Random(7)
     texts = ["", " , ", ",".join(["p"] * 16), ",".join(["p"] * 17), "x" * 48, "x" * 49]
     texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
     for text in texts:
-        for model, pattern in ((LocateForm, PRODUCT_LIST_PATTERN), (GenerateForm, OPTIONAL_PRODUCT_LIST_PATTERN)):
+        for model, pattern in ((LocateRequest, PRODUCT_LIST_PATTERN), (GenerateRequest, OPTIONAL_PRODUCT_LIST_PATTERN)):
             try:
                 model.model_validate(form_values({"products": text}))
                 accepted = True

@@ -1,5 +1,5 @@
 """The client's pure parts, without a server: the SSE parser and the generation stream (fed the frames the
-ingress's own encoder writes), the product locations (read from the ingress's own ``Located.public()``),
+ingress's own encoder writes), the product locations (the ingress's own ``ProductLocation`` through JSON),
 Retry-After and RateLimit-* parsing, the error mapping (fed the bodies the ingress's own error mapping
 builds), the retry rule, request building, and the CLI's parser, bar and product summary. A refused
 connection (a closed local port) shows the retry loop without any server; ``/v1/locate`` is answered by an
@@ -24,17 +24,10 @@ import pytest
 from deployments.http_errors import error_for
 from deployments.http_io import sse
 from deskgen import errors as server_errors
-from deskgen.cli import (
-    EXIT_NO_ANSWER,
-    EXIT_USAGE,
-    ProgressBar,
-    build_parser,
-    generation_options,
-    main,
-    show_products,
-    show_result,
-)
-from deskgen.client import (
+from deskgen.contracts import GeneratedImage, LocatedProduct
+from deskgen.generator.params import GenerationParams
+from deskgen.limits import REQUEST_ID_PATTERN
+from deskgen_client import (
     AsyncDeskgen,
     Captioned,
     Classified,
@@ -63,7 +56,17 @@ from deskgen.client import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from deskgen.client.core import (
+from deskgen_client.cli import (
+    EXIT_NO_ANSWER,
+    EXIT_USAGE,
+    ProgressBar,
+    build_parser,
+    generation_options,
+    main,
+    show_products,
+    show_result,
+)
+from deskgen_client.core import (
     API_KEY_ENV,
     DEADLINE_MARGIN_S,
     URL_ENV,
@@ -72,14 +75,9 @@ from deskgen.client.core import (
     attempt_request_id,
     sniff_image_type,
 )
-from deskgen.client.errors import error_from_response, parse_rate_limit, parse_retry_after
-from deskgen.client.retry import retryable
-from deskgen.client.sse import ServerSentEvent, SSEParser, parse_events
-from deskgen.contracts import GeneratedImage, GenerationStarted, GenerationStep, LocatedProduct
-from deskgen.contracts import Located as ServerLocated
-from deskgen.contracts import ProductBox as ServerProductBox
-from deskgen.generator.params import GenerationParams
-from deskgen.limits import REQUEST_ID_PATTERN
+from deskgen_client.errors import error_from_response, parse_rate_limit, parse_retry_after
+from deskgen_client.retry import retryable
+from deskgen_client.sse import ServerSentEvent, SSEParser, parse_events
 
 pytestmark = pytest.mark.unit
 
@@ -129,23 +127,25 @@ def test_sse_parser_is_fed_line_by_line() -> None:
 
 
 #: What the locator answers for a 64x64 image asked for a monitor (two instances), a keyboard and a mug.
-LOCATED = ServerLocated(
+LOCATED = ProductLocation(
     status="ok", threshold=0.1, width=64, height=64, source="request",
     items=(
-        LocatedProduct("monitor", True, (ServerProductBox((8.0, 4.0, 40.0, 30.0), (0.125, 0.0625, 0.625, 0.46875), 0.91),
-                                         ServerProductBox((42.0, 4.0, 60.0, 28.0), (0.65625, 0.0625, 0.9375, 0.4375), 0.4))),
-        LocatedProduct("keyboard", True, (ServerProductBox((10.0, 40.0, 50.0, 52.0), (0.15625, 0.625, 0.78125, 0.8125), 0.77),)),
-        LocatedProduct("mug", False),
+        LocatedProduct(product="monitor", found=True, instances=(
+            ProductBox(box=(8.0, 4.0, 40.0, 30.0), box_normalized=(0.125, 0.0625, 0.625, 0.46875), score=0.91),
+            ProductBox(box=(42.0, 4.0, 60.0, 28.0), box_normalized=(0.65625, 0.0625, 0.9375, 0.4375), score=0.4))),
+        LocatedProduct(product="keyboard", found=True, instances=(
+            ProductBox(box=(10.0, 40.0, 50.0, 52.0), box_normalized=(0.15625, 0.625, 0.78125, 0.8125), score=0.77),)),
+        LocatedProduct(product="mug", found=False),
     ),
 )  # fmt: skip
 
 
-def wire(located: ServerLocated) -> dict[str, Any]:
-    """``located`` as an HTTP client reads it: the ingress's ``public()`` through JSON."""
-    return dict(json.loads(json.dumps(located.public())))
+def wire(located: ProductLocation) -> dict[str, Any]:
+    """``located`` as an HTTP client reads it: the ingress's JSON of it, through JSON."""
+    return dict(json.loads(located.model_dump_json()))
 
 
-def done_payload(request_id: str = "rid-1", desk: bool = True, located: ServerLocated | None = LOCATED,
+def done_payload(request_id: str = "rid-1", desk: bool = True, located: ProductLocation | None = LOCATED,
                  annotated: bytes | None = None) -> dict[str, Any]:  # fmt: skip
     """The JSON answer exactly as the ingress builds it (``deployments.render.json_result`` over the fields of
     ``GenerationRun.answer``, with the ``products`` and ``annotated_b64`` its locate step adds)."""
@@ -162,7 +162,7 @@ def done_payload(request_id: str = "rid-1", desk: bool = True, located: ServerLo
                  "style": "retro", "concept": "gaming-rgb"}  # fmt: skip
     if located is not None:
         info["timings"]["locate_s"] = 0.05
-        info["products"] = located.public()
+        info["products"] = located.model_dump(mode="json")
     if annotated is not None:
         info["annotated_b64"] = base64.b64encode(annotated).decode()
     answer = json_result(GeneratedImage(png=PNG, params=params, metadata=metadata, replica="r1"), info, request_id)
@@ -177,9 +177,9 @@ def test_generation_stream_gives_typed_events_then_the_result() -> None:
     lines = stream_lines(
         sse("classified", {"score": 0.93, "threshold": 0.5}),
         sse("captioned", {"captions": {"unconditional": "a desk"}, "keywords": [{"name": "desk", "count": 3}], "prompt": "p"}),
-        sse(GenerationStarted.event, GenerationStarted(mix_id="3d:0.5+ott:0.7", replica="r1", queued_s=0.25).public()),
-        *(sse(GenerationStep.event, GenerationStep(step=i, total=2).public()) for i in (1, 2)),
-        sse("located", LOCATED.public()),
+        sse("started", Started(mix_id="3d:0.5+ott:0.7", replica="r1", queued_s=0.25)),
+        *(sse("step", Step(step=i, total=2)) for i in (1, 2)),
+        sse("located", LOCATED),
         sse("done", done_payload()),
     )
     stream = GenerationStream("rid-1")
@@ -189,7 +189,7 @@ def test_generation_stream_gives_typed_events_then_the_result() -> None:
     assert events[2] == Started(mix_id="3d:0.5+ott:0.7", replica="r1", queued_s=0.25)
     assert [(e.step, e.total) for e in events if isinstance(e, Step)] == [(1, 2), (2, 2)]
     result = stream.result
-    assert stream.finished and events[-1] == Done(result)
+    assert stream.finished and events[-1] == Done(result=result)
     assert result.png == PNG and result.request_id == result.image_id == "rid-1"
     assert (result.seed, result.steps, result.width, result.height, result.guidance) == (42, 2, 64, 64, 5.0)
     assert result.mix.id == "3d:0.5+ott:0.7" and result.mix.name == "ott_3d" and result.mix.weights == {"3d": 0.5, "ott": 0.7}
@@ -197,7 +197,7 @@ def test_generation_stream_gives_typed_events_then_the_result() -> None:
     assert result.timings["total_s"] == 0.95 and result.metadata["timings"]["denoise_s"] == 0.5
     assert result.desk_score == 0.93 and result.keywords[0].name == "desk" and result.style == "retro"
     assert result.prompt == "a tidy desk" and result.negative_prompt == "blurry"
-    assert "image_b64" not in result.raw and result.raw["request_id"] == "rid-1"
+    assert result.model_extra == {} and result.media_type == "image/png"  # every field the server sent is named
     located = events[-2]
     assert isinstance(located, Located) and located.products == result.products
     assert result.products is not None and result.products.found_fraction == pytest.approx(2 / 3)
@@ -208,7 +208,7 @@ def test_generation_stream_gives_typed_events_then_the_result() -> None:
 
 
 def test_product_location_reads_the_ingress_answer() -> None:
-    products = ProductLocation.from_json(wire(LOCATED))
+    products = ProductLocation.model_validate(wire(LOCATED))
     assert (products.status, products.ok, products.reason) == ("ok", True, None)
     assert (products.threshold, products.width, products.height, products.source) == (0.1, 64, 64, "request")
     assert products.found_fraction == pytest.approx(2 / 3) == LOCATED.found_fraction
@@ -223,37 +223,37 @@ def test_product_location_reads_the_ingress_answer() -> None:
 
 
 def test_product_location_off_failed_and_absent() -> None:
-    off = ProductLocation.from_json(wire(ServerLocated(status="off", reason="turned off by the request (`locate: false`)")))
+    off = ProductLocation.model_validate(wire(ProductLocation(status="off", reason="turned off by the request (`locate: false`)")))
     assert (off.status, off.ok, off.items, off.found_fraction, off.threshold, off.source) == ("off", False, (), None, None, None)
     assert off.reason is not None and "locate: false" in off.reason and not off.found("monitor")
-    timeout = ProductLocation.from_json(wire(ServerLocated(status="timeout", reason="no answer within 10.0 s", source="captions")))
+    timeout = ProductLocation.model_validate(wire(ProductLocation(status="timeout", reason="no answer within 10.0 s", source="captions")))
     assert timeout.status == "timeout" and timeout.source == "captions" and timeout.found_fraction is None
     # An answer from a server that does not locate products: no `products`, read as None.
     older = done_payload(located=None)
     assert "products" not in older
-    from deskgen.client import GenerationResult
+    from deskgen_client import GenerationResult
 
-    assert GenerationResult.from_json(older).products is None
+    assert GenerationResult.model_validate(older).products is None
 
 
 def test_a_generation_answer_with_products_and_the_annotated_copy(tmp_path: Any) -> None:
-    from deskgen.client import GenerationResult
+    from deskgen_client import GenerationResult
 
     drawn = b"\x89PNG\r\n\x1a\n" + b"\1" * 16
-    result = GenerationResult.from_json(done_payload(annotated=drawn))
+    result = GenerationResult.model_validate(done_payload(annotated=drawn))
     assert result.annotated == drawn and result.png == PNG
-    assert "annotated_b64" not in result.raw and "image_b64" not in result.raw and result.raw["products"]["status"] == "ok"
-    assert result.products == ProductLocation.from_json(wire(LOCATED))
+    assert result.products is not None and result.products.status == "ok"
+    assert result.products == ProductLocation.model_validate(wire(LOCATED))
     assert result.save_annotated(tmp_path / "boxes.png").read_bytes() == drawn
     with pytest.raises(ValueError, match="annotate=True"):
-        GenerationResult.from_json(done_payload()).save_annotated(tmp_path / "none.png")
+        GenerationResult.model_validate(done_payload()).save_annotated(tmp_path / "none.png")
 
 
 def test_concepts_read_the_ingress_listing() -> None:
     from deployments.ingress_models import IngressConfig
 
     listing = json.loads(json.dumps(IngressConfig().listing(datetime(2030, 1, 7, 9, 0, tzinfo=UTC))))  # a Monday
-    concepts = Concepts.from_json(listing)
+    concepts = Concepts.model_validate(listing)
     assert "gaming-rgb" in concepts.concepts and concepts.concepts["gaming-rgb"]["prompt"].startswith("gaming desk")
     assert concepts.weekday == listing["weekday"] and concepts.today == listing["today"] and concepts.timezone
     assert concepts.schedule == listing["schedule"]
@@ -278,7 +278,7 @@ def test_generation_stream_error_events_raise_typed_errors() -> None:
 def test_generation_stream_cut_short_unknown_and_malformed_events() -> None:
     stream = GenerationStream("rid-4")
     events = [stream.feed(line) for line in stream_lines(sse("queued", {"position": 3}), sse("step", {"step": 1, "total": 3}))]
-    assert OtherEvent("queued", {"position": 3}) in events
+    assert OtherEvent(event="queued", data={"position": 3}) in events
     assert not stream.finished
     with pytest.raises(DeskgenConnectionError) as cut:
         _ = stream.result
@@ -493,8 +493,8 @@ def locate_answer(request: httpx.Request) -> httpx.Response:
     asked = re.findall(rb'name="products"\r\n\r\n([^\r]*)\r\n', body)
     assert request.url.path == "/v1/locate" and b'name="image"; filename="photo"' in body, body[:300]
     items = tuple(item for item in LOCATED.items if item.product.encode() in asked)
-    answer: dict[str, Any] = {"products": ServerLocated(status="ok", items=items, threshold=0.1, width=64, height=64,
-                                                        source="request").public()}  # fmt: skip
+    answer: dict[str, Any] = {"products": ProductLocation(status="ok", items=items, threshold=0.1, width=64, height=64,
+                                                        source="request").model_dump(mode="json")}  # fmt: skip
     if b'name="annotate"\r\n\r\ntrue' in body:
         answer["annotated_b64"] = base64.b64encode(PNG).decode()
     return httpx.Response(200, content=json.dumps(answer).encode(), headers={"Content-Type": "application/json"})
@@ -509,7 +509,7 @@ def test_locate_sends_the_image_and_products_and_reads_the_boxes() -> None:
     assert isinstance(result, LocateResult) and result.annotated is None
     assert [i.product for i in result.products.items] == ["monitor", "mug"] and result.products.found_fraction == 0.5
     assert result.products.boxes("monitor")[1].score == 0.4
-    assert drawn.annotated == PNG and drawn.products.found("keyboard") and "annotated_b64" not in drawn.raw
+    assert drawn.annotated == PNG and drawn.products.found("keyboard") and drawn.annotated_b64 is not None
 
     async def run() -> LocateResult:
         async with AsyncDeskgen("http://h:1", http_client=httpx.AsyncClient(transport=httpx.MockTransport(locate_answer))) as aclient:
@@ -587,8 +587,9 @@ def test_cli_parses_the_documented_command_lines() -> None:
 def test_progress_bar_is_driven_by_the_step_events() -> None:
     out = io.StringIO()
     bar = ProgressBar(out, width=10)
-    located = Located(ProductLocation.from_json(wire(LOCATED)))
-    for event in (Classified(0.9, 0.5), Started("ott:1.0", "r1", 0.0), Step(1, 2), Step(2, 2), located):
+    located = Located(products=ProductLocation.model_validate(wire(LOCATED)))
+    for event in (Classified(score=0.9, threshold=0.5), Started(mix_id="ott:1.0", replica="r1", queued_s=0.0),
+                  Step(step=1, total=2), Step(step=2, total=2), located):
         bar(event)
     assert out.getvalue().splitlines() == [
         "desk score 0.900 (threshold 0.5)",
@@ -601,7 +602,7 @@ def test_progress_bar_is_driven_by_the_step_events() -> None:
 
 def test_cli_summary_prints_each_product_with_its_best_box() -> None:
     out = io.StringIO()
-    show_products(ProductLocation.from_json(wire(LOCATED)), out)
+    show_products(ProductLocation.model_validate(wire(LOCATED)), out)
     assert out.getvalue().splitlines() == [
         "products     2/3 found (threshold 0.1, from the request)",
         "  monitor   box (8, 4)-(40, 30) px  score 0.910  (+1 more)",
@@ -609,22 +610,22 @@ def test_cli_summary_prints_each_product_with_its_best_box() -> None:
         "  mug       not found",
     ]
     out = io.StringIO()
-    show_products(ProductLocation.from_json(wire(ServerLocated(status="timeout", reason="no answer within 10.0 s"))), out)
+    show_products(ProductLocation.model_validate(wire(ProductLocation(status="timeout", reason="no answer within 10.0 s"))), out)
     assert out.getvalue() == "products     timeout (no answer within 10.0 s)\n"
 
 
 def test_cli_writes_the_annotated_copy_or_says_why_there_is_none(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from deskgen.client import GenerationResult
+    from deskgen_client import GenerationResult
 
     drawn = b"\x89PNG\r\n\x1a\n" + b"\2" * 16
-    result = GenerationResult.from_json(done_payload(annotated=drawn))
+    result = GenerationResult.model_validate(done_payload(annotated=drawn))
     assert show_result(result, tmp_path / "out.png", tmp_path / "boxes.png", as_json=False) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "out.png").read_bytes() == PNG and (tmp_path / "boxes.png").read_bytes() == drawn
     assert "timings      classify 0.010 s · caption 0.200 s · generate 0.700 s · total 0.950 s · locate 0.050 s\n" in out
     assert out.endswith("  mug       not found\nannotated    " + str(tmp_path / "boxes.png") + "\n"), out
     # Located but not drawn (the locator timed out): the image is written, the copy is not, stderr says why.
-    late = GenerationResult.from_json(done_payload(located=ServerLocated(status="timeout", reason="no answer within 10.0 s")))
+    late = GenerationResult.model_validate(done_payload(located=ProductLocation(status="timeout", reason="no answer within 10.0 s")))
     assert show_result(late, tmp_path / "late.png", tmp_path / "late-boxes.png", as_json=True) == 0
     captured = capsys.readouterr()
     assert (tmp_path / "late.png").exists() and not (tmp_path / "late-boxes.png").exists()

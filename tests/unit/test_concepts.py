@@ -8,6 +8,7 @@ import datetime as dt
 import pytest
 from pydantic import ValidationError
 
+from deployments.http_errors import status_of
 from deskgen.concepts import (
     DEFAULT_CONCEPTS,
     DEFAULT_SCHEDULE,
@@ -62,7 +63,7 @@ def test_a_day_without_a_concept_and_an_unknown_name() -> None:
     with pytest.raises(UnknownConcept) as raised:
         config.resolve("vaporwave", at(2026, 12, 1, 12))
     error = raised.value
-    assert error.status == 404 and error.field == "concept" and "vaporwave" in error.message
+    assert status_of(error) == 404 and error.field == "concept" and "vaporwave" in error.message
     assert error.to_dict()["concepts"] == sorted(DEFAULT_CONCEPTS)
 
 

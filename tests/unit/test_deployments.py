@@ -26,8 +26,8 @@ from deskgen.contracts import (
     GateVerdict,
     GeneratedImage,
     GenerationRequest,
-    GenerationStarted,
-    GenerationStep,
+    Started,
+    Step,
 )
 from deskgen.errors import InvalidParameter
 from deskgen.generator import DeskGenerator, GenerationParams
@@ -106,8 +106,8 @@ def test_a_generation_streams_started_steps_and_the_image(replica: GeneratorRepl
 
     events, unary = asyncio.run(scenario())
     started, *steps, done = events
-    assert isinstance(started, GenerationStarted) and started.mix_id == mix and started.replica == "r1"
-    assert [(s.step, s.total) for s in steps if isinstance(s, GenerationStep)] == [(i, PARAMS.steps) for i in range(1, PARAMS.steps + 1)]
+    assert isinstance(started, Started) and started.mix_id == mix and started.replica == "r1"
+    assert [(s.step, s.total) for s in steps if isinstance(s, Step)] == [(i, PARAMS.steps) for i in range(1, PARAMS.steps + 1)]
     assert isinstance(done, GeneratedImage) and done.params == PARAMS and done.replica == "r1"
     assert done.png == unary.png  # the unary path draws the same image, without relaying steps
     recipe = read_png_metadata(done.png)
@@ -257,7 +257,7 @@ def test_the_captioner_returns_a_typed_result_and_follows_its_prefixes(tiny_mode
     assert isinstance(result, CaptionResult)
     assert [c["prefix"] for c in result.captions["conditional"]] == ["desk_setup:"]
     assert "cyberpunk" in result.prompt
-    assert result.public()["keywords"] == [{"name": k.name, "count": k.count} for k in result.keywords]
+    assert [k.model_dump() for k in result.public().keywords] == [{"name": k.name, "count": k.count} for k in result.keywords]
     assert plain.captions["conditional"] == []
     captioner.check_health()
 

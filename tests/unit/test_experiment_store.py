@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.http_errors import status_of
 from deskgen.errors import FeedbackConflict, FeedbackForbidden, UnknownImage
 from deskgen.experiments.records import Experiment, Exposure, Feedback, Policy, Sender, now
 from deskgen.experiments.store import ExperimentStore, make_engine, migrate
@@ -70,12 +71,12 @@ def test_feedback_for_an_unknown_image_or_another_user_is_refused(store: Experim
                             exposure("img-422", "alice", outcome="not_a_desk_setup")])  # fmt: skip
     with pytest.raises(UnknownImage) as unknown:
         store.record_feedback(Feedback("img-404", "like"))
-    assert (unknown.value.status, unknown.value.field) == (404, "image_id")
+    assert (status_of(unknown.value), unknown.value.field) == (404, "image_id")
     with pytest.raises(UnknownImage):  # answered, but with an error and no image
         store.record_feedback(Feedback("img-422", "like", user_id="alice"))
     with pytest.raises(FeedbackConflict) as conflict:
         store.record_feedback(Feedback("img-1", "like", user_id="mallory"))
-    assert (conflict.value.status, conflict.value.field) == (409, "user_id")
+    assert (status_of(conflict.value), conflict.value.field) == (409, "user_id")
     with pytest.raises(FeedbackConflict):
         store.record_feedback(Feedback("img-anon", "like", user_id="mallory"))
 
@@ -106,11 +107,11 @@ def test_only_the_generating_key_and_the_delivered_user_may_rate_an_image(store:
     other = Sender(api_key="partner", keys_required=True)
     with pytest.raises(FeedbackForbidden) as wrong_key:
         store.record_feedback(Feedback("img-a", "like", user_id="alice"), other)
-    assert (wrong_key.value.status, wrong_key.value.field) == (403, "image_id")
+    assert (status_of(wrong_key.value), wrong_key.value.field) == (403, "image_id")
     assert "only with the API key that generated it" in wrong_key.value.message
     with pytest.raises(FeedbackForbidden) as no_user:
         store.record_feedback(Feedback("img-a", "like"), keyed)
-    assert (no_user.value.status, no_user.value.field) == (403, "user_id")
+    assert (status_of(no_user.value), no_user.value.field) == (403, "user_id")
     with pytest.raises(FeedbackConflict):
         store.record_feedback(Feedback("img-a", "like", user_id="mallory"), keyed)
     assert store.record_feedback(Feedback("img-a", "like", user_id="alice"), keyed).new

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.http_errors import status_of
 from deskgen.errors import RecorderBacklog
 from deskgen.experiments.buffer import ExposureBuffer
 from deskgen.experiments.records import Experiment, Exposure
@@ -81,7 +82,7 @@ def test_a_full_buffer_refuses_new_requests_until_it_drains(tmp_path: Path) -> N
             settle(buffer, f"img-{i}")
         with pytest.raises(RecorderBacklog) as refused:
             buffer.reserve(EXPERIMENT, image_id="img-x", user_id=None, arm="a", mix_id="a", mix_source="ab")
-        assert refused.value.status == 503 and buffer.stats.refused == 1
+        assert status_of(refused.value) == 503 and buffer.stats.refused == 1
         assert buffer.stats.pending == 3  # nothing dropped while down
         sink.failures = 0  # the store is back
         assert await buffer.flush() == 3

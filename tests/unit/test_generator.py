@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from deployments.http_errors import status_of
 from deskgen.errors import AdapterUnavailable, InvalidParameter, ModelFilesMissing, UnknownMix
 from deskgen.generator import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -255,7 +256,7 @@ def test_a_lora_with_layers_the_model_lacks_is_refused(tiny_models: Path, tmp_pa
     assert fresh.available_adapters() == ["ott"]
     with pytest.raises(AdapterUnavailable) as info:
         fresh.generate(PARAMS, Mix.from_weights({"broken": 1.0}))
-    assert (info.value.status, info.value.extra) == (422, {"adapter": "broken", "reason": problem})
+    assert (status_of(info.value), info.value.extra) == (422, {"adapter": "broken", "reason": problem})
     assert fresh.loaded_adapters() == set()
     assert fresh.generate(PARAMS, Mix.from_weights({"ott": 1.0})).metadata["mix_id"] == "ott:1.0"
 
@@ -361,7 +362,7 @@ def test_bad_parameters_raise_precise_errors(changes: dict[str, object], field: 
     params = GenerationParams(**{**vars(PARAMS), **changes})  # type: ignore[arg-type]
     with pytest.raises(InvalidParameter) as info:
         params.validate()
-    assert (info.value.field, info.value.message, info.value.status) == (field, message, 400)
+    assert (info.value.field, info.value.message, status_of(info.value)) == (field, message, 400)
 
 
 def test_limits_are_configurable_and_enforced_by_generate(gen: DeskGenerator) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deployments.http_errors import status_of
 from deskgen.errors import NotAnImage, PayloadTooLarge
 from deskgen.images import decode_image, to_rgb
 
@@ -41,7 +42,7 @@ def test_empty_bytes_is_not_an_image_naming_the_field() -> None:
         decode_image(b"", field="photo")
     assert info.value.field == "photo"
     assert "`photo` is empty" in info.value.message
-    assert info.value.status == 415
+    assert status_of(info.value) == 415
     assert info.value.to_dict()["field"] == "photo"
 
 
@@ -70,7 +71,7 @@ def test_too_many_bytes_states_the_limit_and_the_size() -> None:
         decode_image(data, field="photo", max_bytes=10)
     assert info.value.message == f"`photo` must be at most 10 bytes but is {len(data)} bytes."
     assert info.value.field == "photo"
-    assert info.value.status == 413
+    assert status_of(info.value) == 413
 
 
 def test_too_many_pixels_states_the_limit_and_the_dimensions() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deployments.http_errors import status_of
 from deskgen.errors import AdapterUnavailable, UnknownMix
 from deskgen.generator import DeskGenerator
 from deskgen.loras import LoraRegistry, lora_file_problem
@@ -112,7 +113,7 @@ def test_catalog_answers_422_for_an_unavailable_adapter_and_keeps_the_rest() -> 
     for spec in ("bad_mix", "bad:0.7", "dalle:0.5+bad:1"):
         with pytest.raises(AdapterUnavailable) as info:
             catalog.resolve(spec)
-        assert info.value.status == 422
+        assert status_of(info.value) == 422
         assert info.value.to_dict() == {
             "code": "adapter_unavailable", "field": "mix", "adapter": "bad", "reason": reason,
             "message": f"`mix`: adapter 'bad' is unavailable: {reason}.",
@@ -143,7 +144,7 @@ def test_a_mix_naming_a_bad_file_is_refused_and_others_keep_working(gen: DeskGen
     expected = gen.generate(PARAMS, good).png(timings=False)
     with pytest.raises(AdapterUnavailable) as info:
         gen.generate(PARAMS, Mix.from_weights({"dalle": 0.5, kind: 1.0}))
-    assert info.value.status == 422
+    assert status_of(info.value) == 422
     assert info.value.extra == {"adapter": kind, "reason": gen.unavailable[kind]}
     assert kind not in gen.loaded_adapters()
     assert gen.generate(PARAMS, good).png(timings=False) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from deployments.http_errors import status_of
 from deskgen.errors import InvalidParameter, UnknownMix
 from deskgen.mixes import BASE_MIX_ID, NAMED_MIXES, Mix, MixCatalog, parse_mix_spec
 
@@ -83,7 +84,7 @@ def test_bad_specs_raise_precise_invalid_parameter(catalog: MixCatalog, spec: st
         catalog.resolve(spec)
     assert info.value.message == message
     assert info.value.field == "mix"
-    assert info.value.status == 400
+    assert status_of(info.value) == 400
 
 
 def test_weight_out_of_range_in_from_weights() -> None:
@@ -95,7 +96,7 @@ def test_unknown_adapter_lists_available(catalog: MixCatalog) -> None:
     with pytest.raises(UnknownMix) as info:
         catalog.resolve("nope:0.5+ott:1")
     assert info.value.message == "`mix`: unknown adapter 'nope'; available adapters are ['3d', 'dalle', 'ott']."
-    assert info.value.status == 404
+    assert status_of(info.value) == 404
     assert info.value.to_dict() == {"code": "unknown_mix", "message": info.value.message, "field": "mix"}
 
 

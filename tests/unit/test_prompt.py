@@ -15,7 +15,8 @@ from deskgen.prompts.build import (
     clip_token_counter,
 )
 from deskgen.prompts.captions import Keyword, rank_keywords
-from deskgen.prompts.style import _INVISIBLE, STYLE_PATTERN, _invisible_class, validate_style
+from deskgen.prompts.style import validate_style
+from deskgen_client.rules import _INVISIBLE, STYLE_PATTERN, _invisible_class
 
 pytestmark = pytest.mark.unit
 
@@ -232,6 +233,6 @@ def test_importing_the_prompt_module_does_not_scan_unicode() -> None:
     0.3 s scan of every code point."""
     import unicodedata
 
-    from deskgen.prompts import style as prompt
+    from deskgen_client import rules as prompt
 
     assert prompt._INVISIBLE is prompt._INVISIBLE_BY_UNICODE[unicodedata.unidata_version]

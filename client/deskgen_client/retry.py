@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from deskgen.client.errors import DeskgenConnectionError, DeskgenError, Overloaded, RateLimited
+from deskgen_client.errors import DeskgenConnectionError, DeskgenError, Overloaded, RateLimited
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``deskgen``: the command line for the deskgen API, on :class:`deskgen.client.Deskgen`.
+"""``deskgen``: the command line for the deskgen API, on :class:`deskgen_client.Deskgen`.
 
     deskgen generate desk.jpg --mix ott_3d --seed 42 -o out.png
     deskgen text2img "a minimalist desk setup, warm light" --steps 20 -o desk.png
@@ -18,7 +18,6 @@ answer (connection refused, timed out, cut short), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -26,15 +25,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from deskgen.client import (
+from pydantic import BaseModel
+
+from deskgen_client import (
     DEFAULT_URL,
     Captioned,
     Classified,
     Deskgen,
     DeskgenConnectionError,
     DeskgenError,
-    GenerateOptions,
-    GenerationOptions,
+    GenerateKwargs,
+    GenerationKwargs,
     GenerationResult,
     Located,
     ProductLocation,
@@ -43,7 +44,7 @@ from deskgen.client import (
     Step,
     Unauthorized,
 )
-from deskgen.experiments.records import FEEDBACK_EVENTS
+from deskgen_client.rules import FEEDBACK_EVENTS
 
 EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -96,7 +97,7 @@ class ProgressBar:
 def cmd_generate(client: Deskgen, args: argparse.Namespace) -> int:
     output = output_path(args.output)
     annotated = annotate_path(args)
-    options = GenerateOptions(**generation_options(args))
+    options = GenerateKwargs(**generation_options(args))
     if args.style is not None:
         options["style"] = args.style
     progress = None if args.no_progress else ProgressBar(sys.stderr)
@@ -118,7 +119,7 @@ def cmd_locate(client: Deskgen, args: argparse.Namespace) -> int:
     if annotated is not None:
         result.save_annotated(annotated)
     if args.json:
-        return print_json({**result.raw, **({"annotated": str(annotated)} if annotated else {})})
+        return print_json({**result.model_dump(mode="json", exclude={"image_b64", "annotated_b64"}), **({"annotated": str(annotated)} if annotated else {})})
     show_products(result.products, sys.stdout)
     if annotated is not None:
         print(f"annotated    {annotated}", file=sys.stdout)
@@ -128,7 +129,7 @@ def cmd_locate(client: Deskgen, args: argparse.Namespace) -> int:
 def cmd_concepts(client: Deskgen, args: argparse.Namespace) -> int:
     concepts = client.concepts()
     if args.json:
-        return print_json(dataclasses.asdict(concepts))
+        return print_json(concepts)
     out = sys.stdout
     print(f"today        {concepts.today or '(none scheduled)'} ({concepts.weekday}, {concepts.timezone}): concept=auto", file=out)
     schedule = " · ".join(f"{day} {name}" for day, name in concepts.schedule.items()) or "(empty)"
@@ -148,7 +149,7 @@ def concept_defaults(preset: dict[str, Any]) -> str:
 def cmd_mixes(client: Deskgen, args: argparse.Namespace) -> int:
     mixes = client.mixes()
     if args.json:
-        return print_json({"adapters": list(mixes.adapters), "named_mixes": {n: {"id": m.id, "weights": m.weights} for n, m in mixes.named.items()},
+        return print_json({"adapters": list(mixes.adapters), "named_mixes": {n: {"id": m.id, "weights": m.weights} for n, m in mixes.named_mixes.items()},
                            "default_mix": mixes.default_mix, "ab_split": mixes.ab_split, "ab_salt": mixes.ab_salt,
                            "allocation": mixes.allocation, "ab_weights": mixes.ab_weights})  # fmt: skip
     out = sys.stdout
@@ -160,8 +161,8 @@ def cmd_mixes(client: Deskgen, args: argparse.Namespace) -> int:
         weights = " · ".join(f"{arm} {share:.0%}" for arm, share in mixes.ab_weights.items())
         print(f"A/B now      {weights} ({mixes.allocation})", file=out)
     print("named mixes", file=out)
-    width = max((len(n) for n in mixes.named), default=0)
-    for name, mix in mixes.named.items():
+    width = max((len(n) for n in mixes.named_mixes), default=0)
+    for name, mix in mixes.named_mixes.items():
         print(f"  {name:<{width}}  {mix.id}", file=out)
     return EXIT_OK
 
@@ -169,9 +170,10 @@ def cmd_mixes(client: Deskgen, args: argparse.Namespace) -> int:
 def cmd_limits(client: Deskgen, args: argparse.Namespace) -> int:
     limits = client.limits()
     if args.json:
-        return print_json(limits.raw)
-    width = max(len(k) for k in limits.raw)
-    for key, value in limits.raw.items():
+        return print_json(limits)
+    fields = limits.model_dump(mode="json")
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
         shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
         print(f"{key:<{width}}  {shown}", file=sys.stdout)
     return EXIT_OK
@@ -194,7 +196,7 @@ def cmd_experiments(client: Deskgen, args: argparse.Namespace) -> int:
 def cmd_ready(client: Deskgen, args: argparse.Namespace) -> int:
     readiness = client.ready()
     if args.json:
-        print_json(readiness.raw)
+        print_json(readiness)
     else:
         stages = ", ".join(f"{name} {state}" for name, state in readiness.stages.items())
         print(f"{'ready' if readiness.ready else 'NOT ready'}: {stages}", file=sys.stdout)
@@ -215,7 +217,7 @@ def show_result(result: GenerationResult, output: Path | None, annotated: Path |
             print(f"deskgen: no annotated image to write to {annotated} ({why})", file=sys.stderr)
             annotated = None
     if as_json:
-        return print_json({**result.raw, "output": str(path), **({"annotated": str(annotated)} if annotated else {})})
+        return print_json({**result.model_dump(mode="json", exclude={"image_b64", "annotated_b64"}), "output": str(path), **({"annotated": str(annotated)} if annotated else {})})
     out = sys.stdout
     print(f"wrote        {path} ({result.width}x{result.height} PNG, {len(result.png)} bytes)", file=out)
     print(f"image id     {result.image_id}   (deskgen feedback {result.image_id} like)", file=out)
@@ -268,6 +270,9 @@ def format_timings(timings: dict[str, Any]) -> str:
 
 
 def print_json(value: Any) -> int:
+    """Print JSON: a protocol model as the server wrote it, anything else as it is."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
     print(json.dumps(value, indent=2, sort_keys=False), file=sys.stdout)
     return EXIT_OK
 
@@ -299,14 +304,14 @@ def product_names(text: str) -> list[str]:
     return names
 
 
-def generation_options(args: argparse.Namespace) -> GenerationOptions:
+def generation_options(args: argparse.Namespace) -> GenerationKwargs:
     """The options given on the command line (argparse's ``dest`` names are the API's; ``--annotate PATH``
     asks for ``annotate``)."""
-    given: dict[str, Any] = {key: getattr(args, key) for key in GenerationOptions.__annotations__
+    given: dict[str, Any] = {key: getattr(args, key) for key in GenerationKwargs.__annotations__
                              if key != "annotate" and getattr(args, key) is not None}  # fmt: skip
     if args.annotate is not None:
         given["annotate"] = True
-    return cast(GenerationOptions, given)
+    return cast(GenerationKwargs, given)
 
 
 class UsageError(Exception):

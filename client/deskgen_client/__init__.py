@@ -1,6 +1,6 @@
 """The deskgen API client: :class:`Deskgen` (blocking) and :class:`AsyncDeskgen` (asyncio) on httpx.
 
->>> from deskgen.client import Deskgen, NotADesk, Step
+>>> from deskgen_client import Deskgen, NotADesk, Step
 >>> with Deskgen() as client:                      # $DESKGEN_URL, $DESKGEN_API_KEY
 ...     try:
 ...         result = client.generate("desk.jpg", mix="ott_3d", seed=42,
@@ -13,14 +13,16 @@
 ...     located = client.locate("out.png", ["monitor", "keyboard"])
 ...     located.products.found("monitor"), located.products.boxes("monitor")
 
-Both clients build every request and read every answer through one core (:mod:`.core`); typed results
-are in :mod:`.models`, typed errors in :mod:`.errors`, the retry rule in :mod:`.retry`. The command line
-is :mod:`deskgen.cli`; docs/CLIENT.md has the guide. Importing this package imports httpx, nothing heavy.
+Both clients build every request and read every answer through one core (:mod:`.core`); the requests,
+answers and events are the API's own models (:mod:`.protocol`, shared with the server, with the fixed
+rules of :mod:`.rules`), typed errors are in :mod:`.errors`, the retry rule in :mod:`.retry`. The command
+line is :mod:`.cli` (``deskgen``); docs/CLIENT.md has the guide. This distribution needs httpx and
+pydantic, nothing heavy.
 """
 
-from deskgen.client.aio import AsyncDeskgen
-from deskgen.client.core import DEFAULT_URL, GenerateOptions, GenerationOptions, Photo
-from deskgen.client.errors import (
+from deskgen_client.aio import AsyncDeskgen
+from deskgen_client.core import DEFAULT_URL, GenerateKwargs, GenerationKwargs, Photo
+from deskgen_client.errors import (
     Conflict,
     DeadlineExceeded,
     DeskgenConnectionError,
@@ -37,15 +39,17 @@ from deskgen.client.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from deskgen.client.models import (
+from deskgen_client.protocol import (
     Caption,
     Captioned,
     Classification,
     Classified,
     Concepts,
     Done,
+    ExperimentList,
     FeedbackResult,
     GenerationResult,
+    Health,
     Keyword,
     Limits,
     Located,
@@ -62,8 +66,8 @@ from deskgen.client.models import (
     Started,
     Step,
 )
-from deskgen.client.retry import RetryPolicy
-from deskgen.client.sync import Deskgen
+from deskgen_client.retry import RetryPolicy
+from deskgen_client.sync import Deskgen
 
 __all__ = [
     "DEFAULT_URL",
@@ -79,11 +83,13 @@ __all__ = [
     "DeskgenConnectionError",
     "DeskgenError",
     "Done",
+    "ExperimentList",
     "FeedbackResult",
     "Forbidden",
-    "GenerateOptions",
-    "GenerationOptions",
+    "GenerateKwargs",
+    "GenerationKwargs",
     "GenerationResult",
+    "Health",
     "InvalidRequest",
     "Keyword",
     "Limits",

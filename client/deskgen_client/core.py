@@ -1,7 +1,7 @@
 """What the sync and the async client share: every request built, every answer read, one retry rule.
 
-:class:`ClientCore` knows the routes; it does no I/O. The clients (:mod:`deskgen.client.sync`,
-:mod:`deskgen.client.aio`) only send what it builds and sleep for as long as it says, so the two
+:class:`ClientCore` knows the routes; it does no I/O. The clients (:mod:`deskgen_client.sync`,
+:mod:`deskgen_client.aio`) only send what it builds and sleep for as long as it says, so the two
 cannot drift apart: a route, a header, an error mapping or a retry rule lives here once.
 """
 
@@ -22,32 +22,26 @@ from urllib.parse import quote
 
 import httpx
 
-from deskgen.client.errors import DeskgenConnectionError, DeskgenError, error_from_body, error_from_response
-from deskgen.client.models import (
+from deskgen_client.errors import DeskgenConnectionError, DeskgenError, error_from_body, error_from_response
+from deskgen_client.protocol import (
     Caption,
-    Captioned,
     Classification,
-    Classified,
     Concepts,
     Done,
+    ExperimentList,
     FeedbackResult,
     GenerationResult,
-    Keyword,
+    Health,
     Limits,
-    Located,
     LocateResult,
     Mixes,
-    OtherEvent,
-    ProductLocation,
     ProgressEvent,
     Readiness,
-    Started,
-    Step,
+    read_event,
 )
-from deskgen.client.retry import RetryPolicy
-from deskgen.client.sse import SSEParser
-from deskgen.experiments.records import FEEDBACK_EVENTS, FeedbackEvent
-from deskgen.limits import REQUEST_ID_PATTERN
+from deskgen_client.retry import RetryPolicy
+from deskgen_client.rules import FEEDBACK_EVENTS, REQUEST_ID_PATTERN, FeedbackEvent
+from deskgen_client.sse import SSEParser
 
 log = logging.getLogger("deskgen.client")
 T = TypeVar("T")
@@ -66,8 +60,10 @@ REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 Photo = bytes | str | os.PathLike[str] | IO[bytes]
 
 
-class GenerationOptions(TypedDict, total=False):
-    """Options of both generation routes; omitted ones take the server's defaults (``GET /v1/limits``)."""
+class GenerationKwargs(TypedDict, total=False):
+    """The keyword arguments of both generation methods: the fields of
+    :class:`~deskgen_client.protocol.GenerationKwargs` (a unit test holds the two to the same names).
+    Omitted ones take the server's defaults (``GET /v1/limits``)."""
 
     mix: str
     seed: int
@@ -88,8 +84,9 @@ class GenerationOptions(TypedDict, total=False):
     annotate: bool
 
 
-class GenerateOptions(GenerationOptions, total=False):
-    """``/v1/generate`` also takes a style concept woven into the prompt built from the captions."""
+class GenerateKwargs(GenerationKwargs, total=False):
+    """``generate`` also takes a style concept woven into the prompt built from the captions (the fields
+    of :class:`~deskgen_client.protocol.GenerateRequest` but the photo)."""
 
     style: str
 
@@ -194,7 +191,7 @@ def product_list(products: str | Sequence[str]) -> list[str]:
     return names
 
 
-def form_fields(options: GenerationOptions | GenerateOptions) -> dict[str, str | list[str]]:
+def form_fields(options: GenerationKwargs | GenerateKwargs) -> dict[str, str | list[str]]:
     """The options as multipart form fields: booleans as ``true``/``false``, the products as the field repeated."""
     fields: dict[str, str | list[str]] = {}
     products = options.get("products")
@@ -210,7 +207,7 @@ def form_fields(options: GenerationOptions | GenerateOptions) -> dict[str, str |
     return fields
 
 
-def json_fields(options: GenerationOptions) -> dict[str, Any]:
+def json_fields(options: GenerationKwargs) -> dict[str, Any]:
     """The options as JSON members (the products always a list)."""
     body: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     products = options.get("products")
@@ -228,7 +225,7 @@ def _json(response: httpx.Response) -> dict[str, Any]:
 
 def client_version() -> str:
     try:
-        return importlib_metadata.version("deskgen")
+        return importlib_metadata.version("deskgen-client")
     except importlib_metadata.PackageNotFoundError:
         return "0"
 
@@ -261,7 +258,7 @@ class GenerationStream:
             return None
         try:
             return self._typed(sse.event, json.loads(sse.data))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
             raise DeskgenError(
                 f"the `{sse.event}` event has an unexpected body ({type(exc).__name__}: {exc}).",
                 status=200, code="unexpected_answer", request_id=self.request_id,
@@ -271,21 +268,10 @@ class GenerationStream:
         if name == "error":
             status = int(data.pop("status", 504)) if isinstance(data, dict) else 502
             raise error_from_body(status, data if isinstance(data, dict) else {}, request_id=self.request_id)
-        if name == "classified":
-            return Classified(score=float(data["score"]), threshold=float(data["threshold"]))
-        if name == "captioned":
-            return Captioned(captions=dict(data["captions"]), keywords=Keyword.many(data.get("keywords")),
-                             prompt=str(data["prompt"]))  # fmt: skip
-        if name == "started":
-            return Started(mix_id=str(data["mix_id"]), replica=str(data["replica"]), queued_s=float(data["queued_s"]))
-        if name == "step":
-            return Step(step=int(data["step"]), total=int(data["total"]))
-        if name == "located":
-            return Located(ProductLocation.from_json(data))
-        if name == "done":
-            self._result = GenerationResult.from_json(data)
-            return Done(self._result)
-        return OtherEvent(name, data)
+        event = read_event(name, data)
+        if isinstance(event, Done):
+            self._result = event.result
+        return event
 
     def cut_short(self) -> DeskgenConnectionError:
         return DeskgenConnectionError(
@@ -360,7 +346,7 @@ class ClientCore:
     # -- the routes --------------------------------------------------------------------------------
 
     def generate(
-        self, photo: Photo, options: GenerateOptions, request_id: str | None, *, stream: bool
+        self, photo: Photo, options: GenerateKwargs, request_id: str | None, *, stream: bool
     ) -> Call[GenerationResult]:
         """``POST /v1/generate``: the photo as a multipart file, the options as form fields."""
         name, raw, content_type = read_photo(photo)
@@ -369,27 +355,27 @@ class ClientCore:
             data=form_fields(options), files={"image": (name, raw, content_type)},
             read_timeout_s=self._read_timeout(options),
         )  # fmt: skip
-        return Call(request, lambda r: GenerationResult.from_json(_json(r)))
+        return Call(request, lambda r: GenerationResult.model_validate(_json(r)))
 
     def text2img(
-        self, prompt: str, options: GenerationOptions, request_id: str | None, *, stream: bool
+        self, prompt: str, options: GenerationKwargs, request_id: str | None, *, stream: bool
     ) -> Call[GenerationResult]:
         """``POST /v1/text2img``: the prompt and options as JSON."""
         body = {"prompt": prompt, **json_fields(options)}
         request = ApiRequest("POST", "/v1/text2img", self._request_id(request_id), accept=self._accept(stream),
                              json=body, read_timeout_s=self._read_timeout(options))  # fmt: skip
-        return Call(request, lambda r: GenerationResult.from_json(_json(r)))
+        return Call(request, lambda r: GenerationResult.model_validate(_json(r)))
 
     def classify(self, photo: Photo) -> Call[Classification]:
         name, raw, content_type = read_photo(photo)
         request = ApiRequest("POST", "/v1/classify", new_request_id(), files={"image": (name, raw, content_type)})
-        return Call(request, lambda r: Classification.from_json(_json(r)))
+        return Call(request, lambda r: Classification.model_validate(_json(r)))
 
     def caption(self, photo: Photo, style: str | None) -> Call[Caption]:
         name, raw, content_type = read_photo(photo)
         request = ApiRequest("POST", "/v1/caption", new_request_id(), files={"image": (name, raw, content_type)},
                              data={"style": style} if style is not None else None)  # fmt: skip
-        return Call(request, lambda r: Caption.from_json(_json(r)))
+        return Call(request, lambda r: Caption.model_validate(_json(r)))
 
     def locate(self, image: Photo, products: str | Sequence[str], annotate: bool) -> Call[LocateResult]:
         """``POST /v1/locate``: any image as a multipart file, the products as the field repeated. It changes
@@ -399,16 +385,16 @@ class ClientCore:
         if annotate:
             data["annotate"] = "true"
         request = ApiRequest("POST", "/v1/locate", new_request_id(), files={"image": (name, raw, content_type)}, data=data)
-        return Call(request, lambda r: LocateResult.from_json(_json(r)))
+        return Call(request, lambda r: LocateResult.model_validate(_json(r)))
 
     def concepts(self) -> Call[Concepts]:
-        return Call(ApiRequest("GET", "/v1/concepts", new_request_id()), lambda r: Concepts.from_json(_json(r)))
+        return Call(ApiRequest("GET", "/v1/concepts", new_request_id()), lambda r: Concepts.model_validate(_json(r)))
 
     def mixes(self) -> Call[Mixes]:
-        return Call(ApiRequest("GET", "/v1/mixes", new_request_id()), lambda r: Mixes.from_json(_json(r)))
+        return Call(ApiRequest("GET", "/v1/mixes", new_request_id()), lambda r: Mixes.model_validate(_json(r)))
 
     def limits(self) -> Call[Limits]:
-        return Call(ApiRequest("GET", "/v1/limits", new_request_id()), lambda r: Limits.from_json(_json(r)))
+        return Call(ApiRequest("GET", "/v1/limits", new_request_id()), lambda r: Limits.model_validate(_json(r)))
 
     def feedback(
         self, image_id: str, event: FeedbackEvent, value: float | None, user_id: str | None
@@ -422,24 +408,24 @@ class ClientCore:
         if user_id is not None:
             body["user_id"] = user_id
         request = ApiRequest("POST", "/v1/feedback", new_request_id(), json=body)
-        return Call(request, lambda r: FeedbackResult.from_json(_json(r), r.status_code))
+        return Call(request, lambda r: FeedbackResult.model_validate(_json(r)))
 
-    def experiments(self) -> Call[dict[str, Any]]:
+    def experiments(self) -> Call[ExperimentList]:
         """``GET /v1/experiments``: ``current`` and every experiment's split, start, exposures, users."""
-        return Call(ApiRequest("GET", "/v1/experiments", new_request_id()), _json)
+        return Call(ApiRequest("GET", "/v1/experiments", new_request_id()), lambda r: ExperimentList.model_validate(_json(r)))
 
     def experiment(self, experiment_id: str) -> Call[dict[str, Any]]:
         """``GET /v1/experiments/{id}``: the per-arm report."""
         path = f"/v1/experiments/{quote(experiment_id, safe='')}"
         return Call(ApiRequest("GET", path, new_request_id()), _json)
 
-    def health(self) -> Call[dict[str, Any]]:
-        return Call(ApiRequest("GET", "/healthz", new_request_id(), retry=False), _json)
+    def health(self) -> Call[Health]:
+        return Call(ApiRequest("GET", "/healthz", new_request_id(), retry=False), lambda r: Health.model_validate(_json(r)))
 
     def ready(self) -> Call[Readiness]:
         """``GET /readyz``: its 503 is an answer (which stage is not ready), not an error to retry."""
         request = ApiRequest("GET", "/readyz", new_request_id(), retry=False, also_ok=(503,))
-        return Call(request, lambda r: Readiness.from_json(_json(r)))
+        return Call(request, lambda r: Readiness.model_validate(_json(r)))
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -456,7 +442,7 @@ class ClientCore:
         return "text/event-stream" if stream else "application/json"
 
     @staticmethod
-    def _read_timeout(options: GenerationOptions) -> float | None:
+    def _read_timeout(options: GenerationKwargs) -> float | None:
         timeout_s = options.get("timeout_s")
         return float(timeout_s) + DEADLINE_MARGIN_S if timeout_s is not None else None
 
