@@ -105,7 +105,7 @@ def test_mixes_lists_adapters_named_mixes_and_split(client: httpx.Client) -> Non
     assert body["adapters"] == ["3d", "dalle", "ott"]
     assert body["named_mixes"]["ott_3d"] == {"id": OTT_3D, "weights": {"3d": 0.5, "ott": 0.7}}
     assert body["named_mixes"]["mix"]["id"] == "3d:0.4+dalle:0.6+ott:0.4"
-    assert body["ab_split"] == pytest.approx({"dalle_ott": 0.7, "ott_3d": 0.3})
+    assert body["ab_split"] == pytest.approx({"ott_3d": 0.7, "dalle_ott": 0.3}) and list(body["ab_split"])[0] == "ott_3d"
 
 
 def test_explicit_mix_is_honoured_in_every_spelling(client: httpx.Client) -> None:
@@ -138,10 +138,10 @@ def test_ab_split_is_within_tolerance_and_sticky(client: httpx.Client) -> None:
     with ThreadPoolExecutor(2) as pool:
         arms = list(pool.map(arm, users))
         anonymous = list(pool.map(arm, [None] * 100))
-    share = arms.count("dalle_ott") / len(arms)
+    share = arms.count("ott_3d") / len(arms)
     assert 0.62 <= share <= 0.78, share  # 70/30 split, +-3 standard deviations for n=300
     assert set(arms) == {"dalle_ott", "ott_3d"}
-    assert 0.5 <= anonymous.count("dalle_ott") / 100 <= 0.9
+    assert 0.5 <= anonymous.count("ott_3d") / 100 <= 0.9
     # Sticky: every user gets the same arm again.
     again = [arm(u) for u in users[:20]]
     assert again == arms[:20]
