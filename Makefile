@@ -15,7 +15,7 @@ METRICS_PORT ?= 8080
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-gpu cluster-up cluster-down clean
+.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-router bench-gpu test-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ test-postgres: models
 test-observability: models
 	$(BIN)/python -m pytest -m observability -q
 
+# The gpu-marked tests (skipped without CUDA): run on a machine with an NVIDIA GPU.
+test-gpu: models
+	$(BIN)/python -m pytest -m gpu -q -rs
+
 # The web page in a real headless Chromium (part of the serve tier: `make test` runs it too).
 test-browser: models system-deps
 	$(BIN)/python -m pytest -m browser -q
@@ -89,6 +93,9 @@ bench-overload: models
 
 bench-locator: models
 	$(BIN)/python -m bench.locator
+
+bench-router: models
+	$(BIN)/python -m bench.router
 
 bench-bandit: install
 	$(BIN)/python -m bench.bandit

@@ -126,8 +126,9 @@ def bench_serve_config(port: int, tiny: Path, classifier_model: Path) -> dict[st
 class ServeApp:
     """A local Ray + the deskgen app from ``config``; a context manager that always shuts both down."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], *, num_cpus: int = 5, num_gpus: int = 2) -> None:
         self.config = config
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.url = f"http://127.0.0.1:{config['http_options']['port']}"
         self.deploy_s = 0.0
 
@@ -138,7 +139,7 @@ class ServeApp:
         os.environ.pop("RAY_OVERRIDE_RESOURCES", None)
         start = time.perf_counter()
         # Logical CPUs: the four stages take 3.5; one more leaves room for the 1-CPU thread probe.
-        ray.init(num_cpus=5, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False,
+        ray.init(num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources={"cpu_node": 1000}, include_dashboard=False,
                  namespace="bench", log_to_driver=False)
         try:
             self._deploy()

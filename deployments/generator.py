@@ -13,8 +13,10 @@ wrapper that adds ``@serve.multiplexed`` routing and the replica's identity.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +26,7 @@ from ray import serve
 
 from deployments.logs import stamp_library_logs
 from deployments.metrics import GeneratorMetrics, GeneratorObserver
+from deployments.routing import ACTIVE_MIX, INFLIGHT
 from deskgen.contracts import (
     GeneratedImage,
     GenerationEvent,
@@ -89,9 +92,14 @@ class GeneratorReplica:
         self.labels: dict[str, str] = {}
         self.inflight = 0
         self.mix_loads = 0
+        #: Generations that found another mix active (the pipeline's mix changed for them).
+        self.switches = 0
         self.generations = 0
         self.failures_in_a_row = 0
         self.last_failure: str | None = None
+        #: Requests waiting for the pipeline, by mix label; the label of the mix that ran last.
+        self.waiting: collections.Counter[str] = collections.Counter()
+        self.active_label: str | None = None
 
     async def load_mix(self, mix_id: str, label: str = "adhoc") -> LoadedMix:
         """Load the adapters of ``mix_id`` (what ``@serve.multiplexed`` calls on a cache miss)."""
@@ -125,7 +133,11 @@ class GeneratorReplica:
             if on_progress is not None:
                 on_progress(step, total)
 
-        self.observer.activated(request.mix_label, switched=self.generator.active_mix_id != mix.id)
+        switched = self.generator.active_mix_id != mix.id
+        self.switches += switched
+        self.observer.activated(request.mix_label, switched=switched)
+        self.observer.active(request.mix_label, self.active_label)
+        self.active_label = request.mix_label
         return asyncio.ensure_future(asyncio.to_thread(
             self.generator.generate, request.params, mix, on_step, limits=request.limits
         ))  # fmt: skip
@@ -164,20 +176,34 @@ class GeneratorReplica:
 
     @contextlib.asynccontextmanager
     async def _turn(self, request: GenerationRequest, queued_at: float) -> AsyncIterator[None]:
-        """The replica's one pipeline, in arrival order; reports the wait, the requests in flight, and a
-        request whose caller left (cancelled while waiting or generating, or a stream closed early)."""
+        """The replica's one pipeline, in arrival order; reports the wait, the requests waiting per mix and in
+        flight, and a request whose caller left (cancelled while waiting or generating, or a stream closed
+        early)."""
         self.inflight += 1
         self.observer.inflight(self.inflight)
+        label = request.mix_label
+        self._wait(label, +1)
+        waiting = True
         try:
             async with self.lock:
-                self.observer.queued(request.mix_label, time.perf_counter() - queued_at)
+                self._wait(label, -1)
+                waiting = False
+                self.observer.queued(label, time.perf_counter() - queued_at)
                 yield
         except (asyncio.CancelledError, GeneratorExit, GenerationCancelled):
-            self.observer.cancelled(request.mix_label)
+            self.observer.cancelled(label)
             raise
         finally:
+            if waiting:
+                self._wait(label, -1)
             self.inflight -= 1
             self.observer.inflight(self.inflight)
+
+    def _wait(self, label: str, change: int) -> None:
+        self.waiting[label] += change
+        self.observer.waiting(label, self.waiting[label])
+        if self.waiting[label] <= 0:
+            del self.waiting[label]
 
     def _result(self, work: asyncio.Future[Any]) -> Any:
         try:
@@ -191,6 +217,10 @@ class GeneratorReplica:
         self.failures_in_a_row = 0
         self.generations += 1
         return result
+
+    def routing_stats(self) -> dict[str, Any]:
+        """What the mix-aware router reads (deployments/routing.py): the active mix and the waiting requests."""
+        return {ACTIVE_MIX: self.generator.active_mix_id, INFLIGHT: self.inflight, "waiting": dict(self.waiting)}
 
     async def generate(self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]) -> GeneratedImage:
         """The image alone: the same generation as :meth:`stream` without relaying step events."""
@@ -228,6 +258,7 @@ class GeneratorReplica:
         """Adapters, cached mixes and load counters of this replica (tests and ops read it)."""
         return {
             "replica": self.replica_id(),
+            "pid": os.getpid(),
             "model_id": self.generator.model_id,
             "adapters": self.generator.available_adapters(),
             #: LoRA files present but unusable (checked at start, a file added later on first use), with the reason.
@@ -237,6 +268,7 @@ class GeneratorReplica:
             "active_mix": self.generator.active_mix_id,
             "base_loads": type(self.generator).base_loads,
             "mix_loads": self.mix_loads,
+            "switches": self.switches,
             "generations": self.generations,
         }
 
@@ -281,6 +313,10 @@ class Generator:
 
     def info(self) -> dict[str, Any]:
         return self.replica.info()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve calls this every ``request_routing_stats_period_s``; the mix-aware router reads it."""
+        return self.replica.routing_stats()
 
     def check_health(self) -> None:
         self.replica.check_health()

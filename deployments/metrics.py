@@ -203,6 +203,8 @@ class GeneratorObserver:
     def activated(self, mix: str, switched: bool) -> None: ...
     def generated(self, mix: str, timings: Mapping[str, float]) -> None: ...
     def cancelled(self, mix: str) -> None: ...
+    def waiting(self, mix: str, n: int) -> None: ...
+    def active(self, mix: str, previous: str | None) -> None: ...
 
 
 class GeneratorMetrics(GeneratorObserver):
@@ -221,6 +223,14 @@ class GeneratorMetrics(GeneratorObserver):
 
     def evicted(self, mix: str) -> None:
         _metrics.count("deskgen_mix_evictions", "mixes evicted from a replica's cache, by mix", {"mix": mix})
+
+    def waiting(self, mix: str, n: int) -> None:
+        _metrics.set("deskgen_generator_mix_queue", "requests waiting for this replica's pipeline, by mix", {"mix": mix}, n)
+
+    def active(self, mix: str, previous: str | None) -> None:
+        if previous is not None and previous != mix:
+            _metrics.set("deskgen_generator_active_mix", "1 for the mix active (fused) on this replica, by mix", {"mix": previous}, 0)
+        _metrics.set("deskgen_generator_active_mix", "1 for the mix active (fused) on this replica, by mix", {"mix": mix}, 1)
 
     def activated(self, mix: str, switched: bool) -> None:
         _metrics.count("deskgen_mix_activations", "mix activations (one per generation), by mix", {"mix": mix})

@@ -62,7 +62,7 @@ ROWS = [
         Panel("Captioning latency", quantiles("deskgen_caption_seconds"), "s",
               "Seen by the ingress. Rising: add Captioner replicas (0.25 GPU each)."),
         Panel("Text encoding + denoising by mix", quantiles("deskgen_denoise_seconds", "mix"), "s",
-              "Per mix: a slow mix is one the fused fast path does not cover (see fuse_hot_mix)."),
+              "Per mix: a slow mix is one that is not fused (hot-swap slots fuse only fuse_hot_mix; see fuse_active_mix)."),
         Panel("VAE decode by mix", quantiles("deskgen_vae_decode_seconds", "mix"), "s"),
         Panel("PNG encode by mix", quantiles("deskgen_png_encode_seconds", "mix"), "s"),
         Panel("Batch size by stage (p50)", [("histogram_quantile(0.5, sum by (le, stage) (rate(ray_deskgen_batch_size_bucket[5m])))", "{{stage}}")],
@@ -91,6 +91,12 @@ ROWS = [
         Panel("Generations in flight per replica", [("sum by (replica) (ray_deskgen_generator_inflight)", "{{replica}}")], "short",
               "Running + waiting on each Generator replica. Above 1 for minutes: add Generator replicas."),
         Panel("Generator queue wait by mix (p95)", quantiles("deskgen_generator_queue_seconds", "mix")[1:2], "s"),
+        Panel("Requests waiting per mix", [("sum by (mix) (ray_deskgen_generator_mix_queue)", "{{mix}}")], "short",
+              "Waiting for a Generator replica's pipeline, by mix (all replicas). One mix rising while the others stay "
+              "near 0: a hot mix; the mix-aware router spills it to idle replicas (request_router_kwargs.spill_queue)."),
+        Panel("Active mix per replica", [("max by (replica, mix) (ray_deskgen_generator_active_mix) > 0", "{{replica}}: {{mix}}")],
+              "short", "The mix each Generator replica ran last (its fused mix). The mix-aware router sends a mix's "
+              "requests to the replicas shown with it first."),
         Panel("Requests queued in Serve by deployment", [("sum by (deployment) (ray_serve_deployment_queued_queries)", "{{deployment}}")], "short",
               "Waiting for a replica slot (max_queued_requests turns them into 503s)."),
         Panel("Cancelled generations per second by mix", [("sum by (mix) (rate(ray_deskgen_generations_cancelled_total[5m]))", "{{mix}}")], "ops",

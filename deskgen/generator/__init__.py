@@ -32,8 +32,12 @@ image's metadata carries under ``runtime``):
   after every decode. bfloat16 needs none: it has float32's range.
 - ``vae_tiling`` / ``vae_slicing`` = off: decode in overlapping tiles (memory at large sizes; changes the
   pixels of images larger than the VAE's tile) / one image of a batch at a time (same pixels).
-- ``fuse_hot_mix`` = None: a mix fused into the base weights while it is active (base speed); any other
-  mix first restores the exact base weights. ``fuse_backup`` = ``"cpu"``: where that exact copy lives.
+- ``fuse_active_mix`` (= not ``hotswap``): whatever mix is active is fused into the base weights (base
+  speed for every mix): a switch restores the exact base weights and adds the new mix's summed low-rank
+  deltas in a few batched operations (:mod:`deskgen.generator.switching`). False: peft's unfused branches.
+- ``fuse_hot_mix`` = None: a mix loaded at start; without ``fuse_active_mix`` (slots) the one mix fused
+  into the base weights while it is active; any other mix first restores the exact base weights.
+  ``fuse_backup`` = ``"cpu"``: where that exact copy lives.
 - ``compile``: on for CUDA, off on CPU. ``torch.compile`` (``compile_mode`` = ``"default"``) of the UNet's
   blocks (``compile_scope`` = ``"blocks"``: every transformer block and resnet; ``"unet"``: one graph),
   warmed up at load at ``compile_warmup_size`` = 1024 px. Implies ``hotswap``.

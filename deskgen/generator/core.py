@@ -18,16 +18,15 @@ from deskgen.generator.adapters import (
     PeftAdapters,
     SlotAdapters,
     build_strategy,
-    layers_with,
     mapping_problem,
     peft_adapter_name,
 )
-from deskgen.generator.fusing import Fused, PristineWeights
 from deskgen.generator.optimise import compile_unet, optimise_pipeline
 from deskgen.generator.params import GenerationParams, GenerationResult, StepCallback
 from deskgen.generator.prompts import PromptEncoder
 from deskgen.generator.recipe import apply_scheduler, describe_scheduler, model_revision, weights_variant
 from deskgen.generator.settings import GeneratorSettings
+from deskgen.generator.switching import MixSwitcher
 from deskgen.limits import DEFAULT_SIZE_LIMITS, SizeLimits
 from deskgen.loras import LoraRegistry
 from deskgen.mixes import Mix
@@ -65,8 +64,10 @@ class DeskGenerator:
       active mix's text encoders, and record token counts, sampler and model revision per image;
     - activate a mix on the same pipeline (never a base reload) through its LoRA strategy
       (:mod:`deskgen.generator.adapters`: peft adapters, or hot-swap slots for a compiled UNet); with
-      ``fuse_hot_mix``, fuse that mix into the base weights while it is active and restore the exact
-      base weights when another mix is asked for (:mod:`deskgen.generator.fusing`);
+      ``fuse_active_mix`` (the default without hot-swap slots) every mix is fused into the base weights
+      while it is active: a switch restores the exact base weights and adds the new mix in batched ops
+      (:mod:`deskgen.generator.switching`); without it only ``fuse_hot_mix`` is fused (diffusers'
+      ``fuse_lora`` for slots);
     - unload adapters the caller no longer wants (idempotent; the hot mix's adapters stay);
     - generate deterministically (same params + mix -> the same pixels) and attach the recipe,
       including the effective speed flags (``metadata["runtime"]``).
@@ -77,13 +78,13 @@ class DeskGenerator:
 
     Determinism: on a given device, dtype and settings, the same seed + mix gives the same bytes, also
     after switching away and back, and the base mix (or all weights 0) gives the bytes of a pipeline that
-    never loaded a LoRA. Two documented exceptions: the fused hot mix is not bit-identical to the same
-    mix unfused (the fused weight ``W + sum(s*B@A)`` is rounded once, the unfused path adds the branches
-    to the layer output: another summation order; ``tests/unit/test_generator_speed.py`` measures the
-    difference), and with ``compile`` the compiled UNet (other kernels, fused ops) is not bit-identical
-    to the eager one, so there "base bit-for-bit" means the compiled base of the same replica. Hot-swap
-    slots alone (``hotswap`` without ``compile``) change no bit on CPU fp32: the zero-padded rank and the
-    0-scale slots add exact zeros.
+    never loaded a LoRA. Two documented exceptions: a fused mix is not bit-identical to the same mix
+    unfused (the fused weight ``W + sum(s*B@A)`` is rounded once, the unfused path adds the branches
+    to the layer output: another summation order; ``tests/unit/test_generator_speed.py`` and
+    ``tests/unit/test_fused_switch.py`` bound the difference), and with ``compile`` the compiled UNet
+    (other kernels, fused ops) is not bit-identical to the eager one, so there "base bit-for-bit" means
+    the compiled base of the same replica. Hot-swap slots alone (``hotswap`` without ``compile``) change
+    no bit on CPU fp32: the zero-padded rank and the 0-scale slots add exact zeros.
     """
 
     base_loads: ClassVar[int] = 0
@@ -117,8 +118,8 @@ class DeskGenerator:
         self._mix = Mix(())  # the active mix: what generate() runs unless told otherwise
         self._in_sync = True  # whether the pipeline's LoRA layers currently compute self._mix
         self._hot = settings.hot_mix()
-        self._pristine = PristineWeights(settings.fuse_backup)
-        self._fused: Fused | None = None
+        #: Fuse every mix (``fuse_active_mix``), or only the hot mix.
+        self._fuse_all = bool(settings.fuse_active_mix)
         #: Seconds the load-time warm-up took (None if there was none).
         self.warmup_s: float | None = None
         #: The model's revision (hub commit or a hash over its files, :func:`model_revision`), per image.
@@ -146,6 +147,9 @@ class DeskGenerator:
             self.runtime = dataclasses.replace(self.runtime, hotswap_rank=slots.rank)
             log.info("hotswap: %d LoRA slots of rank %d on %d UNet layers, built in %.2f s",
                      len(slots.names), slots.rank, len(slots.union), timer.seconds())  # fmt: skip
+        #: The fused state: batched for peft adapters, diffusers' fuse_lora for hot-swap slots.
+        method = "diffusers" if isinstance(self.adapters, SlotAdapters) else "batched"
+        self.switcher = MixSwitcher(pipe, self.adapters, backup=settings.fuse_backup, method=method)
         self.fp8_report: Fp8Report | None = None
         if settings.fp8:
             from deskgen.fp8 import quantize_unet_linears
@@ -175,7 +179,8 @@ class DeskGenerator:
     @property
     def fused_mix_id(self) -> str | None:
         """Canonical id of the mix fused into the base weights right now, or None."""
-        return self._fused.mix.id if self._fused is not None else None
+        fused = self.switcher.fused
+        return fused.mix.id if fused is not None else None
 
     def describe(self) -> dict[str, Any]:
         """The effective speed flags of this generator (hotswap_rank resolved in hotswap mode)."""
@@ -311,9 +316,12 @@ class DeskGenerator:
                 self._in_sync = False
                 try:
                     self.adapters.load(name, peft, path)
+                    # With fuse_active_mix its factors are cached now (RuntimeError if it cannot be fused).
+                    self.switcher.loaded(peft, cache=self._fuse_all)
                 except Exception as exc:
                     # A load that fails half-way may leave layers injected: remove them, keep the error.
                     with contextlib.suppress(Exception):
+                        self.switcher.deleted(peft)
                         self.adapters.delete(name, peft)
                     if isinstance(exc, (torch.OutOfMemoryError, DeskgenError)) or not isinstance(exc, (ValueError, KeyError, OSError, RuntimeError)):
                         raise  # the replica's trouble (memory) or already the caller's, not the file's
@@ -342,8 +350,9 @@ class DeskGenerator:
         """Make ``mix`` the pipeline's LoRA state; returns the seconds it took (0 if already active).
 
         Loads missing adapters first; the base mix disables every LoRA. Unknown adapter -> UnknownMix; in
-        hotswap mode a mix with more adapters than ``hotswap_slots`` -> InvalidParameter. Activating the
-        hot mix fuses it; activating any other mix first restores the exact base weights.
+        hotswap mode a mix with more adapters than ``hotswap_slots`` -> InvalidParameter. Every switch first
+        restores the exact base weights; then the mix is fused (``fuse_active_mix``, or the hot mix) or
+        applied as LoRA branches.
         """
         with self.lock:
             timer = _Timer()
@@ -355,42 +364,19 @@ class DeskGenerator:
             # file, a failed swap) leaves it marked so, and the next activation re-applies everything.
             self._in_sync = False
             self.ensure_adapters(mix.adapters)
-            self.adapters.apply(mix, self._loaded)
+            if mix.weights and (self._fuse_all or mix == self._hot):
+                # The exact base values of every layer touched are kept first, to be restored by _unfuse.
+                self.switcher.fuse(mix, self._loaded)
+            elif not mix.weights and isinstance(self.adapters, PeftAdapters):
+                self.switcher.branches_off()  # = adapters.apply(base), without walking every module
+            else:
+                self.adapters.apply(mix, self._loaded)
             self._mix = mix
             self._in_sync = True
-            if self._hot is not None and mix == self._hot:
-                self._fuse(mix)
             return timer.seconds()
 
-    def _fuse(self, mix: Mix) -> None:
-        # Fuse the active mix into the base weights: the LoRA layers then run only their base layer.
-        # The exact base values of every layer touched are kept first, to be restored by _unfuse.
-        timer = _Timer()
-        names = self.adapters.peft_names(mix, self._loaded)
-        components: list[str] = []
-        params: list[Any] = []
-        for component, peft_names in names.items():
-            layers = layers_with(self.pipe, component, peft_names)
-            if layers:
-                components.append(component)
-                params += [p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)]
-        self._pristine.save(params)
-        for component in components:
-            self.pipe.fuse_lora(components=[component], adapter_names=names[component])
-        self._fused = Fused(mix, components, params)
-        log.info("fused %s into %d base tensors in %.3f s", mix.id, len(params), timer.seconds())
-
     def _unfuse(self) -> None:
-        # unfuse_lora keeps diffusers' and peft's bookkeeping right (merged flags); its subtraction is
-        # then overwritten by the exact base values.
-        fused = self._fused
-        if fused is None:
-            return
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already unmerged")
-            self.pipe.unfuse_lora(components=fused.components)
-        self._pristine.restore(fused.params)
-        self._fused = None
+        self.switcher.unfuse()
 
     def unload_adapters(self, keep: Iterable[str] = ()) -> list[str]:
         """Delete every loaded adapter not in ``keep`` (nor in the hot mix); returns the deleted names (sorted).
@@ -411,7 +397,9 @@ class DeskGenerator:
             # peft: "Adapter X was active which is now deleted. Setting active adapter to Y." We re-apply below.
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             for name in names:
-                self.adapters.delete(name, self._loaded.pop(name))
+                peft = self._loaded.pop(name)
+                self.switcher.deleted(peft)
+                self.adapters.delete(name, peft)
         # peft re-points its active adapters when one is deleted: re-apply the mix on the next activate.
         self._in_sync = False
         if set(self._mix.adapters) & set(names):
@@ -440,7 +428,7 @@ class DeskGenerator:
             # 2. Activate the mix on the one pipeline (fusing it if it is the hot mix).
             activate_s = self.activate_mix(mix)
             adapters = {name: self.registry.sha256(name) for name in mix.adapters}
-            runtime = {**self.describe(), "fused": self._fused is not None}
+            runtime = {**self.describe(), "fused": self.switcher.fused is not None}
 
             # 3. Denoise and decode. The last step's end splits the time into text encoding + denoising
             #    and VAE decoding (the callback changes nothing in the computation).

@@ -2,7 +2,8 @@
 
 peft's ``unmerge`` subtracts the delta again, which drifts (``(W + d) - d != W`` in floating point,
 worse in fp16, and it accumulates over fuse/unfuse cycles). :class:`PristineWeights` keeps an exact
-copy of every base parameter a fuse overwrites and puts it back bit for bit.
+copy of every base parameter a fuse overwrites and puts it back bit for bit, in batched copies
+(``torch._foreach_copy_``). :mod:`deskgen.generator.switching` decides what is fused and how.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ from typing import Any
 
 from deskgen.mixes import Mix
 
+#: How a mix was fused: ``batched`` (:class:`deskgen.generator.switching.BatchedFuser`: the LoRA
+#: layers disabled, the summed low-rank deltas added to the base weights) or ``diffusers``
+#: (``pipe.fuse_lora``: peft's per-layer merge, which marks the layers merged).
+FUSE_METHODS = ("batched", "diffusers")
+
 
 @dataclass
 class Fused:
-    """A mix fused into the base weights: which components, and the base parameters it overwrote."""
+    """A mix fused into the base weights: how, which components, and the base parameters it overwrote."""
 
     mix: Mix
     components: list[str]
     params: list[Any]
+    method: str = "diffusers"
 
 
 class PristineWeights:
@@ -37,6 +44,13 @@ class PristineWeights:
     def __init__(self, where: str) -> None:
         self.where = where
         self._copies: dict[int, tuple[Any, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def nbytes(self) -> int:
+        """Bytes held by the copies."""
+        return sum(copy.numel() * copy.element_size() for _, copy in self._copies.values())
 
     def save(self, params: Iterable[Any]) -> None:
         import torch
@@ -55,10 +69,21 @@ class PristineWeights:
                 self._copies[id(param)] = (param, copy)
 
     def restore(self, params: Iterable[Any]) -> None:
+        """Put the saved values back into ``params`` (each saved before): one batched copy where the copies
+        sit on the weights' device; from pinned host memory one asynchronous copy per tensor, stream-ordered
+        before any later kernel."""
         import torch
 
+        groups: dict[tuple[str, str], tuple[list[Any], list[Any]]] = {}
+        for param in params:
+            copy = self._copies[id(param)][1]
+            targets, sources = groups.setdefault((str(param.device), str(copy.device)), ([], []))
+            targets.append(param.detach())
+            sources.append(copy)
         with torch.no_grad():
-            for param in params:
-                # From pinned memory the copy is asynchronous but stream-ordered before any later kernel.
-                param.data.copy_(self._copies[id(param)][1], non_blocking=True)
-
+            for (target_device, source_device), (targets, sources) in groups.items():
+                if target_device == source_device:
+                    torch._foreach_copy_(targets, sources)
+                else:  # host -> device: one asynchronous copy each (foreach kernels need one device)
+                    for target, source in zip(targets, sources, strict=True):
+                        target.copy_(source, non_blocking=True)

@@ -67,6 +67,12 @@ def hot_mix_from_spec(spec: str, *, field: str = "fuse_hot_mix") -> Mix:
     return mix
 
 
+_FUSE_VS_SLOTS = (
+    "`fuse_active_mix` needs `hotswap` and `compile` off: hot-swap slots keep every LoRA branch apart so that a "
+    "compiled UNet never recompiles, while fusing writes the mix into the base weights."
+)
+
+
 def _check_compile_combination(compile_: bool, settings: GeneratorSettings) -> None:
     """Raise InvalidParameter for settings that cannot go with ``compile_`` (the effective compile flag)."""
     if compile_ and settings.hotswap is False:
@@ -130,8 +136,16 @@ class GeneratorSettings:
     vae_tiling: bool = False
     #: Decode a batch one image at a time (saves memory for batches; same pixels).
     vae_slicing: bool = False
-    #: A mix (built-in name or ``adapter:weight+...``) fused into the base weights while it is active, so
-    #: it generates at base speed. Switching to another mix restores the base weights exactly.
+    #: Fuse whatever mix is active into the base weights (:mod:`deskgen.generator.switching`): a switch
+    #: restores the exact base weights and adds the new mix's summed low-rank deltas in a few batched ops,
+    #: so every mix generates at base speed. None: on exactly when ``hotswap`` is off (hot-swap slots keep
+    #: the LoRA branches apart for a compiled UNet; FP8 weights cannot hold a delta). False: unfused peft
+    #: branches (only ``fuse_hot_mix``, if set, is fused).
+    fuse_active_mix: bool | None = None
+    #: A mix (built-in name or ``adapter:weight+...``) activated at load, whose adapters stay loaded. With
+    #: ``fuse_active_mix`` it is fused like any other mix (so this is only a warm start); without (hot-swap
+    #: slots, or ``fuse_active_mix: false``) it is the one mix fused while active, and switching to
+    #: another mix restores the base weights exactly.
     fuse_hot_mix: str | None = None
     #: ``"cpu"`` | ``"device"``: where the exact copy of the layers a fuse overwrites is kept.
     fuse_backup: str = "cpu"
@@ -188,6 +202,15 @@ class GeneratorSettings:
                 "LoRAs go into slots built before the conversion.",
                 field="hotswap",
             )
+        _check_flag("fuse_active_mix", self.fuse_active_mix, optional=True)
+        if self.fp8 and self.fuse_active_mix:
+            raise InvalidParameter(
+                "`fuse_active_mix` must be off (or null) when `fp8` is on: an FP8 weight cannot hold a fused LoRA "
+                "delta exactly.",
+                field="fuse_active_mix",
+            )
+        if self.fuse_active_mix and (self.hotswap or self.compile):
+            raise InvalidParameter(_FUSE_VS_SLOTS, field="fuse_active_mix")
         if self.fp8 and self.fuse_hot_mix is not None:
             raise InvalidParameter(
                 "`fuse_hot_mix` must be null when `fp8` is on: an FP8 weight cannot hold a fused LoRA delta exactly.",
@@ -238,7 +261,8 @@ class GeneratorSettings:
     @property
     def is_resolved(self) -> bool:
         """Every device-dependent field filled in (what :meth:`resolve_for` returns)."""
-        return None not in (self.device, self.dtype, self.channels_last, self.vae_upcast, self.compile, self.hotswap)
+        return None not in (self.device, self.dtype, self.channels_last, self.vae_upcast, self.compile, self.hotswap,
+                            self.fuse_active_mix)  # fmt: skip
 
     def resolve(self) -> GeneratorSettings:
         """The effective settings on this machine: every None replaced by its device default.
@@ -259,8 +283,12 @@ class GeneratorSettings:
                 f"`vae_upcast` applies to float16 only but is True with dtype {dtype!r}.", field="vae_upcast"
             )
         hot = self.hot_mix()
-        compile_ = cuda if self.compile is None else self.compile
+        # Asking to fuse every mix means eager: compile (which needs slots) is then off unless asked for.
+        compile_ = (cuda and not self.fuse_active_mix) if self.compile is None else self.compile
         _check_compile_combination(compile_, self)
+        hotswap = (compile_ or self.fp8) if self.hotswap is None else self.hotswap
+        if self.fuse_active_mix and hotswap:
+            raise InvalidParameter(_FUSE_VS_SLOTS, field="fuse_active_mix")
         return dataclasses.replace(
             self,
             device=device,
@@ -269,10 +297,12 @@ class GeneratorSettings:
             vae_upcast=(dtype == "float16") if self.vae_upcast is None else self.vae_upcast,
             fuse_hot_mix=hot.id if hot is not None else None,
             compile=compile_,
-            hotswap=(compile_ or self.fp8) if self.hotswap is None else self.hotswap,
+            hotswap=hotswap,
+            fuse_active_mix=not hotswap if self.fuse_active_mix is None else self.fuse_active_mix,
         )
 
     def hot_mix(self) -> Mix | None:
+        """The mix ``fuse_hot_mix`` names (activated at load, its adapters pinned), or None."""
         return hot_mix_from_spec(self.fuse_hot_mix) if self.fuse_hot_mix is not None else None
 
     def describe(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from cluster.dashboard import ReplicaInfo
-from cluster.local import LocalCluster
+from cluster.local import LocalCluster, wait_ready
 from deskgen.paths import PROJECT_ROOT
 from deskgen.serve_config import deployment_config as deployment
 from deskgen.serve_config import load_serve_config, with_models
@@ -108,6 +108,32 @@ class RunningCluster:
         """node_id -> ``cpu`` / ``gpu`` (from the resources each node declares), alive nodes only."""
         with self.cluster.dashboard() as dashboard:
             return {n.node_id: n.kind for n in dashboard.nodes() if n.alive}
+
+    def redeploy(self, config: dict[str, Any], timeout_s: float = 240) -> float:
+        """``serve deploy`` of ``config`` (what ops do), then wait until the Ingress replicas that ran before
+        are gone, the app is RUNNING with two RUNNING Generator replicas, and /readyz answers; returns the
+        seconds it took. A handle keeps the request router it was created with, so a change of the
+        Generator's router reaches the Ingress only through new Ingress replicas: ``config`` must change
+        the Ingress's ``ray_actor_options`` (which restarts them) when it changes the router."""
+        start = time.perf_counter()
+        ingress_before = {r.replica_id for r in self.replicas("Ingress")}
+        path = self.cluster.state_dir / "serve_config.redeploy.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        serve_cli = Path(sys.executable).with_name("serve")
+        proc = subprocess.run([str(serve_cli), "deploy", str(path), "-a", self.cluster.dashboard_url],
+                              env=self.cluster.client_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, f"serve deploy failed:\n{proc.stdout}\n{proc.stderr}"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ingress = self.replicas("Ingress")
+            generators = self.replicas("Generator")
+            if (ingress and all(r.state == "RUNNING" and r.replica_id not in ingress_before for r in ingress)
+                    and len(generators) == 2 and all(r.state == "RUNNING" for r in generators)):  # fmt: skip
+                wait_ready(self.cluster, max(deadline - time.monotonic(), 1.0))
+                self.config = config
+                return time.perf_counter() - start
+            time.sleep(1.0)
+        raise TimeoutError(f"the redeployed app did not settle within {timeout_s:.0f} s")
 
     def generator_info(self, mix: str | None = None, calls: int = 8) -> list[dict[str, Any]]:
         """``Generator.info()`` of each replica answering ``calls`` handle calls (cluster.probe, a

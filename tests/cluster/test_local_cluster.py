@@ -9,6 +9,8 @@ the generous bounds that keep every wait finite.
 from __future__ import annotations
 
 import asyncio
+import collections
+import copy
 import os
 import signal
 import time
@@ -220,6 +222,62 @@ def test_a_mix_is_served_by_the_generator_replica_holding_it(local_cluster: Runn
         others = [rid for rid in replica_ids if rid != holder]
         assert all(mix not in everyone[rid]["cached_mixes"] for rid in others), everyone
     print(f"\n[cluster] mix holders: {holders}")
+
+
+def serve_hot_mix(cluster: RunningCluster, mix: str, requests: int, clients: int) -> collections.Counter[str]:
+    """``clients`` closed-loop clients send ``requests`` generations of one mix; which replica served each."""
+    seeds = iter(range(5000, 5000 + requests))
+
+    async def generate(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post("/v1/text2img", json={"prompt": "a desk by a window", "mix": mix, "seed": next(seeds, 0)})
+
+    async def scenario() -> list[Outcome]:
+        stop = asyncio.Event()
+        done: list[Outcome] = []
+        load = asyncio.create_task(run_load(cluster.url, generate, concurrency=clients, stop=stop, max_attempts=30,
+                                            outcomes=done))  # fmt: skip
+        deadline = time.monotonic() + WAIT_S
+        while len(done) < requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        stop.set()
+        return await load
+
+    outcomes = asyncio.run(scenario())
+    assert len(outcomes) >= requests and all(o.status == 200 for o in outcomes), [o for o in outcomes if o.status != 200][:3]
+    return collections.Counter(o.replica for o in outcomes)
+
+
+def test_a_hot_mix_takes_a_second_replica_with_the_mix_aware_router_and_not_without(local_cluster: RunningCluster) -> None:
+    """Two clients keep one mix busy. The mix-aware router (serve_config.yaml, deployments/routing.py) sends
+    the mix to the idle replica too once its holder has a request queued, so both replicas serve it.
+    Control, in the same run: the app redeployed without ``request_router_config`` (Serve's default
+    router) keeps every request of the mix on the replica that holds it while the other one idles (its
+    queue never passes ``max_ongoing_requests``: two clients, two places). The router is then restored."""
+    routed = deployment(local_cluster.config, "Generator").get("request_router_config", {})
+    assert routed.get("request_router_class") == "deployments.routing:MixAwareRouter", routed
+    with httpx.Client(base_url=local_cluster.url, timeout=60) as client:
+        assert text2img(client, MIX_A, seed=1).status_code == 200  # the mix is held by one replica
+    time.sleep(2.0)  # routing stats (every 1 s) and loaded mixes reach the router
+    with_router = serve_hot_mix(local_cluster, MIX_A, requests=24, clients=2)
+    print(f"\n[cluster] hot mix, mix-aware router: served by {dict(with_router)}")
+    assert len(with_router) == 2 and min(with_router.values()) >= 3, with_router
+
+    serve_default = copy.deepcopy(local_cluster.config)
+    deployment(serve_default, "Generator").pop("request_router_config")
+    # New Ingress replicas, whose Generator handles get the new router (redeploy's docstring says why).
+    options = deployment(serve_default, "Ingress").setdefault("ray_actor_options", {})
+    options.setdefault("runtime_env", {}).setdefault("env_vars", {})["DESKGEN_GENERATOR_ROUTER"] = "serve"
+    mix_aware = local_cluster.config
+    try:
+        local_cluster.measurements["redeploy_router_off_s"] = local_cluster.redeploy(serve_default)
+        with httpx.Client(base_url=local_cluster.url, timeout=60) as client:
+            assert text2img(client, MIX_A, seed=1).status_code == 200
+        time.sleep(2.0)
+        control = serve_hot_mix(local_cluster, MIX_A, requests=24, clients=2)
+        print(f"[cluster] hot mix, Serve's default router: served by {dict(control)}")
+        assert len(control) == 1, control
+    finally:
+        local_cluster.measurements["redeploy_router_on_s"] = local_cluster.redeploy(mix_aware)
 
 
 # ----------------------------------------------------------------------------------------------

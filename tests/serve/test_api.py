@@ -105,7 +105,7 @@ def test_mixes_lists_adapters_named_mixes_and_split(client: httpx.Client) -> Non
     assert body["adapters"] == ["3d", "dalle", "ott"]
     assert body["named_mixes"]["ott_3d"] == {"id": OTT_3D, "weights": {"3d": 0.5, "ott": 0.7}}
     assert body["named_mixes"]["mix"]["id"] == "3d:0.4+dalle:0.6+ott:0.4"
-    assert body["ab_split"] == pytest.approx({"ott_3d": 0.7, "dalle_ott": 0.3}) and list(body["ab_split"])[0] == "ott_3d"
+    assert body["ab_split"] == pytest.approx({"ott_3d": 0.7, "dalle_ott": 0.3}) and next(iter(body["ab_split"])) == "ott_3d"
 
 
 def test_explicit_mix_is_honoured_in_every_spelling(client: httpx.Client) -> None:

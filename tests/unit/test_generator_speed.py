@@ -49,14 +49,15 @@ def catalog() -> MixCatalog:
 
 @pytest.fixture(scope="module")
 def plain(tiny_models: Path) -> DeskGenerator:
-    """The default CPU generator: one peft adapter per LoRA, nothing fused, nothing compiled."""
-    return DeskGenerator.from_pretrained(settings_for(tiny_models))
+    """A CPU generator on peft's adapter branches: one adapter per LoRA, nothing fused, nothing compiled
+    (``fuse_active_mix: false``; the CPU default fuses the active mix, tests/unit/test_fused_switch.py)."""
+    return DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_active_mix=False))
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_models: Path, catalog: MixCatalog) -> dict[str, bytes]:
-    """Image bytes per mix from default generators; ``base`` from one that never loaded a LoRA."""
-    fresh = DeskGenerator.from_pretrained(settings_for(tiny_models))
+    """Image bytes per mix from unfused generators; ``base`` from one that never loaded a LoRA."""
+    fresh = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_active_mix=False))
     images = {"base": fresh.generate(PARAMS, Mix(())).image.tobytes()}
     for name in MIXES[1:]:
         images[name] = fresh.generate(PARAMS, catalog.resolve(name)).image.tobytes()
@@ -65,7 +66,7 @@ def reference(tiny_models: Path, catalog: MixCatalog) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def fused(tiny_models: Path) -> DeskGenerator:
-    return DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_hot_mix=HOT))
+    return DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_hot_mix=HOT, fuse_active_mix=False))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def changed(pipe: Any, reference: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pristine_weights(tiny_models: Path) -> dict[str, Any]:
-    fresh = DeskGenerator.from_pretrained(settings_for(tiny_models))
+    fresh = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_active_mix=False))
     return {k: v.clone() for k, v in base_weights(fresh.pipe).items()}
 
 
@@ -108,7 +109,7 @@ def pristine_weights(tiny_models: Path) -> dict[str, Any]:
 def test_cpu_defaults_are_the_safe_ones() -> None:
     assert GeneratorSettings(device="cpu").describe() == {
         "device": "cpu", "dtype": "float32", "attention": "sdpa", "channels_last": False, "vae_upcast": False,
-        "vae_tiling": False, "vae_slicing": False, "fuse_hot_mix": None, "fuse_backup": "cpu", "compile": False,
+        "vae_tiling": False, "vae_slicing": False, "fuse_hot_mix": None, "fuse_active_mix": True, "fuse_backup": "cpu", "compile": False,
         "compile_mode": "default", "compile_scope": "blocks", "hotswap": False, "hotswap_slots": 3,
         "hotswap_rank": None, "compile_warmup_size": 1024, "fp8": False, "deepcache_interval": None,
         "scheduler": "default", "fp16_variant": True,
@@ -201,7 +202,7 @@ def test_a_hot_mix_with_an_unknown_adapter_fails_at_load(tiny_models: Path) -> N
 @unit
 def test_metadata_carries_the_effective_flags(plain: DeskGenerator) -> None:
     meta = plain.generate(PARAMS, Mix(())).metadata
-    assert meta["runtime"] == {**GeneratorSettings(device="cpu").describe(), "fused": False}
+    assert meta["runtime"] == {**plain.describe(), "fused": False}
 
 
 # -- attention, memory format, VAE ----------------------------------------------------------------
@@ -270,7 +271,7 @@ def test_vae_tiling_and_slicing_flags(tiny_models: Path) -> None:
 @unit
 def test_peft_unfuse_alone_drifts(tiny_models: Path, pristine_weights: dict[str, Any]) -> None:
     """Why the generator keeps exact copies: fuse + unfuse by subtraction does not give W back, even in fp32."""
-    gen = DeskGenerator.from_pretrained(settings_for(tiny_models))
+    gen = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_active_mix=False))
     gen.activate_mix(Mix.from_weights({"ott": 0.7, "3d": 0.5}))
     gen.pipe.fuse_lora(components=["unet"], adapter_names=["style_ott", "style_3d"])
     gen.pipe.unfuse_lora(components=["unet"])
@@ -281,7 +282,7 @@ def test_peft_unfuse_alone_drifts(tiny_models: Path, pristine_weights: dict[str,
 def test_the_hot_mix_is_fused_at_load(fused: DeskGenerator, plain: DeskGenerator) -> None:
     assert fused.fused_mix_id == "3d:0.5+ott:0.7" == fused.active_mix_id
     assert fused.loaded_adapters() == {"3d", "ott"}
-    assert fused.pipe.fused_loras == {"style_3d", "style_ott"}
+    assert fused.switcher.fused is not None and fused.switcher.fused.method == "batched"
     assert fused.describe()["fuse_hot_mix"] == "3d:0.5+ott:0.7"
     result = fused.generate(PARAMS, Mix.from_weights({"ott": 0.7, "3d": 0.5}))
     assert result.metadata["runtime"]["fused"] is True
@@ -330,7 +331,7 @@ def test_a_fuse_five_percent_off_fails_the_bound(tiny_models: Path, plain: DeskG
     fuse that forgot alpha/rank would be far worse) is outside :data:`FUSE_BOUND` of the unfused mix."""
     hot = catalog.resolve(HOT)
     wrong = Mix.from_weights({name: 0.95 * weight for name, weight in hot.as_dict().items()})
-    broken = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_hot_mix=wrong.id))
+    broken = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_hot_mix=wrong.id, fuse_active_mix=False))
     diff = np.abs(float_image(broken, wrong) - float_image(plain, hot)).max()
     assert broken.fused_mix_id == wrong.id
     assert diff > FUSE_BOUND, f"a 5 % scale error moved the image by only {diff:.3g}"
@@ -366,7 +367,7 @@ def test_fuse_then_other_mix_then_base_is_bit_identical_to_never_fused(
 def test_loading_or_unloading_while_fused_restores_first(
     tiny_models: Path, catalog: MixCatalog, reference: dict[str, bytes], pristine_weights: dict[str, Any]
 ) -> None:
-    gen = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_hot_mix=HOT, fuse_backup="device"))
+    gen = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_hot_mix=HOT, fuse_backup="device", fuse_active_mix=False))
     hot = catalog.resolve(HOT)
     hot_image = gen.generate(PARAMS, hot).image.tobytes()
     gen.ensure_adapters(["dalle"])  # a load never goes into fused layers

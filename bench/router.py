@@ -1,0 +1,234 @@
+"""Generator routing side by side: Serve's default router vs the mix-aware router (deployments/routing.py).
+
+    python -m bench.router                        # 3 generator replicas, 240 requests, 4 clients, Zipf s=1.1
+    python -m bench.router --replicas 2 --requests 120 --no-write
+
+One Ray instance, the app of serve_config.yaml on the tiny models (64x64, 2 steps, no product location),
+N Generator replicas; the same seeded workload is sent twice, once per router (the app redeployed between
+them): requests for the 7 named mixes and 3 ad-hoc ones drawn from a Zipf distribution (the A/B arms and
+the default mix most popular), each streamed (SSE) so its ``started`` event gives the replica and the
+queue wait. Reported per router: mix switches per 100 requests (generations that found another mix
+active, read from every replica's counters), p50/p95 queue wait on the replica, throughput, p50 latency per
+mix, and how the hottest mix spread over the replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import copy
+import json
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import httpx
+
+from bench.common import Table, append_report, command_line, machine, percentile, render_section
+from bench.cpu import ServeApp, bench_serve_config, free_port
+from deskgen.paths import models_dir
+
+log = logging.getLogger("bench.router")
+
+NAMED = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d"]
+ADHOC = ["ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9"]
+MIX_AWARE = "deployments.routing:MixAwareRouter"
+
+
+def workload(n: int, seed: int, s: float) -> list[str]:
+    """``n`` mixes drawn from a Zipf distribution over the named mixes then the ad-hoc ones."""
+    mixes = NAMED + ADHOC
+    weights = [1.0 / (rank + 1) ** s for rank in range(len(mixes))]
+    return random.Random(seed).choices(mixes, weights=weights, k=n)
+
+
+def router_config(base: dict[str, Any], replicas: int, spill_queue: int | None) -> dict[str, Any]:
+    """The app with ``replicas`` Generator replicas and Serve's default router (``spill_queue`` None) or the
+    mix-aware router with that threshold; the Ingress restarts with each (a handle keeps its router)."""
+    config = copy.deepcopy(base)
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == "Generator":
+            deployment["num_replicas"] = replicas
+            deployment["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1}
+            if spill_queue is None:
+                deployment.pop("request_router_config", None)
+            else:
+                deployment["request_router_config"] = {
+                    "request_router_class": MIX_AWARE, "request_router_kwargs": {"spill_queue": spill_queue},
+                    "request_routing_stats_period_s": 1,
+                }  # fmt: skip
+        if deployment["name"] == "Ingress":
+            deployment["user_config"].update(default_steps=2, default_width=64, default_height=64, request_timeout_s=300)
+            env = {"DESKGEN_GENERATOR_ROUTER": "serve" if spill_queue is None else f"mix_aware-{spill_queue}"}
+            deployment.setdefault("ray_actor_options", {})["runtime_env"] = {"env_vars": env}
+    return config
+
+
+def redeploy(app: ServeApp, config: dict[str, Any], replicas: int) -> None:
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_start(http_options=config["http_options"]).deploy_apps(ServeDeploySchema.model_validate(config))
+    time.sleep(2.0)  # the controller starts the update (the Ingress replicas restart)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get("deskgen")
+        if status is not None and status.status == "RUNNING":
+            ingress, generator = status.deployments["Ingress"], status.deployments["Generator"]
+            running = {state: n for state, n in generator.replica_states.items() if n}
+            if ingress.status == "HEALTHY" and generator.status == "HEALTHY" and running == {"RUNNING": replicas}:
+                with httpx.Client(base_url=app.url, timeout=30) as client:
+                    if client.get("/readyz").status_code == 200 and len(replica_infos(app, replicas)) == replicas:
+                        return
+        time.sleep(1.0)
+    raise TimeoutError("the app did not come up with its generator replicas")
+
+
+def replica_infos(app: ServeApp, replicas: int) -> dict[str, dict[str, Any]]:
+    """Every generator replica's counters (asked until each answered once)."""
+    handle = app.handle("Generator")
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(40 * replicas):
+        info = handle.info.remote().result()
+        seen[info["replica"]] = info
+        if len(seen) == replicas:
+            break
+    return seen
+
+
+async def one(http: httpx.AsyncClient, mix: str, seed: int) -> dict[str, Any]:
+    body = {"prompt": "a tidy desk with a monitor", "mix": mix, "seed": seed, "locate": False}
+    started = time.perf_counter()
+    out: dict[str, Any] = {"mix": mix}
+    async with http.stream("POST", "/v1/text2img", json=body, headers={"Accept": "text/event-stream"}) as response:
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "started":
+                data = json.loads(line[6:])
+                out.update(replica=data["replica"], queued_s=data["queued_s"])
+            elif line.startswith("data: ") and event in ("done", "error"):
+                out["ok"] = event == "done"
+    out["latency_s"] = time.perf_counter() - started
+    return out
+
+
+async def drive(url: str, mixes: list[str], clients: int) -> tuple[list[dict[str, Any]], float]:
+    queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    for i, mix in enumerate(mixes):
+        queue.put_nowait((i, mix))
+    results: list[dict[str, Any]] = []
+
+    async def client() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+            while not queue.empty():
+                i, mix = queue.get_nowait()
+                results.append(await one(http, mix, seed=i))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return results, time.perf_counter() - started
+
+
+def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    redeploy(app, router_config(base, args.replicas, spill_queue), args.replicas)
+    asyncio.run(drive(app.url, NAMED + ADHOC, 1))  # warm: every mix once
+    before = replica_infos(app, args.replicas)
+    results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf), args.clients))
+    after = replica_infos(app, args.replicas)
+    switches = sum(after[r]["switches"] - before.get(r, {"switches": 0})["switches"] for r in after)
+    ok = [r for r in results if r.get("ok")]
+    waits = [r["queued_s"] for r in ok if "queued_s" in r]
+    by_mix: dict[str, list[float]] = collections.defaultdict(list)
+    spread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for r in ok:
+        by_mix[r["mix"]].append(r["latency_s"])
+        spread[r["mix"]][r.get("replica", "?")] += 1
+    return {"router": router, "requests": len(results), "ok": len(ok), "switches": switches, "wall_s": wall,
+            "waits": waits, "latencies": by_mix, "spread": spread}  # fmt: skip
+
+
+def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds of each router as one run: switches and requests summed, waits and latencies pooled."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        m = out.setdefault(r["router"], {"router": r["router"], "requests": 0, "ok": 0, "switches": 0, "wall_s": 0.0,
+                                         "waits": [], "latencies": collections.defaultdict(list),
+                                         "spread": collections.defaultdict(collections.Counter)})  # fmt: skip
+        for key in ("requests", "ok", "switches", "wall_s"):
+            m[key] += r[key]
+        m["waits"] += r["waits"]
+        for mix, values in r["latencies"].items():
+            m["latencies"][mix] += values
+        for mix, counter in r["spread"].items():
+            m["spread"][mix].update(counter)
+    for m in out.values():
+        m["wait_p50"], m["wait_p95"] = percentile(m["waits"], 50), percentile(m["waits"], 95)
+        m["per_mix_p50"] = {mix: percentile(v, 50) for mix, v in m["latencies"].items()}
+    return list(out.values())
+
+
+def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
+    main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
+                 f"(rounds alternated), {args.clients} clients, "
+                 f"Zipf s={args.zipf} over 7 named + 3 ad-hoc mixes (seed {args.seed}), tiny SDXL 64x64, 2 steps",
+                 ["router", "mix switches / 100 requests", "queue wait p50 (ms)", "queue wait p95 (ms)", "req/s",
+                  "non-200"])  # fmt: skip
+    for r in runs:
+        main.add(r["router"], f"{100 * r['switches'] / r['requests']:.1f}", f"{1000 * r['wait_p50']:.0f}",
+                 f"{1000 * r['wait_p95']:.0f}", f"{r['requests'] / r['wall_s']:.2f}", r["requests"] - r["ok"])  # fmt: skip
+    mixes = [m for m in NAMED + ADHOC if all(m in r["per_mix_p50"] for r in runs)]
+    per_mix = Table("p50 latency per mix (ms), and on how many replicas each mix ran", ["mix", *[r["router"] for r in runs]])
+    for m in mixes:
+        per_mix.add(m, *(f"{1000 * r['per_mix_p50'][m]:.0f} ({len(r['spread'][m])} repl.)" for r in runs))
+    for r in runs:
+        arms = [r["per_mix_p50"][a] for a in ("ott_3d", "dalle_ott") if a in r["per_mix_p50"]]  # the default A/B arms
+        if len(arms) == 2:
+            per_mix.notes.append(f"{r['router']}: the A/B arms' p50 differ by {100 * abs(arms[0] - arms[1]) / min(arms):.1f} %.")
+    per_mix.notes.append("A switch is a generation that found another mix active on its replica (each replica's counter).")
+    return [main, per_mix]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--spill-queues", default="1,2", help="the mix-aware router's thresholds to compare (default 1,2)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per router, alternated (default 2)")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, do not append them to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    tiny = models_dir()
+    base = bench_serve_config(free_port(), tiny, tiny / "classifier" / "desk_gate.keras")
+    runs = []
+    routers: list[tuple[str, int | None]] = [("serve (default)", None)]
+    routers += [(f"mix-aware, spill_queue {q}", int(q)) for q in args.spill_queues.split(",")]
+    with ServeApp(router_config(base, args.replicas, None), num_cpus=4 + args.replicas,
+                  num_gpus=1 + args.replicas) as app:  # fmt: skip
+        for round_ in range(args.rounds):
+            for name, spill_queue in routers:
+                log.info("round %d, router %s", round_ + 1, name)
+                runs.append(run(app, base, name, spill_queue, args))
+                log.info("%s", {k: v for k, v in runs[-1].items() if k in ("router", "requests", "ok", "switches", "wall_s")})
+    runs = merged(runs)
+    section = render_section("Generator routing", tables(runs, args), command=command_line(),
+                             wall_s=time.perf_counter() - started, host=machine(),
+                             preface=[f"Machine load (1-min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}; "
+                                      "clients run on the same machine; the replicas share its cores."])  # fmt: skip
+    print(section)
+    if not args.no_write:
+        append_report(section)
+
+
+if __name__ == "__main__":
+    main()

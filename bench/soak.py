@@ -1,0 +1,139 @@
+"""Memory under mix churn: one Generator replica, many mixes through its 4-mix cache, for an hour or more.
+
+    python -m bench.soak                          # 60 min, the fused switching path, 2 clients, 12 mixes
+    python -m bench.soak --minutes 90 --path slots
+    python -m bench.soak --minutes 20 --no-write  # a quick look
+
+The app of serve_config.yaml on the tiny models (64x64, 1 step, no product location) with one Generator
+replica; ``--clients`` closed-loop clients send /v1/text2img requests cycling through the 7 named mixes
+and ad-hoc ones, more distinct mixes than the replica's cache holds, so mixes are loaded, activated and
+evicted all the time (far more churn per minute than production). The Generator replica's resident set
+(``VmRSS`` of its process, read from /proc) is sampled every ``--sample-s`` seconds; after ``--warmup-min``
+minutes the least-squares slope of RSS over time is reported in MiB/hour and in % of the post-warm-up RSS
+per hour (goal: at most 1 %/hour), with the requests, loads and evictions it took.
+
+``--path fused`` (default) runs the generator as configured; ``--path slots`` runs it with LoRA hot-swap
+slots (``hotswap: true``, the path a compiled UNet uses), without compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import Table, append_report, command_line, machine, render_section
+from bench.cpu import ServeApp, bench_serve_config, free_port
+from deskgen.paths import models_dir
+
+log = logging.getLogger("bench.soak")
+
+MIXES = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d",
+         "ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9", "ott:0.5+dalle:0.5", "3d:0.2+ott:0.9"]  # fmt: skip
+
+
+def soak_config(path: str) -> dict[str, Any]:
+    tiny = models_dir()
+    config = bench_serve_config(free_port(), tiny, tiny / "classifier" / "desk_gate.keras")
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == "Ingress":
+            deployment["user_config"].update(default_steps=1, default_width=64, default_height=64, request_timeout_s=300)
+    if path == "slots":
+        args = config["applications"][0]["args"]
+        args["generator_options"] = {**copy.deepcopy(args.get("generator_options") or {}), "hotswap": True}
+    return config
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, y): y units per t unit."""
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (y - mean_y) for t, y in points) / var if var else 0.0
+
+
+async def churn(url: str, clients: int, until: float, counts: dict[str, int]) -> None:
+    async def client(offset: int) -> None:
+        i = offset
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            while time.monotonic() < until:
+                mix = MIXES[i % len(MIXES)]
+                i += clients
+                response = await http.post("/v1/text2img", json={"prompt": "a tidy desk", "mix": mix, "seed": i, "locate": False})
+                counts["ok" if response.status_code == 200 else "failed"] += 1
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
+
+
+async def sample(pid: int, until: float, every_s: float, started: float, points: list[tuple[float, float]]) -> None:
+    while time.monotonic() < until:
+        points.append(((time.monotonic() - started) / 60, rss_mib(pid)))
+        await asyncio.sleep(every_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--warmup-min", type=float, default=None, help="minutes left out of the slope (default: a sixth)")
+    parser.add_argument("--sample-s", type=float, default=15.0)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--path", choices=("fused", "slots"), default="fused")
+    parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    warmup = args.warmup_min if args.warmup_min is not None else args.minutes / 6
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    wall = time.perf_counter()
+    with ServeApp(soak_config(args.path)) as app:
+        generator = app.handle("Generator")
+        before = generator.info.remote().result()
+        pid = int(before["pid"])
+        points: list[tuple[float, float]] = []
+        counts = {"ok": 0, "failed": 0}
+        started = time.monotonic()
+        until = started + 60 * args.minutes
+
+        async def both() -> None:
+            await asyncio.gather(churn(app.url, args.clients, until, counts),
+                                 sample(pid, until, args.sample_s, started, points))  # fmt: skip
+
+        asyncio.run(both())
+        after = generator.info.remote().result()
+    assert after["pid"] == pid, "the Generator replica was replaced during the soak"
+    late = [(t, y) for t, y in points if t >= warmup]
+    per_hour = slope(late) * 60
+    base = late[0][1] if late else float("nan")
+    table = Table(f"Generator replica RSS under mix churn — path {args.path}, {args.minutes:.0f} min, {args.clients} "
+                  f"clients, {len(MIXES)} mixes through a 4-mix cache, tiny SDXL 64x64, 1 step",
+                  ["requests (non-200)", "mix loads", "RSS at start (MiB)", f"RSS after warm-up ({warmup:.0f} min)",
+                   "RSS at end", "slope after warm-up (MiB/h)", "slope (% of post-warm-up RSS per hour)"])  # fmt: skip
+    table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", after["mix_loads"] - before["mix_loads"],
+              f"{points[0][1]:.0f}", f"{base:.0f}", f"{points[-1][1]:.0f}", f"{per_hour:+.1f}",
+              f"{100 * per_hour / base:+.2f} %")  # fmt: skip
+    table.notes.append(f"RSS sampled every {args.sample_s:.0f} s ({len(points)} samples; {len(late)} after warm-up): "
+                       + ", ".join(f"{t:.0f} min {y:.0f}" for t, y in points[:: max(1, len(points) // 12)]))
+    section = render_section("Memory under mix churn (soak)", [table], command=command_line(),
+                             wall_s=time.perf_counter() - wall, host=machine(),
+                             preface=[f"Machine load (1-min) at end {os.getloadavg()[0]:.1f}; the goal is at most 1 % per hour."])  # fmt: skip
+    print(section)
+    if not args.no_write:
+        append_report(section)
+
+
+if __name__ == "__main__":
+    main()

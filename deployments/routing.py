@@ -1,0 +1,162 @@
+"""Which Generator replica a request goes to: the mix-aware router (Serve's RequestRouter API).
+
+Serve's default router for multiplexed deployments sends a request to a replica that has its model id
+cached, else to one with the fewest models, choosing by queue length among two random candidates. For
+LoRA mixes that has two costs. A hot mix stays on the one replica that holds it while others idle
+(or keep switching between mixes), and a switch is paid whenever a request lands on a replica whose
+*active* mix (the one fused in its weights) is another, even when a replica with that mix active is idle.
+
+:class:`MixAwareRouter` ranks the replicas for a request's mix:
+
+1. replicas whose active mix is the request's (the replica's ``record_routing_stats``, corrected by what
+   this router sent it since: the last mix routed to a replica is the one it holds once its queue drains);
+2. replicas that have the mix cached (loaded, not active);
+3. the rest, fewest cached mixes first.
+
+Within a rank Serve picks the replica with the shortest queue that accepts. A busy replica is never asked
+to switch while an idle one holds the mix: an idle holder is ranked before every busy one, and while the
+holders are not hot only they are offered for a second (:data:`HOLDER_WAIT_S`). When every holder of the mix has
+``spill_queue`` or more requests queued (a hot mix), the idle replicas join the first rank, so a second
+replica takes the mix; once the holders' queues fall below the threshold, the mix's requests go back to
+its holders and the second replica is free for other mixes (it keeps the mix cached). A replica that must
+switch is the one whose active mix this router has seen wanted least lately.
+
+Ray-free logic (:func:`rank`) is unit-tested; the router class adapts it to Serve's replica objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+
+log = logging.getLogger("ray.serve")
+
+#: Requests queued on every holder of a mix from which idle replicas take it too.
+DEFAULT_SPILL_QUEUE = 2
+#: How fast the router forgets which mixes are wanted: their request counts halve every this many requests.
+DEMAND_HALF_LIFE = 50
+#: How long a request of a mix that is not hot waits for the mix's holders before another replica may
+#: take it (Serve's own multiplexed router waits 1-2 s, RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S).
+HOLDER_WAIT_S = 1.0
+#: What ``record_routing_stats`` of a Generator replica reports under this key: its active (fused) mix.
+ACTIVE_MIX = "active_mix"
+#: ... and under this key its requests running or waiting.
+INFLIGHT = "inflight"
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the router knows of a replica when it ranks: its id, its active mix (None: none yet), the mixes
+    it has cached, its queue as this router counts it (requests sent and not finished, or Serve's last probe;
+    None: not known yet) and as the replica last reported it (``reported``, up to a stats period old)."""
+
+    id: Any
+    active: str | None
+    cached: frozenset[str]
+    queue: int | None
+    reported: int | None = None
+
+    def at_least(self, n: int) -> bool:
+        """Both counts (where known) say ``n`` or more: a request that just finished is still counted by the
+        router until its done-callback runs, and the report lags; a replica is busy only if both agree."""
+        return self.queue is not None and self.queue >= n and (self.reported is None or self.reported >= n)
+
+
+def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int,
+         demand: Mapping[str, float] | None = None, waited_s: float = 0.0) -> list[list[ReplicaView]]:  # fmt: skip
+    """The replicas in the order to try them for a request of ``mix``: a list of ranks, best first; Serve
+    takes the shortest accepting queue within the first rank that has one, and backs off before asking
+    again (``waited_s``: how long the request has waited to be routed).
+
+    ``demand``: recent requests per mix; a replica that must switch is taken from those whose active mix is
+    wanted least (so a hot mix keeps its replicas), then with the fewest cached mixes. While the mix's
+    holders are not hot, only they are offered for :data:`HOLDER_WAIT_S`: a holder that is busy or slow to
+    answer Serve's queue probe is waited for (as Serve's own router does) rather than another replica made
+    to switch."""
+    demand = demand or {}
+    active = [r for r in replicas if r.active == mix]
+    cached = [r for r in replicas if r.active != mix and mix in r.cached]
+    others = sorted((r for r in replicas if r.active != mix and mix not in r.cached),
+                    key=lambda r: (demand.get(r.active or "", 0.0), len(r.cached)))  # fmt: skip
+    holders = active + cached
+    if not holders:
+        return [others]
+    idle_holders = [r for r in holders if r.queue == 0]
+    if idle_holders:
+        # An idle replica that holds the mix, active first: no busy replica is made to switch.
+        return [r for r in (idle_holders, [r for r in holders if r.queue != 0]) if r]
+    if all(r.at_least(spill_queue) for r in holders):
+        # A hot mix: every holder is queued past the threshold; a replica that is idle (or whose queue Serve
+        # has yet to probe) takes the mix too. Serve keeps a holder on a tie: it must be strictly shorter.
+        return [r for r in (holders + [r for r in others if r.queue in (0, None)], others) if r]
+    if waited_s < HOLDER_WAIT_S:
+        return [r for r in (active, cached) if r]
+    return [r for r in (active, cached, others) if r]
+
+
+class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    """Routes Generator requests by their mix (the multiplexed model id): see the module's docstring.
+    ``request_router_kwargs``: ``spill_queue`` (default :data:`DEFAULT_SPILL_QUEUE`)."""
+
+    def initialize_state(self, spill_queue: int = DEFAULT_SPILL_QUEUE, demand_half_life: int = DEMAND_HALF_LIFE,
+                         **_: Any) -> None:  # fmt: skip
+        self.spill_queue = int(spill_queue)
+        #: The mix this router last sent to each replica: what it will hold once its queue drains.
+        self.sent: dict[Any, str] = {}
+        #: Requests per mix routed lately, decayed by half every ``demand_half_life`` requests.
+        self.demand: dict[str, float] = {}
+        self.decay = 0.5 ** (1.0 / max(int(demand_half_life), 1))
+
+    def view(self, replica: RunningReplica) -> ReplicaView:
+        stats = replica.routing_stats or {}
+        active = self.sent.get(replica.replica_id, stats.get(ACTIVE_MIX))
+        queue = self._replica_queue_len_cache.get(replica.replica_id)
+        reported = stats.get(INFLIGHT)
+        return ReplicaView(replica.replica_id, active, frozenset(replica.multiplexed_model_ids), queue,
+                           int(reported) if reported is not None else None)  # fmt: skip
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if pending_request is None:
+            return [candidate_replicas]
+        # Every rank was offered: when none accepts, back off before the next round (as Serve's routers do)
+        # instead of spinning on the event loop.
+        pending_request.routing_context.should_backoff = True
+        mix = pending_request.metadata.multiplexed_model_id
+        if not mix:
+            return [candidate_replicas]
+        waited_s = time.time() - pending_request.created_at
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        ranks = rank([self.view(r) for r in candidate_replicas], mix, self.spill_queue, self.demand, waited_s)
+        return [[by_id[v.id] for v in group] for group in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        mix = pending_request.metadata.multiplexed_model_id
+        if mix:
+            self.sent[replica_id] = mix
+            for known in list(self.demand):
+                self.demand[known] *= self.decay
+                if self.demand[known] < 0.01:
+                    del self.demand[known]
+            self.demand[mix] = self.demand.get(mix, 0.0) + 1.0
+
+    def on_replica_actor_died(self, replica_id: Any) -> None:
+        self.sent.pop(replica_id, None)
+        super().on_replica_actor_died(replica_id)
+
+
+def router_config(kind: str, spill_queue: int, stats_period_s: float) -> dict[str, Any] | None:
+    """The Generator's ``request_router_config`` for ``generator_router`` (``mix_aware`` or ``serve``:
+    Serve's default power-of-two-choices router with its multiplex ranking)."""
+    if kind == "serve":
+        return None
+    return {"request_router_class": f"{__name__}:MixAwareRouter", "request_router_kwargs": {"spill_queue": spill_queue},
+            "request_routing_stats_period_s": stats_period_s}  # fmt: skip
+
+

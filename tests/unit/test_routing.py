@@ -1,0 +1,81 @@
+"""The mix-aware router's ranking (deployments/routing.py): which replicas a request for a mix tries first."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.routing import HOLDER_WAIT_S, ReplicaView, rank
+
+pytestmark = pytest.mark.unit
+
+
+def r(name: str, active: str | None = None, cached: tuple[str, ...] = (), queue: int | None = 0,
+      reported: int | None = None) -> ReplicaView:  # fmt: skip
+    return ReplicaView(name, active, frozenset(cached + ((active,) if active else ())), queue, reported)
+
+
+def ids(ranks: list[list[ReplicaView]]) -> list[list[str]]:
+    return [[v.id for v in group] for group in ranks]
+
+
+def test_an_idle_replica_with_the_mix_active_comes_first_then_cached_then_the_rest() -> None:
+    replicas = [r("other", "b", queue=0), r("cached", "c", ("a",), queue=0), r("active", "a", queue=0)]
+    # The idle holders only, active first: the other replica is not offered while one of them can take it.
+    assert ids(rank(replicas, "a", spill_queue=2)) == [["active", "cached"]]
+
+
+def test_a_busy_replica_is_not_made_to_switch_while_an_idle_one_holds_the_mix() -> None:
+    replicas = [r("busy-active", "a", queue=1), r("idle-cached", "b", ("a",), queue=0), r("idle-other", "c", queue=0)]
+    assert ids(rank(replicas, "a", spill_queue=2)) == [["idle-cached"], ["busy-active"]]
+
+
+def test_below_the_threshold_the_mix_waits_for_its_holder_and_goes_elsewhere_only_after_a_while() -> None:
+    replicas = [r("holder", "a", queue=1), r("idle", "b", queue=0)]
+    assert ids(rank(replicas, "a", spill_queue=2)) == [["holder"]]
+    # The holder has not accepted for HOLDER_WAIT_S (full, or no answer to Serve's queue probe): switch elsewhere.
+    assert ids(rank(replicas, "a", spill_queue=2, waited_s=HOLDER_WAIT_S - 0.01)) == [["holder"]]
+    assert ids(rank(replicas, "a", spill_queue=2, waited_s=HOLDER_WAIT_S)) == [["holder"], ["idle"]]
+    unknown = [r("holder", "a", queue=None), r("idle", "b", queue=0)]  # not probed yet: not idle, not hot
+    assert ids(rank(unknown, "a", spill_queue=1)) == [["holder"]]
+
+
+def test_a_hot_mix_spills_to_an_idle_replica_and_comes_back_when_it_cools() -> None:
+    hot = [r("holder", "a", queue=2), r("idle", "b", queue=0), r("busy", "c", queue=1)]
+    first = ids(rank(hot, "a", spill_queue=2))[0]
+    assert set(first) == {"holder", "idle"}  # Serve takes the shorter queue of the two: the idle replica
+    # The second replica now has the mix active too; once the queues fall below the threshold, the mix's
+    # requests go to an idle holder (either), never to the busy replica of another mix.
+    cooled = [r("holder", "a", queue=0), r("second", "a", queue=1), r("busy", "c", queue=1)]
+    assert ids(rank(cooled, "a", spill_queue=2))[0] == ["holder"]
+
+
+def test_every_holder_must_be_past_the_threshold_to_spill() -> None:
+    replicas = [r("h1", "a", queue=3), r("h2", "b", ("a",), queue=1), r("idle", "c", queue=0)]
+    assert "idle" not in ids(rank(replicas, "a", spill_queue=2))[0]
+    unknown = [r("h1", "a", queue=None), r("idle", "c", queue=0)]  # a queue not known yet is not "hot"
+    assert ids(rank(unknown, "a", spill_queue=1))[0] == ["h1"]
+    hot = [r("h1", "a", queue=2), r("unprobed", "c", queue=None), r("busy", "d", queue=1)]
+    assert ids(rank(hot, "a", spill_queue=2)) == [["h1", "unprobed"], ["unprobed", "busy"]]
+
+
+def test_a_mix_no_replica_holds_goes_to_the_replicas_with_the_fewest_cached_mixes_first() -> None:
+    replicas = [r("full", "b", ("c", "d"), queue=0), r("empty", None, queue=0), r("one", "c", queue=0)]
+    assert ids(rank(replicas, "a", spill_queue=2)) == [["empty", "one", "full"]]
+
+
+def test_a_replica_that_must_switch_is_the_one_whose_mix_is_wanted_least() -> None:
+    replicas = [r("hot", "a", queue=0), r("cold", "b", queue=0), r("never", "c", ("d", "e"), queue=0)]
+    demand = {"a": 30.0, "b": 2.0, "c": 0.5}
+    assert ids(rank(replicas, "x", spill_queue=1, demand=demand)) == [["never", "cold", "hot"]]
+    busy = [r("holder", "x", queue=1), r("hot", "a", queue=0), r("cold", "b", queue=0)]
+    first = ids(rank(busy, "x", spill_queue=1, demand=demand))[0]
+    assert first == ["holder", "cold", "hot"]  # a spill goes to the idle replica of the coldest mix first
+
+
+def test_a_holder_is_busy_only_when_the_router_and_the_replica_agree() -> None:
+    """The router still counts a request that just finished until its done-callback runs; the replica's
+    report lags by a stats period. Spilling needs both to say so, or a sequential client would be spread."""
+    just_finished = [r("holder", "a", queue=1, reported=0), r("idle", "b", queue=0, reported=0)]
+    assert ids(rank(just_finished, "a", spill_queue=1)) == [["holder"]]
+    busy = [r("holder", "a", queue=1, reported=1), r("idle", "b", queue=0, reported=0)]
+    assert ids(rank(busy, "a", spill_queue=1))[0] == ["holder", "idle"]
