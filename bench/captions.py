@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=None, help=f"comma-separated models of {','.join(MODELS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the photos per setting (default 3)")
     parser.add_argument("--photos", type=int, default=2, help="generated desk photos (default 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as FINDINGS.md measures)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as in the Captioner replica: num_cpus 1)")
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
     args = parser.parse_args(argv)

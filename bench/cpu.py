@@ -240,6 +240,17 @@ def same_pixels(png_a: bytes, png_b: bytes) -> bool:
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
 
+def ping_generator(handle: Any) -> float:
+    """Seconds for one ``Generator.ping`` (returns "ok", touches no model) through a deployment handle from the
+    driver: one Serve hop (the handle's router and the replica's actor call), without the proxy or the ingress."""
+    start = time.perf_counter()
+    answer = handle.ping.remote().result(timeout_s=60)
+    seconds = time.perf_counter() - start
+    if answer != "ok":
+        raise RuntimeError(f"Generator.ping answered {answer!r}")
+    return seconds
+
+
 def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, Any]]:
     """Interleaved: one HTTP request, then the identical in-process call, ``n`` times."""
     import httpx
@@ -257,13 +268,16 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
 
     http_s, local_s, failures = [], [], 0
     floor_s: list[float] = []
+    ping_s: list[float] = []
     json_s: list[float] = []
     replica_model_s: list[float] = []
+    generator = app.handle("Generator")
     with httpx.Client(base_url=app.url, timeout=120) as client:
         # Warm both: the replica loads the mix on its first request, the local generator likewise.
         for _ in range(3):
             _, status, served_png, _ = post_text2img(client, MIX_A, seed)
             local_png = in_process()
+            ping_generator(generator)
         identical = status == 200 and same_pixels(served_png, local_png)
         stages: dict[str, list[float]] = {}
         for _ in range(n):
@@ -279,6 +293,8 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
             start = time.perf_counter()
             client.get("/v1/limits")
             floor_s.append(time.perf_counter() - start)
+            # ... one Serve hop alone: the driver's handle to the Generator, no proxy, no ingress, no model ...
+            ping_s.append(ping_generator(generator))
             # ... and the same generation as JSON, whose metadata has the replica's own model time (products not
             # located: the locator is a model stage of its own).
             start = time.perf_counter()
@@ -305,6 +321,8 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
             table.add(label, ms(p50(stages[name])), ms(percentile(stages[name], 99)))
     table.add("Serve's floor: `GET /v1/limits` (proxy + ingress, no stage called)", ms(p50(floor_s)),
               ms(percentile(floor_s, 99)))
+    table.add("a Generator `ping` through a handle from the driver (one Serve hop, no model)", ms(p50(ping_s)),
+              ms(percentile(ping_s, 99)))
     outside = [j - m for j, m in zip(json_s, replica_model_s, strict=True)]
     table.add("same generation as JSON (`locate: false`): HTTP − the replica's own model time (its metadata `timings`)",
               ms(p50(outside)), ms(percentile(outside, 99)))
@@ -317,6 +335,8 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
         "The overhead row compares against the driver's in-process run; the last row compares against the model "
         "time inside the Generator replica (same process contention as the served path), so it is the serving "
         "cost alone: two Serve hops, the ingress and PNG/JSON encoding.",
+        "The `ping` row is the hop to the Generator alone, timed from the driver between the other requests: a "
+        "deployment handle's routing and the replica's actor call, without Serve's proxy, the ingress or a model.",
         f"Same tiny model, params and seed; served and in-process pixels identical: {'yes' if identical else 'NO'}; "
         f"non-200 answers: {failures}.",
         f"torch threads: in-process 1; a 1-CPU Ray worker (as the Generator replica) has OMP_NUM_THREADS={omp}, "
@@ -324,7 +344,8 @@ def bench_overhead(app: ServeApp, tiny: Path, n: int) -> tuple[Table, dict[str, 
         "p99 of N samples is the nearest-rank value (for N < 100: the maximum).",
     ]
     return table, {"http_s": http_s, "in_process_s": local_s, "stages_s": stages, "identical_pixels": identical,
-                   "failures": failures, "floor_s": floor_s, "json_s": json_s, "replica_model_s": replica_model_s}
+                   "failures": failures, "floor_s": floor_s, "ping_s": ping_s, "json_s": json_s,
+                   "replica_model_s": replica_model_s}
 
 
 def bench_throughput(app: ServeApp, local_p50: float) -> tuple[Table, dict[str, Any]]:

@@ -5,11 +5,13 @@ owlv2-base-patch16-ensemble architecture with random weights), and through the r
     make bench-locator
 
 1. **local**: ``Locator.locate_batch`` on the tiny detector (96 px input) for one image of 1024 px with
-   8 products, and a batch of 4.
+   8 products, and a batch of 4; then the Locator's OWLv2 image processor alone (pad to a square, resize to
+   the model's input, normalise) on one image of 64, 512 and 1024 px: how much of a call is preprocessing.
 2. **fullsize**: the same on OWLv2-base's architecture (ViT-B/16 at 960 px: 3,600 query boxes; CLIP text
    tower), random weights built here (nothing is downloaded; written once to ``--fullsize-dir``/owlv2,
    outside the repository) and loaded through the same ``Locator.from_pretrained``. On a CPU this is the
-   cost a CPU-only deployment would pay; on a GPU (``--device cuda``, fp16) the one production pays.
+   cost a CPU-only deployment would pay; on a GPU (``--device cuda``, fp16) the one production pays. Then
+   its image processor alone (resizing to 960 px: the CPU work a production replica does per image).
 3. **serve**: the tiny app from serve_config.yaml (bench.cpu's deployment): ``POST /v1/locate`` over HTTP,
    and ``/v1/text2img`` (64 px, 2 steps, 8 products) with ``locate`` on vs off, interleaved: the
    ingress's ``timings.locate_s`` and the difference in total request time is the locator's cost per image.
@@ -46,6 +48,7 @@ from deskgen.paths import PROJECT_ROOT, models_dir
 log = logging.getLogger("bench.locator")
 
 SECTIONS = ("local", "fullsize", "serve")
+PROCESSOR_SIDES = (64, 512, 1024)
 PRODUCTS = ("monitor", "keyboard", "mouse", "desk lamp", "plant", "mug", "chair", "headphones")
 FULLSIZE_IMAGE = 960
 FULLSIZE_PARAMS = 154_966_792  # Owlv2ForObjectDetection with Owlv2Config() and a 960 px input (checked at build)
@@ -93,6 +96,27 @@ def bench_in_process(folder: Path, label: str, *, device: str | None, n: int) ->
     for batch in (1, 4):
         times = time_calls(lambda b=batch: locator.locate_batch([photo] * b, [PRODUCTS] * b), n)  # type: ignore[misc]
         table.add(batch, len(PRODUCTS), len(times), ms(p50(times)), ms(p50(times) / batch))
+    return table
+
+
+def bench_image_processor(folder: Path, n: int) -> Table:
+    """The image processor of a :class:`Locator` loaded from ``folder`` (the very object ``detect_batch`` calls,
+    without the text queries or the network) on one square photo per size."""
+    from deskgen.images import to_rgb
+    from deskgen.locator import Locator
+
+    processor = Locator.from_pretrained(str(folder), device="cpu")._processor.image_processor
+    size = processor.size
+    table = Table(f"OWLv2 image processor alone ({type(processor).__name__}, to {size['height']}x{size['width']})",
+                  ["image", "N", "p50 ms", "max ms"])  # fmt: skip
+    for side in PROCESSOR_SIDES:
+        photo = to_rgb(desk_photo(side, side))
+        times = time_calls(lambda im=photo: processor(images=[im], return_tensors="pt"), n)  # type: ignore[misc]
+        table.add(f"{side}x{side}", len(times), ms(p50(times)), ms(max(times)))
+    table.notes.append(
+        "what `Locator.detect_batch` runs on each image before the network: pad to a square, anti-aliased resize "
+        "to the model's input, rescale and normalise (in numpy/scipy, on the CPU, whatever the model's device)"
+    )
     return table
 
 
@@ -148,10 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     tables: list[Table] = []
     if "local" in sections:
         tables.append(bench_in_process(tiny / "owlv2", "tiny OWLv2 (96 px input)", device=args.device, n=args.n))
+        tables.append(bench_image_processor(tiny / "owlv2", n=args.n * 4))
     if "fullsize" in sections:
         folder = build_fullsize_owl(fullsize)
         tables.append(bench_in_process(folder, f"OWLv2-base architecture, random weights ({FULLSIZE_IMAGE} px input)",
                                        device=args.device, n=max(2, args.n // 2)))  # fmt: skip
+        tables.append(bench_image_processor(folder, n=args.n * 4))
     if "serve" in sections:
         tables.append(bench_serve(tiny, args.n * 4))
     threads = os.environ.get("OMP_NUM_THREADS")
