@@ -61,9 +61,11 @@ test-postgres: models
 test-observability: models
 	$(BIN)/python -m pytest -m observability -q
 
-# The gpu-marked tests (skipped without CUDA): run on a machine with an NVIDIA GPU.
+# The gpu-marked tests (skipped without CUDA): run on a machine with an NVIDIA GPU (bench/gpu_device.sh
+# runs the same selection on a lent one). DESKGEN_COMPILE_TESTS=1 runs them on the CPU (minutes).
+GPU_TESTS = tests/unit/test_generator_speed.py
 test-gpu: models
-	$(BIN)/python -m pytest -m gpu -q -rs
+	$(BIN)/python -m pytest -m gpu -q -rs $(GPU_TESTS)
 
 # The web page in a real headless Chromium (part of the serve tier: `make test` runs it too).
 test-browser: models system-deps

@@ -333,15 +333,21 @@ def run_baseline(sdxl_dir: Path, lora_dir: Path, sc: Scenario) -> tuple[SdxlResu
 PROFILES: dict[str, dict[str, Any]] = {
     "production": {},
     "eager_unfused": {"compile": False, "fuse_hot_mix": None, "fuse_active_mix": False},
-    "fused": {"compile": False, "fuse_hot_mix": HOT_MIX},
-    # Every mix fused as it becomes active (deskgen/generator/switching.py), eager: each arm at fused speed.
+    "fused": {"compile": False, "fuse_hot_mix": HOT_MIX, "fuse_active_mix": False},
+    # Every mix fused as it becomes active (deskgen/generator/switching.py): each arm at fused speed.
     "fused_every_mix": {"compile": False, "fuse_active_mix": True, "fuse_hot_mix": None},
+    "compiled_every_mix": {"compile": True, "fuse_active_mix": True, "fuse_hot_mix": None},
+    "compiled_every_mix_devcopy": {"compile": True, "fuse_active_mix": True, "fuse_hot_mix": None,
+                                   "fuse_backup": "device"},
     "deepcache": {"compile": False, "fuse_hot_mix": HOT_MIX, "deepcache_interval": 3},
-    "compiled_slots": {"compile": True, "fuse_hot_mix": None},
-    "compiled_fused": {"compile": True, "fuse_hot_mix": HOT_MIX},
-    "compiled_fused_devcopy": {"compile": True, "fuse_hot_mix": HOT_MIX, "fuse_backup": "device"},
-    "compiled_fused_deepcache": {"compile": True, "fuse_hot_mix": HOT_MIX, "deepcache_interval": 3},
-    "compiled_unet_fused": {"compile": True, "compile_scope": "unet", "fuse_hot_mix": HOT_MIX},
+    # Hot-swap slots on a compiled UNet; with a hot mix fused by config (the production default until 2026-12).
+    "compiled_slots": {"compile": True, "fuse_hot_mix": None, "fuse_active_mix": False},
+    "compiled_fused": {"compile": True, "fuse_hot_mix": HOT_MIX, "fuse_active_mix": False},
+    "compiled_fused_devcopy": {"compile": True, "fuse_hot_mix": HOT_MIX, "fuse_active_mix": False,
+                               "fuse_backup": "device"},
+    "compiled_fused_deepcache": {"compile": True, "fuse_hot_mix": HOT_MIX, "fuse_active_mix": False,
+                                 "deepcache_interval": 3},
+    "compiled_unet_fused": {"compile": True, "compile_scope": "unet", "fuse_hot_mix": HOT_MIX, "fuse_active_mix": False},
     "compiled_fp8": {"compile": True, "fp8": True, "fuse_hot_mix": None},
     "compiled_fp8_deepcache": {"compile": True, "fp8": True, "fuse_hot_mix": None, "deepcache_interval": 3},
 }
@@ -352,6 +358,7 @@ DEFAULT_PROFILES = ("production", "eager_unfused", "fused", "compiled_slots", "c
 #: profile whose blocks another one compiled before (same dtype and layers) reuses dynamo's and
 #: inductor's caches: compiled_fp8_deepcache after compiled_fp8 compiles nothing new.
 STAGE_ESTIMATE_S = {"baseline": 50, "uncompiled": 45, "compiled": 90, "compiled_fp8_deepcache": 45, "blip": 30,
+                    "arms_compiled": 200, "arms_uncompiled": 100,
                     "vgg": 40}
 
 
@@ -485,6 +492,159 @@ def run_generator(
             "recompiled_on_switch": any(sw["new_graphs"] > 0 for sw in switches),
         },
     )  # the generator goes with this frame; the caller frees the device memory
+
+
+# --------------------------------------------------------------------------------------------------
+# Every A/B arm on one generator (issue 24): the 7 named mixes in turn
+# --------------------------------------------------------------------------------------------------
+
+#: Goals for the arms (issue 24, part 4): each arm's p50, their spread, a switch, peak memory.
+GOAL_ARM_S = 1.8
+GOAL_ARM_SPREAD = 0.05
+GOAL_ARM_PEAK_GB = 9.0
+
+
+@dataclass
+class ArmResult:
+    """One named mix on a generator that serves every mix: switch to it, then N generations."""
+
+    mix: str
+    mix_id: str
+    switch_s: float  # activate_mix from the previous arm, device synced
+    first_s: float  # the first generation after the switch
+    times_s: list[float]
+    peak_gib: float | None  # switch + every generation of this arm
+    fused: bool
+    new_graphs: int
+    deterministic: bool
+    images_ok: bool
+
+    @property
+    def p50_s(self) -> float:
+        return p50(self.times_s)
+
+    @property
+    def p95_s(self) -> float:
+        return percentile(self.times_s, 95)
+
+
+def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Load the generator of ``profile`` (compiling at load), cache the three adapters, then serve the 7
+    named mixes one after the other as a replica does when the router sends it each arm: a switch, one
+    first generation, ``sc.n`` timed ones; then the switches again, each back and forth, without
+    generating (the switch alone)."""
+    from deskgen.generator import DeskGenerator, GenerationParams
+    from deskgen.mixes import NAMED_MIXES, Mix
+
+    settings = production_settings(sdxl_dir, lora_dir, sc.device, {**PROFILES[profile], **overrides})
+    params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=sc.steps,
+                              guidance=sc.guidance, width=sc.size, height=sc.size)
+    reset_peak(sc.device)
+    start = time.perf_counter()
+    gen = DeskGenerator.from_pretrained(settings)
+    gen.ensure_adapters(sorted({name for weights in NAMED_MIXES.values() for name in weights}))
+    sync(sc.device)
+    load_s = time.perf_counter() - start
+    load_peak = peak_gib(sc.device)
+    arms: list[ArmResult] = []
+    for name in NAMED_MIXES:
+        mix = Mix.from_weights(NAMED_MIXES[name])
+        reset_peak(sc.device)
+        graphs = dynamo_counters()["unique_graphs"]
+        sync(sc.device)
+        begin = time.perf_counter()
+        gen.activate_mix(mix)
+        sync(sc.device)
+        switch_s = time.perf_counter() - begin
+        timed = time_generations(lambda mix=mix: gen.generate(params, mix).image, sc)
+        arms.append(ArmResult(
+            mix=name, mix_id=mix.id, switch_s=switch_s, first_s=timed.first_s, times_s=timed.times_s,
+            peak_gib=max((v for v in (timed.peak_all_gib, timed.peak_gen_gib) if v is not None), default=None),
+            fused=gen.fused_mix_id == mix.id, new_graphs=dynamo_counters()["unique_graphs"] - graphs,
+            deterministic=timed.deterministic, images_ok=timed.ok and not timed.nans,
+        ))  # fmt: skip
+        del timed
+    # The switch alone, both ways between consecutive arms (no generation in between).
+    names = list(NAMED_MIXES)
+    switches: list[float] = []
+    reset_peak(sc.device)
+    for a, b in zip(names, names[1:] + names[:1], strict=True):
+        for target in (b, a, b):
+            mix = Mix.from_weights(NAMED_MIXES[target])
+            sync(sc.device)
+            begin = time.perf_counter()
+            gen.activate_mix(mix)
+            sync(sc.device)
+            switches.append(time.perf_counter() - begin)
+    transient = gen.switcher.batched.transient_bytes
+    pristine = gen.switcher.pristine
+    return {
+        "profile": profile,
+        "effective": gen.describe(),
+        "strategy": gen.adapters.kind,
+        "load_s": load_s,
+        "load_peak_gib": load_peak,
+        "warmup_s": gen.warmup_s,
+        "arms": [dataclasses.asdict(a) | {"p50_s": a.p50_s, "p95_s": a.p95_s} for a in arms],
+        "switch_only_s": switches,
+        "switch_only_peak_gib": peak_gib(sc.device),
+        "fuse_transient_mib": transient / 2**20,
+        "pristine": {"where": pristine.where, "tensors": len(pristine), "gib": pristine.nbytes() / 1024**3},
+        "allocated_gib": allocated_gib(sc.device),
+        "images_differ": len({a.mix_id for a in arms}) == len(arms),
+        "base_reloads": DeskGenerator.base_loads,
+    }
+
+
+def arms_tables(results: list[dict[str, Any]], sc: Scenario, gpu_name: str) -> list[Table]:
+    model = "tiny SDXL" if sc.tiny else "SDXL full size (2.57 B UNet, random weights)"
+    tables = []
+    for r in results:
+        arms = r["arms"]
+        t = Table(
+            f"Every named mix on one generator (`{r['profile']}`, strategy `{r['strategy']}`) — {model}, "
+            f"{sc.size}x{sc.size}, {sc.steps} steps, CFG {sc.guidance}, N={sc.n} per arm",
+            ["arm", "mix", "switch ms", "first generation s", "s/image p50", "p95", "peak VRAM GiB", "fused",
+             "new graphs", "same seed, same bytes", "images ok"],
+        )
+        for a in arms:
+            t.add(a["mix"], f"`{a['mix_id']}`", f"{a['switch_s'] * 1000:.0f}", s(a["first_s"]), s(a["p50_s"]),
+                  s(a["p95_s"]), gib(a["peak_gib"]), "yes" if a["fused"] else "**no**", a["new_graphs"],
+                  "yes" if a["deterministic"] else "**NO**", "yes" if a["images_ok"] else "**NO**")
+        p50s = [a["p50_s"] for a in arms]
+        spread = (max(p50s) - min(p50s)) / min(p50s)
+        sw = sorted(r["switch_only_s"])
+        t.notes += [
+            f"Load (from_pretrained + the three adapters + the compile warm-up, if compiling): {r['load_s']:.1f} s "
+            f"(warm-up {r['warmup_s'] or 0:.1f} s), peak {gib(r['load_peak_gib'])} GiB.",
+            f"Arms' p50 from {min(p50s):.3f} to {max(p50s):.3f} s: spread {spread * 100:.1f} %.",
+            f"Switch alone ({len(sw)} switches between consecutive arms, both ways, nothing generated in between): "
+            f"p50 {p50(sw) * 1000:.0f} ms, max {sw[-1] * 1000:.0f} ms; peak VRAM over them "
+            f"{gib(r['switch_only_peak_gib'])} GiB.",
+            f"Exact base copies: {r['pristine']['tensors']} tensors, {r['pristine']['gib']:.2f} GiB on "
+            f"`{r['pristine']['where']}`; the fuse's largest transient {r['fuse_transient_mib']:.0f} MiB; "
+            f"allocated after the run {gib(r['allocated_gib'])} GiB.",
+            f"Effective flags: {r['effective']}.",
+        ]
+        tables.append(t)
+        goals = Table(f"Goals for the arms (`{r['profile']}`)", ["goal", "measured", "verdict"])
+        on_goal_gpu = any(name in gpu_name for name in GOAL_GPUS)
+        worst = max(p50s)
+        goals.add(f"every arm ≤ {GOAL_ARM_S} s/image p50 (H200)", f"worst {worst:.2f} s",
+                  verdict(worst <= GOAL_ARM_S if on_goal_gpu else None))
+        goals.add(f"arms within {GOAL_ARM_SPREAD * 100:.0f} % of each other", f"{spread * 100:.1f} %",
+                  verdict(spread <= GOAL_ARM_SPREAD))
+        goals.add(f"switch ≤ {GOAL_SWITCH_S * 1000:.0f} ms", f"max {sw[-1] * 1000:.0f} ms (p50 {p50(sw) * 1000:.0f})",
+                  verdict(sw[-1] <= GOAL_SWITCH_S))
+        peaks = [a["peak_gib"] for a in arms if a["peak_gib"] is not None]
+        goal_gib = GOAL_ARM_PEAK_GB * 1e9 / 1024**3
+        goals.add(f"peak VRAM ≤ {GOAL_ARM_PEAK_GB:g} GB = {goal_gib:.2f} GiB", f"max {max(peaks):.2f} GiB" if peaks else "n/a",
+                  verdict(max(peaks) <= goal_gib if peaks else None))
+        goals.add("every arm fused, no recompile", f"{sum(a['fused'] for a in arms)}/{len(arms)} fused, "
+                  f"{sum(a['new_graphs'] for a in arms)} new graphs",
+                  verdict(all(a["fused"] for a in arms) and not any(a["new_graphs"] for a in arms)))
+        tables.append(goals)
+    return tables
 
 
 # --------------------------------------------------------------------------------------------------
@@ -834,6 +994,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profiles", default=",".join(DEFAULT_PROFILES),
                         help=f"generator configurations to measure, of {','.join(PROFILES)} (default: %(default)s)")
     parser.add_argument("--skip-baseline", action="store_true", help="measure only the generator configurations")
+    parser.add_argument("--arms", default="",
+                        help="profiles that serve all 7 named mixes in turn (every A/B arm; run first, after the "
+                             "baseline), e.g. production (default: none)")
     parser.add_argument("--order", default=None,
                         help="comma-separated stages to run first, in this order (profiles, blip, vgg); the others follow")
     parser.add_argument("--deadline-s", type=int, default=None,
@@ -862,9 +1025,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parts = parse_choices(args.only, PARTS, option="--only")
     profiles = parse_choices(args.profiles, list(PROFILES), option="--profiles")
+    arm_profiles = parse_choices(args.arms, list(PROFILES), option="--arms") if args.arms else ()
     overrides = parse_overrides(args.set)
     order_first = parse_choices(args.order, [*PROFILES, "blip", "vgg"], option="--order") if args.order else ()
-    for profile in profiles:  # a bad --set fails now, not after minutes of building
+    for profile in (*profiles, *arm_profiles):  # a bad --set fails now, not after minutes of building
         production_settings(Path("/unused"), Path("/unused"), "cpu", {**PROFILES[profile], **overrides})
     started = time.perf_counter()
     sc, paths = locate_models(args, parts)
@@ -883,6 +1047,7 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict[str, Any] = {"scenario": dataclasses.asdict(sc), "build_s": build_s, "machine": dataclasses.asdict(host)}
     base: SdxlResult | None = None
     runs: list[SdxlResult] = []
+    arm_runs: list[dict[str, Any]] = []
     failures: list[str] = []
     extra: list[Table] = []
     preface = [f"Models: {paths['sdxl'].parent} (ready in {build_s:.0f} s"
@@ -893,7 +1058,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def report() -> str:
         """The section so far; also written to $OUT after every stage, so a run cut short still reports."""
-        tables = sdxl_tables(sc, base, runs, gpu_name) if "sdxl" in parts else []
+        tables = arms_tables(arm_runs, sc, gpu_name) if arm_runs else []
+        tables += sdxl_tables(sc, base, runs, gpu_name) if "sdxl" in parts and (base or runs) else []
         tables += [*extra, reference_table()]
         if failures or skipped:
             failed = Table("Failures and skipped stages", ["stage", "error"])
@@ -906,7 +1072,7 @@ def main(argv: list[str] | None = None) -> None:
                                  host=host, preface=preface)
         payload.update(tables=[t.as_dict() for t in tables], wall_s=time.perf_counter() - started, failures=failures)
         payload["sdxl"] = {"baseline": dataclasses.asdict(base) if base else None,
-                           "generator": [dataclasses.asdict(r) for r in runs]}
+                           "generator": [dataclasses.asdict(r) for r in runs], "arms": arm_runs}
         write_out_dir("bench_gpu", section, payload)
         return section
 
@@ -953,6 +1119,12 @@ def main(argv: list[str] | None = None) -> None:
         done = stage("baseline", lambda: run_baseline(paths["sdxl"], paths["loras"], sc))
         if done is not None:
             base, reference = done
+    for profile in arm_profiles if "sdxl" in parts else ():
+        kind = "arms_compiled" if PROFILES[profile].get("compile") is not False and sc.cuda else "arms_uncompiled"
+        arms = stage(f"arms:{profile}", functools.partial(run_arms, profile, paths["sdxl"], paths["loras"], sc, overrides),
+                     kind)  # fmt: skip
+        if arms is not None:
+            arm_runs.append(arms)
     for name in order:
         if name in profiles and "sdxl" in parts:
             measure(name)

@@ -7,16 +7,22 @@
 # It installs the wheels, prints the GPU and library versions, and runs `python -m bench.gpu` with a
 # deadline (DEADLINE_S, default 480 s after the suite starts) so stages that would not finish are
 # skipped and reported instead of being cut off. Results: $OUT/bench_gpu.{md,json,log}; append
-# bench_gpu.md to BENCHMARKS.md here.
+# bench_gpu.md to BENCHMARKS.md here. With TEST_GPU_S=N it then runs the gpu-marked tests (what
+# `make test-gpu` runs; carry models/tiny so they need not build it) for at most N seconds:
+# $OUT/test_gpu.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+GPU_TESTS=$(sed -n 's/^GPU_TESTS *= *//p' Makefile)
 OUT=${OUT:-/tmp/deskgen-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=/tmp/site:.:client PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv
 echo "cpus $(nproc); $(gcc --version | head -1)"
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" || exit 1
 python3 -m bench.gpu --n 6 --deadline-s "${DEADLINE_S:-480}" --no-write \
   --order production,fused,compiled_fp8,compiled_fp8_deepcache,blip,vgg,compiled_fused "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+if [ -n "${TEST_GPU_S:-}" ]; then
+  timeout "$TEST_GPU_S" python3 -m pytest -m gpu -q -rs -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$OUT/test_gpu.log"
+fi

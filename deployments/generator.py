@@ -45,6 +45,9 @@ log = logging.getLogger("ray.serve")
 
 #: Mixes cached per replica (LRU). Adapters are small next to the base, so a handful fit easily.
 MAX_CACHED_MIXES = 4
+#: Seconds between two looks at the LoRA folder for files added or changed since the last check: a file
+#: the replica cannot load is listed unavailable, with its reason, before a request names it.
+ADAPTER_CHECK_S = 2.0
 
 
 class GenerationCancelled(Exception):
@@ -247,6 +250,18 @@ class GeneratorReplica:
             replica=replica,
         )
 
+    def watch_adapters(self, stop: threading.Event, interval_s: float = ADAPTER_CHECK_S) -> None:
+        """Until ``stop`` is set, check every ``interval_s`` the LoRA files added or changed since the last
+        check (:meth:`DeskGenerator.check_new_adapters`, which waits for the generation in progress). Runs
+        in a background thread of its own."""
+        while not stop.wait(interval_s):
+            try:
+                if self.generator.unchecked_adapters():
+                    checked = self.generator.check_new_adapters()
+                    log.info("checked new LoRA files: %s", {n: p or "usable" for n, p in checked.items()})
+            except Exception:  # a bad look at the folder must not end the watch
+                log.exception("checking new LoRA files failed")
+
     def check_health(self) -> None:
         """Raise if the replica should be replaced: unexpected failures kept coming."""
         if self.failures_in_a_row >= UNHEALTHY_AFTER_FAILURES:
@@ -289,6 +304,11 @@ class Generator:
         self.replica = GeneratorReplica(generator, _replica_id, observer)
         #: The label of the request whose mix is being loaded (``get_mix`` takes only the id).
         self._loading_label = "adhoc"
+        # New LoRA files are checked in the background, so /v1/mixes lists one this replica cannot hold
+        # (e.g. wider than its hot-swap slots) before any request names it.
+        self._stop_watch = threading.Event()
+        threading.Thread(target=self.replica.watch_adapters, args=(self._stop_watch,), name="lora-watch",
+                         daemon=True).start()  # fmt: skip
 
     @serve.multiplexed(max_num_models_per_replica=MAX_CACHED_MIXES)
     async def get_mix(self, mix_id: str) -> LoadedMix:

@@ -34,14 +34,17 @@ image's metadata carries under ``runtime``):
   pixels of images larger than the VAE's tile) / one image of a batch at a time (same pixels).
 - ``fuse_active_mix`` (= not ``hotswap``): whatever mix is active is fused into the base weights (base
   speed for every mix): a switch restores the exact base weights and adds the new mix's summed low-rank
-  deltas in a few batched operations (:mod:`deskgen.generator.switching`). False: peft's unfused branches.
+  deltas in a few batched operations (:mod:`deskgen.generator.switching`), and the pipeline keeps no
+  LoRA layer (:class:`~deskgen.generator.adapters.FusedAdapters`), compiled or not. False: peft's unfused
+  branches (hot-swap slots with ``compile``).
 - ``fuse_hot_mix`` = None: a mix loaded at start; without ``fuse_active_mix`` (slots) the one mix fused
   into the base weights while it is active; any other mix first restores the exact base weights.
   ``fuse_backup`` = ``"cpu"``: where that exact copy lives.
 - ``compile``: on for CUDA, off on CPU. ``torch.compile`` (``compile_mode`` = ``"default"``) of the UNet's
   blocks (``compile_scope`` = ``"blocks"``: every transformer block and resnet; ``"unet"``: one graph),
-  warmed up at load at ``compile_warmup_size`` = 1024 px. Implies ``hotswap``.
-- ``hotswap`` (= ``compile or fp8``): UNet LoRAs hot-swapped into ``hotswap_slots`` = 3 fixed slots
+  warmed up at load at ``compile_warmup_size`` = 1024 px. A fused mix changes weights in place, which
+  the compiled graphs read as inputs: no recompile on a switch.
+- ``hotswap`` (= ``fp8``, or ``compile`` without ``fuse_active_mix``): UNet LoRAs hot-swapped into ``hotswap_slots`` = 3 fixed slots
   padded to ``hotswap_rank`` (None: the largest adapter rank), so a compiled UNet never recompiles on a
   switch. The text encoders are not compiled: the text-encoder half of each LoRA loads the normal peft way.
 - ``fp8`` = off: the UNet's token linears in float8 (:mod:`deskgen.fp8`); not with ``fuse_hot_mix``.
@@ -52,8 +55,8 @@ Why these defaults (measured on an H200 at 1024 px, 30 steps, BENCHMARKS.md "GPU
 fp32's range, so nothing overflows (no VAE upcast, no NaN guard) and it is as fast as fp16 on
 Ampere/Hopper; SDPA is what torch 2 runs anyway, now explicit and reported; channels_last lets cuDNN
 pick its NHWC convolution kernels. Unfused LoRA branches cost more than anything else (5.1 s/image
-with two adapters vs 2.2 s fused: thousands of small kernels per step), so the hot mix is fused
-(``fuse_hot_mix``, per deployment: only the operator knows which mix is hot). Compiling the blocks
+with two adapters vs 2.2 s fused: thousands of small kernels per step), so every mix is fused while it
+is active (``fuse_active_mix``; until 2026-12 only the operator's ``fuse_hot_mix`` was). Compiling the blocks
 took the fused mix from 2.19 to 1.78 s and hot-swapped mixes from 5.1 to 3.6 s, for a warm-up of
 ~15-50 s at replica start (before it takes traffic), so it is on for CUDA. FP8 halves the UNet's
 linear weights (peak 7.1 GiB instead of 8.7-9.0) but its unfused slots keep it slow (4.7 s); DeepCache

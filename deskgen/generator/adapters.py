@@ -1,7 +1,12 @@
-"""How LoRA adapters live in the pipeline: two strategies behind one interface.
+"""How LoRA adapters live in the pipeline: three strategies behind one interface.
+
+:class:`FusedAdapters` — every mix is fused into the base weights, so the pipeline keeps no LoRA layer at
+all: each file is read the peft way and only its low-rank factors are kept. The model's modules never
+change, so a compiled UNet never recompiles, and any LoRA whose layers exist in the model (any rank, any
+layers) loads without a restart. The default (``fuse_active_mix``), compiled or not.
 
 :class:`PeftAdapters` — one peft adapter per LoRA file in the UNet and both text encoders; a mix is
-``set_adapters`` with its weights. The default on the CPU and without ``compile``.
+``set_adapters`` with its weights (``fuse_active_mix: false``: mixes as LoRA branches).
 
 :class:`SlotAdapters` — the UNet half of every adapter is hot-swapped into a fixed number of LoRA
 slots of one layout (:class:`HotswapSlots`), so a ``torch.compile``'d UNet never recompiles on a mix
@@ -57,7 +62,7 @@ def layers_with(pipe: Any, component: str, peft_names: Iterable[str]) -> list[An
 class LoraStrategy(Protocol):
     """What :class:`DeskGenerator` asks of the way adapters live in its pipeline."""
 
-    #: ``peft`` or ``hotswap`` (reported in the generator's description).
+    #: ``fused``, ``peft`` or ``hotswap`` (reported in the generator's description).
     kind: str
 
     def load(self, public: str, peft: str, path: Path) -> None:
@@ -66,6 +71,9 @@ class LoraStrategy(Protocol):
 
     def loaded_layers(self, public: str, peft: str) -> int:
         """How many of the model's layers received ``public``'s weights (diffusers only warns on a mismatch)."""
+
+    def fit_problem(self, public: str, path: Path) -> str | None:
+        """Why this strategy cannot hold the file at ``path`` (which maps onto the model), or None."""
 
     def check_mix(self, mix: Mix) -> None:
         """Raise InvalidParameter if this strategy cannot hold ``mix`` at once."""
@@ -97,6 +105,9 @@ class PeftAdapters:
     def loaded_layers(self, public: str, peft: str) -> int:
         return sum(len(layers_with(self.pipe, component, [peft])) for component in LORA_COMPONENTS)
 
+    def fit_problem(self, public: str, path: Path) -> str | None:
+        return None
+
     def check_mix(self, mix: Mix) -> None:
         return None
 
@@ -114,6 +125,67 @@ class PeftAdapters:
 
     def delete(self, public: str, peft: str) -> None:
         self.pipe.delete_adapters([peft])
+
+
+class FusedAdapters:
+    """Every mix fused: the pipeline holds no LoRA layer, only each adapter's low-rank factors.
+
+    A file is loaded exactly as :class:`PeftAdapters` loads it (``load_lora_weights``: diffusers' key
+    conversion of kohya and diffusers files, peft's rank and alpha rules), its factors are taken out
+    (:func:`~deskgen.generator.switching.collect_factors`: peft's tensors, no copy) and the LoRA layers
+    are removed again (``unload_lora_weights`` puts each original module back in its place), all under
+    the generator's lock. So between requests the model's modules are exactly the base model's: a
+    compiled UNet sees the same modules and parameters before and after (its weights change in place
+    when a mix is fused, which a compiled graph reads as inputs), and a file added later that adapts
+    other layers or has a higher rank loads like any other. Mixes are activated only by fusing
+    (:class:`~deskgen.generator.switching.MixSwitcher`, batched).
+    """
+
+    kind = "fused"
+
+    def __init__(self, pipe: Any) -> None:
+        from deskgen.generator.switching import AdapterFactors
+
+        self.pipe = pipe
+        self.factors: dict[str, AdapterFactors] = {}  # peft name -> its factors
+
+    def load(self, public: str, peft: str, path: Path) -> None:
+        from deskgen.generator.switching import collect_factors
+
+        # peft freezes every parameter of a model it injects into (requires_grad=False); a compiled graph
+        # guards on that flag, so it is put back as it was, with the modules.
+        flags = [(p, p.requires_grad) for c in LORA_COMPONENTS if getattr(self.pipe, c, None) is not None
+                 for p in getattr(self.pipe, c).parameters()]  # fmt: skip
+        try:
+            with quiet_adapter_load():
+                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=peft)
+            self.factors[peft] = collect_factors(self.pipe, peft)
+        finally:
+            with quiet_adapter_load():
+                self.pipe.unload_lora_weights()
+            for param, flag in flags:
+                if param.requires_grad != flag:
+                    param.requires_grad_(flag)
+
+    def loaded_layers(self, public: str, peft: str) -> int:
+        return self.factors[peft].layers
+
+    def fit_problem(self, public: str, path: Path) -> str | None:
+        return None  # any rank, any layer of the model
+
+    def check_mix(self, mix: Mix) -> None:
+        return None
+
+    def apply(self, mix: Mix, loaded: dict[str, str]) -> None:
+        # The generator fuses every mix; the base mix is the base weights, which it restored already.
+        if mix.weights:
+            raise RuntimeError(f"mix {mix.id!r}: every mix is fused with FusedAdapters; there are no LoRA layers")
+
+    def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
+        return {component: [loaded[name] for name in mix.adapters] for component in LORA_COMPONENTS}
+
+    def delete(self, public: str, peft: str) -> None:
+        self.factors.pop(peft, None)
 
 
 @dataclass
@@ -207,6 +279,9 @@ def mapping_problem(pipe: Any, path: Path, expected: int) -> str | None:
     return None
 
 
+_FUSED_TAKES_ANY = "fused mixes, the default (`fuse_active_mix`), take any LoRA without a restart"
+
+
 class HotswapSlots:
     """Hotswap mode: ``count`` LoRA slots of one fixed layout in the UNet; adapters are hot-swapped in.
 
@@ -223,7 +298,9 @@ class HotswapSlots:
     - every slot stays active; a slot not in the mix has scale 0, so its branch adds exactly 0.0.
 
     The slot layout is fixed at load: an adapter added to the folder later that adapts other layers, or
-    has a larger rank, is refused with a RuntimeError (restart the replica to include it).
+    has a larger rank, does not fit (:meth:`check_fits`); the generator lists it unavailable with that
+    reason as soon as it checks the new file (the Generator deployment checks new files in the
+    background, before any request names them), and a restart includes it.
     """
 
     def __init__(self, pipe: Any, parts: dict[str, UnetPart], count: int, rank: int | None) -> None:
@@ -286,14 +363,14 @@ class HotswapSlots:
         outside = sorted(set(part.modules) - set(self.union))
         if outside:
             raise RuntimeError(
-                f"LoRA {name!r} adapts {len(outside)} UNet layers (e.g. {outside[0]}) that the compiled LoRA "
+                f"LoRA {name!r} adapts {len(outside)} UNet layers (e.g. {outside[0]}) that the hot-swap LoRA "
                 "slots do not have; the slots are laid out from the adapters present at load time: restart "
-                "the replica to include it."
+                f"the replica to include it ({_FUSED_TAKES_ANY})."
             )
         if part.rank > self.rank:
             raise RuntimeError(
-                f"LoRA {name!r} has rank {part.rank} but the compiled LoRA slots have rank {self.rank} "
-                "(`hotswap_rank`): raise it and restart the replica."
+                f"LoRA {name!r} has rank {part.rank} but the hot-swap LoRA slots have rank {self.rank} "
+                f"(`hotswap_rank`): raise it and restart the replica ({_FUSED_TAKES_ANY})."
             )
 
     def place(self, mix: Mix, parts: dict[str, UnetPart]) -> dict[str, str]:
@@ -374,6 +451,13 @@ class SlotAdapters:
         text = sum(len(layers_with(self.pipe, component, [peft])) for component in TEXT_ENCODERS)
         return text + len(self.parts[public].modules)
 
+    def fit_problem(self, public: str, path: Path) -> str | None:
+        try:
+            self.slots.check_fits(public, unet_part(self.pipe, *read_adapter(self.pipe, path)))
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+
     def check_mix(self, mix: Mix) -> None:
         if len(mix.adapters) > len(self.slots.names):
             raise InvalidParameter(
@@ -417,10 +501,16 @@ class SlotAdapters:
         self.slots.release(public)
 
 
-def build_strategy(pipe: Any, registry: LoraRegistry, *, hotswap: bool, slots: int, rank: int | None,
-                   device: str, names: list[str] | None = None) -> PeftAdapters | SlotAdapters:  # fmt: skip
-    """The strategy the settings ask for; ``names``: the usable adapters (hot-swap lays its slots out
-    from them; default every file of the registry)."""
+def build_strategy(pipe: Any, registry: LoraRegistry, *, hotswap: bool, fuse_all: bool, slots: int,
+                   rank: int | None, device: str, names: list[str] | None = None) -> Strategy:  # fmt: skip
+    """The strategy the settings ask for: hot-swap slots, every mix fused, or peft adapters; ``names``:
+    the usable adapters (hot-swap lays its slots out from them; default every file of the registry)."""
     if hotswap:
         return SlotAdapters(pipe, registry, slots, rank, device, names)
+    if fuse_all:
+        return FusedAdapters(pipe)
     return PeftAdapters(pipe)
+
+
+#: The strategies a generator can hold.
+Strategy = FusedAdapters | PeftAdapters | SlotAdapters

@@ -17,6 +17,7 @@ from deskgen.errors import AdapterUnavailable, DeskgenError, InvalidParameter, M
 from deskgen.generator.adapters import (
     PeftAdapters,
     SlotAdapters,
+    Strategy,
     build_strategy,
     mapping_problem,
     peft_adapter_name,
@@ -63,11 +64,11 @@ class DeskGenerator:
     - embed prompts longer than CLIP's 77 tokens in chunks (:mod:`deskgen.generator.prompts`) with the
       active mix's text encoders, and record token counts, sampler and model revision per image;
     - activate a mix on the same pipeline (never a base reload) through its LoRA strategy
-      (:mod:`deskgen.generator.adapters`: peft adapters, or hot-swap slots for a compiled UNet); with
-      ``fuse_active_mix`` (the default without hot-swap slots) every mix is fused into the base weights
-      while it is active: a switch restores the exact base weights and adds the new mix in batched ops
-      (:mod:`deskgen.generator.switching`); without it only ``fuse_hot_mix`` is fused (diffusers'
-      ``fuse_lora`` for slots);
+      (:mod:`deskgen.generator.adapters`); with ``fuse_active_mix`` (the default unless hot-swap slots
+      are asked for) every mix is fused into the base weights while it is active and the pipeline holds
+      no LoRA layer (compiled or not): a switch restores the exact base weights and adds the new mix in
+      batched ops (:mod:`deskgen.generator.switching`); without it mixes are peft LoRA branches or
+      hot-swap slots, and only ``fuse_hot_mix`` is fused (diffusers' ``fuse_lora`` for slots);
     - unload adapters the caller no longer wants (idempotent; the hot mix's adapters stay);
     - generate deterministically (same params + mix -> the same pixels) and attach the recipe,
       including the effective speed flags (``metadata["runtime"]``).
@@ -106,6 +107,12 @@ class DeskGenerator:
         if not settings.is_resolved:
             raise ValueError("DeskGenerator needs resolved settings (GeneratorSettings.resolve())")
         self.pipe = pipe
+        # Inference only: no parameter needs a gradient (what peft sets when it injects LoRA layers, and what
+        # a compiled graph is traced with from the start, so loading adapters later changes no guard).
+        for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            model = getattr(pipe, component, None)
+            if model is not None:
+                model.requires_grad_(False)
         self.registry = registry
         self.model_id = model_id
         self.runtime = settings
@@ -138,9 +145,9 @@ class DeskGenerator:
         log.info("checked %d LoRA files in %.3f s; unavailable: %s", len(registry.names()), timer.seconds(),
                  unavailable or "none")  # fmt: skip
         timer = _Timer()
-        self.adapters: PeftAdapters | SlotAdapters = build_strategy(
-            pipe, registry, hotswap=bool(settings.hotswap), slots=settings.hotswap_slots, rank=settings.hotswap_rank,
-            device=self.device, names=[n for n in registry.names() if n not in unavailable],
+        self.adapters: Strategy = build_strategy(
+            pipe, registry, hotswap=bool(settings.hotswap), fuse_all=self._fuse_all, slots=settings.hotswap_slots,
+            rank=settings.hotswap_rank, device=self.device, names=[n for n in registry.names() if n not in unavailable],
         )  # fmt: skip
         if isinstance(self.adapters, SlotAdapters):
             slots = self.adapters.slots
@@ -281,10 +288,25 @@ class DeskGenerator:
         problem = self.registry.problem(name)
         if problem is None:
             problem = mapping_problem(self.pipe, path, self.registry.module_count(name))
+            if problem is None and hasattr(self, "adapters"):  # (the strategy is built after the first check)
+                problem = self.adapters.fit_problem(name, path)
             if problem is not None:
                 log.warning("LoRA %s (%s) is unavailable: %s", name, path, problem)
         self.registry.record(name, problem)
         return problem
+
+    def unchecked_adapters(self) -> list[str]:
+        """Files of the registry whose current version has no verdict yet (added or changed since the last
+        check; a refused header counts as a verdict). Never waits for a generation."""
+        problems = self.registry.problems()
+        return [n for n in self.registry.names() if n not in problems and not self.registry.recorded(n)[0]]
+
+    def check_new_adapters(self) -> dict[str, str | None]:
+        """Check every file :meth:`unchecked_adapters` lists (under :attr:`lock`: waits for the generation
+        in progress) and return adapter -> its problem or None, so that a file that cannot be loaded is
+        listed in :attr:`unavailable` before a request names it."""
+        with self.lock:
+            return {name: self.adapter_problem(name) for name in self.unchecked_adapters()}
 
     def loaded_adapters(self) -> set[str]:
         """Adapters currently held by the pipeline."""

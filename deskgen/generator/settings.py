@@ -68,17 +68,17 @@ def hot_mix_from_spec(spec: str, *, field: str = "fuse_hot_mix") -> Mix:
 
 
 _FUSE_VS_SLOTS = (
-    "`fuse_active_mix` needs `hotswap` and `compile` off: hot-swap slots keep every LoRA branch apart so that a "
-    "compiled UNet never recompiles, while fusing writes the mix into the base weights."
+    "`fuse_active_mix` needs `hotswap` off: hot-swap slots keep every LoRA branch apart, while fusing writes "
+    "the mix into the base weights and keeps no LoRA layer."
 )
 
 
 def _check_compile_combination(compile_: bool, settings: GeneratorSettings) -> None:
     """Raise InvalidParameter for settings that cannot go with ``compile_`` (the effective compile flag)."""
-    if compile_ and settings.hotswap is False:
+    if compile_ and settings.hotswap is False and settings.fuse_active_mix is False:
         raise InvalidParameter(
-            "`hotswap` must be on (or null) when `compile` is on: a compiled UNet with one peft adapter per "
-            "LoRA recompiles on every mix switch.",
+            "`compile` needs every mix fused (`fuse_active_mix`) or hot-swap slots (`hotswap`): a compiled UNet "
+            "with one peft adapter per LoRA recompiles on every mix switch.",
             field="hotswap",
         )
     if compile_ and settings.deepcache_interval is not None and settings.compile_scope == "unet":
@@ -138,9 +138,10 @@ class GeneratorSettings:
     vae_slicing: bool = False
     #: Fuse whatever mix is active into the base weights (:mod:`deskgen.generator.switching`): a switch
     #: restores the exact base weights and adds the new mix's summed low-rank deltas in a few batched ops,
-    #: so every mix generates at base speed. None: on exactly when ``hotswap`` is off (hot-swap slots keep
-    #: the LoRA branches apart for a compiled UNet; FP8 weights cannot hold a delta). False: unfused peft
-    #: branches (only ``fuse_hot_mix``, if set, is fused).
+    #: so every mix generates at base speed, and the pipeline keeps no LoRA layer (compiled or not; any
+    #: LoRA the model can take loads without a restart). None: on exactly when ``hotswap`` is off (FP8
+    #: weights cannot hold a delta). False: unfused peft branches, or hot-swap slots with ``compile``
+    #: (only ``fuse_hot_mix``, if set, is fused).
     fuse_active_mix: bool | None = None
     #: A mix (built-in name or ``adapter:weight+...``) activated at load, whose adapters stay loaded. With
     #: ``fuse_active_mix`` it is fused like any other mix (so this is only a warm start); without (hot-swap
@@ -149,16 +150,17 @@ class GeneratorSettings:
     fuse_hot_mix: str | None = None
     #: ``"cpu"`` | ``"device"``: where the exact copy of the layers a fuse overwrites is kept.
     fuse_backup: str = "cpu"
-    #: ``torch.compile`` the UNet; LoRAs are then hot-swapped into fixed slots (no recompile on a switch).
-    #: None: on for CUDA (measured 1.2-1.4x on an H200, BENCHMARKS.md), off on the CPU.
+    #: ``torch.compile`` the UNet. Every mix is fused into its weights (no LoRA layer, no recompile on a
+    #: switch), or with ``fuse_active_mix: false`` hot-swapped into fixed slots. None: on for CUDA
+    #: (measured 1.2-1.4x on an H200, BENCHMARKS.md), off on the CPU.
     compile: bool | None = None
     #: The ``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``, ...).
     compile_mode: str = "default"
     #: What is compiled: ``unet`` (one graph) or ``blocks`` (regional; see :data:`COMPILE_SCOPES`).
     compile_scope: str = "blocks"
-    #: Hot-swap the UNet half of adapters into fixed LoRA slots instead of adding one peft adapter per
-    #: LoRA (what keeps a compiled UNet from recompiling). None: on exactly when ``compile`` is; it may be
-    #: on without ``compile`` (to test or measure it), not off with it.
+    #: Hot-swap the UNet half of adapters into fixed LoRA slots (unfused LoRA branches that a compiled UNet
+    #: runs without recompiling; the slots' layout and rank are fixed at load). None: on with ``fp8``, and
+    #: with ``compile`` when ``fuse_active_mix`` is false; it may be on without either (to test or measure it).
     hotswap: bool | None = None
     #: Hotswap: how many adapters one mix may hold (each slot costs a LoRA branch per adapted layer).
     hotswap_slots: int = 3
@@ -168,7 +170,7 @@ class GeneratorSettings:
     #: Compile mode: generate once at this square size at load time, so the replica compiles before it
     #: takes traffic. None: compile on the first request instead.
     compile_warmup_size: int | None = 1024
-    #: UNet token linears in FP8 (:mod:`deskgen.fp8`). Implies ``hotswap``; not with ``fuse_hot_mix``.
+    #: UNet token linears in FP8 (:mod:`deskgen.fp8`). Implies ``hotswap``; not with a fused mix.
     fp8: bool = False
     #: DeepCache (:mod:`deskgen.deepcache`): every ``deepcache_interval``-th step full, the others reuse
     #: the deep features. Changes the image: a speed profile of its own, None (off) by default; eager only.
@@ -209,7 +211,7 @@ class GeneratorSettings:
                 "delta exactly.",
                 field="fuse_active_mix",
             )
-        if self.fuse_active_mix and (self.hotswap or self.compile):
+        if self.fuse_active_mix and self.hotswap:
             raise InvalidParameter(_FUSE_VS_SLOTS, field="fuse_active_mix")
         if self.fp8 and self.fuse_hot_mix is not None:
             raise InvalidParameter(
@@ -283,10 +285,10 @@ class GeneratorSettings:
                 f"`vae_upcast` applies to float16 only but is True with dtype {dtype!r}.", field="vae_upcast"
             )
         hot = self.hot_mix()
-        # Asking to fuse every mix means eager: compile (which needs slots) is then off unless asked for.
-        compile_ = (cuda and not self.fuse_active_mix) if self.compile is None else self.compile
+        compile_ = cuda if self.compile is None else self.compile
         _check_compile_combination(compile_, self)
-        hotswap = (compile_ or self.fp8) if self.hotswap is None else self.hotswap
+        # Slots where fused mixes cannot be: FP8 weights, or unfused mixes on a compiled UNet.
+        hotswap = (self.fp8 or (compile_ and self.fuse_active_mix is False)) if self.hotswap is None else self.hotswap
         if self.fuse_active_mix and hotswap:
             raise InvalidParameter(_FUSE_VS_SLOTS, field="fuse_active_mix")
         return dataclasses.replace(

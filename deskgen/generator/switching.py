@@ -5,8 +5,10 @@ adapter ``B @ A``, a scale, an in-place add, bookkeeping — thousands of small 
 switch. :class:`BatchedFuser` does the same arithmetic, grouped:
 
 - when an adapter is loaded, its LoRA layers are listed once per (weight shape, rank, dtype, device)
-  with ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA) per layer: the low-rank factors stay where peft
-  keeps them (no copy), the layer lists and scales are cached (:class:`AdapterFactors`);
+  with ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA) per layer (:func:`collect_factors`): the low-rank
+  factors are peft's own tensors (no copy), the layer lists and scales are cached (:class:`AdapterFactors`);
+  with :class:`~deskgen.generator.adapters.FusedAdapters` the peft layers are then removed and only
+  these tensors remain;
 - a mix ``{adapter: w}`` is fused as ``W += sum_k (w_k * alpha_k / r_k * B_k) @ A_k`` per layer: for
   each weight shape, the factors of every adapter are stacked (layers an adapter lacks get zero rows,
   which add exact zeros) and concatenated along the rank, so ONE ``torch.bmm`` computes the summed
@@ -15,12 +17,13 @@ switch. :class:`BatchedFuser` does the same arithmetic, grouped:
 - the base values are restored from :class:`~deskgen.generator.fusing.PristineWeights` with one
   ``torch._foreach_copy_`` before the next mix is fused, so a fused mix is always ``base + delta``:
   switching A -> B -> A gives A's weights bit for bit, and the base mix the exact base weights;
-- while a mix is fused the pipeline's LoRA layers are disabled (the base mix's LoRA state), so no
-  branch is applied on top of the fused weights (no double counting).
+- while a mix is fused the pipeline's LoRA layers, if it has any (peft adapters beside a fused hot mix),
+  are disabled (the base mix's LoRA state), so no branch is applied on top of the fused weights (no
+  double counting).
 
 Linear layers and convolutions (1x1 and k x k, 1-3 d: ``A`` flattened to ``(r, in*k*k)``, ``B`` to
 ``(out, r)``: the same sums peft's conv delta computes) are batched. Any other LoRA layer (Embedding,
-``fan_in_fan_out``) takes peft's own ``get_delta_weight`` per layer, added in the same
+``fan_in_fan_out``) takes peft's own ``get_delta_weight`` per layer (at mix weight 1, kept), added in the same
 ``_foreach_add_`` (peft knows those layouts; none occurs in the SDXL LoRAs we load). Refused, as the
 adapter's load error (422): DoRA and LoRA-bias layers (they change more than the weight; the registry
 refuses DoRA files first) and grouped convolutions (peft cannot merge those either).
@@ -58,7 +61,8 @@ class FactorGroup:
 
     shape: tuple[int, ...]
     rank: int
-    layers: list[Any] = field(default_factory=list)  # peft LoRA layers (their lora_A/lora_B hold the factors)
+    a: list[Any] = field(default_factory=list)  # lora_A weights per layer (peft's tensors, not copies)
+    b: list[Any] = field(default_factory=list)  # lora_B weights per layer
     params: list[Any] = field(default_factory=list)  # their base weights, in the same order
     alphas: list[float] = field(default_factory=list)  # lora_alpha per layer
     divisors: list[float] = field(default_factory=list)  # r (sqrt(r) for rsLoRA) per layer
@@ -66,15 +70,48 @@ class FactorGroup:
 
 @dataclass
 class AdapterFactors:
-    """Where one adapter's low-rank factors sit, grouped for batching; ``single``: the layers peft's own
-    ``get_delta_weight`` handles one at a time (with their alpha and divisor)."""
+    """Where one adapter's low-rank factors sit, grouped for batching; ``single``: the layers the batched
+    maths does not cover, as ``(base weight, peft's delta at mix weight 1)``."""
 
     groups: dict[tuple[Any, ...], FactorGroup] = field(default_factory=dict)
-    single: list[tuple[Any, Any, float, float]] = field(default_factory=list)
+    single: list[tuple[Any, Any]] = field(default_factory=list)
 
     @property
     def params(self) -> list[Any]:
-        return [p for group in self.groups.values() for p in group.params] + [p for _, p, _, _ in self.single]
+        return [p for group in self.groups.values() for p in group.params] + [p for p, _ in self.single]
+
+    @property
+    def layers(self) -> int:
+        """How many layers the adapter adapts."""
+        return len(self.params)
+
+
+def collect_factors(pipe: Any, peft: str) -> AdapterFactors:
+    """List the LoRA layers of adapter ``peft`` (loaded the peft way into ``pipe``'s LoRA components),
+    grouped for batching. The factors are peft's own tensors (detached, no copy), so they outlive the
+    layers (:class:`~deskgen.generator.adapters.FusedAdapters` removes them). Raises RuntimeError for a
+    layer the fuse would get wrong (DoRA, LoRA bias, grouped convolutions)."""
+    found = AdapterFactors()
+    for component in LORA_COMPONENTS:
+        for layer in layers_with(pipe, component, [peft]):
+            refusal = _refusal(layer, peft)
+            if refusal is not None:
+                raise RuntimeError(f"adapter {peft!r} cannot be fused: {refusal}")
+            weight = layer.get_base_layer().weight
+            rank = int(layer.r[peft])
+            divisor = math.sqrt(rank) if layer.use_rslora.get(peft, False) else float(rank)
+            alpha = float(layer.lora_alpha[peft])
+            if batching_problem(layer, peft) is not None:
+                found.single.append((weight, _peft_delta(layer, peft, alpha / divisor).detach()))
+                continue
+            key = (tuple(weight.shape), rank, weight.dtype, weight.device)
+            group = found.groups.setdefault(key, FactorGroup(tuple(weight.shape), rank))
+            group.a.append(layer.lora_A[peft].weight.detach())
+            group.b.append(layer.lora_B[peft].weight.detach())
+            group.params.append(weight)
+            group.alphas.append(alpha)
+            group.divisors.append(divisor)
+    return found
 
 
 def batching_problem(layer: Any, peft: str) -> str | None:
@@ -110,28 +147,10 @@ class BatchedFuser:
         #: Bytes of the largest set of temporaries the last fuse held at once (stacked factors + one chunk).
         self.transient_bytes = 0
 
-    def add(self, peft: str) -> AdapterFactors:
-        """List ``peft``'s LoRA layers once (after it is loaded). Raises RuntimeError for a layer kind the
-        fuse would get wrong (DoRA, LoRA bias)."""
-        found = AdapterFactors()
-        for component in LORA_COMPONENTS:
-            for layer in layers_with(self.pipe, component, [peft]):
-                refusal = _refusal(layer, peft)
-                if refusal is not None:
-                    raise RuntimeError(f"adapter {peft!r} cannot be fused: {refusal}")
-                weight = layer.get_base_layer().weight
-                rank = int(layer.r[peft])
-                divisor = math.sqrt(rank) if layer.use_rslora.get(peft, False) else float(rank)
-                alpha = float(layer.lora_alpha[peft])
-                if batching_problem(layer, peft) is not None:
-                    found.single.append((layer, weight, alpha, divisor))
-                    continue
-                key = (tuple(weight.shape), rank, weight.dtype, weight.device)
-                group = found.groups.setdefault(key, FactorGroup(tuple(weight.shape), rank))
-                group.layers.append(layer)
-                group.params.append(weight)
-                group.alphas.append(alpha)
-                group.divisors.append(divisor)
+    def add(self, peft: str, factors: AdapterFactors | None = None) -> AdapterFactors:
+        """Cache ``peft``'s factors: ``factors`` as given, or listed from the pipeline's peft layers
+        (:func:`collect_factors`; RuntimeError for a layer kind the fuse would get wrong)."""
+        found = collect_factors(self.pipe, peft) if factors is None else factors
         self.factors[peft] = found
         return found
 
@@ -166,8 +185,8 @@ class BatchedFuser:
                     for param in group.params:
                         rows.setdefault(id(param), param)
                     entries.append((peft, group, weight))
-                for layer, param, alpha, divisor in factors.single:
-                    delta = _peft_delta(layer, peft, weight * alpha / divisor).to(param.dtype)
+                for param, unit in factors.single:
+                    delta = (unit * weight).to(param.dtype)
                     if id(param) in single:
                         delta = single[id(param)][1] + delta
                     single[id(param)] = (param.detach(), delta)
@@ -203,15 +222,14 @@ class BatchedFuser:
         # As peft: CPU half-precision deltas in float32 (slow half matmuls on CPUs), else in the factors'
         # dtype (float32 factors on a bf16 model stay float32); the delta is rounded to the weight's dtype.
         half_on_cpu = torch.device(device).type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        peft, group, _ = entries[0]
-        factors = group.layers[0].lora_B[peft].weight.dtype
+        factors = entries[0][1].b[0].dtype
         compute = torch.float32 if half_on_cpu else torch.promote_types(dtype, factors)
         out, fan_in = shape[0], math.prod(shape[1:])
         a_parts, b_parts = [], []
-        for peft, group, weight in entries:
+        for _, group, weight in entries:
             rank = group.rank
-            a = torch.stack([layer.lora_A[peft].weight.reshape(rank, fan_in) for layer in group.layers]).to(compute)
-            b = torch.stack([layer.lora_B[peft].weight.reshape(out, rank) for layer in group.layers]).to(compute)
+            a = torch.stack([t.reshape(rank, fan_in) for t in group.a]).to(compute)
+            b = torch.stack([t.reshape(out, rank) for t in group.b]).to(compute)
             # Like peft's set_scale: (weight * alpha) / r, in double, once per layer.
             scale = [weight * alpha / divisor for alpha, divisor in zip(group.alphas, group.divisors, strict=True)]
             b = b * torch.tensor(scale, dtype=compute).to(device).view(-1, 1, 1)
@@ -253,10 +271,14 @@ class MixSwitcher:
         self._lora_layers: list[Any] | None = None  # every LoRA layer of the pipeline (None: list again)
 
     def loaded(self, peft: str, *, cache: bool = True) -> None:
-        """An adapter was loaded: with ``cache`` (and the batched method) cache its factors now (RuntimeError
-        if it cannot be fused); without, on its first fuse."""
+        """An adapter was loaded: a strategy that keeps the factors itself (:class:`FusedAdapters
+        <deskgen.generator.adapters.FusedAdapters>`) hands them over; otherwise, with ``cache`` (and the
+        batched method) they are listed now (RuntimeError if it cannot be fused), without on its first fuse."""
         self._lora_layers = None
-        if cache and self.method == "batched":
+        held = getattr(self.adapters, "factors", {}).get(peft)
+        if held is not None:
+            self.batched.add(peft, held)
+        elif cache and self.method == "batched":
             self.batched.add(peft)
 
     def deleted(self, peft: str) -> None:

@@ -453,10 +453,13 @@ def verify(out: Path, *, size: int = 64, steps: int = 2) -> dict[str, float]:
 # LoRA files the service must check (not written by build(): tests write them where they need them)
 # --------------------------------------------------------------------------------------------------
 
-#: Kinds of LoRA file :func:`write_lora_variant` writes, derived from the tiny kohya ``dalle``: one that
-#: must load (``unet_only``: no ``lora_te`` keys, as most SDXL kohya trainings save) and the kinds
-#: diffusers cannot load correctly, each refused at replica start with a reason.
-LORA_VARIANTS = ("unet_only", "loha", "dora", "truncated", "unknown_layout", "unpaired", "extra_layer")
+#: Kinds of LoRA file :func:`write_lora_variant` writes, derived from the tiny kohya ``dalle``: two that
+#: must load (``unet_only``: no ``lora_te`` keys, as most SDXL kohya trainings save; ``wider``: twice the
+#: rank and more layers than any tiny adapter, so it fits no hot-swap slots laid out before it) and the
+#: kinds diffusers cannot load correctly, each refused at replica start with a reason.
+LORA_VARIANTS = ("unet_only", "wider", "loha", "dora", "truncated", "unknown_layout", "unpaired", "extra_layer")
+#: The variants that load.
+GOOD_LORA_VARIANTS = ("unet_only", "wider")
 
 
 def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
@@ -471,6 +474,25 @@ def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
     out: dict[str, Any]
     if kind == "unet_only":
         out = {k: v for k, v in tensors.items() if k.startswith(kohya.UNET_PREFIX)}
+    elif kind == "wider":
+        # Rank 2r (the first r rows/columns are dalle's, the rest seeded noise of the same spread) on the
+        # same layers, plus the feed-forward output (ff.net.2, inner width 4 x dim) of every transformer
+        # block, which no tiny adapter adapts.
+        rng = np.random.default_rng(8)
+
+        def noise(shape: tuple[int, ...], like: Any) -> Any:
+            return (rng.standard_normal(shape) * float(like.std())).astype(like.dtype)
+
+        out = {}
+        for base in bases:
+            down, up, alpha = tensors[base + kohya.DOWN], tensors[base + kohya.UP], tensors[base + kohya.ALPHA]
+            out[base + kohya.DOWN] = np.concatenate([down, noise(down.shape, down)])
+            out[base + kohya.UP] = np.concatenate([up, noise(up.shape, up)], axis=1)
+            out[base + kohya.ALPHA] = alpha
+            if base.startswith(kohya.UNET_PREFIX) and base.endswith("_attn1_to_q"):
+                ff, rank, dim = base.removesuffix("attn1_to_q") + "ff_net_2", 2 * down.shape[0], down.shape[1]
+                out |= {ff + kohya.DOWN: noise((rank, 4 * dim), down), ff + kohya.UP: noise((dim, rank), up),
+                        ff + kohya.ALPHA: alpha}  # fmt: skip
     elif kind == "loha":
         out = {}
         for base in bases:

@@ -70,7 +70,9 @@ def test_a_bad_lora_file_is_listed_refused_with_422_and_harms_no_other_mix(
         assert error["reason"] == mixes["unavailable"]["broken"]
         assert error["message"].startswith("`mix`: adapter 'broken' is unavailable: a DoRA file")
 
-    # A file only a replica can judge (its keys name a layer the model lacks): a 422 from the replica.
+    # A file only a replica can judge (its keys name a layer the model lacks): the replica checks new files
+    # in the background, so it is listed before any request names it; a request gets the same 422.
+    wait_until(lambda: "offmodel" in client.get("/v1/mixes").json()["unavailable"], "offmodel listed unavailable")
     response = client.post("/v1/text2img", json={"prompt": "a desk", "steps": 1, "mix": "offmodel:1"})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
@@ -89,3 +91,25 @@ def test_a_bad_lora_file_is_listed_refused_with_422_and_harms_no_other_mix(
     assert read_png_metadata(ok.content)["mix_id"] == "ott:1.0"
     assert generator_info()["replica"] == replica
     assert client.get("/readyz").json()["stages"] == health_before["stages"]
+
+
+def test_a_wider_lora_added_later_is_served_without_a_restart(
+    client: httpx.Client, lora_dir: Path, tiny_models: Path
+) -> None:
+    """Issue 24, part 2: a file added while the app runs, with twice the rank of every adapter and layers
+    none of them adapts, is listed and generates (every mix fused: no slots to outgrow), on the same
+    replica: no base load, no restart."""
+    before = generator_info()
+    path = write_lora_variant("wider", tiny_models / "loras", lora_dir / "wider.safetensors")
+    try:
+        wait_until(lambda: "wider" in client.get("/v1/mixes").json()["adapters"], "wider listed")
+        assert "wider" not in client.get("/v1/mixes").json()["unavailable"]
+        response = client.post("/v1/text2img", json={"prompt": "a desk", "steps": 1, "mix": "wider:0.8+ott:0.4"})
+        assert response.status_code == 200, response.text
+        assert read_png_metadata(response.content)["mix_id"] == "ott:0.4+wider:0.8"
+        after = generator_info()
+        assert (after["replica"], after["base_loads"]) == (before["replica"], before["base_loads"])
+        assert "wider" in after["loaded_adapters"]
+    finally:
+        path.unlink(missing_ok=True)
+        wait_until(lambda: "wider" not in client.get("/v1/mixes").json()["adapters"], "wider dropped")

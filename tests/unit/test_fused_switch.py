@@ -138,11 +138,14 @@ def test_fusing_every_mix_is_the_default_without_slots() -> None:
     assert GeneratorSettings(device="cpu").resolve().fuse_active_mix is True
     assert GeneratorSettings(device="cpu", hotswap=True).resolve().fuse_active_mix is False
     assert GeneratorSettings(device="cpu", fuse_active_mix=False).resolve().fuse_active_mix is False
-    # CUDA: compiled slots by default (unchanged); asking to fuse every mix means eager.
+    # CUDA: compiled, and every mix fused (no LoRA layer in the compiled UNet); slots only when asked for:
+    # unfused mixes on a compiled UNet, or FP8.
     cuda = GeneratorSettings().resolve_for("cuda", "bfloat16")
-    assert (cuda.compile, cuda.hotswap, cuda.fuse_active_mix) == (True, True, False)
-    fused = GeneratorSettings(fuse_active_mix=True).resolve_for("cuda", "bfloat16")
-    assert (fused.compile, fused.hotswap, fused.fuse_active_mix) == (False, False, True)
+    assert (cuda.compile, cuda.hotswap, cuda.fuse_active_mix) == (True, False, True)
+    slots = GeneratorSettings(fuse_active_mix=False).resolve_for("cuda", "bfloat16")
+    assert (slots.compile, slots.hotswap, slots.fuse_active_mix) == (True, True, False)
+    eager = GeneratorSettings(compile=False, fuse_active_mix=False).resolve_for("cuda", "bfloat16")
+    assert (eager.compile, eager.hotswap, eager.fuse_active_mix) == (False, False, False)
     assert GeneratorSettings(fp8=True).resolve_for("cuda", "bfloat16").fuse_active_mix is False
     # The old setting still parses: the hot mix is activated at load and its adapters stay loaded.
     assert GeneratorSettings(device="cpu", fuse_hot_mix="ott_3d").resolve().fuse_hot_mix == "3d:0.5+ott:0.7"
@@ -155,11 +158,8 @@ def test_fusing_every_mix_is_the_default_without_slots() -> None:
         ({"fuse_active_mix": True, "fp8": True},
          "`fuse_active_mix` must be off (or null) when `fp8` is on: an FP8 weight cannot hold a fused LoRA delta exactly."),
         ({"fuse_active_mix": True, "hotswap": True},
-         "`fuse_active_mix` needs `hotswap` and `compile` off: hot-swap slots keep every LoRA branch apart so that "
-         "a compiled UNet never recompiles, while fusing writes the mix into the base weights."),
-        ({"fuse_active_mix": True, "compile": True},
-         "`fuse_active_mix` needs `hotswap` and `compile` off: hot-swap slots keep every LoRA branch apart so that "
-         "a compiled UNet never recompiles, while fusing writes the mix into the base weights."),
+         "`fuse_active_mix` needs `hotswap` off: hot-swap slots keep every LoRA branch apart, while fusing writes "
+         "the mix into the base weights and keeps no LoRA layer."),
     ],
 )  # fmt: skip
 def test_fuse_active_mix_refuses_what_cannot_hold_a_fused_mix(flags: dict[str, Any], message: str) -> None:
@@ -289,29 +289,29 @@ def test_switching_back_is_bit_identical_to_a_fresh_fuse_and_base_is_exact(
     assert batched.generate(PARAMS, Mix.from_weights({"ott": 0.0})).image.tobytes() == base_image
 
 
-def test_a_fused_mix_disables_the_lora_branches(tiny_models: Path, batched: DeskGenerator) -> None:
-    """The fused weights carry the mix, so the LoRA layers must run their base layer only: the image is
-    the unfused mix's (within half a grey level, as tests/unit/test_generator_speed.py bounds fusing),
-    and the branches applied on top (double counting) would be far off."""
+def test_a_fused_mix_keeps_no_lora_layer_and_draws_the_unfused_image(tiny_models: Path) -> None:
+    """With every mix fused the pipeline holds no LoRA layer: after loading three adapters its modules are
+    the very objects of the freshly loaded model (what a compiled UNet's graphs were traced on), and the
+    fused weights alone draw the unfused mix's image (within half a grey level, as
+    tests/unit/test_generator_speed.py bounds fusing). Control: the base image is far from it."""
     mix = MIXES[3]
+    gen = DeskGenerator.from_pretrained(settings_for(tiny_models))
+    modules = {c: dict(getattr(gen.pipe, c).named_modules()) for c in LORA_COMPONENTS}
+    base = float_image(gen)
+    result = gen.generate(PARAMS, mix)
+    assert (result.metadata["runtime"]["fused"], result.metadata["runtime"]["fuse_active_mix"]) == (True, True)
+    assert gen.adapters.kind == "fused" and gen.loaded_adapters() == set(mix.adapters)
+    assert lora_layers(gen.pipe) == {}
+    for component, before in modules.items():
+        after = dict(getattr(gen.pipe, component).named_modules())
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before), component
+        assert getattr(getattr(gen.pipe, component), "peft_config", None) is None
     unfused = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_active_mix=False))
-    result = batched.generate(PARAMS, mix)
-    assert result.metadata["runtime"]["fused"] is True
-    assert result.metadata["runtime"]["fuse_active_mix"] is True
-    layers = lora_layers(batched.pipe).values()
-    assert layers and all(layer.disable_adapters and not layer.merged for layer in layers)
     unfused.activate_mix(mix)
-    assert unfused.fused_mix_id is None
+    assert unfused.fused_mix_id is None and lora_layers(unfused.pipe)
     want = float_image(unfused)
-    assert float(np.abs(float_image(batched) - want).max()) < 0.5 / 255
-    # Control: the branches switched on over the fused weights count the mix twice.
-    with batched.lock:
-        batched.pipe.enable_lora()
-        batched.pipe.set_adapters([peft_adapter_name(n) for n in mix.adapters], [w for _, w in mix.weights])
-        try:
-            assert float(np.abs(float_image(batched) - want).max()) > 10 / 255
-        finally:
-            batched.pipe.disable_lora()
+    assert float(np.abs(float_image(gen) - want).max()) < 0.5 / 255
+    assert float(np.abs(base - want).max()) > 10 / 255
 
 
 def test_loading_and_unloading_while_fused(tiny_models: Path) -> None:
@@ -375,12 +375,12 @@ def test_convolutions_batch_and_other_layers_fall_back_to_peft() -> None:
     layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     bounds = weight_bound({k: v for k, v in layers.items() if k != "gpt.weight"}, mix)
     fuser = BatchedFuser(SimpleNamespace(unet=model))
-    grouped = {peft: {g.shape: len(g.layers) for g in fuser.add(peft).groups.values()} for peft in ("a", "b")}
+    grouped = {peft: {g.shape: len(g.params) for g in fuser.add(peft).groups.values()} for peft in ("a", "b")}
     assert grouped == {
         "a": {(6, 8): 2, (6, 4, 3, 3): 1, (6, 4, 1, 1): 1, (5, 4, 3): 1},
         "b": {(6, 8): 1, (6, 4, 3, 3): 1, (5, 4, 3): 1},  # lin, not lin2: a zero row in the (6, 8) matmul
     }
-    assert [type(layer.get_base_layer()).__name__ for layer, *_ in fuser.factors["a"].single] == ["Conv1D"]
+    assert [param is model["gpt"].get_base_layer().weight for param, _ in fuser.factors["a"].single] == [True]
     with torch.no_grad():
         fuser.fuse(mix)
         for module in merged.modules():  # what diffusers' fuse_lora does: set_adapters, then merge

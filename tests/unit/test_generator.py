@@ -130,22 +130,18 @@ def test_base_mix_is_bit_identical_to_a_generator_without_loras(
 def test_kohya_and_diffusers_adapters_load_whole_and_change_the_output(
     gen: DeskGenerator, name: str, layout: str, pristine_base: bytes
 ) -> None:
-    from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
 
     assert gen.registry.layout(name) == layout
     result = gen.generate(PARAMS, Mix.from_weights({name: 1.0}))
     assert result.png(timings=False) != pristine_base
-    # Every (down, up) pair of the file sits, unchanged, in one LoRA layer of the pipeline for this
-    # adapter, and no layer has a pair the file lacks: nothing was dropped or duplicated on conversion.
-    slot = peft_adapter_name(name)
-    layers: list[Any] = [
-        module
-        for component in (gen.pipe.unet, gen.pipe.text_encoder, gen.pipe.text_encoder_2)
-        for module in component.modules()
-        if isinstance(module, LoraLayer) and slot in module.lora_A
-    ]
-    in_pipe = sorted((_values(m.lora_A[slot].weight), _values(m.lora_B[slot].weight)) for m in layers)
+    # Every (down, up) pair of the file sits, unchanged, among the low-rank factors the generator keeps for
+    # this adapter (every mix is fused: the pipeline holds no LoRA layer), one pair per adapted layer, and
+    # there is no pair the file lacks: nothing was dropped or duplicated on conversion.
+    factors = gen.adapters.factors[peft_adapter_name(name)]
+    assert factors.single == []
+    in_pipe = sorted((_values(a), _values(b)) for g in factors.groups.values() for a, b in zip(g.a, g.b, strict=True))
+    assert len({id(p) for p in factors.params}) == len(in_pipe)
     tensors = load_file(str(gen.registry.path(name)))
     pairs = {
         ".lora_down.weight": ".lora_up.weight",  # kohya

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from deskgen.errors import AdapterUnavailable, UnknownMix
 from deskgen.generator import DeskGenerator
 from deskgen.loras import LoraRegistry, lora_file_problem
 from deskgen.mixes import Mix, MixCatalog
-from deskgen.tools.tiny_sdxl import LORA_VARIANTS, one_torch_thread, write_lora_variant
+from deskgen.tools.tiny_sdxl import GOOD_LORA_VARIANTS, LORA_VARIANTS, one_torch_thread, write_lora_variant
 from tests.unit.generator_common import PARAMS, settings_for
 
 pytestmark = pytest.mark.unit
@@ -34,8 +35,9 @@ HEADER_REASONS: dict[str, str | None] = {
     "unpaired": "'lora_te1_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight' has no 'lora_up.weight' partner",
     "extra_layer": None,
     "unet_only": None,
+    "wider": None,
 }
-BAD = [kind for kind in LORA_VARIANTS if kind != "unet_only"]
+BAD = [kind for kind in LORA_VARIANTS if kind not in GOOD_LORA_VARIANTS]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,7 +90,7 @@ def test_header_check_passes_the_real_layouts_and_refuses_garbage(tiny_models: P
 def test_the_registry_lists_problems_cached_per_file_version(folder: Path, tmp_path: Path) -> None:
     registry = LoraRegistry(folder)
     assert set(registry.problems()) == {k for k, v in HEADER_REASONS.items() if v is not None}
-    assert registry.usable() == ["3d", "dalle", "extra_layer", "ott", "unet_only"]
+    assert registry.usable() == ["3d", "dalle", "extra_layer", "ott", "unet_only", "wider"]
     # A file replaced by a good one is checked again.
     scratch = tmp_path / "scratch"
     shutil.copytree(folder, scratch)
@@ -134,7 +136,7 @@ def test_generator_lists_each_bad_file_with_its_reason_at_start(gen: DeskGenerat
             assert unavailable[kind].startswith(expected)
     assert unavailable["extra_layer"] == (
         "only 152 of its 153 layers match this model; is it a LoRA for SDXL, and for this base model?")
-    assert gen.available_adapters() == ["3d", "dalle", "ott", "unet_only"]
+    assert gen.available_adapters() == ["3d", "dalle", "ott", "unet_only", "wider"]
     assert gen.loaded_adapters() == set()  # checked without loading anything
 
 
@@ -151,14 +153,13 @@ def test_a_mix_naming_a_bad_file_is_refused_and_others_keep_working(gen: DeskGen
 
 
 def test_a_unet_only_kohya_file_loads_and_changes_only_through_the_unet(gen: DeskGenerator, tiny_models: Path) -> None:
-    from peft.tuners.lora import LoraLayer
-
     base = np.asarray(gen.generate(PARAMS, Mix(())).image, dtype=np.int16)
     result = gen.generate(PARAMS, Mix.from_weights({"unet_only": 1.0}))
     assert np.abs(np.asarray(result.image, dtype=np.int16) - base).mean() > 5.0
-    slot = "style_unet_only"
+    # Every mix is fused (the default): the weights the adapter's factors write, per component.
+    adapted = {id(p) for p in gen.adapters.factors["style_unet_only"].params}
     per_component = {
-        name: sum(1 for m in getattr(gen.pipe, name).modules() if isinstance(m, LoraLayer) and slot in m.lora_A)
+        name: sum(1 for p in getattr(gen.pipe, name).parameters() if id(p) in adapted)
         for name in ("unet", "text_encoder", "text_encoder_2")
     }
     assert per_component["unet"] == gen.registry.module_count("unet_only") > 0
@@ -202,3 +203,72 @@ def test_hotswap_mode_starts_with_bad_files_in_the_folder(tiny_models: Path, fol
     assert fresh.generate(PARAMS, Mix.from_weights({"unet_only": 1.0, "ott": 0.5})).metadata["mix_id"] == "ott:0.5+unet_only:1.0"
     with pytest.raises(AdapterUnavailable):
         fresh.generate(PARAMS, Mix.from_weights({"dora": 1.0}))
+
+
+# -- a file added later: any LoRA on the fused path, listed unavailable beforehand on slots (issue 24, 2) --
+
+
+def test_a_wider_file_added_later_loads_fused_and_is_listed_unavailable_on_slots_before_use(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """``wider`` (twice the rank of every tiny adapter, and 17 feed-forward layers none of them adapts),
+    written after both generators started: the fused default loads it like any file; hot-swap slots
+    (laid out at start) cannot hold it, and the background check lists it unavailable with the reason
+    before any request names it, which then gets a 422 with that reason while the other mixes work."""
+    from deskgen.generator.adapters import SlotAdapters
+
+    folder = tmp_path / "loras"
+    shutil.copytree(tiny_models / "loras", folder)
+    fused = DeskGenerator.from_pretrained(settings_for(tiny_models, folder))
+    slots = DeskGenerator.from_pretrained(settings_for(tiny_models, folder, hotswap=True))
+    assert isinstance(slots.adapters, SlotAdapters) and fused.adapters.kind == "fused"
+    ott = slots.generate(PARAMS, Mix.from_weights({"ott": 1.0})).png(timings=False)
+    write_lora_variant("wider", tiny_models / "loras", folder / "wider.safetensors")
+    for gen in (fused, slots):
+        assert gen.unchecked_adapters() == ["wider"] and "wider" not in gen.unavailable
+
+    assert fused.check_new_adapters() == {"wider": None} and fused.unchecked_adapters() == []
+    base = np.asarray(fused.generate(PARAMS, Mix(())).image, dtype=np.int16)
+    wide = fused.generate(PARAMS, Mix.from_weights({"wider": 1.0}))
+    assert np.abs(np.asarray(wide.image, dtype=np.int16) - base).mean() > 5.0
+    assert wide.metadata["adapters"]["wider"] == fused.registry.sha256("wider")
+    assert fused.adapters.factors["style_wider"].layers == fused.registry.module_count("wider") == 169
+
+    checked = slots.check_new_adapters()
+    reason = slots.unavailable["wider"]
+    assert checked == {"wider": reason}
+    assert reason.startswith("LoRA 'wider' adapts 17 UNet layers (e.g. down_blocks.1.attentions.0.transformer_blocks")
+    assert "restart the replica to include it" in reason and "take any LoRA without a restart" in reason
+    assert slots.available_adapters() == ["3d", "dalle", "ott"]
+    with pytest.raises(AdapterUnavailable) as info:
+        slots.generate(PARAMS, Mix.from_weights({"wider": 1.0, "ott": 0.5}))
+    assert info.value.extra == {"adapter": "wider", "reason": reason}
+    assert slots.generate(PARAMS, Mix.from_weights({"ott": 1.0})).png(timings=False) == ott
+
+
+def test_the_replica_watches_the_folder_in_the_background(tiny_models: Path, tmp_path: Path) -> None:
+    """GeneratorReplica.watch_adapters (the Generator deployment's background thread): a file added to the
+    folder gets its verdict without any request, and the thread ends when told to."""
+    import threading
+
+    from deployments.generator import GeneratorReplica
+
+    folder = tmp_path / "loras"
+    shutil.copytree(tiny_models / "loras", folder)
+    replica = GeneratorReplica(DeskGenerator.from_pretrained(settings_for(tiny_models, folder, hotswap=True)))
+    stop = threading.Event()
+    watch = threading.Thread(target=replica.watch_adapters, args=(stop, 0.05), daemon=True)
+    watch.start()
+    try:
+        write_lora_variant("wider", tiny_models / "loras", folder / "wider.safetensors")
+        write_lora_variant("unet_only", tiny_models / "loras", folder / "late.safetensors")
+        deadline = time.monotonic() + 60
+        while replica.generator.unchecked_adapters() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = replica.info()
+        assert "wider" in info["unavailable"] and "late" in info["adapters"]
+        assert info["loaded_adapters"] == []  # checked, nothing loaded
+    finally:
+        stop.set()
+        watch.join(timeout=30)
+    assert not watch.is_alive()
