@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import threading
@@ -103,12 +106,29 @@ class GeneratorReplica:
         #: Requests waiting for the pipeline, by mix label; the label of the mix that ran last.
         self.waiting: collections.Counter[str] = collections.Counter()
         self.active_label: str | None = None
+        #: The one thread that touches the pipeline (loads, generations, unloads). With a pool of threads
+        #: each allocation lands in the glibc arena of whichever thread ran it, and memory freed in one
+        #: arena is not reused by the others: the resident set crept up under mix churn (BENCHMARKS.md,
+        #: "Memory under mix churn"). One thread costs nothing: the pipeline runs one thing at a time.
+        self.pipeline_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+
+    def settle(self) -> None:
+        """Wait until the pipeline thread has run everything submitted so far (an eviction's unload)."""
+        self.pipeline_thread.submit(lambda: None).result()
+
+    def _in_pipeline_thread(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Run ``fn`` on :attr:`pipeline_thread`, with the caller's context variables (the request's log
+        stamp, as ``asyncio.to_thread`` would carry them)."""
+        context = contextvars.copy_context()
+        return asyncio.get_running_loop().run_in_executor(
+            self.pipeline_thread, functools.partial(context.run, fn, *args, **kwargs)
+        )
 
     async def load_mix(self, mix_id: str, label: str = "adhoc") -> LoadedMix:
         """Load the adapters of ``mix_id`` (what ``@serve.multiplexed`` calls on a cache miss)."""
         mix = mix_from_id(mix_id)
         started = time.perf_counter()
-        await asyncio.to_thread(self.generator.ensure_adapters, mix.adapters)
+        await self._in_pipeline_thread(self.generator.ensure_adapters, mix.adapters)
         self.cached[mix.id] = mix
         self.labels[mix.id] = label
         self.mix_loads += 1
@@ -120,8 +140,14 @@ class GeneratorReplica:
         self.cached.pop(loaded.mix.id, None)
         self.observer.evicted(self.labels.pop(loaded.mix.id, "adhoc"))
         keep = {name for mix in self.cached.values() for name in mix.adapters}
-        dropped = self.generator.unload_adapters(keep)
-        log.info("evicted mix %s; dropped adapters %s", loaded.mix.id, dropped)
+
+        def unload() -> None:
+            dropped = self.generator.unload_adapters(keep)
+            log.info("evicted mix %s; dropped adapters %s", loaded.mix.id, dropped)
+
+        # On the pipeline thread, after whatever it is running (callers may be on the event loop or in a
+        # finaliser: never block them on a generation).
+        self.pipeline_thread.submit(unload)
 
     def _start(
         self, request: GenerationRequest, mix: Mix, cancel: threading.Event,
@@ -141,9 +167,7 @@ class GeneratorReplica:
         self.observer.activated(request.mix_label, switched=switched)
         self.observer.active(request.mix_label, self.active_label)
         self.active_label = request.mix_label
-        return asyncio.ensure_future(asyncio.to_thread(
-            self.generator.generate, request.params, mix, on_step, limits=request.limits
-        ))  # fmt: skip
+        return self._in_pipeline_thread(self.generator.generate, request.params, mix, on_step, limits=request.limits)
 
     async def stream(
         self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]

@@ -65,9 +65,11 @@ def test_evicting_a_mix_releases_only_adapters_no_cached_mix_uses(replica: Gener
         assert replica.generator.loaded_adapters() == {"dalle", "ott", "3d"}
         assert sorted(replica.cached) == sorted([a.mix.id, b.mix.id])
         a.release()  # what Serve's LRU does on eviction (through __del__)
-        assert replica.generator.loaded_adapters() == {"ott", "3d"}  # ott stays: ott_3d still uses it
         assert sorted(replica.cached) == [b.mix.id]
+        replica.settle()  # the unload runs on the pipeline thread, after what it was running
+        assert replica.generator.loaded_adapters() == {"ott", "3d"}  # ott stays: ott_3d still uses it
         b.release()
+        replica.settle()
         assert replica.generator.loaded_adapters() == set()
         assert replica.cached == {}
         assert replica.mix_loads == 2
@@ -267,3 +269,39 @@ def test_pixels_of_an_injected_generator_equal_a_loaded_one(tiny_models: Path, r
     direct = DeskGenerator.from_pretrained(settings_for(tiny_models)).generate(PARAMS, Mix(())).image
     served = asyncio.run(replica.generate(GenerationRequest(PARAMS), lambda: replica.load_mix("base")))
     assert np.array_equal(np.asarray(direct), np.asarray(Image.open(io.BytesIO(served.png))))
+
+
+def test_every_pipeline_call_runs_on_the_one_pipeline_thread(tiny_models: Path) -> None:
+    """Loads, generations and eviction unloads all run on the replica's single pipeline thread (one glibc
+    arena for the pipeline's allocations: see GeneratorReplica.pipeline_thread), never on the event loop."""
+    import threading
+
+    replica = GeneratorReplica(DeskGenerator.from_pretrained(settings_for(tiny_models)), replica_id=lambda: "r1")
+    gen = replica.generator
+    threads: list[tuple[str, str]] = []
+    for name in ("generate", "ensure_adapters", "unload_adapters"):
+        original = getattr(gen, name)
+
+        def spy(*args: object, _name: str = name, _original: object = original, **kwargs: object) -> object:
+            threads.append((_name, threading.current_thread().name))
+            return _original(*args, **kwargs)  # type: ignore[operator]
+
+        setattr(gen, name, spy)
+
+    async def scenario() -> None:
+        loaded: dict[str, LoadedMix] = {}
+
+        async def get(mix: str) -> LoadedMix:
+            if mix not in loaded:
+                loaded[mix] = await replica.load_mix(mix)
+            return loaded[mix]
+
+        for name in ("dalle_only", "ott_3d", "dalle_only"):
+            await replica.generate(GenerationRequest(PARAMS, mix_label=name), lambda n=name: get(mix_id(n)))  # type: ignore[misc]
+        loaded.pop(mix_id("ott_3d")).release()
+
+    asyncio.run(scenario())
+    replica.settle()
+    assert {n for n, _ in threads} == {"generate", "ensure_adapters", "unload_adapters"}
+    assert len({t for _, t in threads}) == 1  # one thread, the replica's own
+    assert threads[0][1].startswith("pipeline") and threads[0][1] != threading.main_thread().name
