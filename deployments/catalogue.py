@@ -5,15 +5,19 @@ default).
 The adapters are the ``*.safetensors`` files in the generators' ``lora_dir``, listed here without asking a
 GPU replica and re-listed every ``catalog_ttl_s`` (a file added there is usable without a restart). Each
 file's verdict is cached once (deskgen.loras.LoraRegistry: its header check, redone only when the file
-changes); what only a replica can tell (the key mapping onto the model needs torch) joins it once a replica
-refused a file, for as long as that file is unchanged. Where the folder is not visible from the ingress's
+changes); what only a replica can tell (the key mapping onto the model needs torch, the fit into hot-swap
+slots) joins it, for as long as that file is unchanged, once a replica refused a file or, in the background,
+once a replica's own look at the folder (it checks new files within seconds) listed it: so a file no replica
+can load is listed unavailable before a request names it. Where the folder is not visible from the ingress's
 node, the list comes from a Generator replica instead (same refresh). The verdicts live in one cache per file
 version: the registry's (deskgen.loras.LoraRegistry).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +29,8 @@ from deskgen.concepts import Concept
 from deskgen.errors import AdapterUnavailable, DeskgenError, InvalidParameter
 from deskgen.loras import LoraRegistry
 from deskgen.mixes import Mix, MixCatalog
+
+log = logging.getLogger("ray.serve")
 
 #: A request's concept preset: its name (``auto`` resolved) and the preset.
 Chosen = tuple[str, Concept]
@@ -45,12 +51,14 @@ class MixCatalogue:
         self._catalog: MixCatalog | None = None
         #: Canonical mix id -> its name in the catalogue (the ``mix`` label of the metrics).
         self.names: dict[str, str] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     def reconfigured(self) -> None:
         """The named mixes may have changed: the catalogue is rebuilt on next use."""
         self._catalog = None
 
     async def adapters(self) -> tuple[str, ...]:
+        self._ensure_watching()
         now = time.monotonic()
         if self._adapters is not None and now - self._adapters_at < self.config().catalog_ttl_s:
             return self._adapters
@@ -68,6 +76,36 @@ class MixCatalogue:
             self._catalog = None
         self._adapters, self._unavailable, self._adapters_at = names, unavailable, now
         return names
+
+    def _ensure_watching(self) -> None:
+        if self.lora_dir is not None and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_replica_verdicts())
+
+    async def _watch_replica_verdicts(self) -> None:
+        """Every ``catalog_ttl_s``, a Generator replica's verdicts on the folder's files (``info``: answered
+        at once, beside any generation), recorded per file version like a refusal."""
+        while True:
+            ttl = self.config().catalog_ttl_s
+            try:
+                info = await asyncio.wait_for(self.generator.info.remote(), timeout=max(ttl, 1.0))
+                self.learn_verdicts(dict(info.get("unavailable", {})))
+            except Exception as exc:  # a replica starting or gone: the next look will do
+                log.debug("catalogue: no replica verdicts this time: %r", exc)
+            await asyncio.sleep(ttl)
+
+    def learn_verdicts(self, unavailable: dict[str, str]) -> None:
+        """Record what a replica found wrong with files the ingress's header check passed."""
+        registry = self._registry
+        if registry is None:
+            return
+        learned = False
+        for name, reason in unavailable.items():
+            with contextlib.suppress(DeskgenError):
+                if registry.problem(name) is None and registry.recorded(name) != (True, reason):
+                    registry.record(name, reason)
+                    learned = True
+        if learned:
+            self._adapters_at = float("-inf")  # re-list on the next use
 
     def note_unavailable(self, exc: AdapterUnavailable) -> None:
         """A generator replica refused an adapter: record it as unavailable until its file changes, and
