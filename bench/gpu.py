@@ -198,8 +198,22 @@ def image_ok(image: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+class TimedRun:
+    """p50 and p95 of a result's ``times_s`` (seconds per image)."""
+
+    times_s: list[float]
+
+    @property
+    def p50_s(self) -> float:
+        return p50(self.times_s)
+
+    @property
+    def p95_s(self) -> float:
+        return percentile(self.times_s, 95)
+
+
 @dataclass
-class SdxlResult:
+class SdxlResult(TimedRun):
     label: str
     load_s: float
     first_s: float
@@ -213,14 +227,6 @@ class SdxlResult:
     deterministic: bool = True
     #: PSNR (dB, 8-bit pixels) of this configuration's image against the baseline's, same seed and mix.
     psnr_vs_baseline: float | None = None
-
-    @property
-    def p50_s(self) -> float:
-        return p50(self.times_s)
-
-    @property
-    def p95_s(self) -> float:
-        return percentile(self.times_s, 95)
 
 
 def psnr(a: Any, b: Any) -> float:
@@ -505,7 +511,7 @@ GOAL_ARM_PEAK_GB = 9.0
 
 
 @dataclass
-class ArmResult:
+class ArmResult(TimedRun):
     """One named mix on a generator that serves every mix: switch to it, then N generations."""
 
     mix: str
@@ -518,14 +524,6 @@ class ArmResult:
     new_graphs: int
     deterministic: bool
     images_ok: bool
-
-    @property
-    def p50_s(self) -> float:
-        return p50(self.times_s)
-
-    @property
-    def p95_s(self) -> float:
-        return percentile(self.times_s, 95)
 
 
 def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -556,7 +554,10 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
         gen.activate_mix(mix)
         sync(sc.device)
         switch_s = time.perf_counter() - begin
-        timed = time_generations(lambda mix=mix: gen.generate(params, mix).image, sc)
+        def draw(mix: Mix = mix) -> Any:
+            return gen.generate(params, mix).image
+
+        timed = time_generations(draw, sc)
         arms.append(ArmResult(
             mix=name, mix_id=mix.id, switch_s=switch_s, first_s=timed.first_s, times_s=timed.times_s,
             peak_gib=max((v for v in (timed.peak_all_gib, timed.peak_gen_gib) if v is not None), default=None),
