@@ -3,6 +3,7 @@
     python -m bench.soak                          # 60 min, the fused switching path, 2 clients, 12 mixes
     python -m bench.soak --minutes 90 --path slots
     python -m bench.soak --minutes 20 --no-write  # a quick look
+    python -m bench.soak --loads 150              # in-process: memory kept per LoRA load, by reader
 
 The app of serve_config.yaml on the tiny models (64x64, 1 step, no product location) with one Generator
 replica; ``--clients`` closed-loop clients send /v1/text2img requests cycling through the 7 named mixes
@@ -13,7 +14,13 @@ minutes the least-squares slope of RSS over time is reported in MiB/hour and in 
 per hour (goal: at most 1 %/hour), with the requests, loads and evictions it took.
 
 ``--path fused`` (default) runs the generator as configured; ``--path slots`` runs it with LoRA hot-swap
-slots (``hotswap: true``, the path a compiled UNet uses), without compiling.
+slots (``hotswap: true``), without compiling.
+
+``--loads N`` measures one suspect alone, in this process (no Serve): a LoRA file loaded into the tiny
+pipeline and unloaded again, N times after a warm-up, read by diffusers from the file
+(``load_lora_weights``: safetensors' memory-mapped ``load_file``) and by deskgen
+(:func:`deskgen.generator.adapters.load_adapter`: the file's bytes); the anonymous memory
+(``/proc/self/smaps_rollup``) each load leaves behind.
 """
 
 from __future__ import annotations
@@ -86,6 +93,57 @@ async def sample(pid: int, until: float, every_s: float, started: float, points:
         await asyncio.sleep(every_s)
 
 
+def anonymous_mib() -> float:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no Anonymous line in /proc/self/smaps_rollup")
+
+
+def kept_per_load(loads: int) -> Table:
+    """KiB of anonymous memory each load + unload of a tiny LoRA leaves behind, per reader."""
+    import gc
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from deskgen.generator.adapters import load_adapter
+    from deskgen.loras import quiet_adapter_load
+
+    torch.set_num_threads(1)
+    tiny = models_dir()
+    path = tiny / "loras" / "dalle.safetensors"
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny / "sdxl"))
+
+    def diffusers_reader() -> None:
+        with quiet_adapter_load():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="probe")
+
+    def deskgen_reader() -> None:
+        load_adapter(pipe, path, "probe")
+
+    table = Table(f"Memory kept per LoRA load + unload — tiny `dalle` ({path.stat().st_size // 1024} KiB), "
+                  f"{loads} loads after 30 warm-up loads, one process",
+                  ["reader", "anonymous memory before (MiB)", "after (MiB)", "kept per load (KiB)"])  # fmt: skip
+    for label, load in (("diffusers `load_lora_weights` (safetensors `load_file`, mmap)", diffusers_reader),
+                        ("deskgen `load_adapter` (the file's bytes, `safetensors.torch.load`)", deskgen_reader)):
+        def cycle(load: Any = load) -> None:
+            load()
+            with quiet_adapter_load():
+                pipe.unload_lora_weights()
+
+        for _ in range(30):
+            cycle()
+        gc.collect()
+        before = anonymous_mib()
+        for _ in range(loads):
+            cycle()
+        gc.collect()
+        after = anonymous_mib()
+        table.add(label, f"{before:.1f}", f"{after:.1f}", f"{(after - before) * 1024 / loads:.1f}")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60.0)
@@ -94,7 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--path", choices=("fused", "slots"), default="fused")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
+    parser.add_argument("--loads", type=int, default=None,
+                        help="measure the memory kept per LoRA load in this process instead (no Serve)")
     args = parser.parse_args(argv)
+    if args.loads is not None:
+        wall = time.perf_counter()
+        section = render_section("Memory kept per LoRA load", [kept_per_load(args.loads)], command=command_line(),
+                                 wall_s=time.perf_counter() - wall, host=machine())  # fmt: skip
+        print(section)
+        if not args.no_write:
+            append_report(section)
+        return
     warmup = args.warmup_min if args.warmup_min is not None else args.minutes / 6
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -21,7 +21,9 @@ them (:func:`peft_adapter_name`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +101,7 @@ class PeftAdapters:
 
     def load(self, public: str, peft: str, path: Path) -> None:
         self._any_loaded = True
-        with quiet_adapter_load():
-            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=peft)
+        load_adapter(self.pipe, path, peft)
 
     def loaded_layers(self, public: str, peft: str) -> int:
         return sum(len(layers_with(self.pipe, component, [peft])) for component in LORA_COMPONENTS)
@@ -130,7 +131,7 @@ class PeftAdapters:
 class FusedAdapters:
     """Every mix fused: the pipeline holds no LoRA layer, only each adapter's low-rank factors.
 
-    A file is loaded exactly as :class:`PeftAdapters` loads it (``load_lora_weights``: diffusers' key
+    A file is loaded exactly as :class:`PeftAdapters` loads it (:func:`load_adapter`: diffusers' key
     conversion of kohya and diffusers files, peft's rank and alpha rules), its factors are taken out
     (:func:`~deskgen.generator.switching.collect_factors`: peft's tensors, no copy) and the LoRA layers
     are removed again (``unload_lora_weights`` puts each original module back in its place), all under
@@ -157,8 +158,7 @@ class FusedAdapters:
         flags = [(p, p.requires_grad) for c in LORA_COMPONENTS if getattr(self.pipe, c, None) is not None
                  for p in getattr(self.pipe, c).parameters()]  # fmt: skip
         try:
-            with quiet_adapter_load():
-                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=peft)
+            load_adapter(self.pipe, path, peft)
             self.factors[peft] = collect_factors(self.pipe, peft)
         finally:
             with quiet_adapter_load():
@@ -199,14 +199,45 @@ class UnetPart:
     rank: int
 
 
+def read_lora_file(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The tensors of a LoRA file (on the CPU) and diffusers' adapter metadata from its header
+    (``lora_adapter_metadata``: the peft ``LoraConfig`` of files diffusers saved), or None.
+
+    The bytes are read and parsed by ``safetensors.torch.load``, never its memory-mapped ``load_file`` (what
+    diffusers' loaders call): with safetensors 0.8 every ``load_file`` leaves about 40 bytes per tensor
+    behind for the life of the process (19 KiB per tiny LoRA file, measured; more for real ones), a
+    steady creep when a replica loads adapters all day (issue 24, part 6)."""
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    raw = header.get("lora_adapter_metadata")
+    return load(data), (json.loads(raw) if raw else None)
+
+
 def read_adapter(pipe: Any, path: Path) -> tuple[dict[str, Any], dict[str, float] | None, dict[str, Any] | None]:
     """``(state_dict, network_alphas, metadata)`` of a LoRA file in diffusers' naming (kohya converted),
-    UNet keys prefixed ``unet.``, text-encoder keys ``text_encoder.`` / ``text_encoder_2.``."""
+    UNet keys prefixed ``unet.``, text-encoder keys ``text_encoder.`` / ``text_encoder_2.``: what
+    ``load_lora_weights`` reads, from :func:`read_lora_file`."""
+    tensors, metadata = read_lora_file(path)
     with quiet_adapter_load():
-        state_dict, alphas, metadata = pipe.lora_state_dict(
-            str(path.parent), weight_name=path.name, unet_config=pipe.unet.config, return_lora_metadata=True
-        )
+        state_dict, alphas = pipe.lora_state_dict(tensors, unet_config=pipe.unet.config)
     return state_dict, alphas, metadata
+
+
+def load_adapter(pipe: Any, path: Path, adapter_name: str) -> None:
+    """``pipe.load_lora_weights`` of the file at ``path`` under ``adapter_name`` (UNet and both text
+    encoders), reading it with :func:`read_adapter`."""
+    state_dict, alphas, metadata = read_adapter(pipe, path)
+    with quiet_adapter_load():
+        pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
+                                 metadata=metadata, _pipeline=pipe)  # fmt: skip
+        for component in TEXT_ENCODERS:
+            pipe.load_lora_into_text_encoder(
+                state_dict, network_alphas=alphas, text_encoder=getattr(pipe, component), prefix=component,
+                lora_scale=pipe.lora_scale, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe,
+            )  # fmt: skip
 
 
 def unet_part(

@@ -272,3 +272,41 @@ def test_the_replica_watches_the_folder_in_the_background(tiny_models: Path, tmp
         stop.set()
         watch.join(timeout=30)
     assert not watch.is_alive()
+
+
+def test_adapters_are_read_from_bytes_never_through_load_file(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors 0.8's memory-mapped ``load_file`` keeps memory per tensor for the life of the process
+    (``python -m bench.soak --loads 150`` measures it): every LoRA file a replica loads or checks is read
+    as bytes instead, for every strategy, with the same factors diffusers' own file path gives."""
+    import safetensors.torch
+
+    from deskgen.generator.switching import collect_factors
+    from deskgen.loras import quiet_adapter_load
+
+    reference = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_active_mix=False)).pipe
+    with quiet_adapter_load():
+        for name in ("dalle", "ott"):  # kohya and diffusers layouts
+            reference.load_lora_weights(str(tiny_models / "loras"), weight_name=f"{name}.safetensors", adapter_name=name)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("safetensors.torch.load_file was called")
+
+    folder = tmp_path / "loras"
+    shutil.copytree(tiny_models / "loras", folder)
+    # The base model is read once at start (its own loader); from then on, no load_file.
+    gens = [DeskGenerator.from_pretrained(settings_for(tiny_models, folder, **flags))
+            for flags in ({}, {"fuse_active_mix": False}, {"hotswap": True})]  # fmt: skip
+    monkeypatch.setattr(safetensors.torch, "load_file", refused)
+    write_lora_variant("wider", tiny_models / "loras", folder / "wider.safetensors")
+    for gen in gens:
+        gen.generate(PARAMS, Mix.from_weights({"dalle": 0.6, "ott": 0.4}))
+        assert list(gen.check_new_adapters()) == ["wider"]
+    fused = gens[0]
+    for name in ("dalle", "ott"):
+        got, want = fused.adapters.factors[f"style_{name}"], collect_factors(reference, name)
+        assert got.groups.keys() == want.groups.keys()
+        for g, w in zip(got.groups.values(), want.groups.values(), strict=True):
+            assert (g.alphas, g.divisors) == (w.alphas, w.divisors)
+            assert all(a.equal(b) for a, b in zip(g.a + g.b, w.a + w.b, strict=True))
