@@ -52,6 +52,8 @@ class Door:
         self.retry_after_s = 5
         self._poller: asyncio.Task[None] | None = None
         self.topology_error: str | None = None
+        #: Generation requests of this replica being answered now (admitted or not shed at all).
+        self.generations_in_flight = 0
 
     def configure(self, api_keys: list[ApiKey], *, shed_load: bool, retry_after_s: int) -> None:
         self.keys = KeyRing(api_keys)
@@ -176,9 +178,11 @@ class AccessMiddleware:
                                                       *((k.lower().encode(), v.encode()) for k, v in rate_headers.items())]}  # fmt: skip
             await send(message)
 
+        door.generations_in_flight += generation
         try:
             await self.app(scope, receive, send_with_limits)
         finally:
+            door.generations_in_flight -= generation
             if admitted:
                 door.admission.leave(status[0], time.monotonic())
             if key is not None and generation:

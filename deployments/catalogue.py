@@ -6,9 +6,9 @@ The adapters are the ``*.safetensors`` files in the generators' ``lora_dir``, li
 GPU replica and re-listed every ``catalog_ttl_s`` (a file added there is usable without a restart). Each
 file's verdict is cached once (deskgen.loras.LoraRegistry: its header check, redone only when the file
 changes); what only a replica can tell (the key mapping onto the model needs torch, the fit into hot-swap
-slots) joins it, for as long as that file is unchanged, once a replica refused a file or, in the background,
-once a replica's own look at the folder (it checks new files within seconds) listed it: so a file no replica
-can load is listed unavailable before a request names it. Where the folder is not visible from the ingress's
+slots) joins it, for as long as that file is unchanged, once a replica refused a file or, in the background
+while this ingress has no generation in flight, once a replica's own look at the folder (it checks new files
+within seconds) listed it: so a file no replica can load is listed unavailable before a request names it. Where the folder is not visible from the ingress's
 node, the list comes from a Generator replica instead (same refresh). The verdicts live in one cache per file
 version: the registry's (deskgen.loras.LoraRegistry).
 """
@@ -38,8 +38,11 @@ Chosen = tuple[str, Concept]
 
 class MixCatalogue:
     def __init__(self, config: Callable[[], IngressConfig], generator: Any, lora_dir: Path | None,
-                 allocator: Allocator) -> None:  # fmt: skip
+                 allocator: Allocator, quiet: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
         self.config = config
+        #: Whether no generation of this ingress is in flight: only then are the replicas asked for their
+        #: verdicts (an ``info`` call takes a place in a replica's queue, which a generation may need).
+        self.quiet = quiet
         self.generator = generator
         self.lora_dir = lora_dir
         self.allocator = allocator
@@ -86,11 +89,12 @@ class MixCatalogue:
         at once, beside any generation), recorded per file version like a refusal."""
         while True:
             ttl = self.config().catalog_ttl_s
-            try:
-                info = await asyncio.wait_for(self.generator.info.remote(), timeout=max(ttl, 1.0))
-                self.learn_verdicts(dict(info.get("unavailable", {})))
-            except Exception as exc:  # a replica starting or gone: the next look will do
-                log.debug("catalogue: no replica verdicts this time: %r", exc)
+            if self.quiet():  # under load, the first refusal teaches it instead (note_unavailable)
+                try:
+                    info = await asyncio.wait_for(self.generator.info.remote(), timeout=max(ttl, 1.0))
+                    self.learn_verdicts(dict(info.get("unavailable", {})))
+                except Exception as exc:  # a replica starting or gone: the next look will do
+                    log.debug("catalogue: no replica verdicts this time: %r", exc)
             await asyncio.sleep(ttl)
 
     def learn_verdicts(self, unavailable: dict[str, str]) -> None:

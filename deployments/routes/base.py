@@ -59,7 +59,7 @@ class RoutesBase:
         #: Which arm a user gets (sticky; under Thompson allocation the weights come from the store).
         self.allocator = Allocator(self.recorder_method)
         self.catalogue = MixCatalogue(lambda: self.config, generator, resolve(lora_dir) if lora_dir else None,
-                                      self.allocator)  # fmt: skip
+                                      self.allocator, quiet=lambda: door.generations_in_flight == 0)  # fmt: skip
         stages = {"classifier": classifier, "captioner": captioner, "generator": generator, "locator": locator}
         self.pipeline = GenerationPipeline(lambda: self.config, stages, self.catalogue, self.exposures)
 
