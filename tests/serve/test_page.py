@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -44,21 +46,21 @@ new MutationObserver(note).observe(bar, {attributes: true});
 new MutationObserver(note).observe(line, {childList: true, characterData: true, subtree: true});
 """
 
-#: Watches the JSON generation answers the page gets and keeps a copy of each one's ``products`` and mix
-#: in ``window.__answers`` (read from a clone: the page gets the response untouched), so the test can
-#: hold the boxes drawn against what the real locator answered.
-RECORD_ANSWERS = """
-window.__answers = [];
-const realFetch = window.fetch;
-window.fetch = async (url, init) => {
-  const response = await realFetch(url, init);
-  const accept = ((init || {}).headers || {}).Accept;
-  if (response.ok && accept === 'application/json' && String(url).startsWith('/v1/generate')) {
-    response.clone().json().then((body) => window.__answers.push({mix: body.mix.id, products: body.products}));
-  }
-  return response;
-};
-"""
+def generation_answers(driver: Any, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add to ``seen`` the JSON bodies of the page's successful ``/v1/generate`` answers, read from
+    Chrome's own network log (DevTools ``Network.getResponseBody``): the page and its ``fetch`` are left
+    untouched, so the test holds the boxes drawn against what the real locator answered."""
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] != "Network.responseReceived":
+            continue
+        response = message["params"]["response"]
+        if (urlparse(response["url"]).path.startswith("/v1/generate") and response["status"] == 200
+                and response["mimeType"] == "application/json"):  # fmt: skip
+            body = driver.execute_cdp_cmd("Network.getResponseBody", {"requestId": message["params"]["requestId"]})
+            seen.append(json.loads(body["body"]))
+    return seen
+
 
 def chrome(downloads: Path) -> Any:
     from selenium import webdriver
@@ -72,7 +74,7 @@ def chrome(downloads: Path) -> Any:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--hide-scrollbars",
                 "--force-device-scale-factor=1", "--lang=en-US"):  # fmt: skip
         options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
@@ -286,7 +288,7 @@ def test_two_mixes_compared_side_by_side_with_the_same_seed_and_their_product_bo
     # Name the products, so that the real locator (threshold 0 in this tier: its best box per product
     # counts as found) answers with boxes for each, deterministically.
     page.set_value("products", "monitor, keyboard")
-    page.js(RECORD_ANSWERS)
+    page.driver.get_log("performance")  # what came before is not this comparison's
     page.by_id("compare").click()
     page.until(lambda d: "Compared 2 mixes" in page.text("compare-status"), GENERATE_S, "two images")
     figures = page.all("#compare-grid figure.result")
@@ -297,8 +299,9 @@ def test_two_mixes_compared_side_by_side_with_the_same_seed_and_their_product_bo
     page.until(lambda d: page.js("return [...document.querySelectorAll('#compare-grid img')].every(i => i.complete && i.naturalWidth === 64)"),
                LOAD_S, "both images to load")  # fmt: skip
     # The boxes: each found instance of each real answer drawn, labelled, placed from its box_normalized.
-    page.until(lambda d: len(page.js("return window.__answers")) == 2, LOAD_S, "both answers recorded")
-    by_mix = {a["mix"]: a["products"] for a in page.js("return window.__answers")}
+    seen: list[dict[str, Any]] = []
+    page.until(lambda d: len(generation_answers(d, seen)) == 2, LOAD_S, "both answers seen on the network")
+    by_mix = {a["mix"]["id"]: a["products"] for a in seen}
     answers = [by_mix[m.split(" = ", 1)[1].split()[0]] for m in mixes]
     for products in answers:
         assert products["status"] == "ok" and products["source"] == "request", products
