@@ -8,8 +8,8 @@
 # deadline (DEADLINE_S, default 480 s after the suite starts) so stages that would not finish are
 # skipped and reported instead of being cut off. Results: $OUT/bench_gpu.{md,json,log}; append
 # bench_gpu.md to BENCHMARKS.md here. With TEST_GPU_S=N it then runs the gpu-marked tests (what
-# `make test-gpu` runs; carry models/tiny so they need not build it) for at most N seconds:
-# $OUT/test_gpu.log.
+# `make test-gpu` runs; carry models/tiny so they need not build it) for at most N seconds
+# (interrupted, not killed, at the limit: the failures so far keep their tracebacks): $OUT/test_gpu.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GPU_TESTS=$(sed -n 's/^GPU_TESTS *= *//p' Makefile)
@@ -27,5 +27,7 @@ python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__
 python3 -m bench.gpu --n 6 --deadline-s "${DEADLINE_S:-480}" --no-write \
   --order production,fused,compiled_fp8,compiled_fp8_deepcache,blip,vgg,compiled_fused "$@" 2>&1 | tee "$OUT/bench_gpu.log"
 if [ -n "${TEST_GPU_S:-}" ]; then
-  timeout "$TEST_GPU_S" python3 -m pytest -m gpu -q -rs -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$OUT/test_gpu.log"
+  # SIGINT at the limit: pytest then stops and still prints the tracebacks and the summary of what ran.
+  timeout -s INT -k 20 "$TEST_GPU_S" python3 -m pytest -m gpu -v -rA --durations=0 -p no:cacheprovider \
+    $GPU_TESTS 2>&1 | tee "$OUT/test_gpu.log"
 fi
