@@ -6,7 +6,8 @@
 #
 # It installs the wheels, prints the GPU and library versions, and runs `python -m bench.gpu` with a
 # deadline (DEADLINE_S, default 480 s after the suite starts) so stages that would not finish are
-# skipped and reported instead of being cut off. Results: $OUT/bench_gpu.{md,json,log}; append
+# skipped and reported instead of being cut off. With TRAIN_S=N it first runs `python -m bench.train`
+# (LoRA training steps, issue 26) within N seconds (TRAIN_ARGS: more options); SUITE=0 skips bench.gpu. Results: $OUT/bench_gpu.{md,json,log}; append
 # bench_gpu.md to BENCHMARKS.md here. With TEST_GPU_S=N it then runs the gpu-marked tests (what
 # `make test-gpu` runs; carry models/tiny so they need not build it) for at most N seconds
 # (interrupted, not killed, at the limit: the failures so far keep their tracebacks): $OUT/test_gpu.log.
@@ -24,8 +25,14 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
 echo "cpus $(nproc); $(gcc --version | head -1)"
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" || exit 1
-python3 -m bench.gpu --n 6 --deadline-s "${DEADLINE_S:-480}" --no-write \
-  --order production,fused,compiled_fp8,compiled_fp8_deepcache,blip,vgg,compiled_fused "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+if [ -n "${TRAIN_S:-}" ]; then
+  # LoRA training steps (issue 26) first, within TRAIN_S seconds: $OUT/bench_train.{md,json,log}.
+  python3 -m bench.train --no-write --deadline-s "$TRAIN_S" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log"
+fi
+if [ "${SUITE:-1}" != 0 ]; then
+  python3 -m bench.gpu --n 6 --deadline-s "${DEADLINE_S:-480}" --no-write \
+    --order production,fused,compiled_fp8,compiled_fp8_deepcache,blip,vgg,compiled_fused "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+fi
 if [ -n "${TEST_GPU_S:-}" ]; then
   # SIGINT at the limit: pytest then stops and still prints the tracebacks and the summary of what ran.
   timeout -s INT -k 20 "$TEST_GPU_S" python3 -m pytest -m gpu -v -rA --durations=0 -p no:cacheprovider \
