@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from deskgen import kohya
 from deskgen.errors import InvalidParameter, ModelFilesMissing, UnknownMix
@@ -31,12 +31,23 @@ LoraLayout = Literal["kohya", "diffusers"]
 _PEFT_A = (".lora_A.weight", ".lora_A.default.weight", ".lora.down.weight", "_lora.down.weight")
 
 
+def safetensors_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a .safetensors file from its bytes (the first 8 + header length suffice):
+    tensor name -> dtype, shape, offsets, and ``__metadata__`` (strings)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return dict(json.loads(data[8 : 8 + length]))
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """:func:`safetensors_header` of the file at ``path``, reading only the header."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        return safetensors_header(head + f.read(struct.unpack("<Q", head)[0]))
+
+
 def read_safetensors_keys(path: Path) -> list[str]:
     """The tensor names in a .safetensors file, read from its JSON header without loading a tensor."""
-    with path.open("rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-    return [key for key in header if key != "__metadata__"]
+    return [key for key in read_safetensors_header(path) if key != "__metadata__"]
 
 
 #: A safetensors header larger than this is not a LoRA file (real ones: tens to hundreds of KB).
@@ -274,7 +285,11 @@ class LoraRegistry:
             resolved = candidate.resolve(strict=True)
         except (OSError, RuntimeError):
             return False
-        return resolved.is_file() and resolved.is_relative_to(self.folder) and resolved.name.endswith(LORA_SUFFIX)
+        return (
+            resolved.is_file()
+            and resolved.is_relative_to(self.folder)
+            and resolved.name.endswith(LORA_SUFFIX)
+        )
 
 
 @contextlib.contextmanager

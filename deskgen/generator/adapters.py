@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from deskgen.errors import InvalidParameter
-from deskgen.loras import LoraRegistry, quiet_adapter_load
+from deskgen.loras import LoraRegistry, quiet_adapter_load, safetensors_header
 from deskgen.mixes import Mix
 
 if TYPE_CHECKING:
@@ -58,7 +57,13 @@ def layers_with(pipe: Any, component: str, peft_names: Iterable[str]) -> list[An
     if model is None:
         return []
     names = set(peft_names)
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and names & set(getattr(m, "lora_A", {}))]
+    return [
+        m for m in model.modules() if isinstance(m, BaseTunerLayer) and names & set(getattr(m, "lora_A", {}))
+    ]
+
+
+#: A LoRA file as diffusers reads it: ``(state_dict, network_alphas, metadata)`` (:func:`read_adapter`).
+AdapterFile = tuple[dict[str, Any], "dict[str, float] | None", "dict[str, Any] | None"]
 
 
 class LoraStrategy(Protocol):
@@ -74,8 +79,8 @@ class LoraStrategy(Protocol):
     def loaded_layers(self, public: str, peft: str) -> int:
         """How many of the model's layers received ``public``'s weights (diffusers only warns on a mismatch)."""
 
-    def fit_problem(self, public: str, path: Path) -> str | None:
-        """Why this strategy cannot hold the file at ``path`` (which maps onto the model), or None."""
+    def fit_problem(self, public: str, adapter: AdapterFile) -> str | None:
+        """Why this strategy cannot hold ``adapter`` (a file that maps onto the model), or None."""
 
     def check_mix(self, mix: Mix) -> None:
         """Raise InvalidParameter if this strategy cannot hold ``mix`` at once."""
@@ -106,7 +111,7 @@ class PeftAdapters:
     def loaded_layers(self, public: str, peft: str) -> int:
         return sum(len(layers_with(self.pipe, component, [peft])) for component in LORA_COMPONENTS)
 
-    def fit_problem(self, public: str, path: Path) -> str | None:
+    def fit_problem(self, public: str, adapter: AdapterFile) -> str | None:
         return None
 
     def check_mix(self, mix: Mix) -> None:
@@ -119,7 +124,9 @@ class PeftAdapters:
             return
         # set_adapters does not undo disable_lora (peft keeps a separate "disabled" flag).
         self.pipe.enable_lora()
-        self.pipe.set_adapters([loaded[name] for name in mix.adapters], adapter_weights=[w for _, w in mix.weights])
+        self.pipe.set_adapters(
+            [loaded[name] for name in mix.adapters], adapter_weights=[w for _, w in mix.weights]
+        )
 
     def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
         return {component: [loaded[name] for name in mix.adapters] for component in LORA_COMPONENTS}
@@ -170,7 +177,7 @@ class FusedAdapters:
     def loaded_layers(self, public: str, peft: str) -> int:
         return self.factors[peft].layers
 
-    def fit_problem(self, public: str, path: Path) -> str | None:
+    def fit_problem(self, public: str, adapter: AdapterFile) -> str | None:
         return None  # any rank, any layer of the model
 
     def check_mix(self, mix: Mix) -> None:
@@ -179,7 +186,9 @@ class FusedAdapters:
     def apply(self, mix: Mix, loaded: dict[str, str]) -> None:
         # The generator fuses every mix; the base mix is the base weights, which it restored already.
         if mix.weights:
-            raise RuntimeError(f"mix {mix.id!r}: every mix is fused with FusedAdapters; there are no LoRA layers")
+            raise RuntimeError(
+                f"mix {mix.id!r}: every mix is fused with FusedAdapters; there are no LoRA layers"
+            )
 
     def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
         return {component: [loaded[name] for name in mix.adapters] for component in LORA_COMPONENTS}
@@ -210,13 +219,11 @@ def read_lora_file(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from safetensors.torch import load
 
     data = path.read_bytes()
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-    raw = header.get("lora_adapter_metadata")
+    raw = (safetensors_header(data).get("__metadata__") or {}).get("lora_adapter_metadata")
     return load(data), (json.loads(raw) if raw else None)
 
 
-def read_adapter(pipe: Any, path: Path) -> tuple[dict[str, Any], dict[str, float] | None, dict[str, Any] | None]:
+def read_adapter(pipe: Any, path: Path) -> AdapterFile:
     """``(state_dict, network_alphas, metadata)`` of a LoRA file in diffusers' naming (kohya converted),
     UNet keys prefixed ``unet.``, text-encoder keys ``text_encoder.`` / ``text_encoder_2.``: what
     ``load_lora_weights`` reads, from :func:`read_lora_file`."""
@@ -274,7 +281,9 @@ def text_encoder_modules(pipe: Any, state_dict: dict[str, Any]) -> tuple[int, in
         if not part:
             continue
         if not any("lora_A" in k for k in part):
-            part = convert_state_dict_to_peft(part)  # the old diffusers naming (to_k_lora.down) of kohya files
+            part = convert_state_dict_to_peft(
+                part
+            )  # the old diffusers naming (to_k_lora.down) of kohya files
         encoder = getattr(pipe, component, None)
         for key in part:
             if not key.endswith(".lora_A.weight"):
@@ -291,18 +300,22 @@ def text_encoder_modules(pipe: Any, state_dict: dict[str, Any]) -> tuple[int, in
     return adapted, existing
 
 
-def mapping_problem(pipe: Any, path: Path, expected: int) -> str | None:
-    """Why the LoRA file at ``path`` (whose header passed :func:`deskgen.loras.lora_file_problem` and names
-    ``expected`` modules) does not map onto this pipeline, or None. Reads the tensors and converts the keys
-    the way ``load_lora_weights`` does, then looks every module up, without injecting anything (tens of ms
-    for a tiny file; no peft layer is built)."""
-    try:
-        state_dict, alphas, metadata = read_adapter(pipe, path)
-    except Exception as exc:  # diffusers' own verdict: keys it cannot rename, a file it cannot read
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"diffusers cannot read it ({type(exc).__name__}: {first[:200]})"
+def unreadable_problem(exc: Exception) -> str:
+    """The reason given for a LoRA file :func:`read_adapter` raised on (diffusers' own verdict: keys it
+    cannot rename, a file it cannot read)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"diffusers cannot read it ({type(exc).__name__}: {first[:200]})"
+
+
+def mapping_problem(pipe: Any, adapter: AdapterFile, expected: int) -> str | None:
+    """Why ``adapter`` (a file whose header passed :func:`deskgen.loras.lora_file_problem` and names
+    ``expected`` modules, read by :func:`read_adapter`) does not map onto this pipeline, or None. Looks every
+    module up, without injecting anything (no peft layer is built)."""
+    state_dict, alphas, metadata = adapter
     unet = unet_part(pipe, state_dict, alphas, metadata)
-    unet_adapted = sum(1 for k in state_dict if k.startswith("unet.") and k.endswith(("lora_A.weight", "lora.down.weight")))
+    unet_adapted = sum(
+        1 for k in state_dict if k.startswith("unet.") and k.endswith(("lora_A.weight", "lora.down.weight"))
+    )
     _, text_existing = text_encoder_modules(pipe, state_dict)
     matched = len(unet.modules) + text_existing
     if matched != expected or (unet_adapted and not unet.modules):
@@ -359,7 +372,8 @@ class HotswapSlots:
             unet.set_adapters(self.names, [0.0] * count)
             prepare_model_for_compiled_hotswap(unet, target_rank=self.rank, config=unet.peft_config)
         self._layers: dict[str, list[Any]] = {
-            slot: [m for m in unet.modules() if isinstance(m, LoraLayer) and slot in m.lora_A] for slot in self.names
+            slot: [m for m in unet.modules() if isinstance(m, LoraLayer) and slot in m.lora_A]
+            for slot in self.names
         }
         self._unit: dict[str, list[torch.Tensor]] = {slot: self._scales(slot) for slot in self.names}
         self.holds: dict[str, str | None] = dict.fromkeys(self.names)
@@ -408,7 +422,10 @@ class HotswapSlots:
         """Put every adapter of ``mix`` in a slot (hot-swapping the missing ones); returns adapter -> slot."""
         placed = {held: slot for slot, held in self.holds.items() if held in mix.adapters}
         # Empty slots first, then slots holding an adapter this mix does not use.
-        free = sorted((s for s in self.names if self.holds[s] not in mix.adapters), key=lambda s: self.holds[s] is not None)
+        free = sorted(
+            (s for s in self.names if self.holds[s] not in mix.adapters),
+            key=lambda s: self.holds[s] is not None,
+        )
         for name in mix.adapters:
             if name in placed:
                 continue
@@ -438,7 +455,6 @@ class HotswapSlots:
         for slot, held in self.holds.items():
             if held == name:
                 self.holds[slot] = None
-
 
 
 class SlotAdapters:
@@ -482,9 +498,9 @@ class SlotAdapters:
         text = sum(len(layers_with(self.pipe, component, [peft])) for component in TEXT_ENCODERS)
         return text + len(self.parts[public].modules)
 
-    def fit_problem(self, public: str, path: Path) -> str | None:
+    def fit_problem(self, public: str, adapter: AdapterFile) -> str | None:
         try:
-            self.slots.check_fits(public, unet_part(self.pipe, *read_adapter(self.pipe, path)))
+            self.slots.check_fits(public, unet_part(self.pipe, *adapter))
         except RuntimeError as exc:
             return str(exc)
         return None
