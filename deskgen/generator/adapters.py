@@ -247,57 +247,83 @@ def load_adapter(pipe: Any, path: Path, adapter_name: str) -> None:
             )  # fmt: skip
 
 
+def peft_state(state_dict: dict[str, Any], component: str) -> dict[str, Any]:
+    """``component``'s part of an adapter read by :func:`read_adapter`, prefix removed, in peft naming
+    (``<module>.lora_A.weight`` / ``lora_B``): older diffusers names (``to_k_lora.down``) are converted."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    prefix = f"{component}."
+    part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if part and not any("lora_A" in k for k in part):
+        part = (convert_unet_state_dict_to_peft if component == "unet" else convert_state_dict_to_peft)(part)
+    return part
+
+
+def find_module(model: Any, name: str) -> Any | None:
+    """The module ``name`` of ``model``, or None. transformers 5 flattened CLIPTextModel (no
+    ``text_model.``) while LoRA files name both encoders' modules ``text_model.…``: both are tried."""
+    if model is None:
+        return None
+    for candidate in (name, name.removeprefix("text_model.")):
+        with contextlib.suppress(AttributeError):
+            return model.get_submodule(candidate)
+    return None
+
+
+def _lora_modules(part: dict[str, Any]) -> list[str]:
+    return [key.removesuffix(".lora_A.weight") for key in part if key.endswith(".lora_A.weight")]
+
+
 def unet_part(
     pipe: Any, state_dict: dict[str, Any], alphas: dict[str, float] | None, metadata: dict[str, Any] | None
 ) -> UnetPart:
     """The UNet half of an adapter read by :func:`read_adapter`, with the modules of this UNet it adapts
     and its largest rank."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
     unet_sd = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
-    peft_sd = {k.removeprefix("unet."): v for k, v in unet_sd.items()}
-    if peft_sd and not any("lora_A" in k for k in peft_sd):
-        peft_sd = convert_unet_state_dict_to_peft(peft_sd)
-    modules, rank = [], 0
-    for key, value in peft_sd.items():
-        if key.endswith(".lora_A.weight"):
-            name = key.removesuffix(".lora_A.weight")
-            rank = max(rank, int(value.shape[0]))
-            with contextlib.suppress(AttributeError):
-                pipe.unet.get_submodule(name)
-                modules.append(name)
-    return UnetPart(unet_sd, alphas, metadata, sorted(modules), rank)
+    peft_sd = peft_state(state_dict, "unet")
+    names = _lora_modules(peft_sd)
+    modules = sorted(name for name in names if find_module(pipe.unet, name) is not None)
+    rank = max((int(peft_sd[f"{name}.lora_A.weight"].shape[0]) for name in names), default=0)
+    return UnetPart(unet_sd, alphas, metadata, modules, rank)
 
 
 def text_encoder_modules(pipe: Any, state_dict: dict[str, Any]) -> tuple[int, int]:
     """``(adapted, existing)``: how many text-encoder modules a state dict read by :func:`read_adapter`
     adapts, and how many of those exist in the pipeline's text encoders."""
-    from diffusers.utils import convert_state_dict_to_peft
-
     adapted = existing = 0
     for component in TEXT_ENCODERS:
-        prefix = f"{component}."
-        part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not part:
-            continue
-        if not any("lora_A" in k for k in part):
-            part = convert_state_dict_to_peft(
-                part
-            )  # the old diffusers naming (to_k_lora.down) of kohya files
         encoder = getattr(pipe, component, None)
-        for key in part:
-            if not key.endswith(".lora_A.weight"):
-                continue
+        for name in _lora_modules(peft_state(state_dict, component)):
             adapted += 1
-            name = key.removesuffix(".lora_A.weight")
-            # transformers 5 flattened CLIPTextModel (no text_model.); files name both encoders text_model.…
-            for candidate in (name, name.removeprefix("text_model.")):
-                with contextlib.suppress(AttributeError):
-                    if encoder is not None:
-                        encoder.get_submodule(candidate)
-                        existing += 1
-                        break
+            existing += find_module(encoder, name) is not None
     return adapted, existing
+
+
+def shape_problem(pipe: Any, state_dict: dict[str, Any]) -> str | None:
+    """The first LoRA pair of an adapter whose shapes do not fit the module it adapts (A: rank x inputs,
+    B: outputs x rank, the same rank), or None. A file with the right names and the wrong shapes would
+    otherwise pass every other check and fail only when a request loads it."""
+    for component in ("unet", *TEXT_ENCODERS):
+        part = peft_state(state_dict, component)
+        model = getattr(pipe, component, None)
+        for name in _lora_modules(part):
+            module = find_module(model, name)
+            b = part.get(f"{name}.lora_B.weight")
+            if module is None or b is None:
+                continue
+            a = part[f"{name}.lora_A.weight"]
+            inputs = getattr(module, "in_features", getattr(module, "in_channels", None))
+            outputs = getattr(module, "out_features", getattr(module, "out_channels", None))
+            if (
+                a.ndim < 2
+                or b.ndim < 2
+                or a.shape[1] != inputs
+                or b.shape[0] != outputs
+                or b.shape[1] != a.shape[0]
+            ):
+                return (f"{component} layer {name}: LoRA shapes A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                        f"a layer of {inputs} inputs and {outputs} outputs (A must be rank x {inputs}, B {outputs} x rank)")  # fmt: skip
+    return None
 
 
 def unreadable_problem(exc: Exception) -> str:
@@ -320,7 +346,7 @@ def mapping_problem(pipe: Any, adapter: AdapterFile, expected: int) -> str | Non
     matched = len(unet.modules) + text_existing
     if matched != expected or (unet_adapted and not unet.modules):
         return f"only {matched} of its {expected} layers match this model; is it a LoRA for SDXL, and for this base model?"
-    return None
+    return shape_problem(pipe, state_dict)
 
 
 _FUSED_TAKES_ANY = "fused mixes, the default (`fuse_active_mix`), take any LoRA without a restart"

@@ -109,7 +109,8 @@ def data_sha256(examples: Iterable[TrainingExample]) -> str:
 def service_captioner(model_id: str, *, device: str | None = None) -> Captioner:
     """Caption like the service: BLIP with the Captioner's default prefixes, ranked keywords, the prompt."""
     from deskgen.captioner import Captioner as BlipCaptioner
-    from deskgen.prompts import build_prompt, rank_keywords
+    from deskgen.prompts.build import build_prompt
+    from deskgen.prompts.captions import rank_keywords
 
     blip = BlipCaptioner.from_pretrained(model_id, device=device)
 
@@ -129,7 +130,8 @@ def prepare_pixels(image: Image.Image, resolution: int) -> tuple[Any, tuple[int,
     width, height = image.size
     scale = resolution / min(width, height)
     resized = image.resize(
-        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BICUBIC
+        (max(resolution, round(width * scale)), max(resolution, round(height * scale))),
+        Image.Resampling.BICUBIC,
     )
     left = (resized.width - resolution) // 2
     top = (resized.height - resolution) // 2

@@ -17,6 +17,7 @@ device, so a seed means the same draws on every device.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 #: The seed of :meth:`LoraTrainer.evaluate`'s draws (noise, timesteps): the same for every trainer.
 EVAL_SEED = 20_261_204
+#: Settings a resumed run may change: train on for more steps, checkpoint at another pace.
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every"})
 
 
 @dataclass(frozen=True)
@@ -166,14 +169,17 @@ class LoraTrainer:
             target = noise
         return F.mse_loss(pred.float(), target.float())
 
-    def step(self, batch: list[Prepared]) -> float:
-        """One optimiser step on ``batch``; returns its loss."""
+    def step(self, batch: list[Prepared], *, sync: Callable[[], None] | None = None) -> float:
+        """One optimiser step on ``batch``; returns its loss. ``sync`` runs between the backward pass and
+        the update (the job averages the gradients of several workers there)."""
         import torch
 
         for model in self._components().values():
             model.train()
         loss = self.loss(batch, self.noise)
         loss.backward()
+        if sync is not None:
+            sync()
         torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -208,8 +214,9 @@ class LoraTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import torch
 
-        if state["config"] != self.config.to_dict():
-            changed = sorted(k for k in state["config"] if state["config"][k] != self.config.to_dict().get(k))
+        mine = self.config.to_dict()
+        changed = sorted(k for k in state["config"] if k not in RESUMABLE_CHANGES and state["config"][k] != mine.get(k))
+        if changed:
             raise ValueError(f"the checkpoint was written with other settings ({', '.join(changed)})")
         with torch.no_grad():
             for name, param in self.trainable.items():
