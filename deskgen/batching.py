@@ -34,13 +34,8 @@ class DynamicBatcher(Generic[T, R]):
       the exception. A caller that was cancelled before its batch started is left out.
     """
 
-    def __init__(
-        self,
-        run_batch: Callable[[list[T]], Awaitable[list[R]]],
-        *,
-        max_batch_size: int = 8,
-        max_wait_s: float = 0.01,
-    ) -> None:
+    def __init__(self, run_batch: Callable[[list[T]], Awaitable[list[R]]], *, max_batch_size: int = 8,
+                 max_wait_s: float = 0.01) -> None:
         self._run_batch = run_batch
         self.configure(max_batch_size=max_batch_size, max_wait_s=max_wait_s)
         self._queue: list[tuple[T, asyncio.Future[R]]] = []

@@ -40,16 +40,12 @@ def clean_products(products: Sequence[str], *, field: str = "products") -> tuple
     for i, raw in enumerate(products):
         name = raw.strip()
         if not name or len(name) > MAX_PRODUCT_CHARS or not re.fullmatch(PRODUCT_PATTERN, name):
-            raise InvalidParameter(
-                f"`{field}[{i}]` is {raw[:60]!r}: a product must be {PRODUCT_RULE}.", field=f"{field}[{i}]"
-            )
+            raise InvalidParameter(f"`{field}[{i}]` is {raw[:60]!r}: a product must be {PRODUCT_RULE}.", field=f"{field}[{i}]")
         if name.casefold() not in seen:
             seen.add(name.casefold())
             cleaned.append(name)
     if len(cleaned) > MAX_PRODUCTS:
-        raise InvalidParameter(
-            f"`{field}` names {len(cleaned)} products; at most {MAX_PRODUCTS}.", field=field
-        )
+        raise InvalidParameter(f"`{field}` names {len(cleaned)} products; at most {MAX_PRODUCTS}.", field=field)
     return tuple(cleaned)
 
 
@@ -110,9 +106,7 @@ def product_boxes(
     corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * side
     corners[:, [0, 2]] = np.clip(corners[:, [0, 2]], 0.0, float(width))
     corners[:, [1, 3]] = np.clip(corners[:, [1, 3]], 0.0, float(height))
-    inside = ((corners[:, 2] - corners[:, 0]) >= MIN_BOX_SIDE_PX) & (
-        (corners[:, 3] - corners[:, 1]) >= MIN_BOX_SIDE_PX
-    )
+    inside = ((corners[:, 2] - corners[:, 0]) >= MIN_BOX_SIDE_PX) & ((corners[:, 3] - corners[:, 1]) >= MIN_BOX_SIDE_PX)
     scores = _sigmoid(logits[:, : len(products)].astype(np.float64))
     scale = np.array([width, height, width, height], dtype=np.float64)
     located = []

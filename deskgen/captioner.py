@@ -162,11 +162,7 @@ class DecodeSettings:
                 field="no_repeat_ngram_size",
             )
         penalty = self.repetition_penalty
-        if (
-            isinstance(penalty, bool)
-            or not isinstance(penalty, int | float)
-            or not 1.0 <= penalty <= MAX_REPETITION_PENALTY
-        ):
+        if isinstance(penalty, bool) or not isinstance(penalty, int | float) or not 1.0 <= penalty <= MAX_REPETITION_PENALTY:
             raise InvalidParameter(
                 f"`repetition_penalty` must be a number in [1.0, {MAX_REPETITION_PENALTY}] (1.0 = off) but is {penalty!r}.",
                 field="repetition_penalty",
@@ -391,11 +387,7 @@ class Captioner:
         return results
 
     def _decode(
-        self,
-        prompt: _DecoderPrompt,
-        image_embeds: torch.Tensor,
-        image_mask: torch.Tensor,
-        decoding: DecodeSettings,
+        self, prompt: _DecoderPrompt, image_embeds: torch.Tensor, image_mask: torch.Tensor, decoding: DecodeSettings
     ) -> list[str]:
         """Greedy-decode one prompt for every image and return the continuations as text."""
         import torch
@@ -423,9 +415,7 @@ class Captioner:
             for row in output[:, n:].tolist()
         ]
 
-    def _encode(
-        self, prefixes: tuple[str, ...], max_new_tokens: int, *, field: str = "prefixes"
-    ) -> _PrefixState:
+    def _encode(self, prefixes: tuple[str, ...], max_new_tokens: int, *, field: str = "prefixes") -> _PrefixState:
         prompts = []
         for prefix in prefixes:
             # [DEC] + the prefix tokens: what BLIP's generate builds from the processor's "[CLS] ... [SEP]".

@@ -78,18 +78,10 @@ def configure_tf_threads(intra_op: int | None = None, inter_op: int | None = Non
     import tensorflow as tf
 
     for name, value, get, set_ in (
-        (
-            "intra_op",
-            intra_op,
-            tf.config.threading.get_intra_op_parallelism_threads,
-            tf.config.threading.set_intra_op_parallelism_threads,
-        ),
-        (
-            "inter_op",
-            inter_op,
-            tf.config.threading.get_inter_op_parallelism_threads,
-            tf.config.threading.set_inter_op_parallelism_threads,
-        ),
+        ("intra_op", intra_op, tf.config.threading.get_intra_op_parallelism_threads,
+         tf.config.threading.set_intra_op_parallelism_threads),
+        ("inter_op", inter_op, tf.config.threading.get_inter_op_parallelism_threads,
+         tf.config.threading.set_inter_op_parallelism_threads),
     ):
         if value is None:
             continue
@@ -119,9 +111,8 @@ def _tiny_vgg(keras: Any, input_size: int) -> Any:
     x = inputs
     for block, (filters, convs) in enumerate(zip(TINY_FILTERS, TINY_CONVS, strict=True), start=1):
         for conv in range(1, convs + 1):
-            x = keras.layers.Conv2D(
-                filters, 3, padding="same", activation="relu", name=f"block{block}_conv{conv}"
-            )(x)
+            x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                                    name=f"block{block}_conv{conv}")(x)
         x = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
     return keras.Model(inputs, x, name="tiny_vgg")
 
@@ -159,8 +150,7 @@ def build_gate_model(
             cached = keras_cache_file(VGG16_NOTOP_FILE)
             if not cached.is_file():
                 raise ModelFilesMissing(
-                    "VGG16 ImageNet weights (no top)",
-                    str(cached),
+                    "VGG16 ImageNet weights (no top)", str(cached),
                     hint=f"copy {VGG16_NOTOP_FILE} into that folder (this project never downloads), "
                     "or use weights='none'",
                 )
@@ -223,7 +213,9 @@ class DeskClassifier:
     def __init__(self, model: keras.Model, *, threshold: float = 0.5) -> None:
         shape = tuple(model.input_shape)
         if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
-            raise ValueError(f"the gate model must take a (batch, s, s, 3) input but takes {shape}.")
+            raise ValueError(
+                f"the gate model must take a (batch, s, s, 3) input but takes {shape}."
+            )
         self.model = model
         self.input_size: int = int(shape[1])
         self._threshold = _check_threshold(threshold)

@@ -33,9 +33,7 @@ class Concept(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(
-        ..., min_length=1, max_length=MAX_STYLE_CHARS, description="fragment woven into the prompt"
-    )
+    prompt: str = Field(..., min_length=1, max_length=MAX_STYLE_CHARS, description="fragment woven into the prompt")
     negative: str = Field("", max_length=MAX_STYLE_CHARS, description="added to the negative prompt")
     mix: str | None = Field(None, description="default mix (a named mix or adapter:weight+...)")
     steps: int | None = Field(None, ge=1)
@@ -66,13 +64,9 @@ class ConceptConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    concepts: dict[str, Concept] = Field(
-        default_factory=lambda: {k: Concept.model_validate(v) for k, v in DEFAULT_CONCEPTS.items()}
-    )
-    schedule: dict[str, str] = Field(
-        default_factory=lambda: dict(DEFAULT_SCHEDULE),
-        description="weekday (monday..sunday) -> concept; a day not listed has none",
-    )
+    concepts: dict[str, Concept] = Field(default_factory=lambda: {k: Concept.model_validate(v) for k, v in DEFAULT_CONCEPTS.items()})
+    schedule: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SCHEDULE),
+                                     description="weekday (monday..sunday) -> concept; a day not listed has none")
     timezone: str = Field("UTC", description="IANA time zone the schedule's days are in, e.g. Europe/Berlin")
 
     @field_validator("concepts")
@@ -100,9 +94,7 @@ class ConceptConfig(BaseModel):
             if day not in WEEKDAYS:
                 raise ValueError(f"schedule: {day!r} is not a weekday ({', '.join(WEEKDAYS)})")
             if concept not in self.concepts:
-                raise ValueError(
-                    f"schedule.{day}: {concept!r} is not one of the concepts {sorted(self.concepts)}"
-                )
+                raise ValueError(f"schedule.{day}: {concept!r} is not one of the concepts {sorted(self.concepts)}")
         return self
 
     def weekday(self, now: dt.datetime) -> str:

@@ -39,10 +39,8 @@ class DeepCache:
                 field="deepcache_interval",
             )
         first, last = unet.down_blocks[0], unet.up_blocks[-1]
-        if (
-            getattr(first, "has_cross_attention", False)
-            or getattr(last, "has_cross_attention", False)
-            or (len(first.resnets) + 1 != len(last.resnets))
+        if getattr(first, "has_cross_attention", False) or getattr(last, "has_cross_attention", False) or (
+            len(first.resnets) + 1 != len(last.resnets)
         ):
             raise InvalidParameter(
                 "`deepcache_interval`: this UNet's first down block / last up block are not SDXL's attention-free "
@@ -79,18 +77,13 @@ class DeepCache:
                 **kwargs: Any) -> Any:  # fmt: skip
         step, self.step = self.step, self.step + 1
         deep = self._deep
-        shallow = (
-            step % self.interval != 0
-            and deep is not None
-            and deep.shape[0] == sample.shape[0]
-            and (deep.shape[-2:] == sample.shape[-2:])
+        shallow = step % self.interval != 0 and deep is not None and deep.shape[0] == sample.shape[0] and (
+            deep.shape[-2:] == sample.shape[-2:]
         )
         if deep is None or not shallow:
             self._capture = True
             try:
-                out = type(self.unet).forward(
-                    self.unet, sample, timestep, encoder_hidden_states, *args, **kwargs
-                )
+                out = type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
             finally:
                 self._capture = False
             self.full_steps += 1
@@ -111,9 +104,7 @@ class DeepCache:
     ) -> Any:
         unet = self.unet
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
-        aug = unet.get_aug_embed(
-            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
-        )
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
         if aug is not None:
             emb = emb + aug
         if unet.time_embed_act is not None:

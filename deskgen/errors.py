@@ -52,12 +52,7 @@ class AdapterUnavailable(DeskgenError):
     def of(cls, adapter: str, reason: str, *, field: str = "mix") -> AdapterUnavailable:
         # The standard (message, **extra) signature is kept: Ray pickles exceptions by their args.
         end = "" if reason.endswith((".", "?", "!")) else "."
-        return cls(
-            f"`{field}`: adapter {adapter!r} is unavailable: {reason}{end}",
-            field=field,
-            adapter=adapter,
-            reason=reason,
-        )
+        return cls(f"`{field}`: adapter {adapter!r} is unavailable: {reason}{end}", field=field, adapter=adapter, reason=reason)
 
 
 class PayloadTooLarge(DeskgenError):

@@ -84,7 +84,6 @@ MAX_INSTANCES = 16
 #: ``check_health`` reports it broken, so Serve replaces it. Bad requests do not count.
 UNHEALTHY_AFTER_FAILURES = 3
 
-
 @dataclass(frozen=True)
 class SizeLimits:
     """Bounds on the image side (pixels, inclusive) and on the number of denoising steps."""
@@ -93,14 +92,12 @@ class SizeLimits:
     max_side: int = 2048
     max_steps: int = 150
 
-
 @dataclass(frozen=True)
 class UploadLimits:
     """Bounds on an uploaded photo: bytes on the wire, pixels once decoded."""
 
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
-
 
 DEFAULT_SIZE_LIMITS = SizeLimits()
 DEFAULT_UPLOAD_LIMITS = UploadLimits()

@@ -80,9 +80,7 @@ class Locator:
         try:
             model = Owlv2ForObjectDetection.from_pretrained(location, dtype=torch_dtype)
             # The PIL image processor explicitly: the same pixels with or without torchvision.
-            processor = Owlv2Processor.from_pretrained(
-                location, image_processor=Owlv2ImageProcessorPil.from_pretrained(location)
-            )
+            processor = Owlv2Processor.from_pretrained(location, image_processor=Owlv2ImageProcessorPil.from_pretrained(location))
         except OSError as exc:
             hint = (
                 "the folder lacks OWLv2 model files; rebuild the tiny models with `make models`"
@@ -96,9 +94,7 @@ class Locator:
                  str(torch_dtype).removeprefix("torch."), time.perf_counter() - start)  # fmt: skip
         return locator
 
-    def detect_batch(
-        self, images: Sequence[Image.Image], products: Sequence[Sequence[str]]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def detect_batch(self, images: Sequence[Image.Image], products: Sequence[Sequence[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Raw detections per image: ``(logits, boxes)``, logits (queries, products of that image) and boxes
         (queries, 4) as ``(cx, cy, w, h)`` relative to the image's padded square."""
         import torch
@@ -108,12 +104,8 @@ class Locator:
         widest = max((len(p) for p in products), default=0)
         if widest == 0:
             return [(np.zeros((0, 0)), np.zeros((0, 4))) for _ in images]
-        queries = [
-            [QUERY_TEMPLATE.format(p) for p in ps] + [PAD_QUERY] * (widest - len(ps)) for ps in products
-        ]
-        inputs = self._processor(
-            text=queries, images=[to_rgb(im) for im in images], return_tensors="pt", truncation=True
-        )
+        queries = [[QUERY_TEMPLATE.format(p) for p in ps] + [PAD_QUERY] * (widest - len(ps)) for ps in products]
+        inputs = self._processor(text=queries, images=[to_rgb(im) for im in images], return_tensors="pt", truncation=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
         with torch.inference_mode():
@@ -123,10 +115,7 @@ class Locator:
         return [(logits[i, :, : len(ps)], boxes[i]) for i, ps in enumerate(products)]
 
     def locate_batch(
-        self,
-        images: Sequence[Image.Image],
-        products: Sequence[Sequence[str]],
-        settings: LocateSettings = LocateSettings(),
+        self, images: Sequence[Image.Image], products: Sequence[Sequence[str]], settings: LocateSettings = LocateSettings()
     ) -> list[tuple[LocatedProduct, ...]]:
         """Products per image (see :func:`deskgen.boxes.product_boxes`)."""
         detections = self.detect_batch(images, products)

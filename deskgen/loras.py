@@ -285,11 +285,7 @@ class LoraRegistry:
             resolved = candidate.resolve(strict=True)
         except (OSError, RuntimeError):
             return False
-        return (
-            resolved.is_file()
-            and resolved.is_relative_to(self.folder)
-            and resolved.name.endswith(LORA_SUFFIX)
-        )
+        return resolved.is_file() and resolved.is_relative_to(self.folder) and resolved.name.endswith(LORA_SUFFIX)
 
 
 @contextlib.contextmanager

@@ -79,9 +79,7 @@ def validate_adapter_name(name: str, *, field: str = "mix") -> str:
 
 def validate_weight(name: str, weight: float, *, field: str = "mix") -> float:
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-        raise InvalidParameter(
-            f"`{field}`: the weight of {name!r} must be a number but is {weight!r}.", field=field
-        )
+        raise InvalidParameter(f"`{field}`: the weight of {name!r} must be a number but is {weight!r}.", field=field)
     if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
         raise InvalidParameter(
             f"`{field}`: the weight of {name!r} must be in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}] but is {weight:g}.",
@@ -138,9 +136,7 @@ class MixCatalog:
     def resolve(self, spec: str, *, field: str = "mix") -> Mix:
         spec = spec.strip()
         if not spec:
-            raise InvalidParameter(
-                f"`{field}` is empty: name a mix or write `adapter:weight+...`.", field=field
-            )
+            raise InvalidParameter(f"`{field}` is empty: name a mix or write `adapter:weight+...`.", field=field)
         if spec in self.named:
             return self._check_usable(self.named[spec], field)
         if spec == BASE_MIX_ID:
@@ -166,9 +162,7 @@ class MixCatalog:
         return mix
 
     def _check_available(self, mix: Mix, field: str) -> None:
-        missing = [
-            name for name in mix.adapters if name not in self.available and name not in self.unavailable
-        ]
+        missing = [name for name in mix.adapters if name not in self.available and name not in self.unavailable]
         if missing:
             raise UnknownMix(
                 f"`{field}`: unknown adapter {missing[0]!r}; available adapters are {sorted(self.available)}.",

@@ -56,41 +56,23 @@ from deskgen.tools.gate_training.training import (
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m deskgen.train_classifier",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m deskgen.train_classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("data_dir", type=Path, help="folder with true/ and false/ image sub-folders")
-    parser.add_argument(
-        "--out", type=Path, required=True, help="output .keras file (the .json sidecar goes next to it)"
-    )
+    parser.add_argument("--out", type=Path, required=True, help="output .keras file (the .json sidecar goes next to it)")
     parser.add_argument("--backbone", choices=["vgg16", "tiny"], default="vgg16")
-    parser.add_argument(
-        "--weights",
-        default=None,
-        metavar="imagenet|none|PATH",
-        help="starting weights of the backbone (default: imagenet for vgg16, none for tiny)",
-    )
+    parser.add_argument("--weights", default=None, metavar="imagenet|none|PATH",
+                        help="starting weights of the backbone (default: imagenet for vgg16, none for tiny)")
     parser.add_argument("--epochs", type=int, default=10, help="stage 1 (head) epochs")
-    parser.add_argument(
-        "--finetune-epochs",
-        type=int,
-        default=0,
-        help="stage 2 epochs with VGG16's block5 unfrozen (default 0: off; 3-5 with ImageNet weights)",
-    )
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="stage 2 epochs with VGG16's block5 unfrozen (default 0: off; 3-5 with ImageNet weights)")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="stage 1 learning rate")
     parser.add_argument("--finetune-learning-rate", type=float, default=DEFAULT_FINETUNE_LEARNING_RATE)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--val-split", type=float, default=0.2)
-    parser.add_argument(
-        "--monitor", choices=sorted(MONITORS), default="val_loss", help="what picks the best epoch"
-    )
-    parser.add_argument(
-        "--target-precision",
-        type=float,
-        default=DEFAULT_TARGET_PRECISION,
-        help="the threshold: the most validation recall at this validation precision",
-    )
+    parser.add_argument("--monitor", choices=sorted(MONITORS), default="val_loss", help="what picks the best epoch")
+    parser.add_argument("--target-precision", type=float, default=DEFAULT_TARGET_PRECISION,
+                        help="the threshold: the most validation recall at this validation precision")
     parser.add_argument("--no-augment", action="store_true", help="train on the images as they are")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--input-size", type=int, default=None, help="default: 224 (vgg16) or 64 (tiny)")

@@ -66,9 +66,7 @@ class Reservation:
     #: The exposure's place in the buffer's order (set at settle): committed once the buffer wrote it.
     seq: int = 0
 
-    def settle(
-        self, outcome: str, status: int, *, seed: int | None = None, found_fraction: float | None = None
-    ) -> None:
+    def settle(self, outcome: str, status: int, *, seed: int | None = None, found_fraction: float | None = None) -> None:
         if self.settled:
             return
         self.settled = True
@@ -210,6 +208,4 @@ class ExposureBuffer:
             except Exception:
                 await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
         if self._queue:
-            log.error(
-                "ingress shutting down with %d exposures the experiment store never took", len(self._queue)
-            )
+            log.error("ingress shutting down with %d exposures the experiment store never took", len(self._queue))

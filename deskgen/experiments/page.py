@@ -266,11 +266,7 @@ def render_report_page(report: Mapping[str, Any]) -> str:
     return _page(f"Experiment {experiment_id}", body)
 
 
-VERDICTS = {
-    "winner": "Winner",
-    "no_difference": "No difference larger than the MDE",
-    "keep_running": "Keep running",
-}
+VERDICTS = {"winner": "Winner", "no_difference": "No difference larger than the MDE", "keep_running": "Keep running"}
 
 
 def _decision(decision: Mapping[str, Any], promotion: Mapping[str, Any] | None) -> str:
@@ -299,13 +295,9 @@ def _reading(methods: Mapping[str, Any]) -> str:
     """Which figures may be read when."""
     if not methods:
         return ""
-    items = "".join(
-        f"<li><strong>{escape(str(k))}</strong>: {escape(str(v))}</li>" for k, v in methods.items()
-    )
-    return (
-        f'<p class="reading">Read the <em>always valid</em> columns at any time, as often as you like; the '
-        f"<em>fixed horizon</em> columns only once, at a number of users chosen in advance.</p><ul>{items}</ul>"
-    )
+    items = "".join(f"<li><strong>{escape(str(k))}</strong>: {escape(str(v))}</li>" for k, v in methods.items())
+    return (f'<p class="reading">Read the <em>always valid</em> columns at any time, as often as you like; the '
+            f"<em>fixed horizon</em> columns only once, at a number of users chosen in advance.</p><ul>{items}</ul>")
 
 
 def _allocation(allocation: Mapping[str, Any], arms: Sequence[str]) -> str:

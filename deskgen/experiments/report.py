@@ -139,20 +139,14 @@ OutcomeRow = tuple[str, int, dict[str, float], float | None]
 def _guardrails(rows: list[OutcomeRow]) -> Guardrails:
     n = len(rows)
     totals = [float(t["total_s"]) for outcome, _, t, _ in rows if outcome == "ok" and "total_s" in t]
-    p50, p95 = (
-        (float(np.percentile(totals, 50)), float(np.percentile(totals, 95)))
-        if totals
-        else (float("nan"),) * 2
-    )
+    p50, p95 = (float(np.percentile(totals, 50)), float(np.percentile(totals, 95))) if totals else (float("nan"),) * 2
     found = [f for outcome, _, _, f in rows if outcome == "ok" and f is not None]
     return Guardrails(
         requests=n,
         p50_total_s=p50,
         p95_total_s=p95,
         error_rate=sum(1 for _, status, _, _ in rows if status >= 500) / n if n else float("nan"),
-        gate_rejection_rate=sum(1 for outcome, _, _, _ in rows if outcome == GATE_REJECTED) / n
-        if n
-        else float("nan"),
+        gate_rejection_rate=sum(1 for outcome, _, _, _ in rows if outcome == GATE_REJECTED) / n if n else float("nan"),
         located_images=len(found),
         mean_found_fraction=float(np.mean(found)) if found else float("nan"),
     )
@@ -168,9 +162,7 @@ def _slice(totals: ConceptTotals) -> ConceptSlice:
     )
 
 
-def build_report(
-    store: ExperimentStore, experiment_id: str, *, confidence: float = 0.95
-) -> ExperimentReport | None:
+def build_report(store: ExperimentStore, experiment_id: str, *, confidence: float = 0.95) -> ExperimentReport | None:
     """The report of ``experiment_id``; ``None`` when no such experiment was recorded."""
     experiment = store.experiment(experiment_id)
     if experiment is None:
@@ -238,9 +230,7 @@ def build_report(
     )  # fmt: skip
 
 
-def _sample_ratio(
-    store: ExperimentStore, experiment: Experiment, users: dict[str, list[UserTotals]]
-) -> SampleRatio:
+def _sample_ratio(store: ExperimentStore, experiment: Experiment, users: dict[str, list[UserTotals]]) -> SampleRatio:
     """Users per arm against the weights each was drawn with: the split's for a fixed allocation; for a
     bandit, the weights stored with the user's assignment (the split's for a user assigned while the store
     was unreachable)."""
@@ -264,9 +254,7 @@ def promotion(decision: Decision | None, experiment: Experiment) -> dict[str, An
     to change live traffic. A winner becomes the default mix; with no difference the control stays."""
     if decision is None or decision.verdict == "keep_running":
         return None
-    ship = (
-        decision.winner if decision.verdict == "winner" and decision.winner else next(iter(experiment.split))
-    )
+    ship = decision.winner if decision.verdict == "winner" and decision.winner else next(iter(experiment.split))
     why = (f"{ship} won on {decision.metric}" if decision.verdict == "winner"
            else f"no difference of {decision.metric} larger than the MDE: keep the control {ship}")  # fmt: skip
     yaml = (

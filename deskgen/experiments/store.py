@@ -144,9 +144,7 @@ class ExperimentStore:
             return 0
         with self.engine.begin() as c:
             result = c.execute(
-                _insert(c, exposures)
-                .values([e.row() for e in batch])
-                .on_conflict_do_nothing(index_elements=["image_id"])
+                _insert(c, exposures).values([e.row() for e in batch]).on_conflict_do_nothing(index_elements=["image_id"])
             )
         return int(result.rowcount or 0)
 
@@ -160,9 +158,8 @@ class ExperimentStore:
         sender = sender or Sender()
         with self.engine.begin() as c:
             owner = c.execute(
-                select(
-                    exposures.c.user_id, exposures.c.experiment_id, exposures.c.arm, exposures.c.api_key
-                ).where(exposures.c.image_id == fb.image_id, exposures.c.outcome == "ok")
+                select(exposures.c.user_id, exposures.c.experiment_id, exposures.c.arm, exposures.c.api_key)
+                .where(exposures.c.image_id == fb.image_id, exposures.c.outcome == "ok")
             ).first()
             if owner is None:  # never answered, or answered with an error and no image
                 raise UnknownImage(f"`image_id`: no image {fb.image_id!r} was delivered.", field="image_id")
@@ -195,9 +192,7 @@ class ExperimentStore:
             row = c.execute(select(experiments).where(experiments.c.id == experiment_id)).first()
         if row is None:
             return None
-        return Experiment(
-            split=dict(row.split), salt=row.salt, mixes=dict(row.mixes), policy=Policy.of(row.policy)
-        )
+        return Experiment(split=dict(row.split), salt=row.salt, mixes=dict(row.mixes), policy=Policy.of(row.policy))
 
     # -- allocation (bandits) -------------------------------------------------------------------------
 
@@ -205,9 +200,7 @@ class ExperimentStore:
         """The weights stored for ``epoch`` (``None``: not computed yet)."""
         with self.engine.connect() as c:
             row = c.execute(
-                select(allocations).where(
-                    allocations.c.experiment_id == experiment_id, allocations.c.epoch == epoch
-                )
+                select(allocations).where(allocations.c.experiment_id == experiment_id, allocations.c.epoch == epoch)
             ).first()
         return None if row is None else _allocation_row(row)
 
@@ -218,11 +211,7 @@ class ExperimentStore:
         row = {"experiment_id": experiment_id, "epoch": epoch, "phase": phase, "weights": weights,
                "p_best": p_best, "users": users, "computed_at": now()}  # fmt: skip
         with self.engine.begin() as c:
-            c.execute(
-                _insert(c, allocations)
-                .values(row)
-                .on_conflict_do_nothing(index_elements=["experiment_id", "epoch"])
-            )
+            c.execute(_insert(c, allocations).values(row).on_conflict_do_nothing(index_elements=["experiment_id", "epoch"]))
         stored = self.allocation(experiment_id, epoch)
         assert stored is not None
         return stored
@@ -231,9 +220,7 @@ class ExperimentStore:
         """Every stored epoch's weights, oldest first."""
         with self.engine.connect() as c:
             rows = c.execute(
-                select(allocations)
-                .where(allocations.c.experiment_id == experiment_id)
-                .order_by(allocations.c.epoch)
+                select(allocations).where(allocations.c.experiment_id == experiment_id).order_by(allocations.c.epoch)
             ).all()
         return [_allocation_row(r) for r in rows]
 
@@ -243,11 +230,7 @@ class ExperimentStore:
         row = {"experiment_id": experiment_id, "user_id": user_id, "arm": arm, "weights": weights,
                "assigned_at": now()}  # fmt: skip
         with self.engine.begin() as c:
-            c.execute(
-                _insert(c, assignments)
-                .values(row)
-                .on_conflict_do_nothing(index_elements=["experiment_id", "user_id"])
-            )
+            c.execute(_insert(c, assignments).values(row).on_conflict_do_nothing(index_elements=["experiment_id", "user_id"]))
             stored = c.execute(
                 select(assignments.c.arm)
                 .where(assignments.c.experiment_id == experiment_id, assignments.c.user_id == user_id)
@@ -258,9 +241,7 @@ class ExperimentStore:
         """User id -> the weights their arm was drawn with (bandit experiments)."""
         with self.engine.connect() as c:
             rows = c.execute(
-                select(assignments.c.user_id, assignments.c.weights).where(
-                    assignments.c.experiment_id == experiment_id
-                )
+                select(assignments.c.user_id, assignments.c.weights).where(assignments.c.experiment_id == experiment_id)
             ).all()
         return {r.user_id: dict(r.weights) for r in rows}
 
@@ -302,23 +283,15 @@ class ExperimentStore:
             )
             shown = c.execute(
                 select(exposures.c.arm, exposures.c.user_id, func.count().label("n"))
-                .where(
-                    exposures.c.experiment_id == experiment_id,
-                    delivered,
-                    exposures.c.user_id.is_not(None),
-                    exposures.c.arm.is_not(None),
-                )
+                .where(exposures.c.experiment_id == experiment_id, delivered, exposures.c.user_id.is_not(None),
+                       exposures.c.arm.is_not(None))
                 .group_by(exposures.c.arm, exposures.c.user_id)
             ).all()
             events = c.execute(
                 select(exposures.c.arm, exposures.c.user_id, feedback.c.event, func.count().label("n"))
                 .join(feedback, feedback.c.image_id == exposures.c.image_id)
                 .join(first, first.c.user_id == exposures.c.user_id)
-                .where(
-                    exposures.c.experiment_id == experiment_id,
-                    delivered,
-                    feedback.c.created_at >= first.c.first_at,
-                )
+                .where(exposures.c.experiment_id == experiment_id, delivered, feedback.c.created_at >= first.c.first_at)
                 .group_by(exposures.c.arm, exposures.c.user_id, feedback.c.event)
             ).all()
         counts: dict[tuple[str, str], dict[str, int]] = {}
@@ -350,21 +323,13 @@ class ExperimentStore:
     def concept_totals(self, experiment_id: str) -> list[ConceptTotals]:
         """Per arm and concept preset (``none`` for requests without one): delivered images, the feedback
         events on them, and how many were located with their mean found fraction."""
-        delivered = (
-            exposures.c.experiment_id == experiment_id,
-            exposures.c.outcome == "ok",
-            exposures.c.arm.is_not(None),
-        )
+        delivered = (exposures.c.experiment_id == experiment_id, exposures.c.outcome == "ok", exposures.c.arm.is_not(None))
         concept = func.coalesce(exposures.c.concept, NO_CONCEPT)
         with self.engine.connect() as c:
             shown = c.execute(
-                select(
-                    exposures.c.arm,
-                    concept.label("concept"),
-                    func.count().label("n"),
-                    func.count(exposures.c.found_fraction).label("located"),
-                    func.avg(exposures.c.found_fraction).label("found"),
-                )
+                select(exposures.c.arm, concept.label("concept"), func.count().label("n"),
+                       func.count(exposures.c.found_fraction).label("located"),
+                       func.avg(exposures.c.found_fraction).label("found"))
                 .where(*delivered)
                 .group_by(exposures.c.arm, concept)
             ).all()

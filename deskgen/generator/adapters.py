@@ -57,9 +57,7 @@ def layers_with(pipe: Any, component: str, peft_names: Iterable[str]) -> list[An
     if model is None:
         return []
     names = set(peft_names)
-    return [
-        m for m in model.modules() if isinstance(m, BaseTunerLayer) and names & set(getattr(m, "lora_A", {}))
-    ]
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and names & set(getattr(m, "lora_A", {}))]
 
 
 #: A LoRA file as diffusers reads it: ``(state_dict, network_alphas, metadata)`` (:func:`read_adapter`).
@@ -124,9 +122,7 @@ class PeftAdapters:
             return
         # set_adapters does not undo disable_lora (peft keeps a separate "disabled" flag).
         self.pipe.enable_lora()
-        self.pipe.set_adapters(
-            [loaded[name] for name in mix.adapters], adapter_weights=[w for _, w in mix.weights]
-        )
+        self.pipe.set_adapters([loaded[name] for name in mix.adapters], adapter_weights=[w for _, w in mix.weights])
 
     def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
         return {component: [loaded[name] for name in mix.adapters] for component in LORA_COMPONENTS}
@@ -186,9 +182,7 @@ class FusedAdapters:
     def apply(self, mix: Mix, loaded: dict[str, str]) -> None:
         # The generator fuses every mix; the base mix is the base weights, which it restored already.
         if mix.weights:
-            raise RuntimeError(
-                f"mix {mix.id!r}: every mix is fused with FusedAdapters; there are no LoRA layers"
-            )
+            raise RuntimeError(f"mix {mix.id!r}: every mix is fused with FusedAdapters; there are no LoRA layers")
 
     def peft_names(self, mix: Mix, loaded: dict[str, str]) -> dict[str, list[str]]:
         return {component: [loaded[name] for name in mix.adapters] for component in LORA_COMPONENTS}
@@ -314,13 +308,7 @@ def shape_problem(pipe: Any, state_dict: dict[str, Any]) -> str | None:
             a = part[f"{name}.lora_A.weight"]
             inputs = getattr(module, "in_features", getattr(module, "in_channels", None))
             outputs = getattr(module, "out_features", getattr(module, "out_channels", None))
-            if (
-                a.ndim < 2
-                or b.ndim < 2
-                or a.shape[1] != inputs
-                or b.shape[0] != outputs
-                or b.shape[1] != a.shape[0]
-            ):
+            if a.ndim < 2 or b.ndim < 2 or a.shape[1] != inputs or b.shape[0] != outputs or b.shape[1] != a.shape[0]:
                 return (f"{component} layer {name}: LoRA shapes A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
                         f"a layer of {inputs} inputs and {outputs} outputs (A must be rank x {inputs}, B {outputs} x rank)")  # fmt: skip
     return None
@@ -339,9 +327,7 @@ def mapping_problem(pipe: Any, adapter: AdapterFile, expected: int) -> str | Non
     module up, without injecting anything (no peft layer is built)."""
     state_dict, alphas, metadata = adapter
     unet = unet_part(pipe, state_dict, alphas, metadata)
-    unet_adapted = sum(
-        1 for k in state_dict if k.startswith("unet.") and k.endswith(("lora_A.weight", "lora.down.weight"))
-    )
+    unet_adapted = sum(1 for k in state_dict if k.startswith("unet.") and k.endswith(("lora_A.weight", "lora.down.weight")))
     _, text_existing = text_encoder_modules(pipe, state_dict)
     matched = len(unet.modules) + text_existing
     if matched != expected or (unet_adapted and not unet.modules):
@@ -398,8 +384,7 @@ class HotswapSlots:
             unet.set_adapters(self.names, [0.0] * count)
             prepare_model_for_compiled_hotswap(unet, target_rank=self.rank, config=unet.peft_config)
         self._layers: dict[str, list[Any]] = {
-            slot: [m for m in unet.modules() if isinstance(m, LoraLayer) and slot in m.lora_A]
-            for slot in self.names
+            slot: [m for m in unet.modules() if isinstance(m, LoraLayer) and slot in m.lora_A] for slot in self.names
         }
         self._unit: dict[str, list[torch.Tensor]] = {slot: self._scales(slot) for slot in self.names}
         self.holds: dict[str, str | None] = dict.fromkeys(self.names)
@@ -448,10 +433,7 @@ class HotswapSlots:
         """Put every adapter of ``mix`` in a slot (hot-swapping the missing ones); returns adapter -> slot."""
         placed = {held: slot for slot, held in self.holds.items() if held in mix.adapters}
         # Empty slots first, then slots holding an adapter this mix does not use.
-        free = sorted(
-            (s for s in self.names if self.holds[s] not in mix.adapters),
-            key=lambda s: self.holds[s] is not None,
-        )
+        free = sorted((s for s in self.names if self.holds[s] not in mix.adapters), key=lambda s: self.holds[s] is not None)
         for name in mix.adapters:
             if name in placed:
                 continue
@@ -481,6 +463,7 @@ class HotswapSlots:
         for slot, held in self.holds.items():
             if held == name:
                 self.holds[slot] = None
+
 
 
 class SlotAdapters:

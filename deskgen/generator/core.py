@@ -224,9 +224,7 @@ class DeskGenerator:
             raise ModelFilesMissing("SDXL pipeline folder", source)
         timer = _Timer()
         dtype = runtime.dtype or "float32"
-        variant = weights_variant(
-            source, device=str(runtime.device), dtype=dtype, allowed=runtime.fp16_variant
-        )
+        variant = weights_variant(source, device=str(runtime.device), dtype=dtype, allowed=runtime.fp16_variant)
         pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=getattr(torch, dtype), variant=variant)
         pipe.to(runtime.device)
         optimise_pipeline(pipe, runtime)
@@ -246,9 +244,7 @@ class DeskGenerator:
         leaves it active), so compilation happens now rather than in a client's request. Returns seconds."""
         timer = _Timer()
         params = GenerationParams(prompt=WARMUP_PROMPT, steps=WARMUP_STEPS, width=size, height=size)
-        limits = SizeLimits(
-            min_side=min(size, self.limits.min_side), max_side=max(size, self.limits.max_side)
-        )
+        limits = SizeLimits(min_side=min(size, self.limits.min_side), max_side=max(size, self.limits.max_side))
         for mix in [Mix(()), *([self._hot] if self._hot is not None else [])]:
             self.generate(params, mix, limits=limits)
         self.warmup_s = timer.seconds()
@@ -300,9 +296,7 @@ class DeskGenerator:
                 problem = unreadable_problem(exc)
             else:
                 problem = mapping_problem(self.pipe, adapter, self.registry.module_count(name))
-                if problem is None and hasattr(
-                    self, "adapters"
-                ):  # (the strategy is built after the first check)
+                if problem is None and hasattr(self, "adapters"):  # (the strategy is built after the first check)
                     problem = self.adapters.fit_problem(name, adapter)
             if problem is not None:
                 log.warning("LoRA %s (%s) is unavailable: %s", name, path, problem)
@@ -359,18 +353,14 @@ class DeskGenerator:
                     with contextlib.suppress(Exception):
                         self.switcher.deleted(peft)
                         self.adapters.delete(name, peft)
-                    if isinstance(exc, (torch.OutOfMemoryError, DeskgenError)) or not isinstance(
-                        exc, (ValueError, KeyError, OSError, RuntimeError)
-                    ):
+                    if isinstance(exc, (torch.OutOfMemoryError, DeskgenError)) or not isinstance(exc, (ValueError, KeyError, OSError, RuntimeError)):
                         raise  # the replica's trouble (memory) or already the caller's, not the file's
                     problem = f"it did not load ({type(exc).__name__}: {str(exc).strip()[:200]})"
                     self.registry.record(name, problem)
                     raise AdapterUnavailable.of(name, problem) from exc
                 self._loaded[name] = peft
                 self._check_loaded(name, peft, path)
-                log.info(
-                    "loaded LoRA %s (%s layout) in %.3f s", name, self.registry.layout(name), timer.seconds()
-                )
+                log.info("loaded LoRA %s (%s layout) in %.3f s", name, self.registry.layout(name), timer.seconds())
 
     def _check_loaded(self, name: str, peft: str, path: Path) -> None:
         # diffusers warns, but does not fail, when a LoRA's keys do not match the model (e.g. a kohya
@@ -451,12 +441,7 @@ class DeskGenerator:
     # -- generation -----------------------------------------------------------------------------
 
     def generate(
-        self,
-        params: GenerationParams,
-        mix: Mix,
-        on_step: StepCallback | None = None,
-        *,
-        limits: SizeLimits | None = None,
+        self, params: GenerationParams, mix: Mix, on_step: StepCallback | None = None, *, limits: SizeLimits | None = None
     ) -> GenerationResult:
         """Draw one image of ``params`` with ``mix`` active, within ``limits`` (the caller's; default
         :attr:`limits`).
@@ -479,9 +464,7 @@ class DeskGenerator:
             #    and VAE decoding (the callback changes nothing in the computation).
             denoised_at = [0.0]
 
-            def step_end(
-                pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
-            ) -> dict[str, Any]:
+            def step_end(pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
                 if on_step is not None:
                     on_step(step_index + 1, pipe.num_timesteps)
                 denoised_at[0] = time.perf_counter()
@@ -520,11 +503,7 @@ class DeskGenerator:
             "negative_prompt_tokens": prompts.negative_prompt_tokens,
             "prompt_chunks": prompts.chunks,
             "runtime": runtime,
-            "timings": {
-                "activate_s": round(activate_s, 6),
-                "generate_s": round(generate_s, 6),
-                "denoise_s": round(denoise_s, 6),
-                "decode_s": round(generate_s - denoise_s, 6),
-            },
+            "timings": {"activate_s": round(activate_s, 6), "generate_s": round(generate_s, 6),
+                        "denoise_s": round(denoise_s, 6), "decode_s": round(generate_s - denoise_s, 6)},
         }
         return GenerationResult(image=output.images[0], metadata=metadata)

@@ -56,3 +56,4 @@ def compile_unet(unet: Any, mode: str, scope: str) -> int:
     for block in blocks:
         block.compile(mode=mode, dynamic=False)
     return len(blocks)
+

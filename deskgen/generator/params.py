@@ -54,8 +54,7 @@ class GenerationParams:
             )  # fmt: skip
         if not isinstance(self.negative_prompt, str):
             raise InvalidParameter(
-                f"`negative_prompt` must be a string but is {self.negative_prompt!r}.",
-                field="negative_prompt",
+                f"`negative_prompt` must be a string but is {self.negative_prompt!r}.", field="negative_prompt"
             )
         if len(self.negative_prompt) > MAX_PROMPT_CHARS:
             raise InvalidParameter(
@@ -79,9 +78,7 @@ class GenerationParams:
             check_int(name, value, limits.min_side, limits.max_side)
             if value % SIDE_MULTIPLE:
                 # The VAE downsamples by 8: other sizes would be silently cropped by the pipeline.
-                raise InvalidParameter(
-                    f"`{name}` must be a multiple of {SIDE_MULTIPLE} but is {value}.", field=name
-                )
+                raise InvalidParameter(f"`{name}` must be a multiple of {SIDE_MULTIPLE} but is {value}.", field=name)
         return self
 
 

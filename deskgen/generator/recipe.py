@@ -23,14 +23,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("", {}),
     "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False},
-    ),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
-    ),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
@@ -70,9 +64,7 @@ def describe_scheduler(name: str, scheduler: Any) -> dict[str, Any]:
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: (v if isinstance(v, (str, int, float, bool)) or v is None else str(v)) for k, v in values.items()
-    }
+    return {k: (v if isinstance(v, (str, int, float, bool)) or v is None else str(v)) for k, v in values.items()}
 
 
 def model_revision(source: str) -> str:

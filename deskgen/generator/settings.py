@@ -50,16 +50,12 @@ def hot_mix_from_spec(spec: str, *, field: str = "fuse_hot_mix") -> Mix:
     ``user_config`` catalogue is not visible to a replica's static settings), or ``adapter:weight+...``
     (a canonical mix id is such a spec). Raises InvalidParameter naming ``field`` for anything else."""
     if not isinstance(spec, str):
-        raise InvalidParameter(
-            f"`{field}` must be a mix name or `adapter:weight+...` but is {spec!r}.", field=field
-        )
+        raise InvalidParameter(f"`{field}` must be a mix name or `adapter:weight+...` but is {spec!r}.", field=field)
     text = spec.strip()
     if text in NAMED_MIXES:
         return Mix.from_weights(NAMED_MIXES[text], field=field)
     if text == BASE_MIX_ID:
-        raise InvalidParameter(
-            f"`{field}`: the base mix has nothing to fuse; leave it null instead of {spec!r}.", field=field
-        )
+        raise InvalidParameter(f"`{field}`: the base mix has nothing to fuse; leave it null instead of {spec!r}.", field=field)
     if ":" not in text and "+" not in text:
         raise InvalidParameter(
             f"`{field}` must name a built-in mix {sorted(NAMED_MIXES)} or be `adapter:weight+...` but is {spec!r}.",
@@ -67,9 +63,7 @@ def hot_mix_from_spec(spec: str, *, field: str = "fuse_hot_mix") -> Mix:
         )
     mix = Mix.from_weights(parse_mix_spec(text, field=field), field=field)
     if not mix.weights:
-        raise InvalidParameter(
-            f"`{field}`: every weight of {spec!r} is 0, so there is nothing to fuse.", field=field
-        )
+        raise InvalidParameter(f"`{field}`: every weight of {spec!r} is 0, so there is nothing to fuse.", field=field)
     return mix
 
 
@@ -103,8 +97,7 @@ def settings_from_options(options: dict[str, Any]) -> GeneratorSettings:
     profile = values.pop("speed_profile", None) or "exact"
     if not isinstance(profile, str) or profile not in SPEED_PROFILES:
         raise InvalidParameter(
-            f"`speed_profile` must be one of {sorted(SPEED_PROFILES)} but is {profile!r}.",
-            field="speed_profile",
+            f"`speed_profile` must be one of {sorted(SPEED_PROFILES)} but is {profile!r}.", field="speed_profile"
         )
     known = {f.name for f in dataclasses.fields(GeneratorSettings)}
     unknown = sorted(set(values) - known)
@@ -189,6 +182,7 @@ class GeneratorSettings:
     #: device is CUDA with a 16-bit dtype: half the bytes to read, the same values once cast. False: never.
     fp16_variant: bool = True
 
+
     def __post_init__(self) -> None:
         from deskgen.generator.recipe import SCHEDULERS
 
@@ -245,15 +239,14 @@ class GeneratorSettings:
         if self.fuse_hot_mix is not None:
             hot_mix_from_spec(self.fuse_hot_mix)
 
+
     def resolved_device(self) -> str:
         import torch
 
         if self.device is None:
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InvalidParameter(
-                f"`device` is {self.device!r} but no CUDA device is available.", field="device"
-            )
+            raise InvalidParameter(f"`device` is {self.device!r} but no CUDA device is available.", field="device")
         return self.device
 
     def resolved_dtype(self, device: str) -> str:
@@ -265,6 +258,7 @@ class GeneratorSettings:
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         _check_choice("dtype", self.dtype, DTYPES)
         return self.dtype
+
 
     @property
     def is_resolved(self) -> bool:
@@ -294,11 +288,7 @@ class GeneratorSettings:
         compile_ = cuda if self.compile is None else self.compile
         _check_compile_combination(compile_, self)
         # Slots where fused mixes cannot be: FP8 weights, or unfused mixes on a compiled UNet.
-        hotswap = (
-            (self.fp8 or (compile_ and self.fuse_active_mix is False))
-            if self.hotswap is None
-            else self.hotswap
-        )
+        hotswap = (self.fp8 or (compile_ and self.fuse_active_mix is False)) if self.hotswap is None else self.hotswap
         if self.fuse_active_mix and hotswap:
             raise InvalidParameter(_FUSE_VS_SLOTS, field="fuse_active_mix")
         return dataclasses.replace(

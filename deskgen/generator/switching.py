@@ -122,9 +122,7 @@ def batching_problem(layer: Any, peft: str) -> str | None:
     base = layer.get_base_layer()
     if isinstance(layer, lora.Linear) and isinstance(base, torch.nn.Linear):
         return "fan_in_fan_out" if layer.fan_in_fan_out else None
-    if isinstance(layer, (lora.Conv1d, lora.Conv2d, lora.Conv3d)) and isinstance(
-        base, torch.nn.modules.conv._ConvNd
-    ):
+    if isinstance(layer, (lora.Conv1d, lora.Conv2d, lora.Conv3d)) and isinstance(base, torch.nn.modules.conv._ConvNd):
         return None  # groups == 1 (refused otherwise): the delta is B (out, r) @ A (r, in*k...)
     return f"a {type(base).__name__} layer"
 
@@ -210,9 +208,7 @@ class BatchedFuser:
                     chunk = [p.detach() for p in params[start : start + step]]
                     torch._foreach_add_(chunk, [d.view(shape) for d in delta.unbind(0)])
                     held = {id(t): t for t in (a_cat, b_cat, product, delta)}.values()
-                    self.transient_bytes = max(
-                        self.transient_bytes, sum(t.numel() * t.element_size() for t in held)
-                    )
+                    self.transient_bytes = max(self.transient_bytes, sum(t.numel() * t.element_size() for t in held))
 
     @staticmethod
     def _stack(
@@ -235,9 +231,7 @@ class BatchedFuser:
             a = torch.stack([t.reshape(rank, fan_in) for t in group.a]).to(compute)
             b = torch.stack([t.reshape(out, rank) for t in group.b]).to(compute)
             # Like peft's set_scale: (weight * alpha) / r, in double, once per layer.
-            scale = [
-                weight * alpha / divisor for alpha, divisor in zip(group.alphas, group.divisors, strict=True)
-            ]
+            scale = [weight * alpha / divisor for alpha, divisor in zip(group.alphas, group.divisors, strict=True)]
             b = b * torch.tensor(scale, dtype=compute).to(device).view(-1, 1, 1)
             rows = [index[id(p)] for p in group.params]
             if rows != list(range(count)):  # the adapter lacks some layers of this shape: zero rows
@@ -329,9 +323,7 @@ class MixSwitcher:
                 layers = layers_with(self.pipe, component, peft_names)
                 if layers:
                     components.append(component)
-                    params += [
-                        p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)
-                    ]
+                    params += [p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)]
             self.pristine.save(params)
             self.fused = Fused(mix, components, params, method="diffusers")
             for component in components:

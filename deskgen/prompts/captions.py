@@ -189,9 +189,7 @@ def _facts(text: str, vocab: Vocabulary) -> _CaptionFacts:
     scene: list[str] = []
     for start, _, word in free_words:
         if word in SCENE_WORDS:
-            mods = modifiers_before(
-                start, lambda w: w not in _NOT_DESCRIPTIVE and w not in SCENE_WORDS and w.isalpha()
-            )
+            mods = modifiers_before(start, lambda w: w not in _NOT_DESCRIPTIVE and w not in SCENE_WORDS and w.isalpha())
             if mods:
                 scene.append(" ".join([*mods, word]))
     return _CaptionFacts(colours, scene)

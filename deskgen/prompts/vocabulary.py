@@ -182,11 +182,7 @@ class Vocabulary:
         for canonical, synonyms in extra.items():
             where = f"vocabulary.extra_objects[{canonical!r}]"
             _check_term(canonical, where)
-            if (
-                isinstance(synonyms, str)
-                or not isinstance(synonyms, Sequence)
-                or len(synonyms) > MAX_SYNONYMS
-            ):
+            if isinstance(synonyms, str) or not isinstance(synonyms, Sequence) or len(synonyms) > MAX_SYNONYMS:
                 raise InvalidParameter(
                     f"`{where}` must be a list of at most {MAX_SYNONYMS} synonyms but is {synonyms!r:.80}.",
                     field="vocabulary",

@@ -59,9 +59,7 @@ def find_bindir() -> Path | None:
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
-            )
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10)
             bindir = Path(out.stdout.strip())
             if (bindir / "pg_ctl").is_file() and (bindir / "initdb").is_file():
                 return bindir
@@ -101,9 +99,7 @@ def _server_user() -> str | None:
     with contextlib.suppress(KeyError):
         pwd.getpwnam("nobody")
         return "nobody"
-    raise PostgresError(
-        f"running as root, and could not create the user {PG_USER!r}: {created.stderr.strip()}"
-    )
+    raise PostgresError(f"running as root, and could not create the user {PG_USER!r}: {created.stderr.strip()}")
 
 
 def _tail(path: Path, lines: int = 60) -> str:
@@ -118,9 +114,7 @@ def running_postgres() -> Iterator[str]:
     """Start a PostgreSQL server in a fresh temp dir; yield its SQLAlchemy URL; stop it and remove the dir."""
     bindir = find_bindir()
     if bindir is None:
-        raise PostgresError(
-            "no PostgreSQL server binaries: run `make system-deps` or `apt-get install postgresql`"
-        )
+        raise PostgresError("no PostgreSQL server binaries: run `make system-deps` or `apt-get install postgresql`")
     user = _server_user()
     prefix = ["runuser", "-u", user, "--"] if user else []
     tmp = Path(tempfile.mkdtemp(prefix="deskgen-pg-"))

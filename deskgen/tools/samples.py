@@ -105,15 +105,11 @@ def desk_scene(rng: np.random.Generator, size: int = 96) -> Image.Image:
     for _ in range(int(rng.integers(0, 4))):  # windows / text lines on the screen
         wx = int(rng.integers(x0 + pad, max(x0 + pad + 1, x1 - 3 * pad)))
         wy = int(rng.integers(mon_top + pad, max(mon_top + pad + 1, mon_bottom - 3 * pad)))
-        draw.rectangle(
-            (wx, wy, min(x1 - pad, wx + s // 8), min(mon_bottom - pad, wy + s // 16)),
-            fill=_jitter(rng, (235, 235, 240), 15),
-        )
+        draw.rectangle((wx, wy, min(x1 - pad, wx + s // 8), min(mon_bottom - pad, wy + s // 16)),
+                       fill=_jitter(rng, (235, 235, 240), 15))
     stand_w = max(2, s // 24)
     draw.rectangle((mon_cx - stand_w // 2, mon_bottom, mon_cx + stand_w // 2, desk_top + 2), fill=bezel)
-    draw.rectangle(
-        (mon_cx - 3 * stand_w, desk_top, mon_cx + 3 * stand_w, desk_top + max(2, s // 40)), fill=bezel
-    )
+    draw.rectangle((mon_cx - 3 * stand_w, desk_top, mon_cx + 3 * stand_w, desk_top + max(2, s // 40)), fill=bezel)
 
     # 3. The keyboard in front of the monitor, with a grid of keys.
     kb_w = int(s * rng.uniform(0.34, 0.5))
@@ -147,9 +143,7 @@ def desk_scene(rng: np.random.Generator, size: int = 96) -> Image.Image:
         lamp = _colour(rng, 20, 200)
         top = int(desk_top - s * rng.uniform(0.3, 0.45))
         draw.line((lx, desk_top, lx, top), fill=lamp, width=max(1, s // 48))
-        draw.polygon(
-            [(lx - s // 12, top + s // 12), (lx + s // 24, top), (lx + s // 20, top + s // 10)], fill=lamp
-        )
+        draw.polygon([(lx - s // 12, top + s // 12), (lx + s // 24, top), (lx + s // 20, top + s // 10)], fill=lamp)
     if rng.random() < 0.4:  # plant in a pot
         px = int(s * rng.uniform(0.02, 0.12)) if rng.random() < 0.5 else int(s * rng.uniform(0.82, 0.92))
         pw = max(4, s // 14)
@@ -178,7 +172,7 @@ def _landscape(rng: np.random.Generator, s: int) -> Image.Image:
             points.append((x, horizon - int(rng.integers(0, s // 4))))
         points.append((s, horizon))
         draw.polygon(points, fill=_jitter(rng, (90, 110, 130), 30))
-    ground = _jitter(rng, (70, 140, 60), 30) if rng.random() < 0.6 else _jitter(rng, (210, 190, 140), 25)
+    ground = (_jitter(rng, (70, 140, 60), 30) if rng.random() < 0.6 else _jitter(rng, (210, 190, 140), 25))
     draw.rectangle((0, horizon, s, s), fill=ground)
     r = int(s * rng.uniform(0.05, 0.1))
     sx, sy = int(rng.integers(r, s - r)), int(rng.integers(r, max(r + 1, horizon - r)))
@@ -294,9 +288,7 @@ def generate_samples(out_dir: Path, n_per_class: int, seed: int, size: int = 96)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--n-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)

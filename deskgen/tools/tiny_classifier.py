@@ -55,9 +55,5 @@ def build(out: Path) -> None:
         )
     log.info(
         "tiny desk gate: samples %.1f s, training %.1f s, val_accuracy %.3f (%d train / %d val)",
-        generated - start,
-        report.seconds,
-        report.val_accuracy,
-        report.n_train,
-        report.n_val,
+        generated - start, report.seconds, report.val_accuracy, report.n_train, report.n_val,
     )

@@ -56,8 +56,7 @@ def build(out: Path) -> Path:
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     processor = Owlv2Processor(
-        image_processor=Owlv2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tokenizer,
+        image_processor=Owlv2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), tokenizer=tokenizer
     )
     folder = out / "owlv2"
     model.save_pretrained(folder)

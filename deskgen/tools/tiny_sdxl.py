@@ -182,20 +182,8 @@ def build_pipeline() -> Any:
         "num_hidden_layers": 2,  # the pipeline reads hidden_states[-2], as SDXL's clip skip
     }
     te1_hidden, te2_hidden, pooled_dim = 32, 48, 32
-    te1_cfg = CLIPTextConfig(
-        hidden_size=te1_hidden,
-        intermediate_size=64,
-        num_attention_heads=4,
-        projection_dim=pooled_dim,
-        **special,
-    )
-    te2_cfg = CLIPTextConfig(
-        hidden_size=te2_hidden,
-        intermediate_size=96,
-        num_attention_heads=4,
-        projection_dim=pooled_dim,
-        **special,
-    )
+    te1_cfg = CLIPTextConfig(hidden_size=te1_hidden, intermediate_size=64, num_attention_heads=4, projection_dim=pooled_dim, **special)
+    te2_cfg = CLIPTextConfig(hidden_size=te2_hidden, intermediate_size=96, num_attention_heads=4, projection_dim=pooled_dim, **special)
     text_encoder = CLIPTextModel(te1_cfg)
     text_encoder_2 = CLIPTextModelWithProjection(te2_cfg)
 
@@ -298,9 +286,7 @@ def _random_lora(
     return weights
 
 
-def _write_kohya(
-    path: Path, weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], layers: int
-) -> None:
+def _write_kohya(path: Path, weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], layers: int) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -312,9 +298,7 @@ def _write_kohya(
             tensors[key + kohya.DOWN] = down
             tensors[key + kohya.UP] = up
             tensors[key + kohya.ALPHA] = torch.tensor(KOHYA_ALPHA)
-    save_file(
-        tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK)}
-    )
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK)})
 
 
 def _write_diffusers(path: Path, weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
@@ -442,9 +426,7 @@ def verify(out: Path, *, size: int = 64, steps: int = 2) -> dict[str, float]:
     changes: dict[str, float] = {}
     for name in LORAS:
         with quiet_adapter_load():
-            pipe.load_lora_weights(
-                str(Path(out) / "loras"), weight_name=f"{name}.safetensors", adapter_name=name
-            )
+            pipe.load_lora_weights(str(Path(out) / "loras"), weight_name=f"{name}.safetensors", adapter_name=name)
         for component, modules in expected[name].items():
             model = getattr(pipe, component)
             for module_name, (down, up) in modules.items():
@@ -453,19 +435,13 @@ def verify(out: Path, *, size: int = 64, steps: int = 2) -> dict[str, float]:
                     got_down = layer.lora_A[name].weight
                     got_up = layer.lora_B[name].weight
                 except (AttributeError, KeyError) as exc:
-                    raise RuntimeError(
-                        f"LoRA {name!r}: {component}.{module_name} was not loaded ({exc})"
-                    ) from exc
+                    raise RuntimeError(f"LoRA {name!r}: {component}.{module_name} was not loaded ({exc})") from exc
                 if not (torch.equal(got_down, down) and torch.equal(got_up, up)):
-                    raise RuntimeError(
-                        f"LoRA {name!r}: {component}.{module_name} loaded with different weights"
-                    )
+                    raise RuntimeError(f"LoRA {name!r}: {component}.{module_name} loaded with different weights")
         pipe.set_adapters([name], adapter_weights=[1.0])
         changes[name] = float(np.abs(render() - base).mean())
         if changes[name] < MIN_VISIBLE_CHANGE:
-            raise RuntimeError(
-                f"LoRA {name!r} changes the {size}x{size} image by only {changes[name]:.3f} grey levels"
-            )
+            raise RuntimeError(f"LoRA {name!r} changes the {size}x{size} image by only {changes[name]:.3f} grey levels")
     pipe.disable_lora()
     if not np.array_equal(render(), base):
         raise RuntimeError("the image with LoRAs disabled differs from the base image")
@@ -481,16 +457,7 @@ def verify(out: Path, *, size: int = 64, steps: int = 2) -> dict[str, float]:
 #: must load (``unet_only``: no ``lora_te`` keys, as most SDXL kohya trainings save; ``wider``: twice the
 #: rank and more layers than any tiny adapter, so it fits no hot-swap slots laid out before it) and the
 #: kinds diffusers cannot load correctly, each refused at replica start with a reason.
-LORA_VARIANTS = (
-    "unet_only",
-    "wider",
-    "loha",
-    "dora",
-    "truncated",
-    "unknown_layout",
-    "unpaired",
-    "extra_layer",
-)
+LORA_VARIANTS = ("unet_only", "wider", "loha", "dora", "truncated", "unknown_layout", "unpaired", "extra_layer")
 #: The variants that load.
 GOOD_LORA_VARIANTS = ("unet_only", "wider")
 
@@ -518,11 +485,7 @@ def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
 
         out = {}
         for base in bases:
-            down, up, alpha = (
-                tensors[base + kohya.DOWN],
-                tensors[base + kohya.UP],
-                tensors[base + kohya.ALPHA],
-            )
+            down, up, alpha = tensors[base + kohya.DOWN], tensors[base + kohya.UP], tensors[base + kohya.ALPHA]
             out[base + kohya.DOWN] = np.concatenate([down, noise(down.shape, down)])
             out[base + kohya.UP] = np.concatenate([up, noise(up.shape, up)], axis=1)
             out[base + kohya.ALPHA] = alpha
@@ -538,9 +501,7 @@ def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
                     f"{base}.hada_w2_b": down.copy(), base + kohya.ALPHA: tensors[base + kohya.ALPHA]}  # fmt: skip
     elif kind == "dora":
         # What kohya/LyCORIS write for DoRA: a magnitude vector per module next to the LoRA pair.
-        out = dict(tensors) | {
-            f"{b}.dora_scale": np.ones((1, tensors[b + kohya.UP].shape[0]), np.float32) for b in bases
-        }
+        out = dict(tensors) | {f"{b}.dora_scale": np.ones((1, tensors[b + kohya.UP].shape[0]), np.float32) for b in bases}
     elif kind == "truncated":
         data = source.read_bytes()
         path.write_bytes(data[: len(data) // 2])  # an interrupted copy

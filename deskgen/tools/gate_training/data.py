@@ -46,9 +46,7 @@ def load_training_image(path: Path) -> Image.Image:
                 image.load()
                 return to_rgb(image)
     except Image.DecompressionBombError as exc:
-        raise NotAnImage(
-            f"training image {str(path)!r} is too large to decode safely: {exc}", field="data_dir"
-        ) from exc
+        raise NotAnImage(f"training image {str(path)!r} is too large to decode safely: {exc}", field="data_dir") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise NotAnImage(
             f"training image {str(path)!r} is not a decodable image (JPEG, PNG, WebP, ...): {exc}. "
@@ -69,25 +67,19 @@ def _split(n: int, val_split: float, rng: np.random.Generator, label: str) -> tu
     return order[n_val:], order[:n_val]
 
 
-def _training_dataset(
-    keras: Any, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment: bool
-) -> Any:
+def _training_dataset(keras: Any, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment: bool) -> Any:
     """A shuffled, batched ``tf.data`` pipeline; augmentation on the training split only. The inputs are
     VGG-normalised (mean-subtracted BGR): flips, shifts and zooms (reflected borders) are unaffected by
     that; brightness is one offset added to every channel, which is what a brighter photo gives."""
     import tensorflow as tf
 
-    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
-        len(x), seed=seed, reshuffle_each_iteration=True
-    )
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     data = data.batch(batch_size)
     if augment:
         layers = keras.Sequential(
             [
                 keras.layers.RandomFlip("horizontal", seed=seed),
-                keras.layers.RandomTranslation(
-                    AUGMENT_SHIFT, AUGMENT_SHIFT, fill_mode="reflect", seed=seed + 1
-                ),
+                keras.layers.RandomTranslation(AUGMENT_SHIFT, AUGMENT_SHIFT, fill_mode="reflect", seed=seed + 1),
                 keras.layers.RandomZoom(AUGMENT_ZOOM, fill_mode="reflect", seed=seed + 2),
             ],
             name="augment",
@@ -95,9 +87,7 @@ def _training_dataset(
 
         def augment_batch(images: Any, labels: Any) -> tuple[Any, Any]:
             images = layers(images, training=True)
-            shift = tf.random.uniform(
-                (tf.shape(images)[0], 1, 1, 1), -AUGMENT_BRIGHTNESS, AUGMENT_BRIGHTNESS, seed=seed + 3
-            )
+            shift = tf.random.uniform((tf.shape(images)[0], 1, 1, 1), -AUGMENT_BRIGHTNESS, AUGMENT_BRIGHTNESS, seed=seed + 3)
             return images + shift, labels
 
         data = data.map(augment_batch, num_parallel_calls=1)

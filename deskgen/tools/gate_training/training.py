@@ -102,8 +102,7 @@ def resolve_weights(backbone: Backbone, weights: str | None) -> tuple[str, Path 
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelFilesMissing(
-            "VGG16 weights file (no top, .h5)",
-            str(path),
+            "VGG16 weights file (no top, .h5)", str(path),
             hint=f"pass the path of {VGG16_NOTOP_FILE}, or `--weights imagenet` / `--weights none`",
         )
     return "path", path
@@ -147,9 +146,7 @@ def train_gate(
     if epochs < 1:
         raise InvalidParameter(f"`epochs` must be at least 1 but is {epochs}.", field="epochs")
     if finetune_epochs < 0:
-        raise InvalidParameter(
-            f"`finetune_epochs` must be at least 0 but is {finetune_epochs}.", field="finetune_epochs"
-        )
+        raise InvalidParameter(f"`finetune_epochs` must be at least 0 but is {finetune_epochs}.", field="finetune_epochs")
     if batch_size < 1:
         raise InvalidParameter(f"`batch_size` must be at least 1 but is {batch_size}.", field="batch_size")
     if not 0.0 < target_precision <= 1.0:
@@ -157,9 +154,7 @@ def train_gate(
             f"`target_precision` must be in (0, 1] but is {target_precision}.", field="target_precision"
         )
     if monitor not in MONITORS:
-        raise InvalidParameter(
-            f"`monitor` must be one of {sorted(MONITORS)} but is {monitor!r}.", field="monitor"
-        )
+        raise InvalidParameter(f"`monitor` must be one of {sorted(MONITORS)} but is {monitor!r}.", field="monitor")
     if Path(out).suffix != ".keras":
         raise InvalidParameter(f"`out` must end in .keras but is {str(out)!r}.", field="out")
     if backbone not in DEFAULT_INPUT_SIZE:
@@ -213,20 +208,11 @@ def train_gate(
         )
         best.stage = stage
         history = model.fit(
-            train_data,
-            validation_data=(x_val, y_val),
-            epochs=stage_epochs,
-            class_weight=class_weight,
-            callbacks=[best],
-            shuffle=False,
-            verbose=0,  # the dataset reshuffles every epoch itself
+            train_data, validation_data=(x_val, y_val), epochs=stage_epochs, class_weight=class_weight,
+            callbacks=[best], shuffle=False, verbose=0,  # the dataset reshuffles every epoch itself
         )
-        log.info(
-            "stage %s: %d epochs, %s",
-            stage,
-            stage_epochs,
-            ", ".join(f"{k} {v[-1]:.4f}" for k, v in history.history.items()),
-        )
+        log.info("stage %s: %d epochs, %s", stage, stage_epochs,
+                 ", ".join(f"{k} {v[-1]:.4f}" for k, v in history.history.items()))
     if best.weights is None:
         raise RuntimeError(f"no epoch reported `{monitor}`: {best.seen}")
     model.set_weights(best.weights)
@@ -264,35 +250,17 @@ def train_gate(
             "roc_auc": report.val_auc,
             "precision": precision,
             "recall": recall,
-            "at_threshold_0.5": {
-                "accuracy": report.val_accuracy,
-                "precision": at_half[0],
-                "recall": at_half[1],
-            },
+            "at_threshold_0.5": {"accuracy": report.val_accuracy, "precision": at_half[0], "recall": at_half[1]},
             # Relative to data_dir: the held-out images, so the numbers above can be checked or recomputed.
             "files": val_files,
         },
-        "best_epoch": {
-            "epoch": best.epoch,
-            "stage": best.best_stage,
-            "monitor": monitor,
-            "value": best.value,
-        },
+        "best_epoch": {"epoch": best.epoch, "stage": best.best_stage, "monitor": monitor, "value": best.value},
         "training": {
-            "data_dir": str(data_dir),
-            "n_train": len(x_train),
-            "backbone": backbone,
-            "weights": weights_kind,
-            "weights_file": str(weights_file) if weights_file else None,
-            "input_size": size,
-            "epochs": epochs,
-            "finetune_epochs": finetune_epochs,
-            "learning_rate": learning_rate,
-            "finetune_learning_rate": finetune_learning_rate,
-            "batch_size": batch_size,
-            "augment": augment,
-            "val_split": val_split,
-            "seed": seed,
+            "data_dir": str(data_dir), "n_train": len(x_train), "backbone": backbone, "weights": weights_kind,
+            "weights_file": str(weights_file) if weights_file else None, "input_size": size, "epochs": epochs,
+            "finetune_epochs": finetune_epochs, "learning_rate": learning_rate,
+            "finetune_learning_rate": finetune_learning_rate, "batch_size": batch_size, "augment": augment,
+            "val_split": val_split, "seed": seed,
         },
         "model_file": out.name,
         "model_sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
