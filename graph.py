@@ -18,6 +18,7 @@ from deployments.ingress import Ingress
 from deployments.locator import Locator
 from deployments.recorder import Recorder
 from deskgen.generator.settings import settings_from_options
+from deskgen.imagestore import ImageStoreSettings
 
 
 class DeskgenArgs(BaseModel):
@@ -35,6 +36,11 @@ class DeskgenArgs(BaseModel):
         "sqlite:///build/experiments.db",
         description="SQLAlchemy URL of the A/B experiment store: SQLite (a relative path is under the project "
         "root; one Recorder replica) or postgresql+psycopg://user:password@host/db (Recorder may scale out)",
+    )
+    image_store: ImageStoreSettings = Field(
+        default_factory=ImageStoreSettings,
+        description="where delivered images are kept, bounded in size and time (deskgen.imagestore): what "
+        "LoRA training on liked images reads",
     )
     device: str | None = Field(None, description="force a torch device (default: cuda if available, else cpu)")
     dtype: str | None = Field(None, description="force a torch dtype (default: fp16/bf16 on cuda, fp32 on cpu)")
@@ -59,6 +65,7 @@ def build_app(args: DeskgenArgs) -> Application:
         generator=Generator.bind(settings),  # type: ignore[attr-defined]
         recorder=Recorder.bind(args.experiments_db),  # type: ignore[attr-defined]
         lora_dir=args.lora_dir,
+        image_store=args.image_store.model_dump(),
         locator=Locator.bind(args.locator_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
     )
 

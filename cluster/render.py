@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBERAY_FILE = ROOT / "cluster" / "kuberay-rayservice.yaml"
 AWS_FILE = ROOT / "cluster" / "aws-cluster.yaml"
 
-#: The Ray version everything is pinned to: pyproject's ray[serve]==..., the images, rayVersion.
+#: The Ray version everything is pinned to: pyproject's ray[serve,train]==..., the images, rayVersion.
 RAY_VERSION = "2.60.0"
 PYTHON_TAG = "py311"
 #: Ray's own images; cluster/Dockerfile builds the deskgen images FROM them.

@@ -47,6 +47,7 @@ from deskgen.errors import AdapterUnavailable, NotADeskSetup
 from deskgen.experiments.buffer import ExposureBuffer, Reservation
 from deskgen.generator.params import GenerationParams
 from deskgen.images import decode_image
+from deskgen.imagestore import ImageStore
 from deskgen.limits import MAX_SEED
 from deskgen.mixes import Mix
 from deskgen.pngmeta import PRODUCTS_KEY, encode_png, with_text
@@ -140,8 +141,11 @@ def _given(value: T | None, default: T) -> T:
 
 class GenerationPipeline:
     def __init__(self, config: Callable[[], IngressConfig], stages: dict[str, Any], catalogue: MixCatalogue,
-                 exposures: ExposureBuffer) -> None:  # fmt: skip
+                 exposures: ExposureBuffer, images: ImageStore | None = None) -> None:  # fmt: skip
         self.config = config
+        #: Delivered PNGs by image id (deskgen.imagestore): what liked-image LoRA training reads.
+        self.images = images
+        self._keeping: set[asyncio.Task[None]] = set()
         self.classifier = stages["classifier"]
         self.captioner = stages["captioner"]
         self.generator = stages["generator"]
@@ -330,8 +334,26 @@ class GenerationPipeline:
         run.timings["total_s"] = time.perf_counter() - run.started
         found = run.located.found_fraction if run.located is not None else None
         run.exposure.settle("ok", 200, seed=result.params.seed, found_fraction=found)
+        self.keep(run.exposure.image_id, result.png)
         if not await run.exposure.committed(self.config().exposure_commit_wait_s):
             metrics.exposure_commit_timeout()
+
+    def keep(self, image_id: str, png: bytes) -> None:
+        """Write the delivered PNG into the image store in the background (never delays or fails the answer:
+        a store that cannot write logs a warning)."""
+        if self.images is None:
+            return
+        images = self.images
+
+        async def write() -> None:
+            try:
+                await asyncio.to_thread(images.put, image_id, png)
+            except Exception as exc:
+                log.warning("image %s was delivered but not kept in the image store: %r", image_id, exc)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._keeping.add(task)
+        task.add_done_callback(self._keeping.discard)
 
     async def run(self, run: GenerationRun) -> GeneratedImage:
         """Every step for an answer given whole: [gate, caption,] generate, locate, deliver."""

@@ -41,7 +41,7 @@ def deployment_config(config: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeyError(f"no deployment {name!r} in the config")
 
 
-def with_models(config: dict[str, Any], models: Path, **args: str) -> dict[str, Any]:
+def with_models(config: dict[str, Any], models: Path, **args: Any) -> dict[str, Any]:
     """A copy of ``config`` whose app ``args`` point at the model folder ``models`` (the layout
     ``python -m deskgen.tools.tiny`` writes); ``args`` override single entries."""
     config = copy.deepcopy(config)

@@ -1,6 +1,6 @@
 """Train the service's own style LoRA on Ray Train and put it into the LoRA folder the service serves from.
 
-    python -m deskgen.train_lora --name mydesk --data DIR [--rank 16] [--alpha A] [--learning-rate 1e-4]
+    python -m deskgen.train_lora --name mydesk (--data DIR | --liked EXPERIMENT:ARM) [--rank 16] [--alpha A] [--learning-rate 1e-4]
         [--steps 500] [--resolution 1024] [--batch-size 1] [--seed 0] [--text-encoders] [--layout diffusers|kohya]
         [--checkpoint-every N] [--resume] [--overwrite] [--workers 1] [--runs-dir build/lora-runs]
         [--base-model ID|DIR] [--lora-dir DIR] [--captioner ID|DIR] [--progress-every 10]
@@ -8,6 +8,10 @@
 ``--data DIR`` is a kohya-style folder: images (.png .jpg .jpeg .webp) with a .txt caption beside each
 (``desk1.png`` + ``desk1.txt``). An image without a caption is captioned by the service's own captioner
 (BLIP, ``--captioner``, default the Captioner's model in serve_config.yaml) as the service would prompt it.
+
+``--liked EXPERIMENT:ARM`` trains on the images of that A/B arm whose feedback was one of ``--events``
+(default like, download, select), read from the image store (serve_config.yaml ``image_store``, where the
+ingress keeps every delivered PNG for ``retention_h``), each captioned with the prompt it was made from.
 
 ``--base-model`` and ``--lora-dir`` default to the generator's ``generator_model`` and ``lora_dir`` in
 serve_config.yaml, the one source of both: the adapter lands where the running service looks, and its
@@ -32,9 +36,11 @@ import argparse
 import functools
 import logging
 import sys
+from typing import Any
 
 from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.lora_training.config import LAYOUTS, LoraTrainingConfig
+from deskgen.lora_training.liked import LIKED_EVENTS
 from deskgen.paths import resolve
 from deskgen.serve_config import app_args, load_serve_config
 
@@ -48,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", required=True, help="the adapter's name (its file <lora-dir>/<name>.safetensors)"
     )
-    parser.add_argument("--data", required=True, help="a folder of images with .txt captions")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a folder of images with .txt captions")
+    source.add_argument("--liked", metavar="EXPERIMENT:ARM",
+                        help="the images of an A/B arm that users liked (feedback --events), from the image store")  # fmt: skip
+    parser.add_argument("--events", default=",".join(LIKED_EVENTS), help="feedback events that count as liked")
+    parser.add_argument("--experiments-db", default=None, help="default: serve_config.yaml experiments_db")
+    parser.add_argument("--image-store", default=None, help="default: serve_config.yaml image_store.dir")
     parser.add_argument("--rank", type=int, default=defaults["rank"].default)
     parser.add_argument("--alpha", type=float, default=None, help="default: the rank")
     parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"].default)
@@ -76,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def liked_from_args(args: argparse.Namespace, served: dict[str, Any], config: LoraTrainingConfig) -> list[Any]:
+    from deskgen.experiments.store import ExperimentStore
+    from deskgen.imagestore import ImageStoreSettings
+    from deskgen.lora_training.liked import liked_examples
+
+    experiment, sep, arm = str(args.liked).partition(":")
+    if not (experiment and sep and arm):
+        raise InvalidParameter(f"`liked` must be EXPERIMENT:ARM but is {args.liked!r}.", field="liked")
+    settings = ImageStoreSettings.model_validate(served.get("image_store") or {})
+    if args.image_store is not None:
+        settings = settings.model_copy(update={"dir": args.image_store})
+    images = settings.build()
+    if images is None or not images.folder.is_dir():
+        raise InvalidParameter(f"`image_store`: {settings.dir} is not a folder of kept images.", field="image_store")
+    store = ExperimentStore.open(args.experiments_db or served["experiments_db"])
+    events = tuple(e.strip() for e in args.events.split(",") if e.strip())
+    selection = liked_examples(store, images, experiment, arm, config, events)
+    print(f"# {len(selection.examples)} liked images of {experiment}:{arm} ({selection.missing} no longer kept)",
+          file=sys.stderr)  # fmt: skip
+    return selection.examples
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -97,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         lora_dir = resolve(args.lora_dir or served["lora_dir"])
         # BLIP is loaded only if an image lacks its caption.
         blip = functools.cache(lambda: service_captioner(args.captioner or served["captioner_model"]))
-        examples = folder_examples(resolve(args.data), config, lambda image: blip()(image))
+        if args.data is not None:
+            examples = folder_examples(resolve(args.data), config, lambda image: blip()(image))
+        else:
+            examples = liked_from_args(args, served, config)
         run = run_training(config, examples, lora_dir=lora_dir, runs_dir=resolve(args.runs_dir), resume=args.resume,
                            overwrite=args.overwrite, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                            progress_every=args.progress_every)  # fmt: skip

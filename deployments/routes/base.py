@@ -26,6 +26,7 @@ from deskgen.errors import RecorderUnavailable
 from deskgen.experiments.buffer import ExposureBuffer
 from deskgen.experiments.records import Experiment, Exposure
 from deskgen.images import decode_image
+from deskgen.imagestore import ImageStoreSettings
 from deskgen.paths import resolve
 
 log = logging.getLogger("ray.serve")
@@ -43,6 +44,7 @@ class RoutesBase:
         recorder: DeploymentHandle,
         lora_dir: str | None = None,
         locator: DeploymentHandle | None = None,
+        image_store: dict[str, Any] | None = None,
     ) -> None:
         stamp_library_logs()
         self.classifier = classifier
@@ -61,7 +63,8 @@ class RoutesBase:
         self.catalogue = MixCatalogue(lambda: self.config, generator, resolve(lora_dir) if lora_dir else None,
                                       self.allocator, quiet=lambda: door.generations_in_flight == 0)  # fmt: skip
         stages = {"classifier": classifier, "captioner": captioner, "generator": generator, "locator": locator}
-        self.pipeline = GenerationPipeline(lambda: self.config, stages, self.catalogue, self.exposures)
+        images = ImageStoreSettings.model_validate(image_store or {"dir": None}).build()
+        self.pipeline = GenerationPipeline(lambda: self.config, stages, self.catalogue, self.exposures, images)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig.model_validate(user_config)

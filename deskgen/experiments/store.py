@@ -187,6 +187,20 @@ class ExperimentStore:
             )
         return FeedbackReceipt(bool(result.rowcount), owner.experiment_id, owner.arm)
 
+    def liked_image_ids(self, experiment_id: str, arm: str, events: Sequence[str]) -> list[str]:
+        """Delivered images of ``arm`` in ``experiment_id`` with feedback of any of ``events`` (oldest first,
+        each once): what a style LoRA learns from (``python -m deskgen.train_lora --liked``)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(exposures.c.image_id, func.min(exposures.c.created_at).label("at"))
+                .join(feedback, feedback.c.image_id == exposures.c.image_id)
+                .where(exposures.c.experiment_id == experiment_id, exposures.c.arm == arm,
+                       exposures.c.outcome == "ok", feedback.c.event.in_(list(events)))
+                .group_by(exposures.c.image_id)
+                .order_by("at", exposures.c.image_id)
+            ).all()
+        return [row.image_id for row in rows]
+
     def experiment(self, experiment_id: str) -> Experiment | None:
         with self.engine.connect() as c:
             row = c.execute(select(experiments).where(experiments.c.id == experiment_id)).first()

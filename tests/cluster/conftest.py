@@ -38,8 +38,8 @@ import yaml
 from cluster.dashboard import ReplicaInfo
 from cluster.local import LocalCluster, wait_ready
 from deskgen.paths import PROJECT_ROOT
+from deskgen.serve_config import app_args, load_serve_config, with_models
 from deskgen.serve_config import deployment_config as deployment
-from deskgen.serve_config import load_serve_config, with_models
 
 APP = "deskgen"
 LOCAL_SH = PROJECT_ROOT / "cluster" / "local.sh"
@@ -50,7 +50,8 @@ def cluster_test_config(models: Path) -> dict[str, Any]:
     """serve_config.yaml with the overrides listed in the module docstring, nothing else."""
     # The experiment store in a temporary folder, not the work tree's build/.
     store = Path(tempfile.mkdtemp(prefix="deskgen-cluster-experiments-")) / "experiments.db"
-    config = with_models(load_serve_config(), models, experiments_db=f"sqlite:///{store}")
+    images = {**app_args(load_serve_config())["image_store"], "dir": str(store.parent / "images")}
+    config = with_models(load_serve_config(), models, experiments_db=f"sqlite:///{store}", image_store=images)
     if os.environ.get("DESKGEN_CLUSTER_CONTROL") == "no-autoscale":
         # The control run of the autoscaling test: a Classifier that may never scale out must fail it.
         deployment(config, "Classifier")["autoscaling_config"]["max_replicas"] = 1

@@ -80,7 +80,7 @@ def test_ray_is_pinned_to_one_version_everywhere(rayservice: dict[str, Any], lau
     import ray
 
     pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
-    assert f'"ray[serve]=={render.RAY_VERSION}"' in pyproject
+    assert f'"ray[serve,train]=={render.RAY_VERSION}"' in pyproject
     assert ray.__version__ == render.RAY_VERSION
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == render.RAY_VERSION

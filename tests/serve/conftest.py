@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
+from deskgen.serve_config import app_args, load_serve_config, with_models
 from deskgen.serve_config import deployment_config as deployment
-from deskgen.serve_config import load_serve_config, with_models
 from deskgen.tools.samples import desk_scene, non_desk_scene
 
 from .helpers import png_bytes
@@ -33,8 +33,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_config(port: int, models: Path, lora_dir: Path, experiments_db: str) -> dict[str, Any]:
-    config = with_models(load_serve_config(), models, lora_dir=str(lora_dir), experiments_db=experiments_db)
+def test_config(port: int, models: Path, lora_dir: Path, experiments_db: str, image_store: Path) -> dict[str, Any]:
+    config = with_models(load_serve_config(), models, lora_dir=str(lora_dir), experiments_db=experiments_db,
+                         image_store={**app_args(load_serve_config())["image_store"], "dir": str(image_store)})  # fmt: skip
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
     for d in app["deployments"]:
@@ -88,13 +89,19 @@ def experiments_db(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str) -> Iterator[dict[str, Any]]:
+def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The app's image store folder (delivered PNGs by image id), of its own."""
+    return tmp_path_factory.mktemp("images")
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str, image_store: Path) -> Iterator[dict[str, Any]]:
     """Deploy the app once per session; yields {"url", "config", "deploy_seconds"}."""
     import ray
     from ray import serve
 
     port, metrics_port = free_port(), free_port()
-    config = test_config(port, tiny_models, lora_dir, experiments_db)
+    config = test_config(port, tiny_models, lora_dir, experiments_db, image_store)
     # Ray's Prometheus endpoint on a known port (the observability tier scrapes it), reporting every second.
     ray.init(num_cpus=4, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve",
              log_to_driver=False, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip

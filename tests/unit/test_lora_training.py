@@ -8,6 +8,7 @@ checkpoint restores the run exactly; the command exits 2 on bad input and writes
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -293,3 +294,51 @@ def test_the_command_exits_2_on_bad_input_and_writes_nothing(tiny_models: Path, 
         assert "Traceback" not in done.stderr
     assert sorted(p.name for p in loras.iterdir()) == before
     assert not (tmp_path / "runs").exists()
+
+
+# -- liked images ---------------------------------------------------------------------------------
+
+
+def test_liked_images_of_an_arm_become_examples_captioned_with_their_prompt(tiny_models: Path, tmp_path: Path) -> None:
+    """A real SQLite experiment store and image store: the images of one arm with like/download/select
+    feedback (not dislike, not the other arm, not an undelivered one) are the examples, captioned with
+    the prompt in their PNG; gone images are counted; every bad request names its item."""
+    from deskgen.experiments.records import Experiment, Exposure, Feedback
+    from deskgen.experiments.store import ExperimentStore
+    from deskgen.imagestore import ImageStore
+    from deskgen.lora_training.liked import liked_examples
+
+    experiment = Experiment(split={"ott_3d": 0.7, "dalle_ott": 0.3}, salt="s",
+                            mixes={"ott_3d": {"ott": 0.7, "3d": 0.5}, "dalle_ott": {"dalle": 0.7, "ott": 0.5}})  # fmt: skip
+    store = ExperimentStore.open(f"sqlite:///{tmp_path / 'experiments.db'}")
+    store.ensure_experiment(experiment)
+    images = ImageStore(tmp_path / "images", max_bytes=10**8, retention_s=3600)
+    gen = DeskGenerator.from_pretrained(settings_for(tiny_models))
+    rows = {"liked1": ("ott_3d", "ok", "like"), "liked2": ("ott_3d", "ok", "download"), "meh": ("ott_3d", "ok", "dislike"),
+            "other": ("dalle_ott", "ok", "like"), "gone": ("ott_3d", "ok", "select"), "failed": ("ott_3d", "timeout", None)}  # fmt: skip
+    for k, (image_id, (arm, outcome, _)) in enumerate(rows.items()):
+        store.record_exposures([Exposure(image_id=image_id, experiment_id=experiment.id, user_id=None, arm=arm,
+                                         mix_id=arm, mix_source="ab", outcome=outcome, status=200 if outcome == "ok" else 504)])  # fmt: skip
+        if outcome == "ok" and image_id != "gone":
+            params = dataclasses.replace(PARAMS, prompt=f"a desk setup number {k}", seed=k)
+            images.put(image_id, gen.generate(params, Mix.from_weights({})).png())
+    for image_id, (_, outcome, event) in rows.items():
+        if event is not None and outcome == "ok":
+            store.record_feedback(Feedback(image_id=image_id, event=event))  # type: ignore[arg-type]
+    cfg = config(tiny_models)
+    selection = liked_examples(store, images, experiment.id, "ott_3d", cfg)
+    assert [e.source for e in selection.examples] == ["image liked1", "image liked2"]
+    assert [e.caption for e in selection.examples] == ["a desk setup number 0", "a desk setup number 1"]
+    assert (selection.liked, selection.missing) == (3, 1)  # liked1, liked2 and gone (select)
+    assert [e.source for e in liked_examples(store, images, experiment.id, "ott_3d", cfg, ("like",)).examples] == ["image liked1"]
+    bad = {
+        ("exp-nope", "ott_3d", ("like",)): ("experiment", "`experiment`: no experiment 'exp-nope'"),
+        (experiment.id, "mix", ("like",)): ("arm", f"`arm`: experiment {experiment.id!r} has no arm 'mix'"),
+        (experiment.id, "dalle_ott", ("download",)): ("arm", "`arm`: no image of arm 'dalle_ott'"),
+        (experiment.id, "ott_3d", ("select",)): ("image_store", "`image_store`: the 1 liked images of arm 'ott_3d' are no longer"),
+        (experiment.id, "ott_3d", ("love",)): ("events", "`events` must name some of like, download, select"),
+    }  # fmt: skip
+    for (exp, arm, events), (field, start) in bad.items():
+        with pytest.raises(InvalidParameter) as info:
+            liked_examples(store, images, exp, arm, cfg, events)
+        assert (info.value.field, info.value.message[: len(start)]) == (field, start)
