@@ -72,16 +72,18 @@ test-browser: models system-deps
 	$(BIN)/python -m pytest -m browser -q
 
 # System packages the test tiers start as real servers (Debian): PostgreSQL 15's server binaries for the
-# `postgres` tier, Prometheus for the `observability` tier, Chromium and its driver for the `browser` tests.
-# Installed only where missing; sudo when not root. `make test` (and so .ci/run) runs this first.
+# `postgres` tier, Prometheus for the `observability` tier, Chromium and its driver for the `browser` tests,
+# Redis for the jobs' broker (deskgen/tools/redis.py). Installed only where missing; sudo when not root.
+# `make test` (and so .ci/run) runs this first.
 system-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 || \
-	    ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	    ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || \
+	    ! command -v redis-server >/dev/null 2>&1; then \
 	  sudo=""; if [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo=sudo; fi; \
-	  echo "installing postgresql prometheus chromium chromium-driver (apt-get)" >&2; \
+	  echo "installing postgresql prometheus chromium chromium-driver redis-server (apt-get)" >&2; \
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql prometheus \
-	    chromium chromium-driver; \
+	    chromium chromium-driver redis-server; \
 	fi
 
 test: lint models system-deps
