@@ -38,6 +38,8 @@ STATUS: dict[type[DeskgenError], int] = {
     UnknownConcept: 404,
     errors.FeedbackForbidden: 403,
     errors.FeedbackConflict: 409,
+    errors.IdempotencyConflict: 409,
+    errors.IdempotencyKeyReused: 422,
     errors.PayloadTooLarge: 413,
     errors.NotAnImage: 415,
     errors.NotADeskSetup: 422,

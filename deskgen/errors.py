@@ -123,3 +123,15 @@ class UnknownExperiment(DeskgenError):
     """No experiment with this id was recorded."""
 
     code = "unknown_experiment"
+
+
+class IdempotencyConflict(DeskgenError):
+    """The first request with this Idempotency-Key is still running."""
+
+    code = "idempotency_conflict"
+
+
+class IdempotencyKeyReused(DeskgenError):
+    """The Idempotency-Key was used with another request body."""
+
+    code = "idempotency_key_reused"

@@ -1,0 +1,5 @@
+"""Jobs for integrators (issue 25): asynchronous generation on Ray Serve's task consumers over Redis,
+idempotency keys, signed webhooks.
+
+    idempotency.py  Idempotency-Key on POST (IETF draft): claim, replay, 409, 422, per API key (Redis)
+"""
