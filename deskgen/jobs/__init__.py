@@ -2,4 +2,5 @@
 idempotency keys, signed webhooks.
 
     idempotency.py  Idempotency-Key on POST (IETF draft): claim, replay, 409, 422, per API key (Redis)
+    webhooks.py     webhook targets (allow-list) and signed at-least-once deliveries with backoff
 """
