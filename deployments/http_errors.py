@@ -40,6 +40,8 @@ STATUS: dict[type[DeskgenError], int] = {
     errors.FeedbackConflict: 409,
     errors.IdempotencyConflict: 409,
     errors.IdempotencyKeyReused: 422,
+    errors.UnknownJob: 404,
+    errors.JobQueueFull: 503,
     errors.PayloadTooLarge: 413,
     errors.NotAnImage: 415,
     errors.NotADeskSetup: 422,

@@ -135,3 +135,15 @@ class IdempotencyKeyReused(DeskgenError):
     """The Idempotency-Key was used with another request body."""
 
     code = "idempotency_key_reused"
+
+
+class UnknownJob(DeskgenError):
+    """No job with this id (never created, or past its retention)."""
+
+    code = "unknown_job"
+
+
+class JobQueueFull(DeskgenError):
+    """The job queue holds its configured bound of queued jobs."""
+
+    code = "queue_full"

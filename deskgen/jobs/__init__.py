@@ -2,5 +2,6 @@
 idempotency keys, signed webhooks.
 
     idempotency.py  Idempotency-Key on POST (IETF draft): claim, replay, 409, 422, per API key (Redis)
+    store.py        job records in Redis: status, position, progress, results, events, cancel, retention
     webhooks.py     webhook targets (allow-list) and signed at-least-once deliveries with backoff
 """

@@ -1,0 +1,177 @@
+"""Job records in Redis: status, queue position, progress, results, events, cancellation, retention.
+
+One hash per job (``deskgen:job:<id>``) holds its request, owner (API key name), status and what it
+produced; a sorted set orders the queued jobs (``ZRANK`` is a job's position); a Redis stream per job
+(``deskgen:job:<id>:events``) carries its events in order, for ``GET /v1/jobs/{id}/events`` and for
+webhooks. Status changes are atomic (a Lua script checks the current status): a job is canceled or
+started once, and a job redelivered after its consumer died finds itself ``running`` and takes over.
+
+    queued --start--> running --finish--> succeeded | failed
+      |                  |
+      +----cancel--------+--> canceled   (a running job stops at its next denoising step)
+
+A finished job's records expire after ``retention_s``; its images live in the image store under
+``<job id>-<k>`` (bounded in size and time, :mod:`deskgen.imagestore`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from deskgen.errors import JobQueueFull, UnknownJob
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+PREFIX = "deskgen:job:"
+QUEUED = "deskgen:jobs:queued"
+EVENTS_MAXLEN = 2000
+
+#: KEYS[1] the job hash, KEYS[2] the queued set; ARGV: the job id, the allowed current statuses (comma
+#: separated), the new status, now, the retention for terminal states. Returns the old status or false.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return false end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == current then allowed = true end end
+if not allowed then return false end
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'updated_at', ARGV[4])
+if ARGV[3] ~= 'queued' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' or ARGV[3] == 'canceled' then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[1] .. ':events', ARGV[5])
+end
+return current
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    owner: str | None
+    status: JobStatus
+    request: dict[str, Any]
+    created_at: float
+    cancel_after: float | None
+    position: int | None
+    progress: dict[str, Any] | None
+    results: list[dict[str, Any]]
+    error: dict[str, Any] | None
+    webhook: dict[str, Any] | None
+    deliveries: list[dict[str, Any]]
+    cancel_requested: bool
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+class JobStore:
+    """See the module docstring. ``redis`` is a synchronous ``redis.Redis`` client."""
+
+    def __init__(self, redis: Any, *, retention_s: float = 24 * 3600, max_queued: int = 100) -> None:
+        self.redis = redis
+        self.retention_s = int(retention_s)
+        self.max_queued = max_queued
+        self._transition = redis.register_script(_TRANSITION)
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return PREFIX + job_id
+
+    def create(self, request: dict[str, Any], *, owner: str | None, cancel_after_s: float | None = None,
+               webhook: dict[str, Any] | None = None, job_id: str | None = None) -> str:  # fmt: skip
+        """Record a queued job; JobQueueFull when ``max_queued`` jobs wait already."""
+        if self.redis.zcard(QUEUED) >= self.max_queued:
+            raise JobQueueFull(f"the job queue holds {self.max_queued} jobs, its bound; retry later.")
+        job_id = job_id or new_job_id()
+        now = time.time()
+        fields = {"id": job_id, "owner": owner or "", "status": "queued", "request": json.dumps(request),
+                  "created_at": repr(now), "updated_at": repr(now),
+                  "cancel_after": "" if cancel_after_s is None else repr(now + cancel_after_s),
+                  "results": "[]", "deliveries": "[]", "webhook": json.dumps(webhook) if webhook else ""}  # fmt: skip
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.zadd(QUEUED, {job_id: now})
+            pipe.execute()
+        self.event(job_id, "queued", {"status": "queued"})
+        return job_id
+
+    def get(self, job_id: str) -> JobRecord:
+        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key(job_id)).items()}
+        if not raw:
+            raise UnknownJob(f"`id`: no job {job_id!r} (never created, or past its retention).", field="id")
+        position = self.redis.zrank(QUEUED, job_id) if raw["status"] == "queued" else None
+        return JobRecord(
+            id=job_id, owner=raw["owner"] or None, status=raw["status"],  # type: ignore[arg-type]
+            request=json.loads(raw["request"]), created_at=float(raw["created_at"]),
+            cancel_after=float(raw["cancel_after"]) if raw["cancel_after"] else None,
+            position=None if position is None else int(position),
+            progress=json.loads(raw["progress"]) if raw.get("progress") else None,
+            results=json.loads(raw["results"]), error=json.loads(raw["error"]) if raw.get("error") else None,
+            webhook=json.loads(raw["webhook"]) if raw["webhook"] else None, deliveries=json.loads(raw["deliveries"]),
+            cancel_requested=raw.get("cancel_requested") == "1",
+        )  # fmt: skip
+
+    def transition(self, job_id: str, allowed: set[str], status: JobStatus) -> str | None:
+        """Move ``job_id`` to ``status`` if its status is one of ``allowed``; the old status, or None."""
+        old = self._transition(keys=[self.key(job_id), QUEUED],
+                               args=[job_id, ",".join(sorted(allowed)), status, repr(time.time()), self.retention_s])  # fmt: skip
+        return old.decode() if old else None
+
+    def start(self, job_id: str) -> bool:
+        """queued -> running (or a redelivered running job taken over); False when canceled or finished."""
+        return self.transition(job_id, {"queued", "running"}, "running") is not None
+
+    def progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        self.redis.hset(self.key(job_id), "progress", json.dumps(progress))
+
+    def add_result(self, job_id: str, index: int, result: dict[str, Any]) -> None:
+        """Record image ``index``'s result once (a redelivered job that made it again replaces it)."""
+        record = self.get(job_id)
+        results = [r for r in record.results if r.get("index") != index] + [{**result, "index": index}]
+        self.redis.hset(self.key(job_id), "results", json.dumps(sorted(results, key=lambda r: r["index"])))
+
+    def finish(self, job_id: str, status: Literal["succeeded", "failed"], error: dict[str, Any] | None = None) -> bool:
+        if error is not None:
+            self.redis.hset(self.key(job_id), "error", json.dumps(error))
+        return self.transition(job_id, {"running"}, status) is not None
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel: a queued job at once; a running one is asked to stop (at its next step). The status after."""
+        if self.transition(job_id, {"queued"}, "canceled") is not None:
+            self.event(job_id, "canceled", {"status": "canceled"})
+            return "canceled"
+        record = self.get(job_id)
+        if record.status == "running":
+            self.redis.hset(self.key(job_id), "cancel_requested", "1")
+        return record.status
+
+    def canceled(self, job_id: str) -> bool:
+        """Whether a running job should stop now: asked to, or past its Cancel-After deadline."""
+        raw = self.redis.hmget(self.key(job_id), ["cancel_requested", "cancel_after"])
+        asked, deadline = (v.decode() if v else "" for v in raw)
+        return asked == "1" or bool(deadline and time.time() > float(deadline))
+
+    def record_delivery(self, job_id: str, delivery: dict[str, Any]) -> None:
+        record = self.get(job_id)
+        self.redis.hset(self.key(job_id), "deliveries", json.dumps([*record.deliveries, delivery]))
+
+    def event(self, job_id: str, name: str, data: dict[str, Any]) -> str:
+        """Append an event to the job's stream; its stream id."""
+        stream = self.key(job_id) + ":events"
+        entry = self.redis.xadd(stream, {"event": name, "data": json.dumps(data)}, maxlen=EVENTS_MAXLEN, approximate=True)
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    def events(self, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """Events after stream id ``after`` (waiting up to ``block_ms`` for one): (id, name, data)."""
+        stream = self.key(job_id) + ":events"
+        answer = self.redis.xread({stream: after}, block=block_ms, count=100) or []
+        return [(eid.decode(), f[b"event"].decode(), json.loads(f[b"data"])) for _, entries in answer for eid, f in entries]
+
+    def queued_count(self) -> int:
+        return int(self.redis.zcard(QUEUED))
