@@ -52,6 +52,10 @@ class Batch(BaseModel):
         return len(self.seeds or self.mixes or self.concepts or [])
 
 
+def _completed_only() -> list[WebhookEvent]:
+    return ["completed"]
+
+
 class JobRequest(BaseModel):
     """``POST /v1/jobs``."""
 
@@ -62,7 +66,7 @@ class JobRequest(BaseModel):
     batch: Batch | None = Field(None, description="several images varying one option")
     webhook: str | None = Field(None, min_length=1, max_length=MAX_WEBHOOK_URL_CHARS,
                                 description="http(s) URL that receives the job's signed events")  # fmt: skip
-    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["completed"],
+    webhook_events: list[WebhookEvent] = Field(default_factory=_completed_only,
                                                description="which events are posted to `webhook`")  # fmt: skip
 
     @model_validator(mode="after")
