@@ -140,6 +140,7 @@ def run_training(
     use_gpu: bool | None = None,
     cpus_per_worker: float = 1.0,
     progress_every: int = 10,
+    max_failures: int = 2,
 ) -> TrainingRun:
     """Train on ``examples`` with Ray Train (connecting to the running Ray, or starting a local one) and
     write the adapter into ``lora_dir``. Raises InvalidParameter for bad input before anything starts."""
@@ -184,6 +185,10 @@ def run_training(
             name=config.name,
             storage_path=str(runs_dir.resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # A worker that dies is restarted from the last checkpoint (twice); a worker group that cannot
+            # be placed (no free CPU/GPU for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s) fails the run
+            # after three tries instead of waiting for ever.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
         ),
         datasets={"train": dataset},
     )

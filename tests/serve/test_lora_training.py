@@ -74,7 +74,7 @@ def test_liked_images_train_a_lora_that_the_running_app_serves(
     assert {e.caption for e in selection.examples} <= {f"a tidy desk setup {k}" for k in range(12)}
     trained_names.append("liked")
     runs = tmp_path / "runs"
-    run = run_training(config, selection.examples, lora_dir=lora_dir, runs_dir=runs, cpus_per_worker=0.1)
+    run = run_training(config, selection.examples, lora_dir=lora_dir, runs_dir=runs)
     assert (run.steps, run.path) == (6, lora_dir / "liked.safetensors")
     assert read_training_metadata(run.path)["data_sha256"] == run.data_sha256
     wait_until(lambda: "liked" in client.get("/v1/mixes").json()["adapters"], "liked listed")
@@ -85,8 +85,7 @@ def test_liked_images_train_a_lora_that_the_running_app_serves(
     assert plain.content != styled.content
     # Resume with more steps: from the 6-step run's last checkpoint, 4 more; the adapter is replaced.
     longer = LoraTrainingConfig(**{**config.to_dict(), "steps": 10})
-    resumed = run_training(longer, selection.examples, lora_dir=lora_dir, runs_dir=runs, resume=True, overwrite=True,
-                           cpus_per_worker=0.1)  # fmt: skip
+    resumed = run_training(longer, selection.examples, lora_dir=lora_dir, runs_dir=runs, resume=True, overwrite=True)
     assert resumed.steps == 10
     assert read_training_metadata(resumed.path)["steps"] == "10"
 
