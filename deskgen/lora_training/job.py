@@ -188,7 +188,8 @@ def run_training(
             # A worker that dies is restarted from the last checkpoint (twice); a worker group that cannot
             # be placed (no free CPU/GPU for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s) fails the run
             # after three tries instead of waiting for ever.
-            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
+            # (ray.train.FailureConfig is Train V2's at run time; mypy reads Train V1's, without the limit.)
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),  # type: ignore[call-arg]
         ),
         datasets={"train": dataset},
     )
