@@ -286,6 +286,10 @@ def test_the_command_exits_2_on_bad_input_and_writes_nothing(tiny_models: Path, 
         ],
         "`learning_rate` must be between": ["--name", "mine", "--data", str(desks), "--learning-rate", "1"],
         "exists; choose another name": ["--name", "ott", "--data", str(desks)],
+        "`liked` must be EXPERIMENT:ARM": ["--name", "mine", "--liked", "exp-only"],
+        "`experiment`: no experiment 'exp-nope'": ["--name", "mine", "--liked", "exp-nope:ott_3d",
+                                                   "--experiments-db", f"sqlite:///{tmp_path / 'x.db'}",
+                                                   "--image-store", str(tmp_path)],
     }
     for message, args in cases.items():
         done = run_cli(*args, *common)
