@@ -64,6 +64,7 @@ class JobRecord:
     webhook: dict[str, Any] | None
     deliveries: list[dict[str, Any]]
     cancel_requested: bool
+    webhook_failed: bool = False
 
 
 def new_job_id() -> str:
@@ -114,7 +115,7 @@ class JobStore:
             progress=json.loads(raw["progress"]) if raw.get("progress") else None,
             results=json.loads(raw["results"]), error=json.loads(raw["error"]) if raw.get("error") else None,
             webhook=json.loads(raw["webhook"]) if raw["webhook"] else None, deliveries=json.loads(raw["deliveries"]),
-            cancel_requested=raw.get("cancel_requested") == "1",
+            cancel_requested=raw.get("cancel_requested") == "1", webhook_failed=raw.get("webhook_failed") == "1",
         )  # fmt: skip
 
     def transition(self, job_id: str, allowed: set[str], status: JobStatus) -> str | None:
@@ -160,6 +161,10 @@ class JobStore:
     def record_delivery(self, job_id: str, delivery: dict[str, Any]) -> None:
         record = self.get(job_id)
         self.redis.hset(self.key(job_id), "deliveries", json.dumps([*record.deliveries, delivery]))
+
+    def mark_webhook_failed(self, job_id: str) -> None:
+        """The job's ``completed`` webhook was never delivered (its results stay readable)."""
+        self.redis.hset(self.key(job_id), "webhook_failed", "1")
 
     def event(self, job_id: str, name: str, data: dict[str, Any]) -> str:
         """Append an event to the job's stream; its stream id."""
