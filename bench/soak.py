@@ -4,6 +4,7 @@
     python -m bench.soak --minutes 90 --path slots
     python -m bench.soak --minutes 20 --no-write  # a quick look
     python -m bench.soak --loads 150              # in-process: memory kept per LoRA load, by reader
+    python -m bench.soak --in-process --minutes 20  # the replica's logic without Ray, same churn
 
 The app of serve_config.yaml on the tiny models (64x64, 1 step, no product location) with one Generator
 replica; ``--clients`` closed-loop clients send /v1/text2img requests cycling through the 7 named mixes
@@ -15,6 +16,11 @@ per hour (goal: at most 1 %/hour), with the requests, loads and evictions it too
 
 ``--path fused`` (default) runs the generator as configured; ``--path slots`` runs it with LoRA hot-swap
 slots (``hotswap: true``), without compiling.
+
+``--in-process`` runs the same churn without Ray: the Generator replica's own logic
+(:class:`deployments.generator.GeneratorReplica`: the pipeline thread, loads, evictions, generations) with
+the multiplexed cache's LRU of 4 mixes emulated, in this process, sampling this process's RSS. Flat here
+and growing under Serve means the growth is Serve's replica machinery, not deskgen's pipeline.
 
 ``--loads N`` measures one suspect alone, in this process (no Serve): a LoRA file loaded into the tiny
 pipeline and unloaded again, N times after a warm-up, read by diffusers from the file
@@ -144,6 +150,55 @@ def kept_per_load(loads: int) -> Table:
     return table
 
 
+async def churn_in_process(until: float, sample_s: float, started: float, points: list[tuple[float, float]],
+                           path: str) -> dict[str, int]:  # fmt: skip
+    """The soak's churn on a GeneratorReplica in this process: MIXES in turn, an LRU of MAX_CACHED_MIXES."""
+    import collections
+    import dataclasses
+
+    from deployments.generator import MAX_CACHED_MIXES, GeneratorReplica
+    from deskgen.contracts import GenerationRequest
+    from deskgen.generator import DeskGenerator, GenerationParams
+    from deskgen.generator.settings import GeneratorSettings
+    from deskgen.mixes import MixCatalog
+
+    tiny = models_dir()
+    extra = {"hotswap": True} if path == "slots" else {}
+    generator = DeskGenerator.from_pretrained(
+        GeneratorSettings(model_id=str(tiny / "sdxl"), lora_dir=str(tiny / "loras"), device="cpu", **extra)
+    )
+    replica = GeneratorReplica(generator)
+    catalog = MixCatalog(["dalle", "ott", "3d"])
+    ids = [catalog.resolve(spec).id for spec in MIXES]
+    lru: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    params = GenerationParams(prompt="a tidy desk", steps=1, width=64, height=64)
+    counts = {"ok": 0, "loads": 0}
+    next_sample = time.monotonic()
+    i = 0
+    while time.monotonic() < until:
+        mix_id = ids[i % len(ids)]
+        if mix_id in lru:
+            lru.move_to_end(mix_id)
+        else:
+            if len(lru) >= MAX_CACHED_MIXES:
+                _, old = lru.popitem(last=False)
+                replica.release(old)
+            lru[mix_id] = await replica.load_mix(mix_id)
+            counts["loads"] += 1
+        loaded = lru[mix_id]
+
+        async def get(loaded: Any = loaded) -> Any:
+            return loaded
+
+        await replica.generate(GenerationRequest(params=dataclasses.replace(params, seed=i)), get)
+        counts["ok"] += 1
+        i += 1
+        if time.monotonic() >= next_sample:
+            points.append(((time.monotonic() - started) / 60, rss_mib(os.getpid())))
+            next_sample += sample_s
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60.0)
@@ -152,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--path", choices=("fused", "slots"), default="fused")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
+    parser.add_argument("--in-process", action="store_true", help="the replica's logic without Ray (see above)")
     parser.add_argument("--loads", type=int, default=None,
                         help="measure the memory kept per LoRA load in this process instead (no Serve)")
     args = parser.parse_args(argv)
@@ -167,6 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     wall = time.perf_counter()
+    if args.in_process:
+        import torch
+
+        torch.set_num_threads(1)
+        points: list[tuple[float, float]] = []
+        started = time.monotonic()
+        counts = asyncio.run(churn_in_process(started + 60 * args.minutes, args.sample_s, started, points, args.path))
+        report(args, points, warmup, {"ok": counts["ok"], "failed": 0}, counts["loads"], wall, "in one process, no Ray")
+        return
     with ServeApp(soak_config(args.path)) as app:
         generator = app.handle("Generator")
         before = generator.info.remote().result()
@@ -183,14 +248,19 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(both())
         after = generator.info.remote().result()
     assert after["pid"] == pid, "the Generator replica was replaced during the soak"
+    report(args, points, warmup, counts, after["mix_loads"] - before["mix_loads"], wall, f"{args.clients} clients")
+
+
+def report(args: argparse.Namespace, points: list[tuple[float, float]], warmup: float, counts: dict[str, int],
+           loads: int, wall: float, how: str) -> None:  # fmt: skip
     late = [(t, y) for t, y in points if t >= warmup]
     per_hour = slope(late) * 60
     base = late[0][1] if late else float("nan")
-    table = Table(f"Generator replica RSS under mix churn — path {args.path}, {args.minutes:.0f} min, {args.clients} "
-                  f"clients, {len(MIXES)} mixes through a 4-mix cache, tiny SDXL 64x64, 1 step",
+    table = Table(f"Generator replica RSS under mix churn — path {args.path}, {args.minutes:.0f} min, {how}, "
+                  f"{len(MIXES)} mixes through a 4-mix cache, tiny SDXL 64x64, 1 step",
                   ["requests (non-200)", "mix loads", "RSS at start (MiB)", f"RSS after warm-up ({warmup:.0f} min)",
                    "RSS at end", "slope after warm-up (MiB/h)", "slope (% of post-warm-up RSS per hour)"])  # fmt: skip
-    table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", after["mix_loads"] - before["mix_loads"],
+    table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", loads,
               f"{points[0][1]:.0f}", f"{base:.0f}", f"{points[-1][1]:.0f}", f"{per_hour:+.1f}",
               f"{100 * per_hour / base:+.2f} %")  # fmt: skip
     table.notes.append(f"RSS sampled every {args.sample_s:.0f} s ({len(points)} samples; {len(late)} after warm-up): "
