@@ -72,18 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--layout", choices=LAYOUTS, default=defaults["layout"].default)
     parser.add_argument("--checkpoint-every", type=int, default=0)
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run of this name from its latest checkpoint"
-    )
+    parser.add_argument("--resume", action="store_true", help="continue the run of this name from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an adapter of this name")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (gradients averaged)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="checkpoints, one folder per run name")
     parser.add_argument("--base-model", default=None, help="default: serve_config.yaml generator_model")
     parser.add_argument("--lora-dir", default=None, help="default: serve_config.yaml lora_dir")
-    parser.add_argument(
-        "--captioner", default=None, help="for images without captions (default: captioner_model)"
-    )
+    parser.add_argument("--captioner", default=None, help="for images without captions (default: captioner_model)")
     parser.add_argument("--progress-every", type=int, default=10)
     return parser
 
