@@ -177,6 +177,3 @@ class JobStore:
         stream = self.key(job_id) + ":events"
         answer = self.redis.xread({stream: after}, block=block_ms, count=100) or []
         return [(eid.decode(), f[b"event"].decode(), json.loads(f[b"data"])) for _, entries in answer for eid, f in entries]
-
-    def queued_count(self) -> int:
-        return int(self.redis.zcard(QUEUED))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,18 +138,3 @@ def prepare_pixels(image: Image.Image, resolution: int) -> tuple[Any, tuple[int,
     crop = resized.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (height, width), (top, left)
-
-
-def shuffled_captions(examples: Sequence[TrainingExample], seed: int) -> list[TrainingExample]:
-    """The same images with their captions permuted (no image keeps its own when there are two or more):
-    a control that keeps the images and breaks what the captions say about them."""
-    import random
-
-    order = list(range(len(examples)))
-    if len(order) > 1:
-        rng = random.Random(seed)
-        while any(i == j for i, j in enumerate(order)):
-            rng.shuffle(order)
-    return [
-        TrainingExample(e.source, e.image, examples[j].caption) for e, j in zip(examples, order, strict=True)
-    ]

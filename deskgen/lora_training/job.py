@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -212,8 +211,3 @@ def run_training(
     return TrainingRun(path=path, steps=int(progress["step"]), final_loss=progress.get("loss"),
                        seconds=time.perf_counter() - started, checkpoint=checkpoint.path, data_sha256=digest,
                        examples=len(examples))  # fmt: skip
-
-
-def remove_run(runs_dir: Path, name: str) -> None:
-    """Delete a run's checkpoints (after its adapter is written, if the caller wants no resume)."""
-    shutil.rmtree(runs_dir / name, ignore_errors=True)
