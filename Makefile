@@ -15,7 +15,7 @@ METRICS_PORT ?= 8080
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-router bench-gpu test-gpu cluster-up cluster-down clean
+.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-router bench-jobs bench-gpu test-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -36,10 +36,14 @@ $(MODELS)/.complete: $(wildcard deskgen/tools/tiny*.py)
 
 # A local Ray head with Ray's Prometheus endpoint on a fixed port (METRICS_PORT, = METRICS_EXPORT_PORT in
 # deployments/metrics.py and observability/prometheus.yml), then the app on it; Ctrl-C stops both.
-serve: models
+# Redis (the jobs' broker and store, args.jobs.redis_url) on 127.0.0.1:$(REDIS_PORT), its append-only file
+# under build/redis, stopped with the app.
+REDIS_PORT ?= 6390
+serve: models system-deps
+	$(BIN)/python -m deskgen.tools.redis start --dir build/redis --port $(REDIS_PORT) >/dev/null && \
 	$(RAY_ENV) $(BIN)/ray start --head --metrics-export-port=$(METRICS_PORT) --dashboard-host=127.0.0.1 \
 	  --disable-usage-stats >/dev/null && \
-	trap '$(BIN)/ray stop >/dev/null 2>&1' EXIT INT TERM && \
+	trap '$(BIN)/ray stop >/dev/null 2>&1; $(BIN)/python -m deskgen.tools.redis stop --dir build/redis' EXIT INT TERM && \
 	RAY_ADDRESS=auto $(BIN)/serve run serve_config.yaml
 
 lint: install
@@ -100,6 +104,9 @@ bench-locator: models
 
 bench-router: models
 	$(BIN)/python -m bench.router
+
+bench-jobs: models system-deps
+	$(BIN)/python -m bench.jobs
 
 bench-bandit: install
 	$(BIN)/python -m bench.bandit

@@ -13,12 +13,14 @@ from ray.serve import Application
 
 from deployments.captioner import Captioner
 from deployments.classifier import Classifier
+from deployments.consumer import job_consumer
 from deployments.generator import Generator
 from deployments.ingress import Ingress
 from deployments.locator import Locator
 from deployments.recorder import Recorder
 from deskgen.generator.settings import settings_from_options
 from deskgen.imagestore import ImageStoreSettings
+from deskgen.jobs.settings import JobsSettings
 
 
 class DeskgenArgs(BaseModel):
@@ -42,6 +44,11 @@ class DeskgenArgs(BaseModel):
         description="where delivered images are kept, bounded in size and time (deskgen.imagestore): what "
         "LoRA training on liked images reads",
     )
+    jobs: JobsSettings | None = Field(
+        default_factory=JobsSettings,
+        description="asynchronous jobs and idempotency keys (deskgen.jobs.settings): Redis URL, queue bound, "
+        "retention, retries; null = no jobs (the app then has no JobConsumer deployment)",
+    )
     device: str | None = Field(None, description="force a torch device (default: cuda if available, else cpu)")
     dtype: str | None = Field(None, description="force a torch dtype (default: fp16/bf16 on cuda, fp32 on cpu)")
     tf_threads: int | None = Field(None, ge=1, description="TensorFlow threads per classifier replica")
@@ -59,6 +66,12 @@ def build_app(args: DeskgenArgs) -> Application:
          **args.generator_options}
     )  # fmt: skip
     # Serve's decorators return Deployment objects that mypy sees as the plain classes.
+    if args.jobs is not None and args.image_store.dir is None:
+        raise ValueError("args.jobs: jobs keep their images in the image store; set args.image_store.dir (or jobs: null)")
+    jobs = {} if args.jobs is None else {
+        "jobs": args.jobs.model_dump(),
+        "consumer": job_consumer(args.jobs).bind(args.jobs.model_dump(), args.image_store.model_dump()),
+    }  # fmt: skip
     return Ingress.bind(  # type: ignore[attr-defined, no-any-return]
         classifier=Classifier.bind(args.classifier_model, tf_threads=args.tf_threads),  # type: ignore[attr-defined]
         captioner=Captioner.bind(args.captioner_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
@@ -67,6 +80,7 @@ def build_app(args: DeskgenArgs) -> Application:
         lora_dir=args.lora_dir,
         image_store=args.image_store.model_dump(),
         locator=Locator.bind(args.locator_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
+        **jobs,
     )
 
 

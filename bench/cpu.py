@@ -108,11 +108,11 @@ def bench_serve_config(port: int, tiny: Path, classifier_model: Path) -> dict[st
     """serve_config.yaml with the overrides of tests/serve/conftest.py: loopback port, tiny models, one
     replica per stage (no autoscaling: replicas appearing mid-run would distort the numbers), and the
     FULL-SIZE VGG16 gate as ``classifier_model``. Everything else (queues, batching) is production."""
-    from deskgen.serve_config import app_args, load_serve_config, with_models
+    from deskgen.serve_config import app_args, load_serve_config, with_models, without_jobs
 
     store = Path(tempfile.mkdtemp(prefix="deskgen-bench-experiments-")) / "experiments.db"
     images = {**app_args(load_serve_config())["image_store"], "dir": str(store.parent / "images")}
-    config = with_models(load_serve_config(), tiny, classifier_model=str(classifier_model),
+    config = with_models(without_jobs(load_serve_config()), tiny, classifier_model=str(classifier_model),
                          experiments_db=f"sqlite:///{store}", image_store=images)  # fmt: skip
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]

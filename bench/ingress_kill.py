@@ -44,6 +44,10 @@ class KillRun:
     outage_s: float = 0.0
     pids: tuple[int, int] = (0, 0)
     lost: list[str] = field(default_factory=list)
+    #: Keyed runs: logical requests that got their image after at least one failed attempt.
+    recovered: int = 0
+    #: Keyed runs: logical requests whose final answer named another image id than the one they sent.
+    mismatched: list[str] = field(default_factory=list)
 
 
 def ingress_pid(timeout_s: float = 120) -> int:
@@ -75,15 +79,47 @@ def stored_ok(experiments_db: str) -> set[str]:
 
 
 def kill_under_load(url: str, experiments_db: str, *, clients: int = 2, before: int = 4, after: int = 4,
-                    timeout_s: float = 300) -> KillRun:  # fmt: skip
+                    timeout_s: float = 300, keyed: bool = False) -> KillRun:  # fmt: skip
     """Generate from ``clients`` threads; once ``before`` images were delivered, SIGKILL the Ingress
-    replica; go on until ``after`` images were delivered by its successor; then count what the store lacks."""
+    replica; go on until ``after`` images were delivered by its successor; then count what the store lacks.
+
+    ``keyed``: every logical request carries an ``Idempotency-Key`` and its own ``X-Request-Id`` (the image
+    id) and is retried with both until it gets its image, as the client library does: a request in flight
+    at the kill (Serve's plain-text 500, a reset) is retried, not counted as failed; ``failed`` then counts
+    the failed attempts and ``recovered`` the requests that needed a retry."""
     run = KillRun()
     lock = threading.Lock()
     going = threading.Event()
     going.set()
     back_at = [float("inf")]
     after_back = [0]
+
+    def generate_keyed(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            i = 0
+            while going.is_set():
+                i += 1
+                image_id, failures = f"keyed-{n}-{i}-{time.time_ns()}", 0
+                headers = {"Idempotency-Key": f'"{image_id}"', "X-Request-Id": image_id, "Accept": "application/json"}
+                body = {"prompt": "a tidy desk setup", "steps": 1, "width": 64, "height": 64, "user_id": f"k{n}-{i % 5}"}
+                while True:
+                    try:
+                        r = c.post("/v1/text2img", json=body, headers=headers)
+                        if r.status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    failures += 1
+                    time.sleep(0.2)
+                with lock:
+                    run.failed += failures
+                    run.recovered += failures > 0
+                    answered = r.json()["request_id"]
+                    if answered != image_id:
+                        run.mismatched.append(f"{image_id} -> {answered}")
+                    run.delivered.append(answered)
+                    if time.monotonic() > back_at[0]:
+                        after_back[0] += 1
 
     def generate(n: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as c:
@@ -108,7 +144,8 @@ def kill_under_load(url: str, experiments_db: str, *, clients: int = 2, before: 
                 if r.status_code != 200:
                     time.sleep(0.1)
 
-    threads = [threading.Thread(target=generate, args=(n,), daemon=True) for n in range(clients)]
+    threads = [threading.Thread(target=generate_keyed if keyed else generate, args=(n,), daemon=True)
+               for n in range(clients)]  # fmt: skip
     pid = ingress_pid()
     for t in threads:
         t.start()

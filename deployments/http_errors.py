@@ -42,6 +42,7 @@ STATUS: dict[type[DeskgenError], int] = {
     errors.IdempotencyKeyReused: 422,
     errors.UnknownJob: 404,
     errors.JobQueueFull: 503,
+    errors.JobsUnavailable: 503,
     errors.PayloadTooLarge: 413,
     errors.NotAnImage: 415,
     errors.NotADeskSetup: 422,

@@ -14,10 +14,11 @@ from deployments.routes.analysis import AnalysisRoutes
 from deployments.routes.catalogue import CatalogueRoutes
 from deployments.routes.experiments import ExperimentRoutes
 from deployments.routes.generation import GenerationRoutes
+from deployments.routes.jobs import JobRoutes
 from deployments.routes.ops import OpsRoutes
 
 
-class IngressRoutes(OpsRoutes, CatalogueRoutes, AnalysisRoutes, GenerationRoutes, ExperimentRoutes):
+class IngressRoutes(OpsRoutes, CatalogueRoutes, AnalysisRoutes, GenerationRoutes, JobRoutes, ExperimentRoutes):
     """Every route of the ingress (the mixins of deployments/routes/) over their shared state (RoutesBase).
 
     A plain class, wrapped into the ``Ingress`` deployment at the end of the module: Serve then

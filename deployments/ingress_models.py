@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.door.apikeys import ApiKey
+from deployments.door.apikeys import WEBHOOK_SECRET_PATTERN, ApiKey
 from deskgen.concepts import ConceptConfig
 from deskgen.experiments.records import AllocationKind, Experiment, Policy
 from deskgen.limits import (
@@ -111,6 +111,14 @@ class IngressConfig(ConceptConfig):
         default_factory=list, description="who may call the API (hashes; mint with `python -m deployments.door.apikeys NAME`), "
         "each with its rate and concurrency limits; empty = the API is open to anyone who reaches it"
     )
+    webhook_allow: list[str] = Field(
+        default_factory=list, description="webhook targets allowed although they resolve to loopback or private "
+        "addresses (host names, addresses, CIDR ranges); by default only public addresses are",
+    )  # fmt: skip
+    webhook_secret: str | None = Field(
+        None, pattern=WEBHOOK_SECRET_PATTERN, description="signs the webhooks of jobs submitted without an API "
+        "key (an open API); each API key has its own `webhook_secret`",
+    )  # fmt: skip
     shed_load: bool = Field(
         True, description="refuse generation requests the generator cannot take (503) before parsing their body (drained unparsed)"
     )
@@ -122,6 +130,12 @@ class IngressConfig(ConceptConfig):
         8, ge=0, le=MAX_PRODUCTS, description="products located when a request names none: the captioner's "
         "top-ranked objects (/v1/generate) or the prompt's (/v1/text2img); 0 = locate only products asked for"
     )
+
+    def webhook_secret_of(self, api_key: str | None) -> str | None:
+        """The secret that signs the webhooks of ``api_key``'s jobs (None: the open API's)."""
+        if api_key is None:
+            return self.webhook_secret
+        return next((k.webhook_secret for k in self.api_keys if k.name == api_key), None)
 
     @field_validator("ab_split")
     @classmethod

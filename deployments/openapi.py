@@ -8,6 +8,7 @@ from typing import Any
 
 from deskgen.limits import SIDE_MULTIPLE, SizeLimits
 from deskgen_client.protocol import ErrorBody, ExperimentList, FeedbackResult, GenerationResult
+from deskgen_client.protocol.jobs import JobAnswer
 
 REF = "#/components/schemas/"
 
@@ -17,15 +18,17 @@ STATUS_MEANING = {
     401: "API keys are configured and the request has none or an unknown one (see WWW-Authenticate)",
     403: ("feedback from a caller who may not rate the image: with API keys configured only the key that "
           "generated it may; an image delivered to a user_id needs that user_id"),
-    404: "an unknown mix, adapter, image or experiment",
-    409: "the image was delivered to another user",
+    404: "an unknown mix, adapter, image, experiment or job",
+    409: ("the image was delivered to another user, or the first request with this Idempotency-Key is still "
+          "running"),
     413: "the body or the image is larger than the limit",
     415: "not an image, or a Content-Type other than multipart/form-data or application/json",
-    422: ("the photo is not a desk setup (with its score and the threshold), or the mix names a LoRA adapter "
-          "whose file cannot be loaded (code adapter_unavailable, with adapter and reason)"),
+    422: ("the photo is not a desk setup (with its score and the threshold), the mix names a LoRA adapter "
+          "whose file cannot be loaded (code adapter_unavailable, with adapter and reason), or the "
+          "Idempotency-Key was used with another body (idempotency_key_reused)"),
     429: "the key is over its request rate or concurrent generations; retry after Retry-After (RateLimit-* headers)",
-    503: ("at capacity, a stage replica down, the experiment store unreachable, or (/v1/locate) no product locator; "
-          "retry after Retry-After"),
+    503: ("at capacity, a stage replica down, the experiment store unreachable, (/v1/locate) no product locator, "
+          "or (jobs) the job queue full or its store unreachable; retry after Retry-After"),
     504: "the request's deadline (timeout_s) passed; the generation was cancelled",
 }
 
@@ -41,6 +44,10 @@ GENERATION_CONTENT = {
 
 FEEDBACK_ANSWERS = {201: {"description": "stored (committed)", "model": FeedbackResult},
                     200: {"description": "a repeat of a stored (image_id, event): not counted again", "model": FeedbackResult}}  # fmt: skip
+
+
+JOB_ANSWERS = {202: {"description": "queued (the job; `Location` names it)", "model": JobAnswer},
+               200: {"description": "`Prefer: wait=N` and the job ended within N s (the finished job)", "model": JobAnswer}}  # fmt: skip
 
 
 def answers(*statuses: int, ok: dict[int, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
@@ -119,10 +126,13 @@ def with_limits(document: dict[str, Any], limits: SizeLimits, max_upload_bytes: 
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
             for media in operation.get("requestBody", {}).get("content", {}).values():
-                for name, prop in media.get("schema", {}).get("properties", {}).items():
-                    for branch in prop.get("anyOf", [prop]):
-                        if name in bounds and branch.get("type") in ("integer", "string"):
-                            branch.update(bounds[name])
+                schema = media.get("schema", {})
+                # The body's own fields, and those of the bodies it nests (a job's text2img or generate).
+                for part in [schema, *schema.get("$defs", {}).values()]:
+                    for name, prop in part.get("properties", {}).items():
+                        for branch in prop.get("anyOf", [prop]):
+                            if name in bounds and branch.get("type") in ("integer", "string"):
+                                branch.update(bounds[name])
     return document
 
 

@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -354,6 +354,41 @@ class GenerationPipeline:
         task = asyncio.get_running_loop().create_task(write())
         self._keeping.add(task)
         task.add_done_callback(self._keeping.discard)
+
+    async def events(self, run: GenerationRun) -> AsyncIterator[Any]:
+        """Every step, as it happens: [the gate's verdict, the captions,] the generator's events (started, a
+        step per denoising step), then the located and delivered image (the last item). What a job runs
+        (deployments/routes/jobs.py)."""
+        if run.photo is not None:
+            yield await self.gate(run)
+            yield await self.caption(run)
+        stream = self.stream(run)
+        t = time.perf_counter()
+        while True:
+            try:
+                event = await self.next(run, stream)
+            except StopAsyncIteration:
+                return
+            if isinstance(event, GeneratedImage):
+                run.timings["generate_s"] = time.perf_counter() - t
+                result = await self.locate(run, event)
+                await self.deliver(run, result)
+                yield result
+                return
+            yield event
+
+    async def check(self, options: Text2ImgRequest | GenerateRequest, photo: bytes | None) -> None:
+        """The refusals of ``prepare_*`` without reserving an exposure: a job is checked when it is
+        submitted (400/404/422 then), and prepared when it runs."""
+        concept = self.concept(options)
+        if isinstance(options, Text2ImgRequest):
+            self.params(options, woven_prompt(options.prompt, concept[1].prompt) if concept else options.prompt,
+                        None, concept)  # fmt: skip
+        else:
+            self.params(options, PENDING_PROMPT, None, concept)
+            decode_image(photo or b"", field="image_b64", max_bytes=self.config().max_upload_bytes,
+                         max_pixels=self.config().max_pixels)  # fmt: skip
+        await self.catalogue.choose(options.mix, None, options.user_id, concept)
 
     async def run(self, run: GenerationRun) -> GeneratedImage:
         """Every step for an answer given whole: [gate, caption,] generate, locate, deliver."""

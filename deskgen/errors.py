@@ -147,3 +147,9 @@ class JobQueueFull(DeskgenError):
     """The job queue holds its configured bound of queued jobs."""
 
     code = "queue_full"
+
+
+class JobsUnavailable(DeskgenError):
+    """Jobs are not configured on this deployment, or their store (Redis) cannot be reached."""
+
+    code = "jobs_unavailable"

@@ -56,3 +56,13 @@ def with_models(config: dict[str, Any], models: Path, **args: Any) -> dict[str, 
         **args,
     }
     return config
+
+
+def without_jobs(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with no jobs (``args.jobs: null``, no JobConsumer deployment): for runs that
+    start no Redis (the benchmarks of the synchronous routes)."""
+    config = copy.deepcopy(config)
+    (app,) = config["applications"]
+    app["args"] = {**app.get("args", {}), "jobs": None}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "JobConsumer"]
+    return config

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 KEY_PREFIX = "dg_"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+WEBHOOK_SECRET_PATTERN = r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$"
 
 
 class KeyLimits(BaseModel):
@@ -41,6 +42,11 @@ class ApiKey(KeyLimits):
 
     name: str = Field(..., pattern=KEY_NAME_PATTERN)
     sha256: str = Field(..., pattern=SHA256_PATTERN, description="hex SHA-256 of the key (python -m deployments.door.apikeys)")
+    webhook_secret: str | None = Field(
+        None, pattern=WEBHOOK_SECRET_PATTERN,
+        description="signs the webhooks of this key's jobs (Standard Webhooks: whsec_ + base64 of 24-64 random "
+        "bytes); give it to the key's owner with the key",
+    )  # fmt: skip
 
 
 def key_hash(key: str) -> str:
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", help="what the key is for (shown in logs and metrics), e.g. backend")
     parser.add_argument("--rpm", type=float, default=None, help="requests per minute (default: unlimited)")
     parser.add_argument("--concurrent", type=int, default=None, help="concurrent generations (default: unlimited)")
+    parser.add_argument("--no-webhook-secret", action="store_true",
+                        help="mint no webhook signing secret (the key's jobs then cannot ask for webhooks)")
     args = parser.parse_args(argv)
     entry = ApiKey(name=args.name, sha256="0" * 64, requests_per_minute=args.rpm, max_concurrent=args.concurrent)
     key = mint()
@@ -92,7 +100,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f", requests_per_minute: {entry.requests_per_minute:g}", end="")
     if entry.max_concurrent is not None:
         print(f", max_concurrent: {entry.max_concurrent}", end="")
+    if not args.no_webhook_secret:
+        from deskgen_client.webhooks import new_secret
+
+        secret = new_secret()
+        print(f", webhook_secret: {secret}", end="")
     print("}")
+    if not args.no_webhook_secret:
+        print(f"webhook signing secret (give to the client with the key; it verifies the job webhooks): {secret}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from deployments.catalogue import MixCatalogue
 from deployments.forms import parse
 from deployments.http_io import awaitable
 from deployments.ingress_models import IngressConfig
+from deployments.jobqueue import JobQueue
 from deployments.logs import stamp_library_logs
 from deployments.pipeline import GenerationPipeline
 from deskgen.errors import RecorderUnavailable
@@ -27,6 +28,7 @@ from deskgen.experiments.buffer import ExposureBuffer
 from deskgen.experiments.records import Experiment, Exposure
 from deskgen.images import decode_image
 from deskgen.imagestore import ImageStoreSettings
+from deskgen.jobs.settings import JobsSettings
 from deskgen.paths import resolve
 
 log = logging.getLogger("ray.serve")
@@ -45,6 +47,8 @@ class RoutesBase:
         lora_dir: str | None = None,
         locator: DeploymentHandle | None = None,
         image_store: dict[str, Any] | None = None,
+        jobs: dict[str, Any] | None = None,
+        consumer: DeploymentHandle | None = None,
     ) -> None:
         stamp_library_logs()
         self.classifier = classifier
@@ -65,6 +69,10 @@ class RoutesBase:
         stages = {"classifier": classifier, "captioner": captioner, "generator": generator, "locator": locator}
         images = ImageStoreSettings.model_validate(image_store or {"dir": None}).build()
         self.pipeline = GenerationPipeline(lambda: self.config, stages, self.catalogue, self.exposures, images)
+        #: Jobs and idempotency keys (Redis); None when the app has no ``args.jobs``.
+        self.job_queue = JobQueue(JobsSettings.model_validate(jobs)) if jobs is not None else None
+        #: The task consumer deployment (bound here so it belongs to the app; jobs reach it through Redis).
+        self.consumer = consumer
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig.model_validate(user_config)

@@ -12,6 +12,7 @@ from deployments.access import api_key_of
 from deployments.app import api
 from deployments.http_errors import json_errors, request_id_of
 from deployments.http_io import choose_format, image_body, json_body
+from deployments.idempotent import idempotent
 from deployments.ingress_models import FORM_SCHEMAS
 from deployments.openapi import generation_answers
 from deployments.pipeline import Caller, GenerationRun
@@ -36,21 +37,29 @@ class GenerationRoutes(RoutesBase):
         return await render.whole(self.pipeline, run, output)
 
     @api.post("/v1/text2img", openapi_extra=json_body(Text2ImgRequest),
-              responses=generation_answers(400, 404, 413, 415, 422, 503, 504))  # fmt: skip
+              responses=generation_answers(400, 404, 409, 413, 415, 422, 503, 504))  # fmt: skip
     @json_errors
     async def text2img(self, request: Request) -> Response:
-        """A prompt straight to the generator (no gate, no captions)."""
-        caller = self.caller(request)
-        body, _ = await self.parse(request, Text2ImgRequest, image="none")
-        run = await self.pipeline.prepare_text(body, caller)
-        return await self.answer(request, run)
+        """A prompt straight to the generator (no gate, no captions). With `Idempotency-Key`, a retry gets
+        the first answer (the same image; no second generation or exposure)."""
+
+        async def run() -> Response:
+            caller = self.caller(request)
+            body, _ = await self.parse(request, Text2ImgRequest, image="none")
+            return await self.answer(request, await self.pipeline.prepare_text(body, caller))
+
+        return await idempotent(self, request, "text2img", run)
 
     @api.post("/v1/generate", openapi_extra=image_body(GenerateRequest, FORM_SCHEMAS),
-              responses=generation_answers(400, 404, 413, 415, 422, 503, 504))  # fmt: skip
+              responses=generation_answers(400, 404, 409, 413, 415, 422, 503, 504))  # fmt: skip
     @json_errors
     async def generate(self, request: Request) -> Response:
-        """classify -> caption -> prompt -> generate -> locate. PNG by default; JSON or SSE by `Accept`."""
-        caller = self.caller(request)
-        form, raw = await self.parse(request, GenerateRequest, image="required")
-        run = await self.pipeline.prepare_photo(form, raw, caller)
-        return await self.answer(request, run)
+        """classify -> caption -> prompt -> generate -> locate. PNG by default; JSON or SSE by `Accept`.
+        With `Idempotency-Key`, a retry gets the first answer (no second generation or exposure)."""
+
+        async def run() -> Response:
+            caller = self.caller(request)
+            form, raw = await self.parse(request, GenerateRequest, image="required")
+            return await self.answer(request, await self.pipeline.prepare_photo(form, raw, caller))
+
+        return await idempotent(self, request, "generate", run)

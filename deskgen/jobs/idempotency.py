@@ -29,9 +29,10 @@ from deskgen.errors import IdempotencyConflict, IdempotencyKeyReused, InvalidPar
 #: A key: 1-255 visible ASCII characters (the draft leaves the format to the server; UUIDs fit).
 KEY_RE = re.compile(r'^[\x21\x23-\x5b\x5d-\x7e]{1,255}$')
 DEFAULT_RETENTION_S = 24 * 3600
-#: How long a key stays "running" without an answer before another request may take it (a replica that
-#: died mid-request never completes its key).
-DEFAULT_LEASE_S = 15 * 60
+#: How long a key stays "running" without an answer before another request may take it: the ingress renews
+#: it while the request runs (:meth:`IdempotencyStore.renew`), so a replica that died mid-request releases
+#: its keys within this long.
+DEFAULT_LEASE_S = 30
 PREFIX = "deskgen:idem:"
 
 
@@ -123,6 +124,13 @@ class IdempotencyStore:
             return
         record = json.dumps({"fingerprint": fingerprint(body), "state": "done", "answer": answer.to_json()})
         self.redis.set(name, record, ex=self.retention_s)
+
+    def renew(self, scope: str, route: str, key: str) -> None:
+        """Keep a running key's lease (called while its request runs)."""
+        name = self._name(scope, route, key)
+        raw = self.redis.get(name)
+        if raw is not None and json.loads(raw)["state"] == "running":
+            self.redis.expire(name, self.lease_s)
 
     def release(self, scope: str, route: str, key: str) -> None:
         """Forget ``key`` (the request failed before it had an answer to keep)."""

@@ -10,6 +10,11 @@ started once, and a job redelivered after its consumer died finds itself ``runni
       |                  |
       +----cancel--------+--> canceled   (a running job stops at its next denoising step)
 
+Running a job takes a **claim** (:meth:`JobStore.claim`): the runner's id and a lease that it renews while it
+runs. A job redelivered while its first runner still holds a live lease waits (the broker keeps its message
+unacknowledged), and takes the job over only when the lease lapses (the first runner died); every claim
+counts an attempt, so a job that keeps failing for the service's fault ends ``failed`` after its retries.
+
 A finished job's records expire after ``retention_s``; its images live in the image store under
 ``<job id>-<k>`` (bounded in size and time, :mod:`deskgen.imagestore`).
 """
@@ -49,6 +54,29 @@ return current
 """
 
 
+#: KEYS[1] the job hash, KEYS[2] the queued set; ARGV: job id, runner id, now, lease seconds. Returns
+#: "run" (claimed; an attempt counted unless the runner held it already), "busy" (another runner's lease is live) or "done" (nothing to run).
+_CLAIM = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'runner', 'lease_until')
+local status, runner, lease = h[1], h[2], tonumber(h[3] or '0') or 0
+if not status or (status ~= 'queued' and status ~= 'running') then return 'done' end
+if status == 'running' and runner ~= ARGV[2] and lease > tonumber(ARGV[3]) then return 'busy' end
+if runner ~= ARGV[2] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+redis.call('HSET', KEYS[1], 'status', 'running', 'runner', ARGV[2], 'updated_at', ARGV[3],
+           'lease_until', tostring(tonumber(ARGV[3]) + tonumber(ARGV[4])))
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 'run'
+"""
+
+#: KEYS[1] the job hash; ARGV: runner id, now, lease seconds. Extends the lease if the runner holds it.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', tostring(tonumber(ARGV[2]) + tonumber(ARGV[3])))
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
@@ -65,6 +93,8 @@ class JobRecord:
     deliveries: list[dict[str, Any]]
     cancel_requested: bool
     webhook_failed: bool = False
+    attempts: int = 0
+    finished_at: float | None = None
 
 
 def new_job_id() -> str:
@@ -79,6 +109,8 @@ class JobStore:
         self.retention_s = int(retention_s)
         self.max_queued = max_queued
         self._transition = redis.register_script(_TRANSITION)
+        self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -116,6 +148,8 @@ class JobStore:
             results=json.loads(raw["results"]), error=json.loads(raw["error"]) if raw.get("error") else None,
             webhook=json.loads(raw["webhook"]) if raw["webhook"] else None, deliveries=json.loads(raw["deliveries"]),
             cancel_requested=raw.get("cancel_requested") == "1", webhook_failed=raw.get("webhook_failed") == "1",
+            attempts=int(raw.get("attempts") or 0),
+            finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
         )  # fmt: skip
 
     def transition(self, job_id: str, allowed: set[str], status: JobStatus) -> str | None:
@@ -123,6 +157,20 @@ class JobStore:
         old = self._transition(keys=[self.key(job_id), QUEUED],
                                args=[job_id, ",".join(sorted(allowed)), status, repr(time.time()), self.retention_s])  # fmt: skip
         return old.decode() if old else None
+
+    def claim(self, job_id: str, runner: str, lease_s: float) -> Literal["run", "busy", "done"]:
+        """Take ``job_id`` for ``runner`` (queued, or running under a lapsed lease or this runner's own):
+        "run"; another runner's lease is live: "busy"; canceled, finished or gone: "done"."""
+        answer = self._claim(keys=[self.key(job_id), QUEUED], args=[job_id, runner, repr(time.time()), lease_s])
+        return (answer.decode() if isinstance(answer, bytes) else answer)  # type: ignore[return-value]
+
+    def renew(self, job_id: str, runner: str, lease_s: float) -> bool:
+        """Extend ``runner``'s lease on ``job_id``; False when it no longer holds it."""
+        return bool(self._renew(keys=[self.key(job_id)], args=[runner, repr(time.time()), lease_s]))
+
+    def release(self, job_id: str, runner: str) -> None:
+        """Give the lease up (the run failed and will be retried at once)."""
+        self._renew(keys=[self.key(job_id)], args=[runner, "0", "0"])
 
     def start(self, job_id: str) -> bool:
         """queued -> running (or a redelivered running job taken over); False when canceled or finished."""
@@ -141,6 +189,11 @@ class JobStore:
         if error is not None:
             self.redis.hset(self.key(job_id), "error", json.dumps(error))
         return self.transition(job_id, {"running"}, status) is not None
+
+    def finish_unqueued(self, job_id: str, error: dict[str, Any]) -> None:
+        """A job recorded but never handed to the broker: failed at once (nothing will run it)."""
+        self.redis.hset(self.key(job_id), "error", json.dumps(error))
+        self.transition(job_id, {"queued"}, "failed")
 
     def cancel(self, job_id: str) -> str:
         """Cancel: a queued job at once; a running one is asked to stop (at its next step). The status after."""

@@ -38,7 +38,7 @@ import yaml
 from cluster.dashboard import ReplicaInfo
 from cluster.local import LocalCluster, wait_ready
 from deskgen.paths import PROJECT_ROOT
-from deskgen.serve_config import app_args, load_serve_config, with_models
+from deskgen.serve_config import app_args, load_serve_config, with_models, without_jobs
 from deskgen.serve_config import deployment_config as deployment
 
 APP = "deskgen"
@@ -51,7 +51,9 @@ def cluster_test_config(models: Path) -> dict[str, Any]:
     # The experiment store in a temporary folder, not the work tree's build/.
     store = Path(tempfile.mkdtemp(prefix="deskgen-cluster-experiments-")) / "experiments.db"
     images = {**app_args(load_serve_config())["image_store"], "dir": str(store.parent / "images")}
-    config = with_models(load_serve_config(), models, experiments_db=f"sqlite:///{store}", image_store=images)
+    # No jobs: this tier is about placement and autoscaling; jobs are the serve tier's (tests/serve/test_jobs.py).
+    config = with_models(without_jobs(load_serve_config()), models, experiments_db=f"sqlite:///{store}",
+                         image_store=images)  # fmt: skip
     if os.environ.get("DESKGEN_CLUSTER_CONTROL") == "no-autoscale":
         # The control run of the autoscaling test: a Classifier that may never scale out must fail it.
         deployment(config, "Classifier")["autoscaling_config"]["max_replicas"] = 1

@@ -33,16 +33,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_config(port: int, models: Path, lora_dir: Path, experiments_db: str, image_store: Path) -> dict[str, Any]:
+#: Signs the webhooks of the tier's app (open API: the ingress's own `webhook_secret`).
+WEBHOOK_SECRET = "whsec_" + "dGVzdC1zZWNyZXQtb2YtdGhlLXNlcnZlLXRpZXI="
+
+
+def test_config(port: int, models: Path, lora_dir: Path, experiments_db: str, image_store: Path,
+                redis_url: str) -> dict[str, Any]:  # fmt: skip
+    # Jobs: the tier's own Redis; a dead consumer's job redelivered within seconds; quick webhook retries.
+    jobs = {**app_args(load_serve_config())["jobs"], "redis_url": redis_url, "redelivery_s": 10, "lease_s": 3,
+            "max_queued": 6, "idempotency_lease_s": 5, "webhooks": {"max_attempts": 3, "base_delay_s": 0.2, "max_total_s": 5, "timeout_s": 5}}  # fmt: skip
     config = with_models(load_serve_config(), models, lora_dir=str(lora_dir), experiments_db=experiments_db,
-                         image_store={**app_args(load_serve_config())["image_store"], "dir": str(image_store)})  # fmt: skip
+                         image_store={**app_args(load_serve_config())["image_store"], "dir": str(image_store)},
+                         jobs=jobs)  # fmt: skip
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
     for d in app["deployments"]:
         d.pop("autoscaling_config", None)
         d["num_replicas"] = 1
     ingress = deployment(config, "Ingress")["user_config"]
-    ingress.update(default_steps=2, default_width=64, default_height=64, max_side=512, request_timeout_s=60)
+    ingress.update(default_steps=2, default_width=64, default_height=64, max_side=512, request_timeout_s=60,
+                   webhook_secret=WEBHOOK_SECRET, webhook_allow=["127.0.0.1"])  # fmt: skip
     generator = deployment(config, "Generator")
     generator.update(max_ongoing_requests=1, max_queued_requests=2)
     # Every product counts as found: the tiny detector's random scores then never decide a test.
@@ -95,13 +105,28 @@ def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str, image_store: Path) -> Iterator[dict[str, Any]]:
+def redis_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("redis")
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_dir: Path) -> Iterator[str]:
+    """The app's Redis (jobs and idempotency keys), in a temporary folder of its own."""
+    from deskgen.tools.redis import running_redis
+
+    with running_redis(redis_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str, image_store: Path,
+              redis_url: str, redis_dir: Path) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Deploy the app once per session; yields {"url", "config", "deploy_seconds"}."""
     import ray
     from ray import serve
 
     port, metrics_port = free_port(), free_port()
-    config = test_config(port, tiny_models, lora_dir, experiments_db, image_store)
+    config = test_config(port, tiny_models, lora_dir, experiments_db, image_store, redis_url)
     # Ray's Prometheus endpoint on a known port (the observability tier scrapes it), reporting every second.
     # 4 logical CPUs are what the app's replicas reserve; the 5th is for the LoRA training job of
     # test_lora_training.py (a Ray Train worker on the app's own cluster, as on a real one).
@@ -117,7 +142,7 @@ def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str, image_stor
                 raise TimeoutError("deskgen never became ready")
             time.sleep(0.5)
     yield {"url": url, "config": config, "deploy_seconds": time.perf_counter() - start, "experiments_db": experiments_db,
-           "metrics_port": metrics_port}  # fmt: skip
+           "metrics_port": metrics_port, "redis_url": redis_url, "redis_dir": redis_dir}  # fmt: skip
     serve.shutdown()
     ray.shutdown()
 

@@ -34,7 +34,8 @@ def test_config_validates_against_rays_schema(config: dict[str, Any]) -> None:
     schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.applications
     assert app.import_path == "graph:app"
-    assert {d.name for d in app.deployments} == {"Ingress", "Classifier", "Captioner", "Generator", "Recorder", "Locator"}
+    assert {d.name for d in app.deployments} == {"Ingress", "Classifier", "Captioner", "Generator", "Recorder", "Locator",
+                                                 "JobConsumer"}
 
 
 def test_resources_match_the_brief(config: dict[str, Any]) -> None:

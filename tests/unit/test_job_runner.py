@@ -48,7 +48,7 @@ def jobs(tmp_path: Path) -> Iterator[JobStore]:
 
 
 def generate_with(generator: DeskGenerator, calls: list[str]) -> Callable[..., tuple[dict[str, Any], bytes]]:
-    def generate(kind: str, body: dict[str, Any], image_id: str, on_step: Callable[[int, int], None]) -> tuple[dict[str, Any], bytes]:
+    def generate(kind: str, body: dict[str, Any], image_id: str, on_step: Callable[[int, int], None], **_: Any) -> tuple[dict[str, Any], bytes]:
         calls.append(image_id)
         params = dataclasses.replace(PARAMS, prompt=body["prompt"], seed=body.get("seed", 0), steps=body.get("steps", 2))
         result = generator.generate(params, Mix.from_weights({}), on_step=on_step)
@@ -101,17 +101,82 @@ def test_a_redelivered_job_skips_the_images_it_made_and_finishes_once(
     calls: list[str] = []
     generate = generate_with(generator, calls)
 
-    def dies_after_the_first_image(kind: str, body: dict[str, Any], image_id: str, on_step: Any) -> Any:
+    def dies_after_the_first_image(kind: str, body: dict[str, Any], image_id: str, on_step: Any, **_: Any) -> Any:
         if image_id.endswith("-1"):
             raise SystemExit("the consumer replica is killed")  # not a DeskgenError: the job stays running
         return generate(kind, body, image_id, on_step)
 
     with pytest.raises(SystemExit):
-        runner(jobs, tmp_path, dies_after_the_first_image).run(job)
+        runner(jobs, tmp_path, dies_after_the_first_image, lease_s=1.0).run(job)
     assert jobs.get(job).status == "running" and len(jobs.get(job).results) == 1
-    assert runner(jobs, tmp_path, generate).run(job) == "succeeded"  # the redelivery
+    # The redelivery finds the dead runner's claim, waits for its lease (1 s) to lapse, and takes over.
+    assert jobs.claim(job, "someone-else", 1.0) == "busy"
+    assert runner(jobs, tmp_path, generate, poll_s=0.1).run(job) == "succeeded"
     assert calls == [f"{job}-0", f"{job}-1"]  # image 0 was not made twice
     assert [r["index"] for r in jobs.get(job).results] == [0, 1]
+    assert jobs.get(job).attempts == 2
+
+
+def test_a_copy_delivered_while_the_first_runs_waits_for_it_and_runs_nothing(
+    generator: DeskGenerator, jobs: JobStore, tmp_path: Path
+) -> None:
+    import threading
+
+    request = JobRequest.model_validate({"text2img": {"prompt": "a desk", "steps": 3}})
+    job = jobs.create(request.model_dump(exclude_none=True), owner=None)
+    calls: list[str] = []
+    generate = generate_with(generator, calls)
+    started, go_on = threading.Event(), threading.Event()
+
+    def slow(kind: str, body: dict[str, Any], image_id: str, on_step: Any, **_: Any) -> Any:
+        started.set()
+        go_on.wait(30)
+        return generate(kind, body, image_id, on_step)
+
+    first: list[str] = []
+    thread = threading.Thread(target=lambda: first.append(runner(jobs, tmp_path, slow, lease_s=3.0).run(job)))
+    thread.start()
+    assert started.wait(30)
+    copy: list[str] = []
+    second = threading.Thread(target=lambda: copy.append(runner(jobs, tmp_path, generate, poll_s=0.1).run(job)))
+    second.start()
+    second.join(4.0)  # longer than the lease: the first runner's heartbeat keeps it
+    assert second.is_alive() and calls == []
+    go_on.set()
+    thread.join(60)
+    second.join(60)
+    assert first == ["succeeded"] and copy == ["succeeded"] and len(calls) == 1
+    assert jobs.get(job).attempts == 1
+
+
+def test_the_services_faults_are_retried_then_fail_the_job_and_the_requests_fail_it_at_once(
+    jobs: JobStore, tmp_path: Path
+) -> None:
+    from deskgen.errors import NotADeskSetup
+
+    request = JobRequest.model_validate({"text2img": {"prompt": "a desk"}})
+    job = jobs.create(request.model_dump(exclude_none=True), owner=None)
+
+    def replica_died(*_: Any, **__: Any) -> Any:
+        raise ConnectionError("the ingress replica died")
+
+    for attempt in (1, 2):
+        with pytest.raises(ConnectionError):
+            runner(jobs, tmp_path, replica_died, max_attempts=3).run(job)
+        assert (jobs.get(job).status, jobs.get(job).attempts) == ("running", attempt)
+    assert runner(jobs, tmp_path, replica_died, max_attempts=3).run(job) == "failed"  # the third: final
+    record = jobs.get(job)
+    assert record.error == {"index": 0, "code": "internal", "message": "internal error: ConnectionError"}
+    names = [name for _, name, _ in jobs.events(job)]
+    assert names.count("retrying") == 2 and names[-1] == "failed"
+
+    other = jobs.create(request.model_dump(exclude_none=True), owner=None)
+
+    def not_a_desk(*_: Any, **__: Any) -> Any:
+        raise NotADeskSetup("`image` does not look like a desk setup", field="image", score=0.1, threshold=0.5)
+
+    assert runner(jobs, tmp_path, not_a_desk).run(other) == "failed"
+    assert jobs.get(other).attempts == 1 and jobs.get(other).error["code"] == "not_a_desk_setup"
 
 
 def test_cancel_stops_a_running_generation_at_its_next_step(
@@ -123,7 +188,7 @@ def test_cancel_stops_a_running_generation_at_its_next_step(
     generate = generate_with(generator, calls)
     steps_seen: list[int] = []
 
-    def cancel_at_step_2(kind: str, body: dict[str, Any], image_id: str, on_step: Any) -> Any:
+    def cancel_at_step_2(kind: str, body: dict[str, Any], image_id: str, on_step: Any, **_: Any) -> Any:
         def watched(step: int, steps: int) -> None:
             steps_seen.append(step)
             if step == 2:

@@ -11,14 +11,19 @@ pytestmark = pytest.mark.unit
 
 #: What each route can answer besides success: the errors its code paths raise (see deployments/routes/ and deployments/pipeline.py).
 ERRORS = {
-    ("post", "/v1/generate"): {400, 404, 413, 415, 422, 503, 504},
-    ("post", "/v1/text2img"): {400, 404, 413, 415, 422, 503, 504},
+    ("post", "/v1/generate"): {400, 404, 409, 413, 415, 422, 503, 504},  # 409/422: Idempotency-Key
+    ("post", "/v1/text2img"): {400, 404, 409, 413, 415, 422, 503, 504},
     ("post", "/v1/classify"): {400, 413, 415, 503, 504},
     ("post", "/v1/caption"): {400, 413, 415, 503, 504},
     ("post", "/v1/feedback"): {400, 403, 404, 409, 413, 415, 503},
     ("get", "/v1/experiments"): {503},
     ("get", "/v1/experiments/{experiment_id}"): {404, 503},
     ("get", "/v1/mixes"): {503},
+    ("post", "/v1/jobs"): {400, 404, 409, 413, 415, 422, 503},
+    ("get", "/v1/jobs/{job_id}"): {404, 503},
+    ("post", "/v1/jobs/{job_id}/cancel"): {404, 503},
+    ("get", "/v1/jobs/{job_id}/events"): {400, 404, 503},
+    ("get", "/v1/jobs/{job_id}/images/{index}"): {400, 404, 503},
 }
 
 
