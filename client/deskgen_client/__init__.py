@@ -39,6 +39,7 @@ from deskgen_client.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from deskgen_client.jobs import JobEvent
 from deskgen_client.protocol import (
     Caption,
     Captioned,
@@ -67,7 +68,7 @@ from deskgen_client.protocol import (
     Step,
 )
 from deskgen_client.retry import RetryPolicy
-from deskgen_client.sync import Deskgen
+from deskgen_client.sync import Deskgen, Jobs
 
 __all__ = [
     "DEFAULT_URL",
@@ -91,6 +92,8 @@ __all__ = [
     "GenerationResult",
     "Health",
     "InvalidRequest",
+    "JobEvent",
+    "Jobs",
     "Keyword",
     "Limits",
     "LocateResult",

@@ -6,6 +6,9 @@
     deskgen locate photo.jpg --products monitor,keyboard --annotate boxes.png
     deskgen mixes
     deskgen feedback IMAGE_ID like
+    deskgen jobs submit "a desk at dawn" --seeds 1 2 3 --watch      # a batch job, followed to its end
+    deskgen jobs submit --photo desk.jpg --webhook https://backend.example.com/hooks
+    deskgen jobs watch JOB_ID ; deskgen jobs get JOB_ID ; deskgen jobs cancel JOB_ID
 
 The server is ``--url``, else ``$DESKGEN_URL``, else http://127.0.0.1:8000; the API key ``--api-key``, else
 ``$DESKGEN_API_KEY``. Generations stream their progress (a bar driven by the step events, on stderr) and
@@ -44,6 +47,8 @@ from deskgen_client import (
     Step,
     Unauthorized,
 )
+from deskgen_client.jobs import JobEvent
+from deskgen_client.protocol import JobAnswer
 from deskgen_client.rules import FEEDBACK_EVENTS
 
 EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -314,6 +319,90 @@ def generation_options(args: argparse.Namespace) -> GenerationKwargs:
     return cast(GenerationKwargs, given)
 
 
+def cmd_jobs_submit(client: Deskgen, args: argparse.Namespace) -> int:
+    """Queue a text2img (a prompt) or generate (``--photo``) job; with ``--watch`` follow it to the end and
+    write its images."""
+    options: dict[str, Any] = dict(generation_options(args))
+    batch: dict[str, list[Any]] | None = None
+    for name in ("seeds", "mixes", "concepts"):
+        values = getattr(args, name)
+        if values:
+            if batch is not None:
+                raise UsageError("give one of --seeds, --mixes, --concepts")
+            batch = {name: [int(v) for v in values] if name == "seeds" else list(values)}
+    if (args.prompt is None) == (args.photo is None):
+        raise UsageError("give a prompt, or --photo for a job from a desk photo")
+    if args.photo is not None and args.style is not None:
+        options["style"] = args.style
+    job = client.jobs.create(
+        text2img={"prompt": args.prompt, **options} if args.prompt is not None else None,
+        generate=options if args.photo is not None else None, photo=args.photo, batch=batch,
+        webhook=args.webhook, webhook_events=args.webhook_events or ("completed",),
+        cancel_after_s=args.cancel_after, wait_s=args.wait,
+    )  # fmt: skip
+    if not args.watch:
+        return show_job(job, args.json)
+    return watch_job(client, job.id, args)
+
+
+def cmd_jobs_watch(client: Deskgen, args: argparse.Namespace) -> int:
+    return watch_job(client, args.job_id, args)
+
+
+def cmd_jobs_get(client: Deskgen, args: argparse.Namespace) -> int:
+    return show_job(client.jobs.get(args.job_id), args.json)
+
+
+def cmd_jobs_cancel(client: Deskgen, args: argparse.Namespace) -> int:
+    return show_job(client.jobs.cancel(args.job_id), args.json)
+
+
+def watch_job(client: Deskgen, job_id: str, args: argparse.Namespace) -> int:
+    """Follow a job's events (a progress bar per image on stderr), then write its images as
+    ``<prefix>-<k>.png``; exit 1 unless it succeeded."""
+    bar = None if args.no_progress else ProgressBar(sys.stderr)
+
+    def show(event: JobEvent) -> None:
+        if bar is None:
+            return
+        if event.name == "progress":
+            bar.step(int(event.data["step"]), int(event.data["steps"]))
+        elif event.name == "started":
+            bar.line(f"job {job_id}: running, {event.data.get('images', 1)} image(s)")
+        elif event.name == "image":
+            bar.line(f"image {event.data['index']} done: {event.data['image_id']}")
+        elif event.name == "retrying":
+            bar.line(f"retrying (the service failed: {event.data.get('error', {}).get('code')})")
+
+    job = client.jobs.wait(job_id, on_event=show)
+    if job.status == "succeeded" and not args.json:
+        prefix = args.output_prefix or f"deskgen-{job_id}"
+        for image in job.images:
+            path = Path(f"{prefix}-{image.index}.png")
+            path.write_bytes(client.jobs.image(job_id, image.index))
+            print(f"image {image.index}  {path}  ({image.image_id})", file=sys.stdout)
+    show_job(job, args.json)
+    return EXIT_OK if job.status == "succeeded" else EXIT_API_ERROR
+
+
+def show_job(job: JobAnswer, as_json: bool) -> int:
+    if as_json:
+        return print_json(job.model_dump(mode="json"))
+    line = f"job {job.id}  {job.status}"
+    if job.position is not None:
+        line += f"  position {job.position}"
+    if job.progress:
+        line += f"  image {job.progress.get('image', 0)} step {job.progress.get('step')}/{job.progress.get('steps')}"
+    if job.images:
+        line += f"  {len(job.images)} image(s)"
+    if job.error:
+        line += f"  error {job.error.get('code')}: {job.error.get('message')}"
+    if job.webhook_failed:
+        line += "  webhook_failed"
+    print(line, file=sys.stdout)
+    return EXIT_OK
+
+
 class UsageError(Exception):
     """A command line that cannot work, found before any request is sent (exit status 2)."""
 
@@ -392,6 +481,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("ready", parents=[common], help="whether every stage answers (exit 1 when not)")
     sub.set_defaults(run=cmd_ready)
+
+    jobs = commands.add_parser("jobs", help="asynchronous generation: submit, watch, get, cancel")
+    job_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    watching = argparse.ArgumentParser(add_help=False)
+    watching.add_argument("--output-prefix", metavar="PATH", help="images go to PATH-<k>.png (default: deskgen-<job id>)")
+    sub = job_commands.add_parser("submit", parents=[common, generation, watching], help="queue a job")
+    sub.add_argument("prompt", nargs="?", help="the prompt of a text2img job")
+    sub.add_argument("--photo", type=Path, help="a desk photo: a generate job")
+    sub.add_argument("--style", help="(with --photo) a style concept woven into the prompt")
+    sub.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="a batch: one image per seed")
+    sub.add_argument("--mixes", nargs="+", metavar="MIX", help="a batch: one image per mix")
+    sub.add_argument("--concepts", nargs="+", metavar="CONCEPT", help="a batch: one image per concept preset")
+    sub.add_argument("--webhook", metavar="URL", help="receives the job's signed events")
+    sub.add_argument("--webhook-events", nargs="+", choices=("start", "progress", "completed"), metavar="EVENT",
+                     help="which events go to --webhook: start, progress, completed (default: completed)")  # fmt: skip
+    sub.add_argument("--cancel-after", type=float, metavar="SECONDS", help="cancel the job if it has not ended by then")
+    sub.add_argument("--wait", type=int, metavar="SECONDS", help="wait that long on the server for the result (Prefer: wait)")
+    sub.add_argument("--watch", action="store_true", help="follow the job to its end and write its images")
+    sub.set_defaults(run=cmd_jobs_submit)
+    sub = job_commands.add_parser("watch", parents=[common, watching], help="follow a job with a progress bar")
+    sub.add_argument("job_id")
+    sub.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    sub.set_defaults(run=cmd_jobs_watch)
+    sub = job_commands.add_parser("get", parents=[common], help="a job's status")
+    sub.add_argument("job_id")
+    sub.set_defaults(run=cmd_jobs_get)
+    sub = job_commands.add_parser("cancel", parents=[common], help="cancel a job")
+    sub.add_argument("job_id")
+    sub.set_defaults(run=cmd_jobs_cancel)
     return parser
 
 

@@ -32,6 +32,7 @@ from deskgen_client.protocol import (
     FeedbackResult,
     GenerationResult,
     Health,
+    JobAnswer,
     Limits,
     LocateResult,
     Mixes,
@@ -110,6 +111,10 @@ class ApiRequest:
     read_timeout_s: float | None = None
     retry: bool = True
     also_ok: tuple[int, ...] = ()
+    #: Sent as ``Idempotency-Key`` on every attempt, which then all carry ``request_id`` too (the image id
+    #: of whichever attempt runs, so the server records one exposure however many attempts it takes).
+    idempotency_key: str | None = None
+    headers: dict[str, str] | None = None
 
     def accepts(self, status: int) -> bool:
         return 200 <= status < 300 or status in self.also_ok
@@ -149,6 +154,16 @@ def attempt_request_id(base: str, attempt: int) -> str:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def idempotency(key: str | bool | None, stream: bool) -> str | None:
+    """The Idempotency-Key of a generation: a given one, a fresh one for ``True``, none for a stream (a
+    stream cannot be replayed, so the server refuses a key with one)."""
+    if key is None or key is False:
+        return None
+    if stream:
+        raise ValueError("`idempotency_key` works with whole answers, not with a stream (`on_event`).")
+    return uuid.uuid4().hex if key is True else key
 
 
 def read_photo(photo: Photo) -> tuple[str, bytes, str]:
@@ -308,7 +323,11 @@ class ClientCore:
 
     def build(self, http: httpx.Client | httpx.AsyncClient, request: ApiRequest, attempt: int) -> httpx.Request:
         """The httpx request of one attempt (bodies are rebuilt: a multipart stream is read once)."""
-        headers = {**self.headers, "Accept": request.accept, "X-Request-Id": attempt_request_id(request.request_id, attempt)}
+        rid = request.request_id if request.idempotency_key else attempt_request_id(request.request_id, attempt)
+        headers = {**self.headers, **(request.headers or {}), "Accept": request.accept, "X-Request-Id": rid}
+        if request.idempotency_key:
+            headers["Idempotency-Key"] = f'"{request.idempotency_key}"'
+
         timeout = http.timeout
         if request.read_timeout_s is not None:
             timeout = httpx.Timeout(connect=timeout.connect, read=request.read_timeout_s, write=timeout.write,
@@ -337,7 +356,7 @@ class ClientCore:
 
     def next_delay(self, request: ApiRequest, retries_done: int, error: DeskgenError) -> float | None:
         """How long to wait before retrying ``error``, or ``None`` to raise it (logged either way)."""
-        delay = self.retry.delay(retries_done, error) if request.retry else None
+        delay = self.retry.delay(retries_done, error, idempotent=request.idempotency_key is not None) if request.retry else None
         if delay is not None:
             log.info("%s %s: %s; retry %d/%d in %.1f s", request.method, request.path, error, retries_done + 1,
                      self.retry.max_retries, delay)  # fmt: skip
@@ -346,25 +365,62 @@ class ClientCore:
     # -- the routes --------------------------------------------------------------------------------
 
     def generate(
-        self, photo: Photo, options: GenerateKwargs, request_id: str | None, *, stream: bool
+        self, photo: Photo, options: GenerateKwargs, request_id: str | None, *, stream: bool,
+        idempotency_key: str | bool | None = None,
     ) -> Call[GenerationResult]:
         """``POST /v1/generate``: the photo as a multipart file, the options as form fields."""
         name, raw, content_type = read_photo(photo)
         request = ApiRequest(
             "POST", "/v1/generate", self._request_id(request_id), accept=self._accept(stream),
             data=form_fields(options), files={"image": (name, raw, content_type)},
-            read_timeout_s=self._read_timeout(options),
+            read_timeout_s=self._read_timeout(options), idempotency_key=idempotency(idempotency_key, stream),
         )  # fmt: skip
         return Call(request, lambda r: GenerationResult.model_validate(_json(r)))
 
     def text2img(
-        self, prompt: str, options: GenerationKwargs, request_id: str | None, *, stream: bool
+        self, prompt: str, options: GenerationKwargs, request_id: str | None, *, stream: bool,
+        idempotency_key: str | bool | None = None,
     ) -> Call[GenerationResult]:
         """``POST /v1/text2img``: the prompt and options as JSON."""
         body = {"prompt": prompt, **json_fields(options)}
         request = ApiRequest("POST", "/v1/text2img", self._request_id(request_id), accept=self._accept(stream),
-                             json=body, read_timeout_s=self._read_timeout(options))  # fmt: skip
+                             json=body, read_timeout_s=self._read_timeout(options),
+                             idempotency_key=idempotency(idempotency_key, stream))  # fmt: skip
         return Call(request, lambda r: GenerationResult.model_validate(_json(r)))
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def create_job(self, body: dict[str, Any], *, idempotency_key: str | None, wait_s: int | None,
+                   cancel_after_s: float | None) -> Call[JobAnswer]:  # fmt: skip
+        """``POST /v1/jobs`` with a fresh Idempotency-Key (unless given): its retries are one job."""
+        headers: dict[str, str] = {}
+        if wait_s is not None:
+            headers["Prefer"] = f"wait={int(wait_s)}"
+        if cancel_after_s is not None:
+            headers["Cancel-After"] = f"{cancel_after_s:g}s"
+        request = ApiRequest("POST", "/v1/jobs", new_request_id(), json=body, headers=headers,
+                             idempotency_key=idempotency_key or uuid.uuid4().hex,
+                             read_timeout_s=None if wait_s is None else wait_s + DEADLINE_MARGIN_S)  # fmt: skip
+        return Call(request, lambda r: JobAnswer.model_validate(_json(r)))
+
+    def job(self, job_id: str) -> Call[JobAnswer]:
+        return Call(ApiRequest("GET", f"/v1/jobs/{quote(job_id, safe='')}", new_request_id()),
+                    lambda r: JobAnswer.model_validate(_json(r)))  # fmt: skip
+
+    def cancel_job(self, job_id: str) -> Call[JobAnswer]:
+        """``POST /v1/jobs/{id}/cancel``: canceling twice is canceling once, so retrying it is safe."""
+        return Call(ApiRequest("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel", new_request_id()),
+                    lambda r: JobAnswer.model_validate(_json(r)))  # fmt: skip
+
+    def job_image(self, job_id: str, index: int) -> Call[bytes]:
+        request = ApiRequest("GET", f"/v1/jobs/{quote(job_id, safe='')}/images/{int(index)}", new_request_id(),
+                             accept="image/png")  # fmt: skip
+        return Call(request, lambda r: r.content)
+
+    def job_events(self, job_id: str, last_event_id: str | None = None) -> ApiRequest:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else None
+        return ApiRequest("GET", f"/v1/jobs/{quote(job_id, safe='')}/events", new_request_id(),
+                          accept="text/event-stream", headers=headers)  # fmt: skip
 
     def classify(self, photo: Photo) -> Call[Classification]:
         name, raw, content_type = read_photo(photo)

@@ -6,6 +6,11 @@ Never retried: any other 4xx (the same request fails the same way), 500, 504 (th
 deadline), a 503 ``locator_unavailable`` (a deployment without a product locator: it will not have one
 in a few seconds either), or a failure after the request was sent (it may have run).
 
+A request sent with an ``Idempotency-Key`` may also be retried where it may have run: a failure after it
+was sent, a 500 or 502 (a replica died under it), and a 409 ``idempotency_conflict`` (its first attempt
+still runs). The server answers such a retry with the first attempt's answer, or runs it afresh when the
+first never finished, so it cannot make a second image or exposure.
+
 The wait is the server's ``Retry-After`` when it sent one — honoured, never shortened; when it asks for
 more than ``max_retry_after_s`` the client gives up at once and raises the error (carrying
 ``retry_after``) rather than calling back early or sleeping longer than its caller allows. Without
@@ -41,9 +46,11 @@ class RetryPolicy:
         if self.max_retry_after_s < 0:
             raise ValueError(f"`max_retry_after_s` must be >= 0 but is {self.max_retry_after_s}.")
 
-    def delay(self, retries_done: int, error: DeskgenError, rng: random.Random | None = None) -> float | None:
-        """Seconds to wait before the next attempt, or ``None``: raise ``error``."""
-        if retries_done >= self.max_retries or not retryable(error):
+    def delay(self, retries_done: int, error: DeskgenError, rng: random.Random | None = None, *,
+              idempotent: bool = False) -> float | None:  # fmt: skip
+        """Seconds to wait before the next attempt, or ``None``: raise ``error``. ``idempotent``: the request
+        carries an Idempotency-Key (see the module docstring)."""
+        if retries_done >= self.max_retries or not retryable(error, idempotent=idempotent):
             return None
         if error.retry_after is not None:
             return error.retry_after if error.retry_after <= self.max_retry_after_s else None
@@ -58,8 +65,11 @@ class RetryPolicy:
 PERMANENT_503_CODES = frozenset({"locator_unavailable"})
 
 
-def retryable(error: DeskgenError) -> bool:
-    """429, 503 (but not a permanent one), or a connection that failed before anything was sent."""
+def retryable(error: DeskgenError, *, idempotent: bool = False) -> bool:
+    """429, 503 (but not a permanent one), or a connection that failed before anything was sent; with an
+    Idempotency-Key also one that failed after, a 500, a 502 and a 409 ``idempotency_conflict``."""
     if isinstance(error, DeskgenConnectionError):
-        return not error.sent
+        return idempotent or not error.sent
+    if idempotent and (error.status in (500, 502) or error.code == "idempotency_conflict"):
+        return True
     return isinstance(error, (RateLimited, Overloaded)) and error.code not in PERMANENT_503_CODES

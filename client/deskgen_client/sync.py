@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -21,6 +22,7 @@ from deskgen_client.core import (
     Photo,
 )
 from deskgen_client.errors import DeskgenError
+from deskgen_client.jobs import JobEvent, job_body
 from deskgen_client.protocol import (
     Caption,
     Classification,
@@ -29,6 +31,7 @@ from deskgen_client.protocol import (
     FeedbackResult,
     GenerationResult,
     Health,
+    JobAnswer,
     Limits,
     LocateResult,
     Mixes,
@@ -37,6 +40,7 @@ from deskgen_client.protocol import (
 )
 from deskgen_client.retry import RetryPolicy
 from deskgen_client.rules import FeedbackEvent
+from deskgen_client.sse import SSEParser
 
 T = TypeVar("T")
 
@@ -70,6 +74,8 @@ class Deskgen:
         self.core = ClientCore(base_url, api_key=api_key, retry=retry, max_retries=max_retries, headers=headers)
         self._owns_http = http_client is None
         self.http = http_client or httpx.Client(base_url=self.core.base_url, timeout=timeout)
+        #: Asynchronous generation: ``client.jobs.create(...)``, ``.wait()``, ``.events()``, ``.cancel()``.
+        self.jobs = Jobs(self)
 
     # -- generation ----------------------------------------------------------------------------------
 
@@ -79,12 +85,14 @@ class Deskgen:
         *,
         on_event: Callable[[ProgressEvent], Any] | None = None,
         request_id: str | None = None,
+        idempotency_key: str | bool | None = None,
         **options: Unpack[GenerateKwargs],
     ) -> GenerationResult:
         """A desk photo -> gate -> captions -> a new desk-setup image. With ``on_event``, the generation is
         streamed and every progress event (classified, captioned, started, each step, located, done) is passed
-        to it as it happens."""
-        call = self.core.generate(photo, options, request_id, stream=on_event is not None)
+        to it as it happens. ``idempotency_key`` (a string, or True for a fresh one) makes every retry safe:
+        however many attempts it takes, one image and one exposure."""
+        call = self.core.generate(photo, options, request_id, stream=on_event is not None, idempotency_key=idempotency_key)
         if on_event is None:
             return self._call(call)
         return self._follow(call, on_event)
@@ -101,10 +109,13 @@ class Deskgen:
         *,
         on_event: Callable[[ProgressEvent], Any] | None = None,
         request_id: str | None = None,
+        idempotency_key: str | bool | None = None,
         **options: Unpack[GenerationKwargs],
     ) -> GenerationResult:
-        """A prompt straight to the generator (no gate, no captions); ``on_event`` as for :meth:`generate`."""
-        call = self.core.text2img(prompt, options, request_id, stream=on_event is not None)
+        """A prompt straight to the generator (no gate, no captions); ``on_event`` and ``idempotency_key`` as
+        for :meth:`generate`."""
+        call = self.core.text2img(prompt, options, request_id, stream=on_event is not None,
+                                  idempotency_key=idempotency_key)  # fmt: skip
         if on_event is None:
             return self._call(call)
         return self._follow(call, on_event)
@@ -227,3 +238,86 @@ class Deskgen:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class Jobs:
+    """``/v1/jobs`` (``Deskgen.jobs``): a generation or a batch queued on the server, followed by polling,
+    by its event stream, or by a webhook (verify it with :func:`deskgen_client.webhooks.verify`).
+
+    >>> job = client.jobs.create(text2img={"prompt": "a desk", "mix": "ott_3d"}, batch={"seeds": [1, 2, 3]},
+    ...                          webhook="https://backend.example.com/hooks/deskgen")
+    >>> job = client.jobs.wait(job.id)
+    >>> png = client.jobs.image(job.id, 0)
+
+    ``create`` sends a fresh ``Idempotency-Key`` (or ``idempotency_key``) with every attempt, so its
+    retries create one job."""
+
+    def __init__(self, client: Deskgen) -> None:
+        self.client = client
+
+    def create(
+        self,
+        *,
+        text2img: dict[str, Any] | None = None,
+        generate: dict[str, Any] | None = None,
+        photo: Photo | None = None,
+        batch: dict[str, list[Any]] | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] = ("completed",),
+        cancel_after_s: float | None = None,
+        wait_s: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobAnswer:
+        """Queue a job: ``text2img`` (the body of /v1/text2img) or ``generate`` (its options) with ``photo``;
+        ``batch`` varies ``seeds``, ``mixes`` or ``concepts``. ``wait_s``: wait that long on the server
+        (``Prefer: wait``) for the finished job."""
+        body = job_body(text2img=text2img, generate=generate, photo=photo, batch=batch, webhook=webhook,
+                        webhook_events=webhook_events)  # fmt: skip
+        call = self.client.core.create_job(body, idempotency_key=idempotency_key, wait_s=wait_s, cancel_after_s=cancel_after_s)
+        return self.client._call(call)
+
+    def get(self, job_id: str) -> JobAnswer:
+        return self.client._call(self.client.core.job(job_id))
+
+    def cancel(self, job_id: str) -> JobAnswer:
+        """A queued job ends at once; a running one at its next denoising step."""
+        return self.client._call(self.client.core.cancel_job(job_id))
+
+    def image(self, job_id: str, index: int) -> bytes:
+        """Image ``index`` of a finished job, as PNG bytes."""
+        return self.client._call(self.client.core.job_image(job_id, index))
+
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[JobEvent]:
+        """The job's events from its creation (or after ``last_event_id``) until it ends; a stream cut
+        short is resumed where it stopped."""
+        after = last_event_id
+        while True:
+            response = self.client._send(self.client.core.job_events(job_id, after))
+            parser = SSEParser()
+            try:
+                for line in response.iter_lines():
+                    sse = parser.feed(line)
+                    if sse is None:
+                        continue
+                    event = JobEvent(sse.event, json.loads(sse.data), sse.id)
+                    after = sse.id or after
+                    yield event
+                    if event.final:
+                        return
+            except httpx.TransportError:
+                pass  # cut: resume after the last event seen
+            finally:
+                response.close()
+
+    def wait(self, job_id: str, *, timeout_s: float | None = None,
+             on_event: Callable[[JobEvent], Any] | None = None) -> JobAnswer:  # fmt: skip
+        """The job once it has ended (following its events); ``TimeoutError`` after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for event in self.events(job_id):
+            if on_event is not None:
+                on_event(event)
+            if event.final:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} did not end within {timeout_s} s")
+        return self.get(job_id)

@@ -413,3 +413,51 @@ def test_503_is_retried_after_retry_after_bounded_and_each_attempt_has_its_own_i
     assert elapsed >= sum(waits), (elapsed, waits)
     assert result.request_id == f"{rid}.r{len(retries)}"
     print(f"blockers {steps} steps: {[f'{d:.1f}' for d in durations]} s; retried {len(retries)}x after {waits} s, {elapsed:.1f} s in all")
+
+
+def test_jobs_through_the_client_and_the_cli(serve_app: dict[str, Any], desk_photo: bytes, tmp_path: Path) -> None:
+    """``client.jobs``: a batch job followed by its events to the end, its images; a photo job; a cancel;
+    a synchronous call with an idempotency key made once however often it is sent. The CLI's ``jobs
+    submit --watch`` writes the images, ``jobs get`` and ``jobs cancel`` print the job."""
+    from deskgen_client import JobEvent
+
+    from .conftest import generator_info
+
+    small = {"prompt": "a tidy desk setup", "steps": 2, "width": 64, "height": 64, "locate": False}
+    with Deskgen(serve_app["url"]) as client:
+        job = client.jobs.create(text2img=small, batch={"seeds": [11, 12]})
+        seen: list[JobEvent] = []
+        done = client.jobs.wait(job.id, on_event=seen.append)
+        assert done.status == "succeeded" and [i.result["seed"] for i in done.images] == [11, 12]
+        names = [e.name for e in seen]
+        assert names[0] == "queued" and names[-1] == "succeeded" and names.count("image") == 2
+        png = client.jobs.image(job.id, 1)
+        assert Image.open(io.BytesIO(png)).size == (64, 64)
+        photo_job = client.jobs.create(generate={"steps": 2, "width": 64, "height": 64}, photo=desk_photo, wait_s=60)
+        assert photo_job.status == "succeeded" and photo_job.images[0].result["captions"]
+        long = client.jobs.create(text2img={**small, "steps": 150})
+        assert client.jobs.cancel(long.id).status in ("canceled", "running", "queued")
+        assert client.jobs.wait(long.id, timeout_s=60).status == "canceled"
+        before = generator_info()["generations"]
+        first = client.text2img("a desk", idempotency_key="client-key-1", steps=1, width=64, height=64, locate=False)
+        again = client.text2img("a desk", idempotency_key="client-key-1", steps=1, width=64, height=64, locate=False)
+        assert again.request_id == first.request_id and generator_info()["generations"] - before == 1
+        with pytest.raises(ValueError, match="stream"):
+            client.text2img("a desk", idempotency_key=True, on_event=print)
+    out = tmp_path / "batch"
+    run = deskgen_cli(serve_app, "jobs", "submit", "a desk at dawn", "--seeds", "1", "2", "--steps", "2", "--width", "64",
+                      "--height", "64", "--no-locate", "--watch", "--output-prefix", str(out))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "batch-0.png").exists() and (tmp_path / "batch-1.png").exists()
+    assert "steps [" in run.stderr and "succeeded" in run.stdout
+    job_id = re.search(r"job (job_[0-9a-f]{24})", run.stdout).group(1)  # type: ignore[union-attr]
+    got = deskgen_cli(serve_app, "jobs", "get", job_id, "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)["status"] == "succeeded"
+    queued = deskgen_cli(serve_app, "jobs", "submit", "a desk", "--steps", "150", "--width", "64", "--height", "64")
+    queued_id = re.search(r"job (job_[0-9a-f]{24})", queued.stdout).group(1)  # type: ignore[union-attr]
+    canceled = deskgen_cli(serve_app, "jobs", "cancel", queued_id)
+    assert canceled.returncode == 0 and queued_id in canceled.stdout
+    missing = deskgen_cli(serve_app, "jobs", "get", "job_000000000000000000000000")
+    assert missing.returncode == 1 and "unknown_job" in missing.stderr
+    usage = deskgen_cli(serve_app, "jobs", "submit")
+    assert usage.returncode == 2 and "prompt" in usage.stderr

@@ -43,6 +43,7 @@ from deskgen_client.protocol.events import (
     event_name,
     read_event,
 )
+from deskgen_client.protocol.jobs import Batch, JobAnswer, JobImage, JobRequest, WebhookDelivery
 from deskgen_client.protocol.requests import (
     CaptionRequest,
     ClassifyRequest,
@@ -57,6 +58,7 @@ from deskgen_client.protocol.requests import (
 )
 
 __all__ = [
+    "Batch",
     "Caption",
     "CaptionRequest",
     "Captioned",
@@ -74,6 +76,9 @@ __all__ = [
     "GenerationOptions",
     "GenerationResult",
     "Health",
+    "JobAnswer",
+    "JobImage",
+    "JobRequest",
     "Keyword",
     "LimitDefaults",
     "Limits",
@@ -98,6 +103,7 @@ __all__ = [
     "Step",
     "StyleOption",
     "Text2ImgRequest",
+    "WebhookDelivery",
     "event_data",
     "event_name",
     "read_event",

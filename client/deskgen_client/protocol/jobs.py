@@ -117,4 +117,6 @@ class JobAnswer(BaseModel):
     webhook_failed: bool = False
     deliveries: list[WebhookDelivery] = Field(default_factory=list)
     created_at: float
+    cancel_after: float | None = Field(None, description="when the job is canceled if it has not ended (Cancel-After)")
+    attempts: int = Field(0, description="runs of the job so far (more than one after a redelivery or a retry)")
     expires_at: float | None = Field(None, description="finished jobs: when the record and images go")
