@@ -9,10 +9,10 @@ MODELS ?= models/tiny
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LOGICAL_GPUS ?= 2
 METRICS_PORT ?= 8080
-# The graph asks for 3.5 CPUs (Ingress 0.5, one replica of each stage 1): a smaller machine declares
-# 4 logical CPUs so it schedules (replicas then share the cores). `cpu_node` marks this node as one
+# The graph asks for 4.25 CPUs (Ingress 0.5, Classifier/Captioner/Generator 1, Locator/Recorder/JobConsumer
+# 0.25): a smaller machine declares 5 logical CPUs so it schedules (replicas then share the cores). `cpu_node` marks this node as one
 # that may run the CPU deployments (serve_config.yaml pins them to it).
-LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 4 ] && n=4; echo $$n)
+LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 5 ] && n=5; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
 .PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-router bench-jobs bench-gpu test-gpu cluster-up cluster-down clean

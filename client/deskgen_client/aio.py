@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -23,6 +24,7 @@ from deskgen_client.core import (
     Photo,
 )
 from deskgen_client.errors import DeskgenError
+from deskgen_client.jobs import JobEvent, job_body
 from deskgen_client.protocol import (
     Caption,
     Classification,
@@ -31,6 +33,7 @@ from deskgen_client.protocol import (
     FeedbackResult,
     GenerationResult,
     Health,
+    JobAnswer,
     Limits,
     LocateResult,
     Mixes,
@@ -39,6 +42,7 @@ from deskgen_client.protocol import (
 )
 from deskgen_client.retry import RetryPolicy
 from deskgen_client.rules import FeedbackEvent
+from deskgen_client.sse import SSEParser
 
 T = TypeVar("T")
 
@@ -72,6 +76,8 @@ class AsyncDeskgen:
         self.core = ClientCore(base_url, api_key=api_key, retry=retry, max_retries=max_retries, headers=headers)
         self._owns_http = http_client is None
         self.http = http_client or httpx.AsyncClient(base_url=self.core.base_url, timeout=timeout)
+        #: Asynchronous generation: ``await client.jobs.create(...)``, ``.wait()``, ``.events()``, ``.cancel()``.
+        self.jobs = AsyncJobs(self)
 
     # -- generation ----------------------------------------------------------------------------------
 
@@ -81,12 +87,13 @@ class AsyncDeskgen:
         *,
         on_event: Callable[[ProgressEvent], Any] | None = None,
         request_id: str | None = None,
+        idempotency_key: str | bool | None = None,
         **options: Unpack[GenerateKwargs],
     ) -> GenerationResult:
         """A desk photo -> gate -> captions -> a new desk-setup image. With ``on_event``, the generation is
         streamed and every progress event (classified, captioned, started, each step, located, done) is passed
-        to it as it happens (a coroutine function is awaited)."""
-        call = self.core.generate(photo, options, request_id, stream=on_event is not None)
+        to it as it happens (a coroutine function is awaited). ``idempotency_key`` as in the sync client."""
+        call = self.core.generate(photo, options, request_id, stream=on_event is not None, idempotency_key=idempotency_key)
         if on_event is None:
             return await self._call(call)
         return await self._follow(call, on_event)
@@ -103,10 +110,12 @@ class AsyncDeskgen:
         *,
         on_event: Callable[[ProgressEvent], Any] | None = None,
         request_id: str | None = None,
+        idempotency_key: str | bool | None = None,
         **options: Unpack[GenerationKwargs],
     ) -> GenerationResult:
         """A prompt straight to the generator (no gate, no captions); ``on_event`` as for :meth:`generate`."""
-        call = self.core.text2img(prompt, options, request_id, stream=on_event is not None)
+        call = self.core.text2img(prompt, options, request_id, stream=on_event is not None,
+                                  idempotency_key=idempotency_key)  # fmt: skip
         if on_event is None:
             return await self._call(call)
         return await self._follow(call, on_event)
@@ -231,3 +240,71 @@ class AsyncDeskgen:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+class AsyncJobs:
+    """``/v1/jobs`` for :class:`AsyncDeskgen`: the twin of :class:`deskgen_client.sync.Jobs`."""
+
+    def __init__(self, client: AsyncDeskgen) -> None:
+        self.client = client
+
+    async def create(
+        self,
+        *,
+        text2img: dict[str, Any] | None = None,
+        generate: dict[str, Any] | None = None,
+        photo: Photo | None = None,
+        batch: dict[str, list[Any]] | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] = ("completed",),
+        cancel_after_s: float | None = None,
+        wait_s: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobAnswer:
+        body = job_body(text2img=text2img, generate=generate, photo=photo, batch=batch, webhook=webhook,
+                        webhook_events=webhook_events)  # fmt: skip
+        call = self.client.core.create_job(body, idempotency_key=idempotency_key, wait_s=wait_s, cancel_after_s=cancel_after_s)
+        return await self.client._call(call)
+
+    async def get(self, job_id: str) -> JobAnswer:
+        return await self.client._call(self.client.core.job(job_id))
+
+    async def cancel(self, job_id: str) -> JobAnswer:
+        return await self.client._call(self.client.core.cancel_job(job_id))
+
+    async def image(self, job_id: str, index: int) -> bytes:
+        return await self.client._call(self.client.core.job_image(job_id, index))
+
+    async def events(self, job_id: str, last_event_id: str | None = None) -> AsyncIterator[JobEvent]:
+        after = last_event_id
+        while True:
+            response = await self.client._send(self.client.core.job_events(job_id, after))
+            parser = SSEParser()
+            try:
+                async for line in response.aiter_lines():
+                    sse = parser.feed(line)
+                    if sse is None:
+                        continue
+                    event = JobEvent(sse.event, json.loads(sse.data), sse.id)
+                    after = sse.id or after
+                    yield event
+                    if event.final:
+                        return
+            except httpx.TransportError:
+                pass  # cut: resume after the last event seen
+            finally:
+                await response.aclose()
+
+    async def wait(self, job_id: str, *, timeout_s: float | None = None,
+                   on_event: Callable[[JobEvent], Any] | None = None) -> JobAnswer:  # fmt: skip
+        async def follow() -> None:
+            async for event in self.events(job_id):
+                if on_event is not None:
+                    handled = on_event(event)
+                    if inspect.isawaitable(handled):
+                        await handled
+                if event.final:
+                    return
+
+        await asyncio.wait_for(follow(), timeout_s)
+        return await self.get(job_id)

@@ -232,7 +232,7 @@ def test_groups_cover_what_the_deployments_ask_for(
     # The pins: CPU deployments only fit CPU nodes, GPU deployments only GPU nodes, nothing the head.
     where = {name: sorted(g for g, (shape, _) in groups.items() if fits(ask, shape)) for name, ask in wants.items()}
     assert where == {"Ingress": ["cpu"], "Classifier": ["cpu"], "Recorder": ["cpu"], "Captioner": ["gpu"], "Generator": ["gpu"],
-                     "Locator": ["gpu"]}  # fmt: skip
+                     "Locator": ["gpu"], "JobConsumer": ["cpu"]}  # fmt: skip
     assert wants["Generator"]["gpus"] == 1 and wants["Captioner"]["gpus"] == 0.25 and wants["Locator"]["gpus"] == 0.25
     assert groups["gpu"][0]["GPU"] >= 1 and groups["gpu"][0]["gpu_node"] >= 1
     assert groups["cpu"][0]["cpu_node"] >= 1 and "cpu_node" not in groups["gpu"][0]

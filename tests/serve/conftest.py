@@ -128,9 +128,9 @@ def serve_app(tiny_models: Path, lora_dir: Path, experiments_db: str, image_stor
     port, metrics_port = free_port(), free_port()
     config = test_config(port, tiny_models, lora_dir, experiments_db, image_store, redis_url)
     # Ray's Prometheus endpoint on a known port (the observability tier scrapes it), reporting every second.
-    # 4 logical CPUs are what the app's replicas reserve; the 5th is for the LoRA training job of
-    # test_lora_training.py (a Ray Train worker on the app's own cluster, as on a real one).
-    ray.init(num_cpus=5, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve",
+    # 4.25 logical CPUs are what the app's replicas reserve; a whole one more is for the LoRA training job
+    # of test_lora_training.py (a Ray Train worker on the app's own cluster, as on a real one).
+    ray.init(num_cpus=6, num_gpus=2, resources={"cpu_node": 1000}, include_dashboard=False, namespace="serve",
              log_to_driver=False, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     start = time.perf_counter()
     deploy(config)

@@ -444,6 +444,17 @@ def test_jobs_through_the_client_and_the_cli(serve_app: dict[str, Any], desk_pho
         assert again.request_id == first.request_id and generator_info()["generations"] - before == 1
         with pytest.raises(ValueError, match="stream"):
             client.text2img("a desk", idempotency_key=True, on_event=print)
+
+    async def the_async_twin() -> None:
+        async with AsyncDeskgen(serve_app["url"]) as aclient:
+            ajob = await aclient.jobs.create(text2img=small, batch={"seeds": [21, 22]})
+            events = [event.name async for event in aclient.jobs.events(ajob.id)]
+            assert events[0] == "queued" and events[-1] == "succeeded"
+            finished = await aclient.jobs.wait(ajob.id, timeout_s=60)
+            assert [i.result["seed"] for i in finished.images] == [21, 22]
+            assert (await aclient.jobs.image(ajob.id, 0)).startswith(b"\x89PNG")
+
+    asyncio.run(the_async_twin())
     out = tmp_path / "batch"
     run = deskgen_cli(serve_app, "jobs", "submit", "a desk at dawn", "--seeds", "1", "2", "--steps", "2", "--width", "64",
                       "--height", "64", "--no-locate", "--watch", "--output-prefix", str(out))  # fmt: skip
