@@ -3,6 +3,7 @@
     python -m bench.soak                          # 60 min, the fused switching path, 2 clients, 12 mixes
     python -m bench.soak --minutes 90 --path slots
     python -m bench.soak --minutes 20 --no-write  # a quick look
+    python -m bench.soak --malloc-arena-max 2     # glibc with 2 malloc arenas in the replica
     python -m bench.soak --loads 150              # in-process: memory kept per LoRA load, by reader
     python -m bench.soak --in-process --minutes 20  # the replica's logic without Ray, same churn
 
@@ -52,12 +53,16 @@ MIXES = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dal
          "ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9", "ott:0.5+dalle:0.5", "3d:0.2+ott:0.9"]  # fmt: skip
 
 
-def soak_config(path: str) -> dict[str, Any]:
+def soak_config(path: str, malloc_arena_max: int | None = None) -> dict[str, Any]:
     tiny = models_dir()
     config = bench_serve_config(free_port(), tiny, tiny / "classifier" / "desk_gate.keras")
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "Ingress":
             deployment["user_config"].update(default_steps=1, default_width=64, default_height=64, request_timeout_s=300)
+        if deployment["name"] == "Generator" and malloc_arena_max is not None:
+            options = deployment.setdefault("ray_actor_options", {})
+            env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env["MALLOC_ARENA_MAX"] = str(malloc_arena_max)
     if path == "slots":
         args = config["applications"][0]["args"]
         args["generator_options"] = {**copy.deepcopy(args.get("generator_options") or {}), "hotswap": True}
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-s", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--path", choices=("fused", "slots"), default="fused")
+    parser.add_argument("--malloc-arena-max", type=int, default=None,
+                        help="glibc's MALLOC_ARENA_MAX in the Generator replica's environment (default: glibc's own)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
     parser.add_argument("--in-process", action="store_true", help="the replica's logic without Ray (see above)")
     parser.add_argument("--loads", type=int, default=None,
@@ -232,10 +239,13 @@ def main(argv: list[str] | None = None) -> None:
         counts = asyncio.run(churn_in_process(started + 60 * args.minutes, args.sample_s, started, points, args.path))
         report(args, points, warmup, {"ok": counts["ok"], "failed": 0}, counts["loads"], wall, "in one process, no Ray")
         return
-    with ServeApp(soak_config(args.path)) as app:
+    with ServeApp(soak_config(args.path, args.malloc_arena_max)) as app:
         generator = app.handle("Generator")
         before = generator.info.remote().result()
         pid = int(before["pid"])
+        if args.malloc_arena_max is not None:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"MALLOC_ARENA_MAX={args.malloc_arena_max}".encode() in environ, "the replica lacks MALLOC_ARENA_MAX"
         points: list[tuple[float, float]] = []
         counts = {"ok": 0, "failed": 0}
         started = time.monotonic()
@@ -248,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(both())
         after = generator.info.remote().result()
     assert after["pid"] == pid, "the Generator replica was replaced during the soak"
-    report(args, points, warmup, counts, after["mix_loads"] - before["mix_loads"], wall, f"{args.clients} clients")
+    how = f"{args.clients} clients" + (f", MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else "")
+    report(args, points, warmup, counts, after["mix_loads"] - before["mix_loads"], wall, how)
 
 
 def report(args: argparse.Namespace, points: list[tuple[float, float]], warmup: float, counts: dict[str, int],
