@@ -379,15 +379,16 @@ class GenerationPipeline:
 
     async def check(self, options: Text2ImgRequest | GenerateRequest, photo: bytes | None) -> None:
         """The refusals of ``prepare_*`` without reserving an exposure: a job is checked when it is
-        submitted (400/404/422 then), and prepared when it runs."""
+        submitted (400/404/422 then), and prepared when it runs. ``photo`` None: a photo checked already."""
         concept = self.concept(options)
         if isinstance(options, Text2ImgRequest):
             self.params(options, woven_prompt(options.prompt, concept[1].prompt) if concept else options.prompt,
                         None, concept)  # fmt: skip
         else:
             self.params(options, PENDING_PROMPT, None, concept)
-            decode_image(photo or b"", field="image_b64", max_bytes=self.config().max_upload_bytes,
-                         max_pixels=self.config().max_pixels)  # fmt: skip
+            if photo is not None:
+                decode_image(photo, field="image_b64", max_bytes=self.config().max_upload_bytes,
+                             max_pixels=self.config().max_pixels)  # fmt: skip
         await self.catalogue.choose(options.mix, None, options.user_id, concept)
 
     async def run(self, run: GenerationRun) -> GeneratedImage:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -24,7 +23,7 @@ from deskgen_client.core import (
     Photo,
 )
 from deskgen_client.errors import DeskgenError
-from deskgen_client.jobs import JobEvent, job_body
+from deskgen_client.jobs import JobEvent, JobStream, job_body
 from deskgen_client.protocol import (
     Caption,
     Classification,
@@ -42,7 +41,6 @@ from deskgen_client.protocol import (
 )
 from deskgen_client.retry import RetryPolicy
 from deskgen_client.rules import FeedbackEvent
-from deskgen_client.sse import SSEParser
 
 T = TypeVar("T")
 
@@ -276,20 +274,17 @@ class AsyncJobs:
         return await self.client._call(self.client.core.job_image(job_id, index))
 
     async def events(self, job_id: str, last_event_id: str | None = None) -> AsyncIterator[JobEvent]:
-        after = last_event_id
+        stream = JobStream(last_event_id)
         while True:
-            response = await self.client._send(self.client.core.job_events(job_id, after))
-            parser = SSEParser()
+            response = await self.client._send(self.client.core.job_events(job_id, stream.after))
+            stream.restart()
             try:
                 async for line in response.aiter_lines():
-                    sse = parser.feed(line)
-                    if sse is None:
-                        continue
-                    event = JobEvent(sse.event, json.loads(sse.data), sse.id)
-                    after = sse.id or after
-                    yield event
-                    if event.final:
-                        return
+                    event = stream.feed(line)
+                    if event is not None:
+                        yield event
+                        if event.final:
+                            return
             except httpx.TransportError:
                 pass  # cut: resume after the last event seen
             finally:

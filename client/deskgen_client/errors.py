@@ -112,6 +112,11 @@ class NotADesk(DeskgenError):
         return float(value) if isinstance(value, (int, float)) else None
 
 
+class IdempotencyKeyReused(DeskgenError):
+    """422 ``idempotency_key_reused``: the Idempotency-Key was sent before with another body (a client
+    bug: a key names one logical request)."""
+
+
 @dataclass(frozen=True)
 class RateLimit:
     """The ``RateLimit-*`` headers of an answer: requests allowed per window, left, seconds to reset."""
@@ -170,7 +175,13 @@ ERRORS_BY_STATUS: dict[int, type[DeskgenError]] = {
 }
 
 
-def error_class(status: int) -> type[DeskgenError]:
+#: Codes whose class is not their status's.
+ERRORS_BY_CODE: dict[str, type[DeskgenError]] = {"idempotency_key_reused": IdempotencyKeyReused}
+
+
+def error_class(status: int, code: str | None = None) -> type[DeskgenError]:
+    if code in ERRORS_BY_CODE:
+        return ERRORS_BY_CODE[code]
     if status in ERRORS_BY_STATUS:
         return ERRORS_BY_STATUS[status]
     return ServerError if status >= 500 else DeskgenError
@@ -193,7 +204,7 @@ def error_from_body(
     message = str(error.get("message") or f"the server answered HTTP {status}")
     field = error.get("field")
     rid = body.get("request_id") or headers.get("x-request-id") or request_id
-    return error_class(status)(
+    return error_class(status, code)(
         message,
         status=status,
         code=code,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from deskgen_client.protocol.jobs import JobRequest
+from deskgen_client.sse import SSEParser
 
 #: The events that end a job's stream.
 FINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
@@ -25,6 +27,25 @@ class JobEvent:
     @property
     def final(self) -> bool:
         return self.name in FINAL_EVENTS
+
+
+class JobStream:
+    """A job's event stream, fed one line at a time (both clients); ``after`` is the last event's id, from
+    which a stream cut short is resumed."""
+
+    def __init__(self, after: str | None = None) -> None:
+        self.after = after
+        self.parser = SSEParser()
+
+    def restart(self) -> None:
+        self.parser = SSEParser()
+
+    def feed(self, line: str) -> JobEvent | None:
+        sse = self.parser.feed(line)
+        if sse is None:
+            return None
+        self.after = sse.id or self.after
+        return JobEvent(sse.event, json.loads(sse.data), sse.id)
 
 
 def job_body(*, text2img: dict[str, Any] | None, generate: dict[str, Any] | None, photo: Any,

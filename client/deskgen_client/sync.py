@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -22,7 +21,7 @@ from deskgen_client.core import (
     Photo,
 )
 from deskgen_client.errors import DeskgenError
-from deskgen_client.jobs import JobEvent, job_body
+from deskgen_client.jobs import JobEvent, JobStream, job_body
 from deskgen_client.protocol import (
     Caption,
     Classification,
@@ -40,7 +39,6 @@ from deskgen_client.protocol import (
 )
 from deskgen_client.retry import RetryPolicy
 from deskgen_client.rules import FeedbackEvent
-from deskgen_client.sse import SSEParser
 
 T = TypeVar("T")
 
@@ -290,20 +288,17 @@ class Jobs:
     def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[JobEvent]:
         """The job's events from its creation (or after ``last_event_id``) until it ends; a stream cut
         short is resumed where it stopped."""
-        after = last_event_id
+        stream = JobStream(last_event_id)
         while True:
-            response = self.client._send(self.client.core.job_events(job_id, after))
-            parser = SSEParser()
+            response = self.client._send(self.client.core.job_events(job_id, stream.after))
+            stream.restart()
             try:
                 for line in response.iter_lines():
-                    sse = parser.feed(line)
-                    if sse is None:
-                        continue
-                    event = JobEvent(sse.event, json.loads(sse.data), sse.id)
-                    after = sse.id or after
-                    yield event
-                    if event.final:
-                        return
+                    event = stream.feed(line)
+                    if event is not None:
+                        yield event
+                        if event.final:
+                            return
             except httpx.TransportError:
                 pass  # cut: resume after the last event seen
             finally:

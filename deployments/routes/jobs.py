@@ -106,9 +106,9 @@ class JobRoutes(RoutesBase):
                 photo = base64.b64decode(job.generate.image_b64 or "", validate=True)
             except ValueError:
                 raise InvalidParameter("`generate.image_b64` is not valid base64.", field="generate.image_b64") from None
-        for kind, body in expand(job):
+        for index, (kind, body) in enumerate(expand(job)):
             model = Text2ImgRequest if kind == "text2img" else GenerateRequest
-            await self.pipeline.check(model.model_validate(body), photo)
+            await self.pipeline.check(model.model_validate(body), photo if index == 0 else None)  # decoded once
 
     async def wait_for(self, queue: JobQueue, job_id: str, owner: str | None, wait_s: float) -> JobAnswer:
         """The job once it ends, or as it is after ``wait_s``."""

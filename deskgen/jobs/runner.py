@@ -142,7 +142,7 @@ class JobRunner:
                 log.warning("job %s: lease not renewed: %r", job_id, exc)
 
     def _run(self, job_id: str, runner: str) -> str:
-        record = self.jobs.get(job_id)
+        record = self.jobs.get(job_id, with_request=True)
         request = JobRequest.model_validate(record.request)
         items = expand(request)
         self.jobs.event(job_id, "started", {"status": "running", "images": len(items)})

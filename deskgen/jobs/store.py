@@ -77,11 +77,17 @@ return 1
 """
 
 
+#: The hash's fields but ``request`` (see :meth:`JobStore.get`).
+RECORD_FIELDS = ["owner", "status", "created_at", "cancel_after", "progress", "results", "error", "webhook",
+                 "deliveries", "cancel_requested", "webhook_failed", "attempts", "finished_at"]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
     owner: str | None
     status: JobStatus
+    #: Empty unless read ``with_request``.
     request: dict[str, Any]
     created_at: float
     cancel_after: float | None
@@ -134,14 +140,18 @@ class JobStore:
         self.event(job_id, "queued", {"status": "queued"})
         return job_id
 
-    def get(self, job_id: str) -> JobRecord:
-        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key(job_id)).items()}
+    def get(self, job_id: str, *, with_request: bool = False) -> JobRecord:
+        """The job's record; its ``request`` (which may hold a photo of megabytes) only ``with_request``:
+        status reads, which are frequent, leave it in Redis."""
+        fields = [*RECORD_FIELDS, "request"] if with_request else RECORD_FIELDS
+        values = self.redis.hmget(self.key(job_id), fields)
+        raw = {name: value.decode() for name, value in zip(fields, values, strict=True) if value is not None}
         if not raw:
             raise UnknownJob(f"`id`: no job {job_id!r} (never created, or past its retention).", field="id")
         position = self.redis.zrank(QUEUED, job_id) if raw["status"] == "queued" else None
         return JobRecord(
             id=job_id, owner=raw["owner"] or None, status=raw["status"],  # type: ignore[arg-type]
-            request=json.loads(raw["request"]), created_at=float(raw["created_at"]),
+            request=json.loads(raw["request"]) if "request" in raw else {}, created_at=float(raw["created_at"]),
             cancel_after=float(raw["cancel_after"]) if raw["cancel_after"] else None,
             position=None if position is None else int(position),
             progress=json.loads(raw["progress"]) if raw.get("progress") else None,

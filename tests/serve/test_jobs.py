@@ -120,7 +120,7 @@ def test_a_batch_with_prefer_wait_and_its_event_stream(client: httpx.Client) -> 
     assert_error(bad, 404, "unknown_concept")
 
 
-def test_idempotency_keys_replay_the_first_answer(client: httpx.Client) -> None:
+def test_idempotency_keys_replay_the_first_answer(client: httpx.Client, desk_photo: bytes) -> None:
     key = str(uuid.uuid4())
     before = generator_info()["generations"]
     first = text2img(client, accept="application/json", headers={"Idempotency-Key": f'"{key}"'}, **{**SMALL, "seed": 5})
@@ -134,6 +134,16 @@ def test_idempotency_keys_replay_the_first_answer(client: httpx.Client) -> None:
     assert_error(text2img(client, headers={"Idempotency-Key": '"bad key"'}, **SMALL), 400, "invalid_parameter", "Idempotency-Key")
     assert_error(text2img(client, accept="text/event-stream", headers={"Idempotency-Key": '"k-sse"'}, **SMALL),
                  400, "invalid_parameter", "Idempotency-Key")  # fmt: skip
+    # A multipart /v1/generate with a key: the photo's body is the fingerprint; the replay is the same image.
+    photo_key = {"Idempotency-Key": str(uuid.uuid4()), "Accept": "application/json"}
+    form = {"steps": "1", "width": "64", "height": "64", "locate": "false", "seed": "3"}
+    files = {"image": ("desk.jpg", desk_photo, "image/jpeg")}
+    before = generator_info()["generations"]
+    one = client.post("/v1/generate", files=files, data=form, headers=photo_key)
+    two = client.post("/v1/generate", files=files, data=form, headers=photo_key)
+    assert one.status_code == 200, one.text
+    assert two.json()["request_id"] == one.json()["request_id"] and two.headers["idempotent-replayed"] == "true"
+    assert generator_info()["generations"] - before == 1
     # Jobs: a retried submit is the same job.
     job_key = {"Idempotency-Key": str(uuid.uuid4())}
     a = submit(client, {"text2img": SMALL}, job_key)

@@ -131,3 +131,34 @@ def test_an_idempotent_request_may_retry_what_may_have_run() -> None:
     assert policy.delay(0, error(500, "http_500")) is None  # type: ignore[arg-type]
     assert policy.delay(0, error(500, "http_500"), idempotent=True) is not None  # type: ignore[arg-type]
     assert policy.delay(2, error(500, "http_500"), idempotent=True) is None  # type: ignore[arg-type]
+
+
+def test_the_clients_job_stream_reads_events_and_where_to_resume() -> None:
+    from deskgen_client.jobs import JobStream
+
+    stream = JobStream()
+    lines = ["id: 1-0", "event: queued", 'data: {"status": "queued"}', "", ": keep-alive", "",
+             "id: 2-0", "event: succeeded", 'data: {"images": 1}', ""]  # fmt: skip
+    events = [e for e in (stream.feed(line) for line in lines) if e is not None]
+    assert [(e.name, e.data, e.id, e.final) for e in events] == [
+        ("queued", {"status": "queued"}, "1-0", False), ("succeeded", {"images": 1}, "2-0", True)]
+    assert stream.after == "2-0"
+    stream.restart()  # a new connection: a half-read event of the old one is dropped, the resume point kept
+    assert stream.feed("event: progress") is None and stream.after == "2-0"
+
+
+def test_a_reused_key_is_its_own_error_class_and_an_unreachable_redis_is_503() -> None:
+    import asyncio
+
+    from deployments.http_errors import status_of
+    from deployments.jobqueue import JobQueue
+    from deskgen.errors import JobsUnavailable
+    from deskgen.tools.redis import free_port
+    from deskgen_client import IdempotencyKeyReused, NotADesk
+
+    assert isinstance(error_from_body(422, {"error": {"code": "idempotency_key_reused", "message": "m"}}), IdempotencyKeyReused)
+    assert isinstance(error_from_body(422, {"error": {"code": "not_a_desk_setup", "message": "m"}}), NotADesk)
+    queue = JobQueue(JobsSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens there
+    with pytest.raises(JobsUnavailable) as caught:
+        asyncio.run(queue.call(queue.store.create, {"text2img": {"prompt": "a desk"}}, owner=None))
+    assert status_of(caught.value) == 503 and "Redis" in caught.value.message
