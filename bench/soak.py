@@ -3,7 +3,7 @@
     python -m bench.soak                          # 60 min, the fused switching path, 2 clients, 12 mixes
     python -m bench.soak --minutes 90 --path slots
     python -m bench.soak --minutes 20 --no-write  # a quick look
-    python -m bench.soak --malloc-arena-max 2     # glibc with 2 malloc arenas in the replica
+    python -m bench.soak --malloc-arena-max 8     # glibc's arenas in the replica (serve_config.yaml: 2)
     python -m bench.soak --loads 150              # in-process: memory kept per LoRA load, by reader
     python -m bench.soak --in-process --minutes 20  # the replica's logic without Ray, same churn
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--path", choices=("fused", "slots"), default="fused")
     parser.add_argument("--malloc-arena-max", type=int, default=None,
-                        help="glibc's MALLOC_ARENA_MAX in the Generator replica's environment (default: glibc's own)")
+                        help="glibc's MALLOC_ARENA_MAX in the Generator replica's environment (default: serve_config.yaml's)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
     parser.add_argument("--in-process", action="store_true", help="the replica's logic without Ray (see above)")
     parser.add_argument("--loads", type=int, default=None,

@@ -14,18 +14,22 @@ text/event-stream``) cannot be replayed, so a key with one is refused (400 namin
 # No `from __future__ import annotations`: kept like the route modules that import it.
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.datastructures import UploadFile
 
 from deployments.access import api_key_of
 from deployments.http_errors import error_for, json_error, unwrap
 from deployments.http_io import choose_format, read_body
 from deskgen.errors import InvalidParameter, JobsUnavailable
 from deskgen.jobs.idempotency import StoredAnswer, parse_key
+from deskgen.limits import MAX_FORM_FIELDS, MAX_FORM_FILES
 
 #: The headers of an answer that describe it, kept with it for a replay.
 KEPT_HEADERS = ("content-type", "location", "retry-after", "server-timing", "preference-applied")
@@ -43,7 +47,7 @@ async def idempotent(routes: Any, request: Request, route: str, run: Callable[[]
     if queue is None:
         raise JobsUnavailable("`Idempotency-Key` needs the jobs' store (args.jobs), which this deployment has not.")
     config = routes.config
-    body = await read_body(request, config.max_upload_bytes * 4 // 3 + 64 * 1024, "body")
+    body = await fingerprinted(request, await read_body(request, config.max_upload_bytes * 4 // 3 + 64 * 1024, "body"))
     scope = api_key_of(request) or "-"
     claim = await queue.call(queue.keys.claim, scope, route, key, body)
     if claim.state == "replay":
@@ -78,3 +82,28 @@ async def _renew(queue: Any, scope: str, route: str, key: str) -> None:
             await queue.call(queue.keys.renew, scope, route, key)
         except JobsUnavailable as exc:
             logging.getLogger("ray.serve").warning("Idempotency-Key lease not renewed: %s", exc)
+
+
+async def fingerprinted(request: Request, body: bytes) -> bytes:
+    """What a key's fingerprint is taken of: the request's content, not its encoding. A multipart form's
+    boundary is random per request (a client's retry sends another), so a form is its fields in order and
+    each file's SHA-256; a JSON body is its canonical JSON (key order and spacing do not matter). A body that
+    does not parse is itself (the route then refuses it)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if content_type == "multipart/form-data":
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+            parts: list[list[str]] = []
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    content = await value.read()
+                    await value.seek(0)  # the route reads it again
+                    parts.append([key, "file", hashlib.sha256(content).hexdigest()])
+                else:
+                    parts.append([key, "text", value])
+            return json.dumps(parts).encode()
+        if content_type == "application/json":
+            return json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
+    except Exception:
+        return body
+    return body
