@@ -11,8 +11,9 @@ from typing import Any
 from deskgen_client.protocol.jobs import JobRequest
 from deskgen_client.sse import SSEParser
 
-#: The events that end a job's stream.
-FINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+#: The events that end a job's stream: its end, or ``error`` (the server lost its job store mid-stream:
+#: the stream ends rather than reconnecting in a loop; the job is read again after it).
+FINAL_EVENTS = frozenset({"succeeded", "failed", "canceled", "error"})
 
 
 @dataclass(frozen=True)

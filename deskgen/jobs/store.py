@@ -6,7 +6,7 @@ produced; a sorted set orders the queued jobs (``ZRANK`` is a job's position); a
 webhooks. Status changes are atomic (a Lua script checks the current status): a job is canceled or
 started once, and a job redelivered after its consumer died finds itself ``running`` and takes over.
 
-    queued --start--> running --finish--> succeeded | failed
+    queued --claim--> running --finish--> succeeded | failed
       |                  |
       +----cancel--------+--> canceled   (a running job stops at its next denoising step)
 
@@ -181,10 +181,6 @@ class JobStore:
     def release(self, job_id: str, runner: str) -> None:
         """Give the lease up (the run failed and will be retried at once)."""
         self._renew(keys=[self.key(job_id)], args=[runner, "0", "0"])
-
-    def start(self, job_id: str) -> bool:
-        """queued -> running (or a redelivered running job taken over); False when canceled or finished."""
-        return self.transition(job_id, {"queued", "running"}, "running") is not None
 
     def progress(self, job_id: str, progress: dict[str, Any]) -> None:
         self.redis.hset(self.key(job_id), "progress", json.dumps(progress))

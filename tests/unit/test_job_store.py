@@ -31,8 +31,8 @@ def test_positions_transitions_and_results(store: JobStore) -> None:
     with pytest.raises(JobQueueFull) as full:
         store.create({}, owner=None)
     assert status_of(full.value) == 503
-    assert store.start(a) and store.get(a).status == "running" and store.get(b).position == 0
-    assert store.start(a)  # a redelivered job takes itself over
+    assert store.claim(a, "r1", 30) == "run" and store.get(a).status == "running" and store.get(b).position == 0
+    assert store.claim(a, "r1", 30) == "run"  # its runner, again (after waiting Redis out)
     store.progress(a, {"image": 0, "step": 3, "steps": 30})
     store.add_result(a, 0, {"image_id": f"{a}-0"})
     store.add_result(a, 0, {"image_id": f"{a}-0"})  # made again after a redelivery: still one result
@@ -40,7 +40,7 @@ def test_positions_transitions_and_results(store: JobStore) -> None:
     record = store.get(a)
     assert (record.status, record.results, record.progress) == ("succeeded", [{"image_id": f"{a}-0", "index": 0}],
                                                                {"image": 0, "step": 3, "steps": 30})  # fmt: skip
-    assert not store.start(a)  # finished: never runs again
+    assert store.claim(a, "r2", 30) == "done"  # finished: never runs again
     assert 0 < store.redis.ttl(store.key(a)) <= 60
     with pytest.raises(UnknownJob) as unknown:
         store.get("job_nope")
@@ -49,13 +49,13 @@ def test_positions_transitions_and_results(store: JobStore) -> None:
 
 def test_cancel_a_queued_job_at_once_and_a_running_one_at_its_next_step(store: JobStore) -> None:
     queued = store.create({}, owner=None)
-    assert store.cancel(queued) == "canceled" and not store.start(queued)
+    assert store.cancel(queued) == "canceled" and store.claim(queued, "r", 30) == "done"
     running = store.create({}, owner=None)
-    store.start(running)
+    store.claim(running, "r", 30)
     assert not store.canceled(running)
     assert store.cancel(running) == "running" and store.canceled(running)
     late = store.create({}, owner=None, cancel_after_s=0.5)
-    store.start(late)
+    store.claim(late, "r", 30)
     assert not store.canceled(late)
     time.sleep(0.6)
     assert store.canceled(late)  # past its Cancel-After deadline

@@ -145,6 +145,9 @@ def test_the_clients_job_stream_reads_events_and_where_to_resume() -> None:
     assert stream.after == "2-0"
     stream.restart()  # a new connection: a half-read event of the old one is dropped, the resume point kept
     assert stream.feed("event: progress") is None and stream.after == "2-0"
+    # The server's `error` event (its job store lost mid-stream) ends the stream instead of a reconnect loop.
+    error = [e for e in (stream.feed(line) for line in ["event: error", 'data: {"error": {}}', ""]) if e is not None]
+    assert [(e.name, e.final) for e in error] == [("error", True)]
 
 
 def test_a_reused_key_is_its_own_error_class_and_an_unreachable_redis_is_503() -> None:
