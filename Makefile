@@ -38,7 +38,7 @@ $(MODELS)/.complete: $(wildcard deskgen/tools/tiny*.py)
 # deployments/metrics.py and observability/prometheus.yml), then the app on it; Ctrl-C stops both.
 # Redis (the jobs' broker and store, args.jobs.redis_url) on 127.0.0.1:$(REDIS_PORT), its append-only file
 # under build/redis, stopped with the app.
-REDIS_PORT ?= 6390
+REDIS_PORT ?= 6380
 serve: models system-deps
 	$(BIN)/python -m deskgen.tools.redis start --dir build/redis --port $(REDIS_PORT) >/dev/null && \
 	$(RAY_ENV) $(BIN)/ray start --head --metrics-export-port=$(METRICS_PORT) --dashboard-host=127.0.0.1 \

@@ -4,6 +4,9 @@
     python -m cluster.local pids STATE_DIR        # the PIDs of the processes this cluster started
     python -m cluster.local kill STATE_DIR        # SIGTERM them, then SIGKILL what is left
     python -m cluster.local serve-start STATE_DIR CONFIG   # start Serve with CONFIG's http_options, host/port from STATE_DIR
+    python -m cluster.local deployable STATE_DIR CONFIG --redis-port P
+                                                  # the config to deploy (path printed): CONFIG, with a Redis of
+                                                  # the cluster's own for jobs whose redis_url is on this machine
     python -m cluster.local wait STATE_DIR        # until every app is RUNNING and /readyz answers 200
     python -m cluster.local describe STATE_DIR    # nodes and where each replica runs
 
@@ -19,6 +22,7 @@ other Ray clusters on the machine keep running.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -29,8 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import yaml
 
 from cluster.dashboard import Dashboard
 
@@ -212,6 +218,39 @@ def serve_start(cluster: LocalCluster, config_path: Path) -> None:
         ray.shutdown()
 
 
+def deployable(state_dir: Path, config_path: Path, redis_port: int) -> Path:
+    """The config local.sh deploys, written to ``state_dir/serve_config.deploy.yaml``: ``config_path``
+    unchanged, except that when its jobs' Redis is on this machine (``args.jobs.redis_url`` on a loopback
+    host, as serve_config.yaml's is for ``make serve``) the cluster gets a Redis of its own, started here
+    on ``redis_port`` with its data in ``state_dir/redis`` (local.sh stops it with the cluster), and the
+    URL points at it: a local cluster never shares ``make serve``'s queue, and never sends Redis commands
+    to another server that happens to listen on the configured port. A remote redis_url (a cluster's real
+    Redis) is kept as it is."""
+    from deskgen.serve_config import load_serve_config
+    from deskgen.tools.redis import start as start_redis
+
+    config = load_serve_config(config_path)
+    (app,) = config["applications"]
+    jobs = (app.get("args") or {}).get("jobs")
+    if isinstance(jobs, dict) and _is_loopback(str(jobs.get("redis_url", ""))):
+        url = urlsplit(str(jobs["redis_url"]))
+        own = urlsplit(start_redis(state_dir / "redis", redis_port))
+        jobs["redis_url"] = urlunsplit((url.scheme, own.netloc, url.path or "/0", url.query, ""))
+    path = state_dir / "serve_config.deploy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def wait_ready(cluster: LocalCluster, timeout_s: float) -> dict[str, Any]:
     """Poll until every application is RUNNING and ``/readyz`` answers 200.
 
@@ -274,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve-start")
     p.add_argument("state_dir", type=Path)
     p.add_argument("config", type=Path)
+    p = sub.add_parser("deployable")
+    p.add_argument("state_dir", type=Path)
+    p.add_argument("config", type=Path)
+    p.add_argument("--redis-port", type=int, required=True)
     args = parser.parse_args(argv)
 
     if args.command == "token":
@@ -284,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ended {kill_cluster(args.state_dir)} processes")
     elif args.command == "serve-start":
         serve_start(LocalCluster.load(args.state_dir), args.config)
+    elif args.command == "deployable":
+        print(deployable(args.state_dir, args.config, args.redis_port))
     elif args.command == "wait":
         start = time.monotonic()
         try:

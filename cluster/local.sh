@@ -2,7 +2,9 @@
 # A local multi-node Ray cluster on one machine, running deskgen exactly as deployed in production.
 #
 #   cluster/local.sh start    # head node (CPU, `cpu_node`) + GPU node(s) (logical GPUs, `gpu_node`),
-#                             # then `serve deploy serve_config.yaml`; returns once /readyz answers 200
+#                             # then `serve deploy serve_config.yaml`; returns once /readyz answers 200.
+#                             # Jobs whose Redis is on this machine (serve_config.yaml's redis_url) get a
+#                             # Redis of the cluster's own (STATE/redis, stopped with the cluster)
 #   cluster/local.sh status   # endpoints, nodes, Serve status, where each replica runs
 #   cluster/local.sh stop     # ends exactly the processes this cluster started (never `ray stop`,
 #                             # which kills every Ray process on the machine)
@@ -12,9 +14,10 @@
 #   DESKGEN_SERVE_CONFIG       the Serve config to deploy [<repo>/serve_config.yaml]
 #   DESKGEN_CLUSTER_HTTP_PORT  Serve's HTTP port on 127.0.0.1 [8100; `make serve` keeps 8000]
 #   DESKGEN_CLUSTER_DASHBOARD_PORT [8266]   DESKGEN_CLUSTER_GCS_PORT [6390]
+#   DESKGEN_CLUSTER_REDIS_PORT the cluster's Redis on 127.0.0.1 (jobs) [6391; `make serve`'s is 6380]
 #   DESKGEN_CLUSTER_PORT_BASE  per-node agent/metrics ports: base + 20 * node + k [52400]
 #   DESKGEN_CLUSTER_WORKER_PORT_BASE  per-node worker port ranges of 200 [21000]
-#   DESKGEN_CLUSTER_HEAD_CPUS  logical CPUs of the head: Ingress 0.5 + 4 Classifiers at max [5]
+#   DESKGEN_CLUSTER_HEAD_CPUS  logical CPUs of the head: Ingress 0.5 + 4 Classifiers at max + Recorder and JobConsumer 0.25 each [5]
 #   DESKGEN_CLUSTER_GPU_NODES  GPU nodes [1]   DESKGEN_CLUSTER_GPUS  logical GPUs per GPU node [2]
 #   DESKGEN_CLUSTER_GPU_NODE_CPUS  logical CPUs per GPU node [3]
 #   DESKGEN_CLUSTER_OBJECT_STORE_BYTES  object store per node [268435456]
@@ -40,6 +43,7 @@ HTTP_HOST=127.0.0.1
 HTTP_PORT="${DESKGEN_CLUSTER_HTTP_PORT:-8100}"
 DASHBOARD_PORT="${DESKGEN_CLUSTER_DASHBOARD_PORT:-8266}"
 GCS_PORT="${DESKGEN_CLUSTER_GCS_PORT:-6390}"
+REDIS_PORT="${DESKGEN_CLUSTER_REDIS_PORT:-6391}"
 PORT_BASE="${DESKGEN_CLUSTER_PORT_BASE:-52400}"
 WORKER_PORT_BASE="${DESKGEN_CLUSTER_WORKER_PORT_BASE:-21000}"
 HEAD_CPUS="${DESKGEN_CLUSTER_HEAD_CPUS:-5}"
@@ -106,10 +110,12 @@ HTTP_HOST=$HTTP_HOST
 HTTP_PORT=$HTTP_PORT
 DASHBOARD_PORT=$DASHBOARD_PORT
 GCS_PORT=$GCS_PORT
+REDIS_PORT=$REDIS_PORT
 GPU_NODES=$GPU_NODES
 CONFIG=$CONFIG
 EOF
-  local t0=$SECONDS
+  local t0=$SECONDS deploy
+  deploy="$("$PY" -m cluster.local deployable "$STATE" "$CONFIG" --redis-port "$REDIS_PORT")" || fail_start
   echo "starting the head node (CPU, cpu_node) on 127.0.0.1:$GCS_PORT, dashboard 127.0.0.1:$DASHBOARD_PORT"
   # shellcheck disable=SC2046  # node_ports prints flags meant to be split
   ray_start head --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
@@ -122,10 +128,10 @@ EOF
       --num-cpus="$GPU_NODE_CPUS" --num-gpus="$GPUS" --resources='{"gpu_node": 1}' \
       $(node_ports "$i") || fail_start
   done
-  echo "starting Serve on http://$HTTP_HOST:$HTTP_PORT, deploying $CONFIG"
+  echo "starting Serve on http://$HTTP_HOST:$HTTP_PORT, deploying $CONFIG (as $deploy)"
   client "$PY" -m cluster.local serve-start "$STATE" "$CONFIG" >"$LOGS/serve-start.log" 2>&1 \
     || { tail -n 20 "$LOGS/serve-start.log" >&2; fail_start; }
-  client "$SERVE" deploy "$CONFIG" -a "http://127.0.0.1:$DASHBOARD_PORT" >"$LOGS/deploy.log" 2>&1 \
+  client "$SERVE" deploy "$deploy" -a "http://127.0.0.1:$DASHBOARD_PORT" >"$LOGS/deploy.log" 2>&1 \
     || { tail -n 20 "$LOGS/deploy.log" >&2; fail_start; }
   client "$PY" -m cluster.local wait "$STATE" --timeout "$TIMEOUT" || fail_start
   echo "cluster up in $((SECONDS - t0)) s: http://$HTTP_HOST:$HTTP_PORT (cluster/local.sh status)"
@@ -146,6 +152,7 @@ stop() {
   else
     "$PY" -m cluster.local kill "$STATE"
   fi
+  "$PY" -m deskgen.tools.redis stop --dir "$STATE/redis"
   rm -f "$STATE/mark"
 }
 
@@ -158,6 +165,7 @@ status() {
   source "$STATE/cluster.env"
   echo "Serve:      http://127.0.0.1:$HTTP_PORT"
   echo "dashboard:  http://127.0.0.1:$DASHBOARD_PORT   GCS: 127.0.0.1:$GCS_PORT"
+  [[ -f "$STATE/redis/redis.pid" ]] && echo "redis:      redis://127.0.0.1:$REDIS_PORT/0 (jobs; data in $STATE/redis)"
   echo "clients:    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN"
   echo "config:     $CONFIG"
   echo

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-#: ``make serve``'s Redis (``python -m deskgen.tools.redis start --dir build/redis --port 6390``).
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
+#: ``make serve``'s Redis (``python -m deskgen.tools.redis start --dir build/redis --port 6380``).
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6380/0"
 
 
 class WebhookSettings(BaseModel):

@@ -6,7 +6,9 @@ in what a test on a 2-core machine needs:
 
 * ``args``: the tiny models of the ``tiny_models`` fixture;
 * Generator: ``num_replicas: 2`` instead of autoscaling (routing by mix and the replica kill need two);
-* Ingress ``user_config``: 64 px, 2 steps (tiny generations) and ``retry_after_s: 1`` (clients retry soon).
+* Ingress ``user_config``: 64 px, 2 steps (tiny generations) and ``retry_after_s: 1`` (clients retry soon);
+* ``args.jobs.redis_url``: the cluster's own Redis (local.sh starts it on the port given here), and the
+  experiment store and image store in temporary folders.
 
 Everything else — resources, the Classifier's autoscaling_config, queue limits — is production's
 (``DESKGEN_CLUSTER_CONTROL=no-autoscale`` caps the Classifier at one replica: the control run in which
@@ -38,7 +40,7 @@ import yaml
 from cluster.dashboard import ReplicaInfo
 from cluster.local import LocalCluster, wait_ready
 from deskgen.paths import PROJECT_ROOT
-from deskgen.serve_config import app_args, load_serve_config, with_models, without_jobs
+from deskgen.serve_config import app_args, load_serve_config, with_models
 from deskgen.serve_config import deployment_config as deployment
 
 APP = "deskgen"
@@ -46,14 +48,15 @@ LOCAL_SH = PROJECT_ROOT / "cluster" / "local.sh"
 GPU_NODES = 2
 
 
-def cluster_test_config(models: Path) -> dict[str, Any]:
+def cluster_test_config(models: Path, redis_port: int) -> dict[str, Any]:
     """serve_config.yaml with the overrides listed in the module docstring, nothing else."""
     # The experiment store in a temporary folder, not the work tree's build/.
     store = Path(tempfile.mkdtemp(prefix="deskgen-cluster-experiments-")) / "experiments.db"
-    images = {**app_args(load_serve_config())["image_store"], "dir": str(store.parent / "images")}
-    # No jobs: this tier is about placement and autoscaling; jobs are the serve tier's (tests/serve/test_jobs.py).
-    config = with_models(without_jobs(load_serve_config()), models, experiments_db=f"sqlite:///{store}",
-                         image_store=images)  # fmt: skip
+    production = app_args(load_serve_config())
+    images = {**production["image_store"], "dir": str(store.parent / "images")}
+    jobs = {**production["jobs"], "redis_url": f"redis://127.0.0.1:{redis_port}/0"}
+    config = with_models(load_serve_config(), models, experiments_db=f"sqlite:///{store}", image_store=images,
+                         jobs=jobs)  # fmt: skip
     if os.environ.get("DESKGEN_CLUSTER_CONTROL") == "no-autoscale":
         # The control run of the autoscaling test: a Classifier that may never scale out must fail it.
         deployment(config, "Classifier")["autoscaling_config"]["max_replicas"] = 1
@@ -157,7 +160,8 @@ def local_cluster(tiny_models: Path) -> Iterator[RunningCluster]:
     (not at the end of the whole run: its three nodes would slow every later tier on a small machine)."""
     # A short state dir: Ray's Unix socket paths under it must stay below 108 bytes.
     state = Path(tempfile.mkdtemp(prefix="dgc-", dir="/tmp"))
-    config = cluster_test_config(tiny_models)
+    redis_port = free_block(1, 29000, 30000)  # a range none of the ports below come from
+    config = cluster_test_config(tiny_models, redis_port)
     config_path = state / "serve_config.cluster-test.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     http = free_block(3, 30000, 40000)
@@ -171,6 +175,7 @@ def local_cluster(tiny_models: Path) -> Iterator[RunningCluster]:
         DESKGEN_CLUSTER_HTTP_PORT=str(http),
         DESKGEN_CLUSTER_DASHBOARD_PORT=str(dashboard),
         DESKGEN_CLUSTER_GCS_PORT=str(gcs),
+        DESKGEN_CLUSTER_REDIS_PORT=str(redis_port),
         DESKGEN_CLUSTER_PORT_BASE=str(free_block(20 * (GPU_NODES + 1), 40000, 50000)),
         DESKGEN_CLUSTER_WORKER_PORT_BASE=str(free_block(200 * (GPU_NODES + 1), 50000, 60000)),
         DESKGEN_CLUSTER_GPU_NODES=str(GPU_NODES),

@@ -9,6 +9,7 @@ the generous bounds that keep every wait finite.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import copy
 import os
@@ -48,12 +49,12 @@ def text2img(client: httpx.Client, mix: str, seed: int) -> httpx.Response:
 
 
 def test_replicas_run_on_the_nodes_their_resources_pin(local_cluster: RunningCluster) -> None:
-    """Ingress, Classifier and Recorder (``cpu_node``) on the CPU head; Captioner, Locator and Generator (GPUs) on GPU
+    """Ingress, Classifier, Recorder and JobConsumer (``cpu_node``) on the CPU head; Captioner, Locator and Generator (GPUs) on GPU
     nodes. Read from Serve's details through the dashboard (node ids) and the state API (resources)."""
     kinds = local_cluster.node_kinds()
     assert sorted(kinds.values()) == ["cpu"] + ["gpu"] * 2, kinds
     placed: dict[str, list[str]] = {}
-    for name in ("Ingress", "Classifier", "Recorder", "Captioner", "Locator", "Generator"):
+    for name in ("Ingress", "Classifier", "Recorder", "JobConsumer", "Captioner", "Locator", "Generator"):
         replicas = local_cluster.running(name)
         assert replicas, f"no RUNNING {name} replica"
         placed[name] = sorted(kinds[r.node_id] for r in replicas)
@@ -61,8 +62,27 @@ def test_replicas_run_on_the_nodes_their_resources_pin(local_cluster: RunningClu
             cmdline = Path(f"/proc/{r.pid}/cmdline").read_bytes()
             assert f"ServeReplica:{APP}:{name}".encode() in cmdline, (r, cmdline[:200])
     print(f"\n[cluster] placement: {placed}")
-    assert placed == {"Ingress": ["cpu"], "Classifier": ["cpu"], "Recorder": ["cpu"], "Captioner": ["gpu"],
-                      "Locator": ["gpu"], "Generator": ["gpu", "gpu"]}  # fmt: skip
+    assert placed == {"Ingress": ["cpu"], "Classifier": ["cpu"], "Recorder": ["cpu"], "JobConsumer": ["cpu"],
+                      "Captioner": ["gpu"], "Locator": ["gpu"], "Generator": ["gpu", "gpu"]}  # fmt: skip
+
+
+def test_a_photo_job_runs_across_the_nodes_on_the_clusters_own_redis(local_cluster: RunningCluster) -> None:
+    """POST /v1/jobs with a photo on the cluster as local.sh deployed it (its own Redis): the consumer on the
+    CPU head runs the Ingress's pipeline, the gate on the CPU node, captions and the image on GPU nodes;
+    the job succeeds within the wait and its PNG is served. A Redis the jobs could not reach would answer
+    503 ``jobs_unavailable``; one speaking another protocol, an error."""
+    photo = base64.b64encode(sample_png(local_cluster)).decode()
+    with httpx.Client(base_url=local_cluster.url, timeout=90) as client:
+        r = client.post("/v1/jobs", json={"generate": {"image_b64": photo, "mix": MIX_A, "seed": 5}},
+                        headers={"Prefer": "wait=60"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        (image,) = job["images"]
+        assert image["result"]["mix"]["name"] == MIX_A and image["result"]["desk_score"] is not None
+        assert image["result"]["captions"], image["result"]  # the captioner ran (a GPU node)
+        png = client.get(image["url"])
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deskgen.jobs.settings import JobsSettings
+from deskgen.serve_config import app_args, load_serve_config
 from deskgen_client.webhooks import verify
 from tests.unit.test_webhook_delivery import Receiver
 
@@ -67,7 +69,9 @@ def events_of(text: str) -> list[tuple[str, str, dict[str, Any]]]:
 
 def test_a_job_makes_the_synchronous_routes_image_and_posts_signed_webhooks(client: httpx.Client, receiver: Receiver) -> None:
     before = generator_info()["generations"]
-    r = submit(client, {"text2img": {**SMALL, "seed": 31}, "webhook": receiver.url, "webhook_events": ["start", "completed"]})
+    submitted = time.monotonic()
+    r = submit(client, {"text2img": {**SMALL, "seed": 31}, "webhook": receiver.url,
+                        "webhook_events": ["start", "progress", "completed"]})  # fmt: skip
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["status"] in ("queued", "running")
@@ -83,16 +87,24 @@ def test_a_job_makes_the_synchronous_routes_image_and_posts_signed_webhooks(clie
     assert sync.status_code == 200
     assert np.array_equal(pixels(png.content), pixels(sync.content))
     assert generator_info()["generations"] - before == 2
-    # The webhooks: start and completed, signed with the app's secret; deliveries recorded on the job.
+    # The webhooks: start, progress (the first step's, then at most one per progress_every_s) and
+    # completed, in order, signed with the app's secret; deliveries recorded on the job.
     deadline = time.monotonic() + 30
-    while len(receiver.received) < 2:
+    while not any(b'"job.completed"' in body for _, body in receiver.received):
         assert time.monotonic() < deadline, receiver.received
         time.sleep(0.1)
+    elapsed = time.monotonic() - submitted
     kinds = [verify(WEBHOOK_SECRET, body, headers) for headers, body in receiver.received]
-    assert [k["type"] for k in kinds] == ["job.start", "job.completed"]
-    assert kinds[1]["data"]["status"] == "succeeded" and kinds[1]["data"]["images"][0]["url"] == image["url"]
+    types = [k["type"] for k in kinds]
+    progress = [k["data"] for k in kinds if k["type"] == "job.progress"]
+    assert types == ["job.start"] + ["job.progress"] * len(progress) + ["job.completed"], types
+    every_s = app_args(load_serve_config())["jobs"].get("progress_every_s", JobsSettings().progress_every_s)
+    assert 1 <= len(progress) <= 1 + elapsed / every_s, (progress, elapsed)
+    assert progress[0] == {"id": job["id"], "image": 0, "images": 1, "step": 1, "steps": SMALL["steps"]}
+    assert [p["step"] for p in progress] == sorted({p["step"] for p in progress})
+    assert kinds[-1]["data"]["status"] == "succeeded" and kinds[-1]["data"]["images"][0]["url"] == image["url"]
     final = client.get(f"/v1/jobs/{job['id']}").json()
-    assert [d["event"] for d in final["deliveries"]] == ["job.start", "job.completed"]
+    assert [d["event"] for d in final["deliveries"]] == types
     assert all(d["delivered"] for d in final["deliveries"]) and not final["webhook_failed"]
     # The image is an exposure of the experiment like a synchronous one: feedback on it is accepted.
     fb = client.post("/v1/feedback", json={"image_id": image["image_id"], "event": "like"})

@@ -92,3 +92,77 @@ def test_liked_images_train_a_lora_that_the_running_app_serves(
     assert resumed.steps == 10
     assert read_training_metadata(resumed.path)["steps"] == "10"
 
+
+
+def test_two_workers_train_what_one_process_averaging_their_gradients_trains(tiny_models: Path, tmp_path: Path) -> None:
+    """``--workers 2`` on the app's Ray cluster: each Ray Train worker takes one of two images, and the LoRA
+    gradients are all-reduced (averaged) before every update. The adapter it writes is what two trainers in
+    this process compute when their gradients are averaged by hand before each update (the same seeded init
+    and draws); and it is neither trainer's adapter alone, which it would be without the all-reduce."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    from deskgen.lora_training.data import folder_examples
+    from deskgen.lora_training.trainer import LoraTrainer, prepare
+    from tests.unit.test_lora_training import write_folder
+
+    config = LoraTrainingConfig(name="pair", base_model=str(tiny_models / "sdxl"), rank=4, resolution=64, steps=4,
+                                learning_rate=1e-2)  # fmt: skip
+    examples = folder_examples(write_folder(tmp_path / "desks", count=2), config)
+    (tmp_path / "loras").mkdir()
+    run = run_training(config, examples, lora_dir=tmp_path / "loras", runs_dir=tmp_path / "runs", num_workers=2,
+                       cpus_per_worker=0.5)  # fmt: skip
+    assert run.steps == 4 and run.examples == 2
+    trained = load_file(str(run.path))
+
+    # Two trainers, one image each, the gradients averaged between backward and update (DDP by hand).
+    pair = [LoraTrainer(config), LoraTrainer(config)]
+
+    def average() -> None:
+        for name, param in pair[0].trainable.items():
+            other = pair[1].trainable[name]
+            if param.grad is not None:
+                mean = (param.grad + other.grad) / 2
+                param.grad.copy_(mean)
+                other.grad.copy_(mean)
+
+    barrier = threading.Barrier(2, action=average)
+    errors: list[BaseException] = []
+
+    def sync() -> None:
+        barrier.wait()
+
+    def train(trainer: LoraTrainer, example: Any) -> None:
+        try:
+            for _ in range(config.steps):
+                trainer.step([prepare(example, config)], sync=sync)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=train, args=(t, e)) for t, e in zip(pair, examples, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    averaged = pair[0].lora_tensors()
+    # Alone: each image's trainer without the other's gradients.
+    alone = []
+    for example in examples:
+        trainer = LoraTrainer(config)
+        for _ in range(config.steps):
+            trainer.step([prepare(example, config)])
+        alone.append(trainer.lora_tensors())
+
+    def distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+        assert a.keys() == b.keys()
+        return max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().mean().clamp_min(1e-12))
+                   for k in a if a[k].dim() > 0)  # fmt: skip
+
+    assert distance(trained, averaged) < 1e-4  # float rounding of the all-reduce's order
+    print(f"\n[two workers] vs averaged by hand {distance(trained, averaged):.2e}; vs each image alone "
+          + ", ".join(f"{distance(trained, single):.2e}" for single in alone))
+    assert all(distance(trained, single) > 1e-2 for single in alone)
+    assert distance(pair[1].lora_tensors(), averaged) == 0  # the hand-made pair stayed in step
