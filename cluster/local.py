@@ -328,7 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "serve-start":
         serve_start(LocalCluster.load(args.state_dir), args.config)
     elif args.command == "deployable":
-        print(deployable(args.state_dir, args.config, args.redis_port))
+        from deskgen.tools.redis import RedisError
+
+        try:
+            print(deployable(args.state_dir, args.config, args.redis_port))
+        except RedisError as exc:
+            print(f"error: the cluster's Redis (DESKGEN_CLUSTER_REDIS_PORT={args.redis_port}): {exc}", file=sys.stderr)
+            return 1
     elif args.command == "wait":
         start = time.monotonic()
         try:
