@@ -37,9 +37,18 @@ class Prometheus:
         """``expr``'s current value per value of ``label``."""
         return {s["metric"].get(label, ""): float(s["value"][1]) for s in self.query(expr)}
 
+    def targets(self) -> list[dict[str, Any]]:
+        """The scrape targets as Prometheus reports them (health, lastError, lastScrapeDuration, ...)."""
+        return list(self.http.get("/api/v1/targets").json()["data"]["activeTargets"])
+
     def targets_up(self) -> bool:
-        active = self.http.get("/api/v1/targets").json()["data"]["activeTargets"]
+        active = self.targets()
         return bool(active) and all(t["health"] == "up" for t in active)
+
+    def targets_health(self) -> str:
+        """One line per target: what a failed wait for ``targets_up`` prints."""
+        return "; ".join(f"{t['scrapeUrl']} {t['health']} ({t.get('lastError') or 'no error'}, last scrape "
+                         f"{t.get('lastScrapeDuration', 0):.2f} s)" for t in self.targets())  # fmt: skip
 
 
 def _free_port() -> int:
@@ -55,7 +64,10 @@ def running_prometheus(targets: list[str]) -> Iterator[Prometheus]:
         raise RuntimeError("no `prometheus` binary: run `make system-deps` or `apt-get install prometheus`")
     folder = Path(tempfile.mkdtemp(prefix="deskgen-prom-"))
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        # Every 3 s with a 3 s timeout (a timeout may not exceed the interval): late in the serve tier, Ray's
+        # metrics endpoint carries every series the shared app and the training runs made, on a loaded
+        # 2-core host; production scrapes every 10 s (observability/prometheus.yml).
+        "global": {"scrape_interval": "3s", "scrape_timeout": "3s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "deskgen", "static_configs": [{"targets": targets}]}],
     }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
