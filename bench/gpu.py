@@ -345,6 +345,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     "compiled_every_mix": {"compile": True, "fuse_active_mix": True, "fuse_hot_mix": None},
     "compiled_every_mix_devcopy": {"compile": True, "fuse_active_mix": True, "fuse_hot_mix": None,
                                    "fuse_backup": "device"},
+    # The exact base put back from a full copy in pinned host memory (production until 2026-12-05; now
+    # by residual: deskgen/generator/residual.py).
+    "compiled_every_mix_hostcopy": {"compile": True, "fuse_active_mix": True, "fuse_hot_mix": None,
+                                    "fuse_backup": "cpu"},
+    # Production as of 2026-12-04 run 4: the exact base from a pinned host copy, the adapters' factors on the
+    # GPU, diffusers' VAE forward (the memory and switch changes of 2026-12-05 all off).
+    "compiled_every_mix_20261204": {"compile": True, "fuse_active_mix": True, "fuse_hot_mix": None,
+                                    "fuse_backup": "cpu", "lora_factors": "device", "vae_inplace": False},
     "deepcache": {"compile": False, "fuse_hot_mix": HOT_MIX, "deepcache_interval": 3},
     # Hot-swap slots on a compiled UNet; with a hot mix fused by config (the production default until 2026-12).
     "compiled_slots": {"compile": True, "fuse_hot_mix": None, "fuse_active_mix": False},
@@ -568,6 +576,7 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
     # The switch alone, both ways between consecutive arms (no generation in between).
     names = list(NAMED_MIXES)
     switches: list[float] = []
+    phases: list[dict[str, float]] = []
     reset_peak(sc.device)
     for a, b in zip(names, names[1:] + names[:1], strict=True):
         for target in (b, a, b):
@@ -577,6 +586,7 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
             gen.activate_mix(mix)
             sync(sc.device)
             switches.append(time.perf_counter() - begin)
+            phases.append(dict(gen.switcher.last_s))
     transient = gen.switcher.batched.transient_bytes
     pristine = gen.switcher.pristine
     return {
@@ -591,6 +601,11 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
         "switch_only_peak_gib": peak_gib(sc.device),
         "fuse_transient_mib": transient / 2**20,
         "pristine": {"where": pristine.where, "tensors": len(pristine), "gib": pristine.nbytes() / 1024**3},
+        "switch_only_phases_s": phases,
+        "restored": dict(gen.switcher.restored),
+        "residual_mib": gen.switcher.residual_bytes() / 2**20,
+        "host_pool_mib": gen.switcher.batched.pool.nbytes / 2**20,
+        "factors_mib": [b / 2**20 for b in gen.switcher.batched.factor_bytes()],
         "allocated_gib": allocated_gib(sc.device),
         "images_differ": len({a.mix_id for a in arms}) == len(arms),
         "base_reloads": DeskGenerator.base_loads,
@@ -625,6 +640,12 @@ def arms_tables(results: list[dict[str, Any]], sc: Scenario, gpu_name: str) -> l
             f"Exact base copies: {r['pristine']['tensors']} tensors, {r['pristine']['gib']:.2f} GiB on "
             f"`{r['pristine']['where']}`; the fuse's largest transient {r['fuse_transient_mib']:.0f} MiB; "
             f"allocated after the run {gib(r['allocated_gib'])} GiB.",
+            f"Base tensors put back since load: {r['restored'].get('residual', 0)} by residual, "
+            f"{r['restored'].get('copy', 0)} from the copy; the last mix's residual {r['residual_mib']:.0f} MiB "
+            f"(pinned host buffers {r['host_pool_mib']:.0f} MiB); the adapters' factors {r['factors_mib'][0]:.0f} MiB "
+            f"on the GPU, {r['factors_mib'][1]:.0f} MiB in host memory. Switch alone, host time p50: unfuse "
+            f"{p50([x['unfuse'] for x in r['switch_only_phases_s']]) * 1000:.0f} ms, fuse "
+            f"{p50([x['fuse'] for x in r['switch_only_phases_s']]) * 1000:.0f} ms.",
             f"Effective flags: {r['effective']}.",
         ]
         tables.append(t)

@@ -1,6 +1,6 @@
 """What one mix switch costs when every mix is fused: the batched path vs peft's ``fuse_lora``.
 
-    python -m bench.switch [--models DIR] [--device cuda] [--dtype bfloat16] [-n 30] [--backup cpu|device] [--no-write]
+    python -m bench.switch [--models DIR] [--device cuda] [--dtype bfloat16] [-n 30] [--backup residual|cpu|device] [--no-write]
 
 ``--models`` is a folder with ``sdxl/`` and ``loras/`` (default: the tiny models, models/tiny; the
 full-size random-weight SDXL with its rank-32 LoRAs is ``python -m bench.fullsize --out DIR``). For each
@@ -157,6 +157,8 @@ def bench_path(path: str, models: Path, device: str, dtype: str | None, backup: 
         "path": path, "seconds": seconds, "peaks": peaks, "first_cycle_s": first_s, "first_cycle_peak": first_peak,
         "mixes": [m.id for m in mixes], "last_mix": last.id, "tensors": len(fused.params) if fused else 0,
         "copies_bytes": gen.switcher.pristine.nbytes(), "dtype": gen.dtype,
+        "residual_bytes": gen.switcher.residual_bytes(), "restored": dict(gen.switcher.restored),
+        "rewritten_bytes": sum(p.numel() * p.element_size() for p in fused.params) if fused else 0,
         "temporaries": temporaries if path == "batched" else None,
         "weights": {k: v.detach().to("cpu", copy=True) for k, v in fused_weights(gen).items()} if path != "branches" else None,
     }  # fmt: skip
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=None, help="folder with sdxl/ and loras/ (default: models/tiny)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the generator's)")
-    parser.add_argument("--backup", default="cpu", choices=("cpu", "device"), help="fuse_backup: where the exact copies live")
+    parser.add_argument("--backup", default="cpu", choices=("residual", "cpu", "device"),
+                        help="fuse_backup: how the exact base comes back (residual, or a copy on cpu / device)")
     parser.add_argument("-n", type=int, default=30, help="timed switches per path")
     parser.add_argument("--only", default=",".join(PATHS), help=f"comma-separated paths of {', '.join(PATHS)}")
     parser.add_argument("--no-write", action="store_true", help="print the table; do not append to BENCHMARKS.md")
@@ -227,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     table.notes += [
         f"Cycle of {len(first['mixes'])} mixes, every switch to another one: {', '.join(first['mixes'])}.",
         f"Exact base copies held: {mib(first['copies_bytes'])} MiB ({args.backup}).",
+        *(f"{r['path']}: base tensors put back by residual {r['restored']['residual']}, from the copy "
+          f"{r['restored']['copy']}; the last mix's residual {mib(r['residual_bytes'])} MiB for "
+          f"{mib(r['rewritten_bytes'])} MiB of weights rewritten." for r in results if r["path"] != "branches"),
         "Peak memory: " + ("torch.cuda.max_memory_allocated minus memory_allocated before the switch."
                            if device.startswith("cuda") else
                            "peak RSS (VmHWM, reset per switch) minus RSS before it; page-granular, and the "

@@ -32,6 +32,8 @@ image's metadata carries under ``runtime``):
   after every decode. bfloat16 needs none: it has float32's range.
 - ``vae_tiling`` / ``vae_slicing`` = off: decode in overlapping tiles (memory at large sizes; changes the
   pixels of images larger than the VAE's tile) / one image of a batch at a time (same pixels).
+- ``vae_inplace`` = on: the VAE decoder's resnets compute in place where exact (a lower memory peak at
+  1024 px, the same pixels; :mod:`deskgen.generator.lean_vae`).
 - ``fuse_active_mix`` (= not ``hotswap``): whatever mix is active is fused into the base weights (base
   speed for every mix): a switch restores the exact base weights and adds the new mix's summed low-rank
   deltas in a few batched operations (:mod:`deskgen.generator.switching`), and the pipeline keeps no
@@ -39,7 +41,12 @@ image's metadata carries under ``runtime``):
   branches (hot-swap slots with ``compile``).
 - ``fuse_hot_mix`` = None: a mix loaded at start; without ``fuse_active_mix`` (slots) the one mix fused
   into the base weights while it is active; any other mix first restores the exact base weights.
-  ``fuse_backup`` = ``"cpu"``: where that exact copy lives.
+  ``fuse_backup`` (= ``"residual"`` on CUDA with ``fuse_active_mix``, else ``"cpu"``): how a switch gets
+  the exact base back: from the fused weights minus the recomputed delta plus a 2-bit correction per
+  weight kept in host memory (:mod:`deskgen.generator.residual`), or from a full copy in pinned host
+  memory (``"cpu"``) or on the GPU (``"device"``). ``lora_factors`` (= ``"host"`` on CUDA with
+  ``fuse_active_mix``, else ``"device"``): where the loaded adapters' low-rank factors wait between
+  switches (pinned host memory: no GPU memory per loaded adapter; a switch copies its mixes' factors over).
 - ``compile``: on for CUDA, off on CPU. ``torch.compile`` (``compile_mode`` = ``"default"``) of the UNet's
   blocks (``compile_scope`` = ``"blocks"``: every transformer block and resnet; ``"unet"``: one graph),
   warmed up at load at ``compile_warmup_size`` = 1024 px. A fused mix changes weights in place, which

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from deskgen.errors import AdapterUnavailable, DeskgenError, InvalidParameter, ModelFilesMissing
+from deskgen.generator import residual
 from deskgen.generator.adapters import (
     PeftAdapters,
     SlotAdapters,
@@ -158,7 +159,8 @@ class DeskGenerator:
                      len(slots.names), slots.rank, len(slots.union), timer.seconds())  # fmt: skip
         #: The fused state: batched for peft adapters, diffusers' fuse_lora for hot-swap slots.
         method = "diffusers" if isinstance(self.adapters, SlotAdapters) else "batched"
-        self.switcher = MixSwitcher(pipe, self.adapters, backup=settings.fuse_backup, method=method)
+        self.switcher = MixSwitcher(pipe, self.adapters, backup=settings.fuse_backup or "cpu", method=method,
+                                    factors_on=settings.lora_factors or "device")  # fmt: skip
         self.fp8_report: Fp8Report | None = None
         if settings.fp8:
             from deskgen.fp8 import quantize_unet_linears
@@ -176,6 +178,8 @@ class DeskGenerator:
             self.deepcache = DeepCache(self.pipe.unet, settings.deepcache_interval)
         if settings.compile:
             timer = _Timer()
+            if self.switcher.by_residual:  # the residual's elementwise passes as fused kernels too
+                self.switcher.batched.codec = residual.Codec(compiled=True)
             compile_unet(self.pipe.unet, settings.compile_mode, settings.compile_scope)
             log.info("UNet (%s) wrapped by torch.compile(mode=%r) in %.2f s",
                      settings.compile_scope, settings.compile_mode, timer.seconds())  # fmt: skip
@@ -247,6 +251,8 @@ class DeskGenerator:
         limits = SizeLimits(min_side=min(size, self.limits.min_side), max_side=max(size, self.limits.max_side))
         for mix in [Mix(()), *([self._hot] if self._hot is not None else [])]:
             self.generate(params, mix, limits=limits)
+        if self.switcher.by_residual:
+            self.switcher.batched.codec.warm_up(self.pipe.unet.dtype, self.pipe.unet.device)
         self.warmup_s = timer.seconds()
         log.info("warm-up at %d px took %.1f s", size, self.warmup_s)
         return self.warmup_s

@@ -3,13 +3,15 @@
 peft's ``unmerge`` subtracts the delta again, which drifts (``(W + d) - d != W`` in floating point,
 worse in fp16, and it accumulates over fuse/unfuse cycles). :class:`PristineWeights` keeps an exact
 copy of every base parameter a fuse overwrites and puts it back bit for bit, in batched copies
-(``torch._foreach_copy_``). :mod:`deskgen.generator.switching` decides what is fused and how.
+(``torch._foreach_copy_``): the whole way back with ``fuse_backup: cpu`` or ``device``, and the fallback
+of ``residual`` (:mod:`deskgen.generator.residual`, which moves a sixth of the bytes).
+:mod:`deskgen.generator.switching` decides what is fused and how.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deskgen.mixes import Mix
@@ -28,6 +30,9 @@ class Fused:
     components: list[str]
     params: list[Any]
     method: str = "diffusers"
+    #: Batched: the (peft name, weight) pairs fused, in the order fused (an unfuse by residual recomputes
+    #: the same delta from them).
+    weights: list[tuple[str, float]] = field(default_factory=list)
 
 
 class PristineWeights:
@@ -41,8 +46,11 @@ class PristineWeights:
     weights — fastest restore, costs their size in GPU memory.
     """
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, *, pin: bool = True) -> None:
         self.where = where
+        #: Host copies of GPU weights in pinned memory (asynchronous restores; pinning costs ~1 s per GiB
+        #: once). Off where the copy is only a fallback (``fuse_backup: residual``).
+        self.pin = pin
         self._copies: dict[int, tuple[Any, Any]] = {}
 
     def __len__(self) -> int:
@@ -63,7 +71,7 @@ class PristineWeights:
                 if self.where == "device" or param.device.type == "cpu":
                     copy = param.detach().clone()
                 else:
-                    copy = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=True)
+                    copy = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=self.pin)
                     copy.copy_(param.detach())
                 # The entry holds the parameter itself, so its id() cannot be reused while the copy lives.
                 self._copies[id(param)] = (param, copy)

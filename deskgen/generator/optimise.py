@@ -38,6 +38,10 @@ def optimise_pipeline(pipe: Any, runtime: GeneratorSettings) -> None:
         pipe.vae.enable_tiling()
     if runtime.vae_slicing:
         pipe.vae.enable_slicing()
+    if runtime.vae_inplace:
+        from deskgen.generator.lean_vae import lean_decoder
+
+        lean_decoder(pipe.vae)
 
 
 def compile_unet(unet: Any, mode: str, scope: str) -> int:

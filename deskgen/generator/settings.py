@@ -29,7 +29,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 #: own (regional compilation: blocks of one shape share one compiled graph, so it compiles in a
 #: fraction of the time, and the UNet's own forward stays eager, which DeepCache needs).
 COMPILE_SCOPES = ("unet", "blocks")
-FUSE_BACKUPS = ("cpu", "device")
+FUSE_BACKUPS = ("residual", "cpu", "device")
+LORA_FACTOR_PLACES = ("host", "device")
 #: Named speed profiles: GeneratorSettings fields a deployment selects with ``speed_profile`` in its
 #: ``generator_options`` (its own fields override the profile's). ``exact`` is the default; the others
 #: trade something measurable (BENCHMARKS.md "GPU suite") for speed or memory.
@@ -136,6 +137,9 @@ class GeneratorSettings:
     vae_tiling: bool = False
     #: Decode a batch one image at a time (saves memory for batches; same pixels).
     vae_slicing: bool = False
+    #: The VAE decoder's resnets compute in place where nothing else reads the tensor (a lower memory
+    #: peak at 1024 px; same pixels: :mod:`deskgen.generator.lean_vae`).
+    vae_inplace: bool = True
     #: Fuse whatever mix is active into the base weights (:mod:`deskgen.generator.switching`): a switch
     #: restores the exact base weights and adds the new mix's summed low-rank deltas in a few batched ops,
     #: so every mix generates at base speed, and the pipeline keeps no LoRA layer (compiled or not; any
@@ -148,8 +152,18 @@ class GeneratorSettings:
     #: slots, or ``fuse_active_mix: false``) it is the one mix fused while active, and switching to
     #: another mix restores the base weights exactly.
     fuse_hot_mix: str | None = None
-    #: ``"cpu"`` | ``"device"``: where the exact copy of the layers a fuse overwrites is kept.
-    fuse_backup: str = "cpu"
+    #: How a switch gets the exact base values of the layers a fuse overwrote back
+    #: (:mod:`deskgen.generator.fusing`): ``"residual"`` recomputes the mix's delta, subtracts it and applies
+    #: a 2-bit-per-weight correction saved at fuse time (:mod:`deskgen.generator.residual`; a sixth of the
+    #: bytes of a copy cross the bus; a plain host copy stays as the fallback); ``"cpu"`` copies them back
+    #: from pinned host memory; ``"device"`` from a copy on the GPU (fastest, costs their size in GPU
+    #: memory). None: ``residual`` on CUDA when every mix is fused, else ``cpu``.
+    fuse_backup: str | None = None
+    #: Where each loaded adapter's low-rank factors live between switches when every mix is fused:
+    #: ``host`` (pinned memory; a switch copies the two mixes' factors over, ~113 MiB per rank-32 SDXL
+    #: adapter) or ``device`` (GPU memory, ~113 MiB per loaded adapter for good). None: ``host`` on CUDA
+    #: with ``fuse_active_mix``, else ``device``.
+    lora_factors: str | None = None
     #: ``torch.compile`` the UNet. Every mix is fused into its weights (no LoRA layer, no recompile on a
     #: switch), or with ``fuse_active_mix: false`` hot-swapped into fixed slots. None: on for CUDA
     #: (measured 1.2-1.4x on an H200, BENCHMARKS.md), off on the CPU.
@@ -193,7 +207,7 @@ class GeneratorSettings:
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_flag("channels_last", self.channels_last, optional=True)
         _check_flag("vae_upcast", self.vae_upcast, optional=True)
-        for name in ("vae_tiling", "vae_slicing"):
+        for name in ("vae_tiling", "vae_slicing", "vae_inplace"):
             _check_flag(name, getattr(self, name))
         _check_flag("compile", self.compile, optional=True)
         _check_flag("hotswap", self.hotswap, optional=True)
@@ -223,7 +237,10 @@ class GeneratorSettings:
 
             _check_int("deepcache_interval", self.deepcache_interval, 2, MAX_INTERVAL)
         _check_compile_combination(bool(self.compile), self)
-        _check_choice("fuse_backup", self.fuse_backup, FUSE_BACKUPS)
+        if self.fuse_backup is not None:
+            _check_choice("fuse_backup", self.fuse_backup, FUSE_BACKUPS)
+        if self.lora_factors is not None:
+            _check_choice("lora_factors", self.lora_factors, LORA_FACTOR_PLACES)
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         _check_int("hotswap_slots", self.hotswap_slots, 1, 16)
@@ -264,7 +281,7 @@ class GeneratorSettings:
     def is_resolved(self) -> bool:
         """Every device-dependent field filled in (what :meth:`resolve_for` returns)."""
         return None not in (self.device, self.dtype, self.channels_last, self.vae_upcast, self.compile, self.hotswap,
-                            self.fuse_active_mix)  # fmt: skip
+                            self.fuse_active_mix, self.fuse_backup, self.lora_factors)  # fmt: skip
 
     def resolve(self) -> GeneratorSettings:
         """The effective settings on this machine: every None replaced by its device default.
@@ -291,6 +308,8 @@ class GeneratorSettings:
         hotswap = (self.fp8 or (compile_ and self.fuse_active_mix is False)) if self.hotswap is None else self.hotswap
         if self.fuse_active_mix and hotswap:
             raise InvalidParameter(_FUSE_VS_SLOTS, field="fuse_active_mix")
+        fuse_all = not hotswap if self.fuse_active_mix is None else self.fuse_active_mix
+        backup = ("residual" if cuda and fuse_all else "cpu") if self.fuse_backup is None else self.fuse_backup
         return dataclasses.replace(
             self,
             device=device,
@@ -300,7 +319,9 @@ class GeneratorSettings:
             fuse_hot_mix=hot.id if hot is not None else None,
             compile=compile_,
             hotswap=hotswap,
-            fuse_active_mix=not hotswap if self.fuse_active_mix is None else self.fuse_active_mix,
+            fuse_active_mix=fuse_all,
+            fuse_backup=backup,
+            lora_factors=("host" if cuda and fuse_all else "device") if self.lora_factors is None else self.lora_factors,
         )
 
     def hot_mix(self) -> Mix | None:

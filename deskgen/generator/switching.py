@@ -14,9 +14,13 @@ switch. :class:`BatchedFuser` does the same arithmetic, grouped:
   which add exact zeros) and concatenated along the rank, so ONE ``torch.bmm`` computes the summed
   delta of all adapters for all layers of that shape and ONE ``torch._foreach_add_`` adds them to the
   weights (per chunk of at most :data:`CHUNK_ELEMENTS` output elements, which caps the temporaries);
-- the base values are restored from :class:`~deskgen.generator.fusing.PristineWeights` with one
-  ``torch._foreach_copy_`` before the next mix is fused, so a fused mix is always ``base + delta``:
-  switching A -> B -> A gives A's weights bit for bit, and the base mix the exact base weights;
+- the base values are put back exactly before the next mix is fused, so a fused mix is always
+  ``base + delta``: switching A -> B -> A gives A's weights bit for bit, and the base mix the exact
+  base weights. ``fuse_backup: residual`` (CUDA's default) recomputes each chunk's delta, subtracts it
+  and applies the chunk's residual saved by the fuse (:mod:`deskgen.generator.residual`: ~2.8 bits a
+  weight instead of a copy's 16), falling back to the exact copy for any chunk whose checksum fails;
+  ``cpu`` / ``device`` copy every value back from :class:`~deskgen.generator.fusing.PristineWeights`
+  with one ``torch._foreach_copy_``;
 - while a mix is fused the pipeline's LoRA layers, if it has any (peft adapters beside a fused hot mix),
   are disabled (the base mix's LoRA state), so no branch is applied on top of the fused weights (no
   double counting).
@@ -42,9 +46,11 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from deskgen.generator import residual
 from deskgen.generator.adapters import LORA_COMPONENTS, LoraStrategy, layers_with
 from deskgen.generator.fusing import FUSE_METHODS, Fused, PristineWeights
 from deskgen.mixes import Mix
@@ -66,6 +72,47 @@ class FactorGroup:
     params: list[Any] = field(default_factory=list)  # their base weights, in the same order
     alphas: list[float] = field(default_factory=list)  # lora_alpha per layer
     divisors: list[float] = field(default_factory=list)  # r (sqrt(r) for rsLoRA) per layer
+    #: Offloaded (:meth:`offload`): ``a`` and ``b`` stacked per layer, ``(rows, r, in*k*k)`` and
+    #: ``(rows, out, r)``, in pinned host memory; ``a`` and ``b`` are then empty.
+    a_host: Any = None
+    b_host: Any = None
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def offload(self) -> None:
+        """Move the factors to host memory, stacked (pinned when they were on a GPU: no GPU memory while no
+        fuse needs them, and an asynchronous copy back when one does)."""
+        import torch
+
+        if self.a_host is not None or not self.a:
+            return
+        pin = self.a[0].device.type == "cuda"
+        a = torch.stack([t.reshape(self.rank, self.fan_in) for t in self.a])
+        b = torch.stack([t.reshape(self.shape[0], self.rank) for t in self.b])
+        self.a_host = torch.empty(a.shape, dtype=a.dtype, pin_memory=pin).copy_(a)
+        self.b_host = torch.empty(b.shape, dtype=b.dtype, pin_memory=pin).copy_(b)
+        self.a, self.b = [], []
+
+    def stacked(self, compute: Any, device: Any) -> tuple[Any, Any]:
+        """``(A, B)`` stacked per layer on ``device`` in ``compute`` dtype (from the host if offloaded)."""
+        import torch
+
+        if self.a_host is not None:
+            a = self.a_host.to(device, non_blocking=True)
+            b = self.b_host.to(device, non_blocking=True)
+        else:
+            a = torch.stack([t.reshape(self.rank, self.fan_in) for t in self.a])
+            b = torch.stack([t.reshape(self.shape[0], self.rank) for t in self.b])
+        return a.to(compute), b.to(compute)
+
+    @property
+    def nbytes(self) -> tuple[int, int]:
+        """Bytes of the factors (on their device, in pinned host memory)."""
+        device = sum(t.numel() * t.element_size() for t in (*self.a, *self.b))
+        host = sum(t.numel() * t.element_size() for t in (self.a_host, self.b_host) if t is not None)
+        return device, host
 
 
 @dataclass
@@ -144,15 +191,28 @@ class BatchedFuser:
         self.pipe = pipe
         self.chunk_elements = chunk_elements
         self.factors: dict[str, AdapterFactors] = {}
+        #: Pinned host buffers for the residuals of weights on a GPU.
+        self.pool = residual.HostPool()
+        #: Encodes and decodes residuals (compiled where the UNet is: :class:`~deskgen.generator.residual.Codec`).
+        self.codec = residual.EAGER
         #: Bytes of the largest set of temporaries the last fuse held at once (stacked factors + one chunk).
         self.transient_bytes = 0
 
-    def add(self, peft: str, factors: AdapterFactors | None = None) -> AdapterFactors:
+    def add(self, peft: str, factors: AdapterFactors | None = None, *, offload: bool = False) -> AdapterFactors:
         """Cache ``peft``'s factors: ``factors`` as given, or listed from the pipeline's peft layers
-        (:func:`collect_factors`; RuntimeError for a layer kind the fuse would get wrong)."""
+        (:func:`collect_factors`; RuntimeError for a layer kind the fuse would get wrong). ``offload``:
+        keep them in host memory (:meth:`FactorGroup.offload`; only for factors nothing else holds)."""
         found = collect_factors(self.pipe, peft) if factors is None else factors
+        if offload:
+            for group in found.groups.values():
+                group.offload()
         self.factors[peft] = found
         return found
+
+    def factor_bytes(self) -> tuple[int, int]:
+        """Bytes of every cached adapter's batched factors: (on their device, in host memory)."""
+        sizes = [group.nbytes for found in self.factors.values() for group in found.groups.values()]
+        return sum(d for d, _ in sizes), sum(h for _, h in sizes)
 
     def drop(self, peft: str) -> None:
         self.factors.pop(peft, None)
@@ -165,50 +225,97 @@ class BatchedFuser:
                 seen.setdefault(id(param), param)
         return list(seen.values())
 
-    def fuse(self, weights: list[tuple[str, float]]) -> None:
+    def fuse(self, weights: list[tuple[str, float]], residuals: dict[int, Any] | None = None) -> None:
         """Add ``sum_k w_k * alpha/r * B_k @ A_k`` to every weight the adapters ``weights`` (peft name,
-        weight; all cached by :meth:`add`) adapt. The weights must hold their base values."""
+        weight; all cached by :meth:`add`) adapt. The weights must hold their base values.
+
+        With ``residuals`` (a dict, filled here), each batched chunk's residual (:mod:`deskgen.generator.
+        residual`) is stored under its chunk number, for :meth:`unfuse`; kept on the host (in ``pool``'s
+        pinned buffers when given and the weights are on a GPU)."""
+        import torch
+
+        single = self._single(weights)
+        with torch.no_grad():
+            if single:
+                torch._foreach_add_([t for t, _ in single], [d for _, d in single])
+            self.transient_bytes = sum(d.numel() * d.element_size() for _, d in single)
+            for number, (chunk, delta) in enumerate(self._chunks(weights)):
+                targets = [p.detach() for p in chunk]
+                if residuals is None:
+                    torch._foreach_add_(targets, list(delta.unbind(0)))
+                    continue
+                base = torch.stack(targets)
+                fused = base + delta
+                torch._foreach_copy_(targets, list(fused.unbind(0)))
+                found = self.codec.encode(base, fused, delta)
+                if found.packed.device.type != "cpu":
+                    found = found.into(self.pool, number)
+                residuals[number] = (tuple(id(p) for p in chunk), found)
+
+    def unfuse(self, weights: list[tuple[str, float]], residuals: dict[int, Any]) -> list[Any]:
+        """Put back the base values of the weights :meth:`fuse` (with ``residuals``) fused ``weights`` into:
+        the delta recomputed, subtracted, and each chunk's residual applied. Returns the weights it could not
+        restore exactly (layers outside the batched maths, a chunk without its residual, or one whose
+        checksum failed): the caller restores those from its exact copy."""
+        import torch
+
+        left: list[Any] = [p for p, _ in self._single(weights)]
+        checks: list[tuple[list[Any], Any]] = []
+        with torch.no_grad():
+            for number, (chunk, delta) in enumerate(self._chunks(weights)):
+                ids, found = residuals.get(number, ((), None))
+                if found is None or ids != tuple(id(p) for p in chunk):
+                    left += chunk
+                    continue
+                targets = [p.detach() for p in chunk]
+                base, ok = self.codec.decode(found, torch.stack(targets), delta)
+                torch._foreach_copy_(targets, list(base.unbind(0)))
+                checks.append((chunk, ok))
+            if checks:  # one synchronisation for every chunk's checksum
+                oks = torch.stack([ok for _, ok in checks]).cpu().tolist()
+                left += [p for (chunk, _), ok in zip(checks, oks, strict=True) if not ok for p in chunk]
+        return left
+
+    def _single(self, weights: list[tuple[str, float]]) -> list[tuple[Any, Any]]:
+        """Layers outside the batched maths: (weight, peft's delta summed over the mix) each, summed per
+        weight first (a foreach kernel must not see one tensor twice: on CUDA its chunks run in parallel)."""
+        single: dict[int, tuple[Any, Any]] = {}
+        for peft, weight in weights:
+            for param, unit in self.factors[peft].single:
+                delta = (unit * weight).to(param.dtype)
+                if id(param) in single:
+                    delta = single[id(param)][1] + delta
+                single[id(param)] = (param.detach(), delta)
+        return list(single.values())
+
+    def _chunks(self, weights: list[tuple[str, float]]) -> Iterator[tuple[list[Any], Any]]:
+        """The batched part of a mix's delta, chunk by chunk, always in the same order for the same mix and
+        factors: ``(weights, delta)`` with the weights of one shape and their deltas stacked ``(n, *shape)``
+        in their dtype. One chunk's temporaries live at a time (capped by ``chunk_elements``)."""
         import torch
 
         # weight shape, dtype, device -> the layers' rows (by param id), and (adapter, group, weight) entries
         shapes: dict[tuple[Any, ...], tuple[dict[int, Any], list[tuple[str, FactorGroup, float]]]] = {}
-        # Layers outside the batched maths: peft's delta, summed per weight first (a foreach kernel must not
-        # see one tensor twice: on CUDA its chunks run in parallel).
-        single: dict[int, tuple[Any, Any]] = {}
-        targets: list[Any] = []
-        deltas: list[Any] = []
+        for peft, weight in weights:
+            for (shape, _, dtype, device), group in self.factors[peft].groups.items():
+                rows, entries = shapes.setdefault((shape, dtype, device), ({}, []))
+                for param in group.params:
+                    rows.setdefault(id(param), param)
+                entries.append((peft, group, weight))
         with torch.no_grad():
-            for peft, weight in weights:
-                factors = self.factors[peft]
-                for (shape, _, dtype, device), group in factors.groups.items():
-                    rows, entries = shapes.setdefault((shape, dtype, device), ({}, []))
-                    for param in group.params:
-                        rows.setdefault(id(param), param)
-                    entries.append((peft, group, weight))
-                for param, unit in factors.single:
-                    delta = (unit * weight).to(param.dtype)
-                    if id(param) in single:
-                        delta = single[id(param)][1] + delta
-                    single[id(param)] = (param.detach(), delta)
-            for target, delta in single.values():
-                targets.append(target)
-                deltas.append(delta)
-            if targets:
-                torch._foreach_add_(targets, deltas)
-            self.transient_bytes = sum(d.numel() * d.element_size() for d in deltas)
             for (shape, dtype, device), (rows, entries) in shapes.items():
                 params = list(rows.values())
                 index = {pid: i for i, pid in enumerate(rows)}
                 a_cat, b_cat = self._stack(entries, index, len(params), shape, dtype, device)
                 step = max(1, self.chunk_elements // math.prod(shape))
                 for start in range(0, len(params), step):
-                    # One chunk's deltas live at a time: the temporaries are capped by chunk_elements.
                     product = torch.bmm(b_cat[start : start + step], a_cat[start : start + step])
                     delta = product.to(dtype)
-                    chunk = [p.detach() for p in params[start : start + step]]
-                    torch._foreach_add_(chunk, [d.view(shape) for d in delta.unbind(0)])
+                    chunk = params[start : start + step]
                     held = {id(t): t for t in (a_cat, b_cat, product, delta)}.values()
                     self.transient_bytes = max(self.transient_bytes, sum(t.numel() * t.element_size() for t in held))
+                    yield chunk, delta.view(len(chunk), *shape)
+                    del product, delta
 
     @staticmethod
     def _stack(
@@ -222,14 +329,14 @@ class BatchedFuser:
         # As peft: CPU half-precision deltas in float32 (slow half matmuls on CPUs), else in the factors'
         # dtype (float32 factors on a bf16 model stay float32); the delta is rounded to the weight's dtype.
         half_on_cpu = torch.device(device).type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        factors = entries[0][1].b[0].dtype
+        first = entries[0][1]
+        factors = first.b_host.dtype if first.b_host is not None else first.b[0].dtype
         compute = torch.float32 if half_on_cpu else torch.promote_types(dtype, factors)
         out, fan_in = shape[0], math.prod(shape[1:])
         a_parts, b_parts = [], []
         for _, group, weight in entries:
             rank = group.rank
-            a = torch.stack([t.reshape(rank, fan_in) for t in group.a]).to(compute)
-            b = torch.stack([t.reshape(out, rank) for t in group.b]).to(compute)
+            a, b = group.stacked(compute, device)
             # Like peft's set_scale: (weight * alpha) / r, in double, once per layer.
             scale = [weight * alpha / divisor for alpha, divisor in zip(group.alphas, group.divisors, strict=True)]
             b = b * torch.tensor(scale, dtype=compute).to(device).view(-1, 1, 1)
@@ -259,15 +366,28 @@ class MixSwitcher:
     slots use). Not thread-safe: the generator calls it under its lock.
     """
 
-    def __init__(self, pipe: Any, adapters: LoraStrategy, *, backup: str, method: str) -> None:
+    def __init__(self, pipe: Any, adapters: LoraStrategy, *, backup: str, method: str,
+                 factors_on: str = "device") -> None:  # fmt: skip
         if method not in FUSE_METHODS:
             raise ValueError(f"fuse method must be one of {FUSE_METHODS} but is {method!r}")
         self.pipe = pipe
         self.adapters = adapters
         self.method = method
-        self.pristine = PristineWeights(backup)
+        #: ``host``: the factors of a strategy that hands them over (FusedAdapters) live in host memory.
+        self.factors_on = factors_on
+        #: By residual (batched fuses only; the diffusers method restores from pinned copies).
+        self.by_residual = backup == "residual" and method == "batched"
+        # With residuals the exact copy is the fallback only: plain (unpinned) host memory.
+        self.pristine = PristineWeights("cpu" if backup == "residual" else backup, pin=not self.by_residual)
         self.batched = BatchedFuser(pipe)
         self.fused: Fused | None = None
+        #: The fused mix's residuals by chunk number (:meth:`BatchedFuser.fuse`).
+        self.residuals: dict[int, Any] = {}
+        #: Base tensors put back since load: by residual, and from the exact copy (layers outside the batched
+        #: maths, and any chunk whose residual checksum failed).
+        self.restored = {"residual": 0, "copy": 0}
+        #: Host seconds of the last unfuse and fuse (on a GPU the residual path synchronises in both).
+        self.last_s = {"unfuse": 0.0, "fuse": 0.0}
         self._lora_layers: list[Any] | None = None  # every LoRA layer of the pipeline (None: list again)
 
     def loaded(self, peft: str, *, cache: bool = True) -> None:
@@ -277,7 +397,7 @@ class MixSwitcher:
         self._lora_layers = None
         held = getattr(self.adapters, "factors", {}).get(peft)
         if held is not None:
-            self.batched.add(peft, held)
+            self.batched.add(peft, held, offload=self.factors_on == "host")
         elif cache and self.method == "batched":
             self.batched.add(peft)
 
@@ -311,9 +431,11 @@ class MixSwitcher:
             params = self.batched.params(weights)
             self.pristine.save(params)
             self.branches_off()  # the base mix's LoRA state: the weights carry the mix
-            # Recorded before the weights change: a fuse that fails half-way is still restored by unfuse().
-            self.fused = Fused(mix, [], params, method="batched")
-            self.batched.fuse(weights)
+            # Recorded before the weights change: a fuse that fails half-way is still restored by unfuse()
+            # (a chunk without its residual comes back from the copy).
+            self.fused = Fused(mix, [], params, method="batched", weights=weights)
+            self.residuals = {}
+            self.batched.fuse(weights, self.residuals if self.by_residual else None)
         else:
             self.adapters.apply(mix, loaded)
             names = self.adapters.peft_names(mix, loaded)
@@ -328,19 +450,32 @@ class MixSwitcher:
             self.fused = Fused(mix, components, params, method="diffusers")
             for component in components:
                 self.pipe.fuse_lora(components=[component], adapter_names=names[component])
+        self.last_s["fuse"] = time.perf_counter() - start
         log.info("fused %s (%s) into %d base tensors in %.3f s", mix.id, self.method, len(params),
-                 time.perf_counter() - start)  # fmt: skip
+                 self.last_s["fuse"])  # fmt: skip
 
     def unfuse(self) -> None:
         """Restore the exact base weights of whatever is fused (nothing to do if nothing is)."""
         fused = self.fused
         if fused is None:
             return
+        start = time.perf_counter()
         if fused.method == "diffusers":
             # unfuse_lora keeps diffusers' and peft's bookkeeping right (merged flags); its subtraction is
             # then overwritten by the exact base values.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Already unmerged")
                 self.pipe.unfuse_lora(components=fused.components)
-        self.pristine.restore(fused.params)
+        left = fused.params
+        if self.by_residual and fused.method == "batched" and all(p in self.batched.factors for p, _ in fused.weights):
+            left = self.batched.unfuse(fused.weights, self.residuals)
+            self.restored["residual"] += len(fused.params) - len(left)
+        self.restored["copy"] += len(left)
+        self.pristine.restore(left)
+        self.residuals = {}
         self.fused = None
+        self.last_s["unfuse"] = time.perf_counter() - start
+
+    def residual_bytes(self) -> int:
+        """Bytes of the fused mix's residuals."""
+        return sum(found.nbytes for _, found in self.residuals.values())

@@ -422,3 +422,102 @@ def test_chunking_changes_no_bit(tiny_models: Path, batched: DeskGenerator) -> N
         assert all(torch.equal(v, whole[k]) for k, v in base_weights(batched.pipe).items())
     finally:
         batched.switcher.batched.chunk_elements = CHUNK_ELEMENTS
+
+
+# -- switching by residual: the exact base from the fused weights, minus the delta, plus 2 bits a weight ---
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_switching_by_residual_gives_the_bits_of_switching_by_copy(tiny_models: Path, dtype: str) -> None:
+    """``fuse_backup: residual`` (the CUDA default) against ``cpu`` (a full copy put back): after every
+    switch, through the base mix and back, both hold the same bits and draw the same image; every base
+    tensor came back by residual, none from the copy, and the residual is smaller than what it replaces
+    (the tiny LoRAs move their weights by far more than real ones, so ~20 % of the elements escape here;
+    tests/unit/test_residual.py sizes it at a LoRA's usual strength)."""
+    import torch
+
+    by_copy = DeskGenerator.from_pretrained(settings_for(tiny_models, dtype=dtype, fuse_backup="cpu"))
+    by_residual = DeskGenerator.from_pretrained(settings_for(tiny_models, dtype=dtype, fuse_backup="residual"))
+    assert by_residual.switcher.by_residual and not by_copy.switcher.by_residual
+    pristine = base_weights(by_residual.pipe)
+    for mix in (MIXES[2], MIXES[3], MIXES[1], MIXES[2], Mix(()), MIXES[3], MIXES[3]):
+        by_copy.activate_mix(mix)
+        by_residual.activate_mix(mix)
+        want, now = base_weights(by_copy.pipe), base_weights(by_residual.pipe)
+        assert [k for k in now if not torch.equal(now[k], want[k])] == [], mix.id
+    switcher = by_residual.switcher
+    assert switcher.restored["copy"] == 0 and switcher.restored["residual"] > 0
+    fused = switcher.fused
+    assert fused is not None
+    replaced = sum(p.numel() * p.element_size() for p in fused.params)
+    assert 0 < switcher.residual_bytes() < replaced
+    assert by_residual.generate(PARAMS, MIXES[3]).image.tobytes() == by_copy.generate(PARAMS, MIXES[3]).image.tobytes()
+    by_residual.activate_mix(Mix(()))
+    now = base_weights(by_residual.pipe)
+    assert [k for k in now if not torch.equal(now[k], pristine[k])] == []
+
+
+def test_a_residual_that_fails_its_checksum_comes_back_from_the_copy(tiny_models: Path) -> None:
+    """Fault injection: one chunk's residual with a code flipped (its checksum no longer matches), another
+    chunk's residual gone. The unfuse still restores the exact base: those chunks' tensors from the copy,
+    the rest by residual."""
+    import torch
+
+    from deskgen.generator import residual
+
+    gen = DeskGenerator.from_pretrained(settings_for(tiny_models, fuse_backup="residual"))
+    pristine = base_weights(gen.pipe)
+    gen.activate_mix(MIXES[3])
+    switcher = gen.switcher
+    assert len(switcher.residuals) >= 3
+    (ids_flipped, flipped), (ids_gone, _) = switcher.residuals[0], switcher.residuals[1]
+    zero = int(torch.nonzero(residual._unpack(flipped.packed, flipped.numel) == 0)[0])
+    flipped.packed[zero // 4] |= 1 << (2 * (zero % 4))  # this element's key now comes back one too high
+    del switcher.residuals[1]
+    before = dict(switcher.restored)
+    assert switcher.fused is not None
+    total = len(switcher.fused.params)
+    gen.activate_mix(Mix(()))
+    now = base_weights(gen.pipe)
+    assert [k for k in now if not torch.equal(now[k], pristine[k])] == []
+    assert switcher.restored["copy"] - before["copy"] == len(ids_flipped) + len(ids_gone)
+    assert switcher.restored["residual"] - before["residual"] == total - len(ids_flipped) - len(ids_gone)
+
+
+def test_a_compiled_generator_switches_through_the_compiled_codec(tiny_models: Path) -> None:
+    """With ``compile`` (as on a GPU) the residual's passes are compiled too, and switching through mixes
+    and back to the base restores the exact base by residual. No generation: the UNet's own compile is
+    not what this checks (``make test-gpu`` does)."""
+    import torch
+
+    gen = DeskGenerator.from_pretrained(
+        settings_for(tiny_models, compile=True, fuse_backup="residual", compile_warmup_size=None)
+    )
+    assert gen.switcher.batched.codec.compiled
+    pristine = base_weights(gen.pipe)
+    for mix in (MIXES[3], MIXES[1], MIXES[2], Mix(())):
+        gen.activate_mix(mix)
+    now = base_weights(gen.pipe)
+    assert [k for k in now if not torch.equal(now[k], pristine[k])] == []
+    assert gen.switcher.restored["copy"] == 0 and gen.switcher.restored["residual"] > 0
+
+
+def test_factors_kept_in_host_memory_fuse_the_same_bits(tiny_models: Path) -> None:
+    """``lora_factors: host`` (CUDA's default with every mix fused): the loaded adapters' factors leave the
+    weights' device, stacked per weight shape, and every switch (by residual too) gives the bits of
+    factors kept beside the weights."""
+    import torch
+
+    kept = DeskGenerator.from_pretrained(settings_for(tiny_models, dtype="bfloat16", lora_factors="device"))
+    host = DeskGenerator.from_pretrained(
+        settings_for(tiny_models, dtype="bfloat16", lora_factors="host", fuse_backup="residual")
+    )
+    for mix in (MIXES[3], MIXES[1], Mix(()), MIXES[2], MIXES[3]):
+        kept.activate_mix(mix)
+        host.activate_mix(mix)
+        want, now = base_weights(kept.pipe), base_weights(host.pipe)
+        assert [k for k in now if not torch.equal(now[k], want[k])] == [], mix.id
+    on_device, on_host = host.switcher.batched.factor_bytes()
+    assert on_device == 0 and on_host == kept.switcher.batched.factor_bytes()[0] > 0
+    assert kept.switcher.batched.factor_bytes()[1] == 0
+    assert host.switcher.restored["copy"] == 0

@@ -110,7 +110,7 @@ def pristine_weights(tiny_models: Path) -> dict[str, Any]:
 def test_cpu_defaults_are_the_safe_ones() -> None:
     assert GeneratorSettings(device="cpu").describe() == {
         "device": "cpu", "dtype": "float32", "attention": "sdpa", "channels_last": False, "vae_upcast": False,
-        "vae_tiling": False, "vae_slicing": False, "fuse_hot_mix": None, "fuse_active_mix": True, "fuse_backup": "cpu", "compile": False,
+        "vae_tiling": False, "vae_slicing": False, "vae_inplace": True, "fuse_hot_mix": None, "fuse_active_mix": True, "fuse_backup": "cpu", "lora_factors": "device", "compile": False,
         "compile_mode": "default", "compile_scope": "blocks", "hotswap": False, "hotswap_slots": 3,
         "hotswap_rank": None, "compile_warmup_size": 1024, "fp8": False, "deepcache_interval": None,
         "scheduler": "default", "fp16_variant": True,
@@ -130,6 +130,10 @@ def test_cuda_defaults_resolve_without_a_gpu() -> None:
     assert GeneratorSettings(channels_last=False).resolve_for("cuda", "bfloat16").channels_last is False
     compiled = GeneratorSettings(compile=True, fuse_active_mix=False).resolve_for("cuda", "bfloat16")
     assert (compiled.compile, compiled.hotswap) == (True, True)
+    # Every mix fused on a GPU: the base comes back by residual; the slots' fused hot mix by a pinned copy.
+    assert (bf16.fuse_backup, compiled.fuse_backup) == ("residual", "cpu")
+    assert (bf16.lora_factors, compiled.lora_factors) == ("host", "device")
+    assert GeneratorSettings(fuse_backup="device").resolve_for("cuda", "bfloat16").fuse_backup == "device"
 
 
 @unit
@@ -155,7 +159,8 @@ def test_cuda_defaults_resolve_without_a_gpu() -> None:
         ({"compile_mode": "fast"}, "compile_mode",
          "`compile_mode` must be one of ['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'] "
          "but is 'fast'."),
-        ({"fuse_backup": "disk"}, "fuse_backup", "`fuse_backup` must be one of ['cpu', 'device'] but is 'disk'."),
+        ({"fuse_backup": "disk"}, "fuse_backup", "`fuse_backup` must be one of ['residual', 'cpu', 'device'] but is 'disk'."),
+        ({"lora_factors": "gpu"}, "lora_factors", "`lora_factors` must be one of ['host', 'device'] but is 'gpu'."),
         ({"hotswap_slots": 0}, "hotswap_slots", "`hotswap_slots` must be in [1, 16] but is 0."),
         ({"hotswap_rank": 2.5}, "hotswap_rank", "`hotswap_rank` must be an integer but is 2.5."),
         ({"compile_warmup_size": 100}, "compile_warmup_size", "`compile_warmup_size` must be a multiple of 8 but is 100."),
@@ -547,9 +552,11 @@ def _compile_tests_enabled() -> bool:
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize(
     ("scope", "hot", "fused"),
-    [("unet", None, False), ("unet", HOT, False), ("blocks", None, False), ("blocks", HOT, False),
-     ("unet", None, True), ("blocks", None, True)],
-    ids=["unet-slots", "unet-slots-hot", "blocks-slots", "blocks-slots-hot", "unet-fused", "blocks-fused"],
+    # Production's configuration first (blocks, every mix fused): a device call that runs out of time
+    # still answers for what is deployed.
+    [("blocks", None, True), ("unet", None, True), ("blocks", None, False), ("blocks", HOT, False),
+     ("unet", None, False), ("unet", HOT, False)],
+    ids=["blocks-fused", "unet-fused", "blocks-slots", "blocks-slots-hot", "unet-slots", "unet-slots-hot"],
 )  # fmt: skip
 def test_compiled_unet_does_not_recompile_on_mix_switches(
     tiny_models: Path, catalog: MixCatalog, tmp_path: Path, scope: str, hot: str | None, fused: bool
@@ -603,6 +610,9 @@ def test_compiled_unet_does_not_recompile_on_mix_switches(
                 assert image == seen[name], f"{name} changed after switching away and back"
             seen[name] = image
     assert len(set(seen.values())) == len(seen)  # every mix still looks different
+    if gen.switcher.by_residual:  # CUDA's default: every switch put the base back by residual, exactly
+        assert gen.switcher.batched.codec.compiled
+        assert gen.switcher.restored["copy"] == 0 and gen.switcher.restored["residual"] > 0
     if fused:
         # A file added after the start, wider than every adapter the replica knew: no recompile either.
         write_lora_variant("wider", tiny_models / "loras", loras / "wider.safetensors")
