@@ -55,19 +55,6 @@ class Residual:
     def escaped(self) -> int:
         return int(self.escape_index.numel())
 
-    def to(self, device: Any, *, pin: bool = False, non_blocking: bool = False) -> Residual:
-        """The same residual with its tensors on ``device`` (``pin``: host tensors in pinned memory, so that
-        copies to and from a GPU are asynchronous)."""
-        import torch
-
-        def move(t: Any) -> Any:
-            if pin and torch.device(device).type == "cpu":
-                out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-                return out.copy_(t, non_blocking=non_blocking)
-            return t.to(device, non_blocking=non_blocking)
-
-        return Residual(self.numel, move(self.packed), move(self.escape_index), move(self.escape_bits), self.checksum)
-
     def into(self, pool: HostPool, slot: Any) -> Residual:
         """The same residual copied, asynchronously, into ``pool``'s pinned buffers for ``slot`` (reused by
         the next residual of that slot: stream-ordered after this one's copies back)."""
@@ -231,7 +218,8 @@ class Codec:
         device = fused.device
         values = self._decode(fused.reshape(-1), delta.reshape(-1), residual.packed.to(device, non_blocking=True))
         bits = values.view(_bits_dtype(fused.dtype))
-        bits[residual.escape_index.to(device, non_blocking=True)] = residual.escape_bits.to(device, non_blocking=True)
+        escaped = residual.escape_index.to(device, non_blocking=True).long()
+        bits[escaped] = residual.escape_bits.to(device, non_blocking=True)
         ok = (self._check(values) == residual.checksum.to(device)).all()
         return values.view(fused.shape), ok
 
