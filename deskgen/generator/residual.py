@@ -26,8 +26,11 @@ own ``fl(W0 + d)``, as on every other path.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: Integer view of each float dtype's bits, by element size in bytes.
 _INT_VIEW = {2: "int16", 4: "int32"}
@@ -179,6 +182,19 @@ class Codec:
         else:
             self._encode, self._decode, self._check = _encode_core, _decode_core, _check
 
+    def _call(self, kind: str, *args: Any) -> Any:
+        """The compiled or eager ``kind`` function; a compiled one that fails (a compiler that cannot build
+        it on this machine) is replaced by the eager one for good, with a warning: the same bits, slower."""
+        try:
+            return getattr(self, f"_{kind}")(*args)
+        except Exception as error:
+            if not self.compiled:
+                raise
+            log.warning("the compiled residual codec failed (%s: %s); using the eager one", type(error).__name__, error)
+            self.compiled = False
+            self._encode, self._decode, self._check = _encode_core, _decode_core, _check
+            return getattr(self, f"_{kind}")(*args)
+
     def warm_up(self, dtype: Any, device: Any) -> None:
         """Encode and decode a small tensor, so a compiled codec compiles now, not in the first switch."""
         import torch
@@ -201,7 +217,7 @@ class Codec:
             raise ValueError(f"base {tuple(base.shape)} {base.dtype}, fused {tuple(fused.shape)} {fused.dtype} and "
                              f"delta {tuple(delta.shape)} {delta.dtype} differ")  # fmt: skip
         flat = base.reshape(-1)
-        packed, escape, check = self._encode(flat, fused.reshape(-1), delta.reshape(-1))
+        packed, escape, check = self._call("encode", flat, fused.reshape(-1), delta.reshape(-1))
         escaped = torch.nonzero(escape).reshape(-1)
         bits = flat.view(_bits_dtype(base.dtype))[escaped]
         index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
@@ -216,11 +232,11 @@ class Codec:
             raise ValueError(f"residual of {residual.numel} elements for fused {tuple(fused.shape)} and "
                              f"delta {tuple(delta.shape)}")  # fmt: skip
         device = fused.device
-        values = self._decode(fused.reshape(-1), delta.reshape(-1), residual.packed.to(device, non_blocking=True))
+        values = self._call("decode", fused.reshape(-1), delta.reshape(-1), residual.packed.to(device, non_blocking=True))
         bits = values.view(_bits_dtype(fused.dtype))
         escaped = residual.escape_index.to(device, non_blocking=True).long()
         bits[escaped] = residual.escape_bits.to(device, non_blocking=True)
-        ok = (self._check(values) == residual.checksum.to(device)).all()
+        ok = (self._call("check", values) == residual.checksum.to(device)).all()
         return values.view(fused.shape), ok
 
 

@@ -139,3 +139,23 @@ def test_the_compiled_codec_gives_the_eager_bits(name: str) -> None:
     back, ok = compiled.decode(found, fused, delta)
     assert bool(ok) and same_bits(back, base)
     compiled.warm_up(dtype, "cpu")
+
+
+def test_a_compiled_codec_that_fails_falls_back_to_eager(caplog: pytest.LogCaptureFixture) -> None:
+    """A compiler that cannot build the kernels on some machine must not take the replica down: the codec
+    warns once and runs eager from then on, with the same bits."""
+    codec = residual.Codec(compiled=True)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    codec._encode = broken
+    base = torch.randn(1000, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    delta = (base * 0.1).to(torch.bfloat16)
+    fused = base + delta
+    with caplog.at_level("WARNING"):
+        found = codec.encode(base, fused, delta)
+    assert not codec.compiled and "no compiler here" in caplog.text
+    assert torch.equal(found.packed, residual.encode(base, fused, delta).packed)
+    back, ok = codec.decode(found, fused, delta)
+    assert bool(ok) and same_bits(back, base)
