@@ -1,6 +1,6 @@
 """The in-place VAE decode (:mod:`deskgen.generator.lean_vae`): the same bits with fewer bytes alive.
 
-The tiny SDXL's VAE decodes seeded latents with diffusers' forward and with the lean one; the images must
+The tiny SDXL's VAE decodes seeded latents with diffusers' forwards and with the lean ones; the images must
 be identical bit for bit (float32 and bfloat16, contiguous and channels_last), and the peak of live
 tensor bytes (bench/vram.py's dispatch mode, on real CPU tensors) lower. With autograd on, the original
 forward runs."""
@@ -38,6 +38,10 @@ def test_the_lean_decode_draws_the_same_bits_with_a_lower_peak(tiny_vae: Any, dt
         lean.to(memory_format=torch.channels_last)
     changed = lean_decoder(lean)
     assert changed == sum(type(m).__name__ == "ResnetBlock2D" for m in lean.decoder.modules()) > 0
+    assert "forward" in vars(lean.decoder)  # the up-blocks' loop, each input handed over
+    # What the tiny VAE exercises: upsamplers, and a resnet that changes the channel count (conv_shortcut).
+    blocks = lean.decoder.up_blocks
+    assert any(b.upsamplers for b in blocks) and any(r.conv_shortcut is not None for b in blocks for r in b.resnets)
     gen = torch.Generator().manual_seed(5)
     latents = torch.randn(1, plain.config.latent_channels, 32, 32, generator=gen).to(getattr(torch, dtype))
     want_peak, _ = measure(lambda: plain.decode(latents).sample)
