@@ -37,14 +37,12 @@ from bench.common import (
 log = logging.getLogger("bench.residual")
 
 
-def layers(dtype: Any, seed: int) -> list[tuple[str, str, Any]]:
-    """(component, module, base weight) of every adapted layer, drawn as nn.Linear's default init does:
-    U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5)), seeded, in ``dtype``."""
+def layers(targets: dict[str, dict[str, tuple[int, int]]], dtype: Any, seed: int) -> list[tuple[str, str, Any]]:
+    """(component, module, base weight) of every adapted layer (``targets``: component -> module -> (in,
+    out) features), drawn as nn.Linear's default init does: U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform
+    with a = sqrt(5)), seeded, in ``dtype``."""
     import torch
 
-    from bench.fullsize import build_sdxl_components, lora_targets
-
-    targets = lora_targets(build_sdxl_components("meta"))
     gen = torch.Generator().manual_seed(seed)
     out = []
     for component, modules in targets.items():
@@ -56,12 +54,11 @@ def layers(dtype: Any, seed: int) -> list[tuple[str, str, Any]]:
     return out
 
 
-def adapters() -> dict[str, dict[str, tuple[Any, Any, float]]]:
-    """adapter -> kohya module key -> (down, up, alpha / rank), the bench's LoRAs (float32)."""
-    from bench.fullsize import LORA_SEEDS, build_sdxl_components, lora_targets, random_kohya_lora
+def adapters(targets: dict[str, dict[str, tuple[int, int]]]) -> dict[str, dict[str, tuple[Any, Any, float]]]:
+    """adapter -> kohya module key -> (down, up, alpha / rank), the bench's LoRAs (float32) on ``targets``."""
+    from bench.fullsize import LORA_SEEDS, random_kohya_lora
     from deskgen import kohya
 
-    targets = lora_targets(build_sdxl_components("meta"))
     out: dict[str, dict[str, tuple[Any, Any, float]]] = {}
     for name, seed in LORA_SEEDS.items():
         state = random_kohya_lora(targets, seed, dtype="float32")
@@ -121,12 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from bench.fullsize import build_sdxl_components, lora_targets
     from deskgen.generator.residual import Codec
 
     mixes = parse_choices(args.mixes, list(NAMED_MIXES), option="--mixes")
     started = time.perf_counter()
-    base = layers(getattr(torch, args.dtype), args.seed)
-    loras = adapters()
+    targets = lora_targets(build_sdxl_components("meta"))
+    base = layers(targets, getattr(torch, args.dtype), args.seed)
+    loras = adapters(targets)
     log.info("%d layers, %.2f GiB of base weights", len(base), sum(w.numel() * w.element_size() for *_, w in base) / 2**30)
     eager, compiled = Codec(), Codec(compiled=True)
     compiled.warm_up(getattr(torch, args.dtype), "cpu")

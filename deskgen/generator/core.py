@@ -159,8 +159,11 @@ class DeskGenerator:
                      len(slots.names), slots.rank, len(slots.union), timer.seconds())  # fmt: skip
         #: The fused state: batched for peft adapters, diffusers' fuse_lora for hot-swap slots.
         method = "diffusers" if isinstance(self.adapters, SlotAdapters) else "batched"
-        self.switcher = MixSwitcher(pipe, self.adapters, backup=settings.fuse_backup or "cpu", method=method,
-                                    factors_on=settings.lora_factors or "device")  # fmt: skip
+        assert settings.fuse_backup is not None and settings.lora_factors is not None  # resolved, checked above
+        self.switcher = MixSwitcher(pipe, self.adapters, backup=settings.fuse_backup, method=method,
+                                    factors_on=settings.lora_factors)  # fmt: skip
+        if settings.compiled_codec:  # the residual's elementwise passes as fused kernels (warmed at load)
+            self.switcher.batched.codec = residual.Codec(compiled=True)
         self.fp8_report: Fp8Report | None = None
         if settings.fp8:
             from deskgen.fp8 import quantize_unet_linears
@@ -178,8 +181,6 @@ class DeskGenerator:
             self.deepcache = DeepCache(self.pipe.unet, settings.deepcache_interval)
         if settings.compile:
             timer = _Timer()
-            if self.switcher.by_residual:  # the residual's elementwise passes as fused kernels too
-                self.switcher.batched.codec = residual.Codec(compiled=True)
             compile_unet(self.pipe.unet, settings.compile_mode, settings.compile_scope)
             log.info("UNet (%s) wrapped by torch.compile(mode=%r) in %.2f s",
                      settings.compile_scope, settings.compile_mode, timer.seconds())  # fmt: skip
@@ -237,6 +238,10 @@ class DeskGenerator:
         revision = model_revision(source) + (f"+{variant}" if variant else "")
         gen = cls(pipe, registry, model_id=settings.model_id, settings=runtime, revision=revision)
         log.info("loaded %s in %.2f s with %s", settings.model_id, timer.seconds(), gen.describe())
+        if runtime.compiled_codec:  # before any fuse: compiled now, not in the first switch
+            timer = _Timer()
+            gen.switcher.batched.codec.warm_up(pipe.unet.dtype, pipe.unet.device)
+            log.info("residual codec compiled in %.2f s", timer.seconds())
         if runtime.compile and runtime.compile_warmup_size is not None:
             gen.warm_up(runtime.compile_warmup_size)
         elif hot is not None:
@@ -251,8 +256,6 @@ class DeskGenerator:
         limits = SizeLimits(min_side=min(size, self.limits.min_side), max_side=max(size, self.limits.max_side))
         for mix in [Mix(()), *([self._hot] if self._hot is not None else [])]:
             self.generate(params, mix, limits=limits)
-        if self.switcher.by_residual:
-            self.switcher.batched.codec.warm_up(self.pipe.unet.dtype, self.pipe.unet.device)
         self.warmup_s = timer.seconds()
         log.info("warm-up at %d px took %.1f s", size, self.warmup_s)
         return self.warmup_s

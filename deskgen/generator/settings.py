@@ -324,6 +324,15 @@ class GeneratorSettings:
             lora_factors=("host" if cuda and fuse_all else "device") if self.lora_factors is None else self.lora_factors,
         )
 
+    @property
+    def compiled_codec(self) -> bool:
+        """Whether the residual switch's elementwise passes run as compiled kernels: on CUDA, where eager
+        they are a dozen memory-bound passes per weight on the switch's critical path, whether or not the
+        UNet is compiled; elsewhere only with ``compile``. False without ``fuse_backup: residual``."""
+        if not self.is_resolved:
+            raise ValueError("compiled_codec is a property of resolved settings (GeneratorSettings.resolve())")
+        return self.fuse_backup == "residual" and bool(self.compile or str(self.device).startswith("cuda"))
+
     def hot_mix(self) -> Mix | None:
         """The mix ``fuse_hot_mix`` names (activated at load, its adapters pinned), or None."""
         return hot_mix_from_spec(self.fuse_hot_mix) if self.fuse_hot_mix is not None else None

@@ -134,6 +134,13 @@ def test_cuda_defaults_resolve_without_a_gpu() -> None:
     assert (bf16.fuse_backup, compiled.fuse_backup) == ("residual", "cpu")
     assert (bf16.lora_factors, compiled.lora_factors) == ("host", "device")
     assert GeneratorSettings(fuse_backup="device").resolve_for("cuda", "bfloat16").fuse_backup == "device"
+    # The residual's passes are compiled on CUDA even when the UNet is not; on the CPU only with ``compile``.
+    assert bf16.compiled_codec and not compiled.compiled_codec
+    assert GeneratorSettings(compile=False).resolve_for("cuda", "bfloat16").compiled_codec
+    assert not GeneratorSettings(fuse_backup="residual").resolve_for("cpu", "float32").compiled_codec
+    assert GeneratorSettings(fuse_backup="residual", compile=True).resolve_for("cpu", "float32").compiled_codec
+    with pytest.raises(ValueError, match="resolved"):
+        assert GeneratorSettings().compiled_codec  # raises: not resolved
 
 
 @unit
