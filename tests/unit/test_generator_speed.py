@@ -137,6 +137,8 @@ def test_cuda_defaults_resolve_without_a_gpu() -> None:
     # The residual's passes are compiled on CUDA even when the UNet is not; on the CPU only with ``compile``.
     assert bf16.compiled_codec and not compiled.compiled_codec
     assert GeneratorSettings(compile=False).resolve_for("cuda", "bfloat16").compiled_codec
+    slots_residual = GeneratorSettings(fuse_active_mix=False, fuse_backup="residual").resolve_for("cuda", "bfloat16")
+    assert slots_residual.hotswap and not slots_residual.compiled_codec  # slots restore from a copy
     assert not GeneratorSettings(fuse_backup="residual").resolve_for("cpu", "float32").compiled_codec
     assert GeneratorSettings(fuse_backup="residual", compile=True).resolve_for("cpu", "float32").compiled_codec
     with pytest.raises(ValueError, match="resolved"):
