@@ -23,7 +23,10 @@ One command, nothing to install beyond the project's dependencies. In one run it
    peak VRAM (``torch.cuda.max_memory_allocated``, of the warm generations and of load + first
    generation), the first generation, and three switches between two cached mixes (``activate_mix``),
    each followed by a generation: switch time, base loads, and whether it recompiled (dynamo's graph
-   counter);
+   counter); with ``--arms P,...``, each of the 7 named mixes served in turn on one generator of profile
+   P (switch, first and timed generations, peak per arm) and the switch alone; on ``production``'s
+   generator also the switch alone under every placement of the exact base and the factors
+   (:data:`PLACEMENTS`);
 5. BLIP-base (the Captioner, fp16) and the VGG16 gate (TensorFlow in a child process with memory
    growth on; on a GPU image without TensorFlow, the same layers on Keras' torch backend) on the GPU;
 6. prints the goals beside the results and APPENDS the tables to BENCHMARKS.md; with ``$OUT`` set,
@@ -574,21 +577,14 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
         ))  # fmt: skip
         del timed
     # The switch alone, both ways between consecutive arms (no generation in between).
-    names = list(NAMED_MIXES)
-    switches: list[float] = []
-    phases: list[dict[str, float]] = []
     reset_peak(sc.device)
-    for a, b in zip(names, names[1:] + names[:1], strict=True):
-        for target in (b, a, b):
-            mix = Mix.from_weights(NAMED_MIXES[target])
-            sync(sc.device)
-            begin = time.perf_counter()
-            gen.activate_mix(mix)
-            sync(sc.device)
-            switches.append(time.perf_counter() - begin)
-            phases.append(dict(gen.switcher.last_s))
+    switches, phases = switch_alone(gen, sc)
+    switch_peak = peak_gib(sc.device)
     transient = gen.switcher.batched.transient_bytes
     pristine = gen.switcher.pristine
+    restored = dict(gen.switcher.restored)
+    residual_mib = gen.switcher.residual_bytes() / 2**20
+    placements = switch_placements(gen, sc) if profile == PLACEMENTS_PROFILE and gen.adapters.kind == "fused" else []
     return {
         "profile": profile,
         "effective": gen.describe(),
@@ -598,18 +594,144 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
         "warmup_s": gen.warmup_s,
         "arms": [dataclasses.asdict(a) | {"p50_s": a.p50_s, "p95_s": a.p95_s} for a in arms],
         "switch_only_s": switches,
-        "switch_only_peak_gib": peak_gib(sc.device),
+        "switch_only_peak_gib": switch_peak,
         "fuse_transient_mib": transient / 2**20,
         "pristine": {"where": pristine.where, "tensors": len(pristine), "gib": pristine.nbytes() / 1024**3},
         "switch_only_phases_s": phases,
-        "restored": dict(gen.switcher.restored),
-        "residual_mib": gen.switcher.residual_bytes() / 2**20,
+        "restored": restored,
+        "residual_mib": residual_mib,
+        "placements": placements,
         "host_pool_mib": gen.switcher.batched.pool.nbytes / 2**20,
         "factors_mib": [b / 2**20 for b in gen.switcher.batched.factor_bytes()],
         "allocated_gib": allocated_gib(sc.device),
         "images_differ": len({a.mix_id for a in arms}) == len(arms),
         "base_reloads": DeskGenerator.base_loads,
     }
+
+
+def switch_alone(gen: Any, sc: Scenario) -> tuple[list[float], list[dict[str, float]]]:
+    """Switch both ways between consecutive named mixes, three switches a pair (b, a, b), nothing generated
+    in between: (seconds per switch, the switcher's unfuse/fuse host seconds per switch)."""
+    from deskgen.mixes import NAMED_MIXES, Mix
+
+    names = list(NAMED_MIXES)
+    switches: list[float] = []
+    phases: list[dict[str, float]] = []
+    for a, b in zip(names, names[1:] + names[:1], strict=True):
+        for target in (b, a, b):
+            mix = Mix.from_weights(NAMED_MIXES[target])
+            sync(sc.device)
+            begin = time.perf_counter()
+            gen.activate_mix(mix)
+            sync(sc.device)
+            switches.append(time.perf_counter() - begin)
+            phases.append(dict(gen.switcher.last_s))
+    return switches, phases
+
+
+#: The arms profile whose loaded generator also measures the switch under every placement below.
+PLACEMENTS_PROFILE = "production"
+#: (fuse_backup, lora_factors) placements the switch is measured under on one loaded generator: what
+#: each trades is GPU memory (a copy on the GPU: +2.2 GiB; factors on the GPU: +0.33 GiB for the three
+#: rank-32 adapters) against bytes over the bus per switch (residuals, factors, a copy).
+PLACEMENTS = (("residual", "host"), ("residual", "device"), ("cpu", "host"), ("cpu", "device"), ("device", "device"))
+
+
+def placed_factors(found: Any, where: str, device: str) -> Any:
+    """A copy of an adapter's factors (:class:`~deskgen.generator.switching.AdapterFactors`) placed as
+    ``lora_factors: where`` places them (``host``: stacked in host memory; ``device``: on ``device``), the
+    layers and base weights the same objects. The original is left as it is."""
+    from deskgen.generator.switching import AdapterFactors, FactorGroup
+
+    groups = {}
+    for key, group in found.groups.items():
+        if group.a_host is not None:
+            a, b = list(group.a_host.to(device).unbind(0)), list(group.b_host.to(device).unbind(0))
+        else:
+            a, b = list(group.a), list(group.b)
+        copy = FactorGroup(group.shape, group.rank, a=a, b=b, params=group.params, alphas=group.alphas,
+                           divisors=group.divisors)  # fmt: skip
+        if where == "host":
+            copy.offload()
+        groups[key] = copy
+    return AdapterFactors(groups, found.single)
+
+
+def switch_placements(gen: Any, sc: Scenario) -> list[dict[str, Any]]:
+    """The switch alone (:func:`switch_alone`) on ``gen``'s loaded pipeline under each of
+    :data:`PLACEMENTS`: a switcher of that placement replaces the generator's for the measurement (the
+    weights at their base values before and after; the generator's own switcher put back). Per placement:
+    switch p50/max, unfuse/fuse host p50, peak memory above what was allocated before, bytes restored
+    by residual and from the copy."""
+    import torch
+
+    from deskgen.generator.switching import MixSwitcher
+    from deskgen.mixes import Mix
+
+    own = gen.switcher
+    gen.activate_mix(Mix(()))  # the exact base weights: what a new switcher starts from
+    params = own.batched.params([(peft, 1.0) for peft in own.batched.factors])
+    reference = [p.detach().clone() for p in params]  # every weight a mix rewrites, at its base value
+    out: list[dict[str, Any]] = []
+    try:
+        for backup, where in PLACEMENTS:
+            switcher = MixSwitcher(gen.pipe, gen.adapters, backup=backup, method="batched", factors_on=where)
+            switcher.batched.codec = own.batched.codec  # compiled on a GPU, as production's
+            for peft, found in own.batched.factors.items():
+                switcher.batched.add(peft, placed_factors(found, where, sc.device))
+            gen.switcher = switcher
+            gen.activate_mix(Mix.from_weights({"dalle": 0.6, "ott": 0.4, "3d": 0.4}))  # pins and copies made once
+            gen.activate_mix(Mix(()))
+            sync(sc.device)
+            before = allocated_gib(sc.device)
+            reset_peak(sc.device)
+            switches, phases = switch_alone(gen, sc)
+            peak = peak_gib(sc.device)
+            factors = switcher.batched.factor_bytes()
+            out.append({
+                "fuse_backup": backup, "lora_factors": where, "switch_s": switches,
+                "unfuse_p50_s": p50([x["unfuse"] for x in phases]), "fuse_p50_s": p50([x["fuse"] for x in phases]),
+                "peak_above_gib": None if peak is None or before is None else peak - before,
+                "restored": dict(switcher.restored), "residual_mib": switcher.residual_bytes() / 2**20,
+                "factors_mib": [b / 2**20 for b in factors], "copy_gib": switcher.pristine.nbytes() / 1024**3,
+                "copy_where": switcher.pristine.where,
+            })  # fmt: skip
+            gen.activate_mix(Mix(()))
+            out[-1]["base_exact"] = all(torch.equal(p, r) for p, r in zip(params, reference, strict=True))
+            del switcher
+            gen.switcher = own
+            gc.collect()
+            if sc.cuda:
+                torch.cuda.empty_cache()
+    finally:
+        gen.switcher = own
+    del reference
+    return out
+
+
+def placements_table(r: dict[str, Any]) -> Table:
+    t = Table(
+        f"The switch alone under each placement, on `{r['profile']}`'s loaded generator (after its arms)",
+        ["fuse_backup", "lora_factors", "switch p50 ms", "max ms", "unfuse p50 ms", "fuse p50 ms",
+         "GPU memory over the switches GiB", "by residual / from the copy", "residual MiB", "factors MiB GPU / host",
+         "exact copy GiB", "base exact after"],
+    )  # fmt: skip
+    for v in r["placements"]:
+        sw = sorted(v["switch_s"])
+        t.add(f"`{v['fuse_backup']}`", f"`{v['lora_factors']}`", f"{p50(sw) * 1000:.0f}", f"{sw[-1] * 1000:.0f}",
+              f"{v['unfuse_p50_s'] * 1000:.0f}", f"{v['fuse_p50_s'] * 1000:.0f}", gib(v["peak_above_gib"]),
+              f"{v['restored']['residual']} / {v['restored']['copy']}", f"{v['residual_mib']:.0f}",
+              f"{v['factors_mib'][0]:.0f} / {v['factors_mib'][1]:.0f}",
+              f"{v['copy_gib']:.2f} on `{v['copy_where']}`", "yes" if v["base_exact"] else "**NO**")  # fmt: skip
+    t.notes += [
+        f"{len(r['placements'][0]['switch_s'])} switches each, as in the switch alone above; before each run one "
+        "`mix` fuse and back (pinned buffers and copies made then, not timed). GPU memory over the switches: "
+        "the peak while switching minus what was allocated before (the base weights, factors held on the GPU, a "
+        "copy on the GPU). Base exact after: every weight a mix rewrites equals its value before the placement's "
+        "switches, bit for bit.",
+        "The first row is production's placement on a GPU; the generator's own switcher is put back afterwards.",
+    ]
+    return t
 
 
 def arms_tables(results: list[dict[str, Any]], sc: Scenario, gpu_name: str) -> list[Table]:
@@ -666,6 +788,8 @@ def arms_tables(results: list[dict[str, Any]], sc: Scenario, gpu_name: str) -> l
                   f"{sum(a['new_graphs'] for a in arms)} new graphs",
                   verdict(all(a["fused"] for a in arms) and not any(a["new_graphs"] for a in arms)))
         tables.append(goals)
+        if r.get("placements"):
+            tables.append(placements_table(r))
     return tables
 
 
