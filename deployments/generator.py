@@ -97,6 +97,8 @@ class GeneratorReplica:
         #: The metrics label each cached mix was requested under (for its eviction).
         self.labels: dict[str, str] = {}
         self.inflight = 0
+        #: The most requests in flight at once since the last :meth:`routing_stats` (what it reports).
+        self.inflight_peak = 0
         self.mix_loads = 0
         #: Generations that found another mix active (the pipeline's mix changed for them).
         self.switches = 0
@@ -207,6 +209,7 @@ class GeneratorReplica:
         flight, and a request whose caller left (cancelled while waiting or generating, or a stream closed
         early)."""
         self.inflight += 1
+        self.inflight_peak = max(self.inflight_peak, self.inflight)
         self.observer.inflight(self.inflight)
         label = request.mix_label
         self._wait(label, +1)
@@ -246,8 +249,12 @@ class GeneratorReplica:
         return result
 
     def routing_stats(self) -> dict[str, Any]:
-        """What the mix-aware router reads (deployments/routing.py): the active mix and the waiting requests."""
-        return {ACTIVE_MIX: self.generator.active_mix_id, INFLIGHT: self.inflight, "waiting": dict(self.waiting)}
+        """What the mix-aware router reads (deployments/routing.py; Serve asks every stats period): the active
+        mix, the waiting requests, and under ``inflight`` the most requests in flight at once since the
+        previous call (then reset to those in flight now). A snapshot would often be taken in the gap
+        between two requests of a busy replica and report it idle for a whole period."""
+        peak, self.inflight_peak = self.inflight_peak, self.inflight
+        return {ACTIVE_MIX: self.generator.active_mix_id, INFLIGHT: peak, "waiting": dict(self.waiting)}
 
     async def generate(self, request: GenerationRequest, get_mix: Callable[[], Awaitable[LoadedMix]]) -> GeneratedImage:
         """The image alone: the same generation as :meth:`stream` without relaying step events."""

@@ -53,7 +53,8 @@ INFLIGHT = "inflight"
 class ReplicaView:
     """What the router knows of a replica when it ranks: its id, its active mix (None: none yet), the mixes
     it has cached, its queue as this router counts it (requests sent and not finished, or Serve's last probe;
-    None: not known yet) and as the replica last reported it (``reported``, up to a stats period old)."""
+    None: not known yet) and as the replica last reported it (``reported``: the most requests it had in
+    flight at once over its last stats period, which reaches the router a period or two late)."""
 
     id: Any
     active: str | None

@@ -177,6 +177,27 @@ def test_the_replica_reports_loads_switches_stages_and_evictions_per_mix(tiny_mo
     assert [e[1] for e in seen.events if e[0] == "inflight"] == [1, 0] * 4
 
 
+def test_the_routing_stats_report_the_most_requests_in_flight_since_the_last_report(replica: GeneratorReplica) -> None:
+    """A replica busy with back-to-back requests is busy for the router even when Serve asks for its stats
+    in the gap between two of them: ``inflight`` is the period's peak, not a snapshot."""
+    from deployments.routing import ACTIVE_MIX, INFLIGHT
+
+    request = GenerationRequest(params=PARAMS)
+
+    async def two_at_once() -> None:
+        await asyncio.gather(*(replica.generate(request, lambda: replica.load_mix("base")) for _ in range(2)))
+
+    replica.routing_stats()  # a fresh period
+    asyncio.run(replica.generate(request, lambda: replica.load_mix("base")))
+    assert replica.inflight == 0
+    assert replica.routing_stats()[INFLIGHT] == 1  # nothing in flight now, one during the period
+    assert replica.routing_stats()[INFLIGHT] == 0  # an idle period
+    asyncio.run(two_at_once())
+    stats = replica.routing_stats()
+    assert stats[INFLIGHT] == 2 and stats[ACTIVE_MIX] == "base" and stats["waiting"] == {}
+    assert replica.routing_stats()[INFLIGHT] == 0
+
+
 def test_the_generator_checks_the_limits_the_request_carries(replica: GeneratorReplica) -> None:
     wide = GenerationParams(prompt="a desk", seed=1, steps=1, width=136, height=64)
 
