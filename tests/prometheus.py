@@ -1,5 +1,5 @@
 """A throwaway Prometheus server for tests: :func:`running_prometheus` starts Debian's ``prometheus``
-(``make system-deps``, run by ``make test``, installs it where missing) in a temp dir, scraping the given targets every second, and yields
+(``make system-deps``, run by ``make test``, installs it where missing) in a temp dir, scraping the given targets every :data:`SCRAPE_S` seconds, and yields
 a small client for its HTTP query API; it stops the server and removes the dir on exit."""
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ import httpx
 import yaml
 
 READY_TIMEOUT_S = 60.0
+#: Seconds between scrapes (and each scrape's timeout, which may not exceed it). Late in the serve tier Ray's
+#: metrics endpoint carries every series the shared app and the training runs made, served by a Python agent
+#: on a 2-core host that is also generating; a scrape that times out marks every series of the target stale.
+#: Production scrapes every 10 s (observability/prometheus.yml).
+SCRAPE_S = 5
 
 
 class Prometheus:
@@ -25,17 +30,35 @@ class Prometheus:
         self.url = url
         self.http = httpx.Client(base_url=url, timeout=30)
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """The instant vector of ``expr`` now (``[]`` when it has no data); raises on a PromQL error."""
-        r = self.http.get("/api/v1/query", params={"query": expr})
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """The instant vector of ``expr`` now, or at unix time ``at`` (``[]`` when it has no data); raises on a
+        PromQL error."""
+        params: dict[str, str | float] = {"query": expr} if at is None else {"query": expr, "time": at}
+        r = self.http.get("/api/v1/query", params=params)
         body = r.json()
         if body.get("status") != "success":
             raise ValueError(f"PromQL error for {expr!r}: {body.get('error', r.text)}")
         return list(body["data"]["result"])
 
-    def values(self, expr: str, label: str) -> dict[str, float]:
-        """``expr``'s current value per value of ``label``."""
-        return {s["metric"].get(label, ""): float(s["value"][1]) for s in self.query(expr)}
+    def values(self, expr: str, label: str, at: float | None = None) -> dict[str, float]:
+        """``expr``'s value now (or at ``at``) per value of ``label``."""
+        return {s["metric"].get(label, ""): float(s["value"][1]) for s in self.query(expr, at)}
+
+    def scraped_at(self, at: float) -> bool:
+        """Whether the latest scrape of every target before ``at`` succeeded: only then does an instant query
+        at ``at`` show what the targets exported (a failed scrape marks all of a target's series stale, and
+        a query then answers as if they did not exist)."""
+        up = self.query("up", at)
+        return bool(up) and all(float(s["value"][1]) == 1.0 for s in up)
+
+    def scrape_report(self, window: str = "10m") -> str:
+        """Scrapes that failed and the slowest scrape over ``window``: what a failed wait prints."""
+        failed = self.query(f"count_over_time(up[{window}]) - sum_over_time(up[{window}])")
+        total = self.query(f"count_over_time(up[{window}])")
+        slowest = self.query(f"max_over_time(scrape_duration_seconds[{window}])")
+        value = lambda v: float(v[0]["value"][1]) if v else float("nan")  # noqa: E731
+        return (f"over the last {window}: {value(failed):.0f} of {value(total):.0f} scrapes failed, slowest "
+                f"{value(slowest):.2f} s (timeout {SCRAPE_S} s); targets now: {self.targets_health()}")  # fmt: skip
 
     def targets(self) -> list[dict[str, Any]]:
         """The scrape targets as Prometheus reports them (health, lastError, lastScrapeDuration, ...)."""
@@ -64,10 +87,7 @@ def running_prometheus(targets: list[str]) -> Iterator[Prometheus]:
         raise RuntimeError("no `prometheus` binary: run `make system-deps` or `apt-get install prometheus`")
     folder = Path(tempfile.mkdtemp(prefix="deskgen-prom-"))
     config = {
-        # Every 3 s with a 3 s timeout (a timeout may not exceed the interval): late in the serve tier, Ray's
-        # metrics endpoint carries every series the shared app and the training runs made, on a loaded
-        # 2-core host; production scrapes every 10 s (observability/prometheus.yml).
-        "global": {"scrape_interval": "3s", "scrape_timeout": "3s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "deskgen", "static_configs": [{"targets": targets}]}],
     }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))

@@ -22,7 +22,7 @@ import pytest
 
 from deskgen.mixes import NAMED_MIXES, Mix
 from observability.dashboard import DASHBOARD_JSON
-from tests.prometheus import Prometheus, running_prometheus
+from tests.prometheus import SCRAPE_S, Prometheus, running_prometheus
 
 from .conftest import generator_info
 from .helpers import assert_error, generate, text2img
@@ -32,8 +32,8 @@ pytestmark = pytest.mark.observability
 #: The labels a printed series is told apart by.
 LEGEND = {"route", "status", "code", "mix", "stage", "arm", "event", "outcome", "deployment", "le"}
 #: How long Prometheus may take to show what was sent: Ray reports every second here, Prometheus scrapes
-#: every 3 s (tests/prometheus.py), and rate() needs two samples; generous for a loaded CI machine, never a
-#: speed claim.
+#: every SCRAPE_S s (tests/prometheus.py), and rate() needs two samples; generous for a loaded CI machine,
+#: never a speed claim.
 SETTLE_S = 90.0
 
 
@@ -47,11 +47,13 @@ def prometheus(serve_app: dict[str, Any]) -> Iterator[Prometheus]:
         yield prom
 
 
-def wait_until(ok: Callable[[], Any], message: str, timeout_s: float = SETTLE_S) -> Any:
+def wait_until(ok: Callable[[], Any], message: str | Callable[[], str], timeout_s: float = SETTLE_S) -> Any:
+    """``ok()``'s first truthy result; raises ``message`` (called at the timeout when it is a function, so it
+    shows the state that failed, not the state when the wait began)."""
     deadline = time.monotonic() + timeout_s
     while not (result := ok()):
         if time.monotonic() > deadline:
-            raise AssertionError(message)
+            raise AssertionError(message() if callable(message) else message)
         time.sleep(0.5)
     return result
 
@@ -108,16 +110,23 @@ def test_every_dashboard_query_returns_data(
 
 
 def test_per_mix_series_move_with_the_traffic(prometheus: Prometheus, client: httpx.Client) -> None:
-    def counters() -> dict[str, dict[str, float]]:
-        return {name: prometheus.values(f"sum by (mix) (ray_deskgen_mix_{name}_total)", "mix")
+    def counters() -> dict[str, dict[str, float]] | None:
+        """The per-mix counters as of Prometheus's latest scrape, or None when that scrape failed: its stale
+        markers hide every series, and an empty answer would read as counters that never moved."""
+        at = time.time()
+        if not prometheus.scraped_at(at):
+            return None
+        return {name: prometheus.values(f"sum by (mix) (ray_deskgen_mix_{name}_total)", "mix", at)
                 for name in ("switches", "activations")}  # fmt: skip
 
-    # Settle first: what earlier tests sent must be in Prometheus before the baseline is read.
-    before = counters()
-    time.sleep(3)
-    while (now := counters()) != before:
-        before = now
-        time.sleep(3)
+    def settled() -> tuple[dict[str, dict[str, float]]] | None:
+        """The counters when two successful scrapes in a row agree: what earlier tests sent is all in."""
+        first = counters()
+        time.sleep(SCRAPE_S + 1)
+        second = counters()
+        return (second,) if first is not None and first == second else None
+
+    (before,) = wait_until(settled, lambda: f"the per-mix counters never settled: {prometheus.scrape_report()}")
     active = generator_info()["active_mix"]
     sequence = ["ott_3d", "dalle_only"] * 3
     for mix in sequence:
@@ -129,15 +138,17 @@ def test_per_mix_series_move_with_the_traffic(prometheus: Prometheus, client: ht
 
     def moved() -> bool:
         now = counters()
-        return all(
+        return now is not None and all(
             now[name].get(m, 0) - before[name].get(m, 0) == want[m]
             for name, want in (("switches", expected_switches), ("activations", expected_activations))
             for m in ids
         )
 
-    wait_until(moved, f"per-mix counters did not move by {expected_switches} switches and {expected_activations} "
-                      f"activations: before {before}, now {counters()}")  # fmt: skip
-    print(f"\n[observability] switches {expected_switches}, activations {expected_activations} seen in Prometheus")
+    wait_until(moved, lambda: f"per-mix counters did not move by {expected_switches} switches and "
+                              f"{expected_activations} activations: before {before}, now {counters()}; "
+                              f"{prometheus.scrape_report()}")  # fmt: skip
+    print(f"\n[observability] switches {expected_switches}, activations {expected_activations} seen in Prometheus; "
+          f"{prometheus.scrape_report()}")
 
 
 def test_every_stage_logs_the_request_id(serve_app: dict[str, Any], client: httpx.Client, desk_photo: bytes) -> None:
