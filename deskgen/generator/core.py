@@ -162,7 +162,7 @@ class DeskGenerator:
         assert settings.fuse_backup is not None and settings.lora_factors is not None  # resolved, checked above
         self.switcher = MixSwitcher(pipe, self.adapters, backup=settings.fuse_backup, method=method,
                                     factors_on=settings.lora_factors)  # fmt: skip
-        if settings.compiled_codec:  # the residual's elementwise passes as fused kernels (warmed at load)
+        if self.switcher.by_residual and settings.compile_residual_codec:  # fused kernels, warmed at load
             self.switcher.batched.codec = residual.Codec(compiled=True)
         self.fp8_report: Fp8Report | None = None
         if settings.fp8:
@@ -238,7 +238,7 @@ class DeskGenerator:
         revision = model_revision(source) + (f"+{variant}" if variant else "")
         gen = cls(pipe, registry, model_id=settings.model_id, settings=runtime, revision=revision)
         log.info("loaded %s in %.2f s with %s", settings.model_id, timer.seconds(), gen.describe())
-        if runtime.compiled_codec:  # before any fuse: compiled now, not in the first switch
+        if gen.switcher.batched.codec.compiled:  # before any fuse: compiled now, not in the first switch
             timer = _Timer()
             gen.switcher.batched.codec.warm_up(pipe.unet.dtype, pipe.unet.device)
             log.info("residual codec compiled in %.2f s", timer.seconds())

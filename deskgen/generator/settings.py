@@ -325,15 +325,14 @@ class GeneratorSettings:
         )
 
     @property
-    def compiled_codec(self) -> bool:
-        """Whether the residual switch's elementwise passes run as compiled kernels: on CUDA, where eager
-        they are a dozen memory-bound passes per weight on the switch's critical path, whether or not the
-        UNet is compiled; elsewhere only with ``compile``. False without ``fuse_backup: residual`` or with
-        hot-swap slots (whose fused hot mix comes back from a copy: no residual)."""
+    def compile_residual_codec(self) -> bool:
+        """Whether a switch by residual (:class:`MixSwitcher.by_residual
+        <deskgen.generator.switching.MixSwitcher>`) runs the residual's elementwise passes as compiled
+        kernels: on CUDA, where eager they are a dozen memory-bound passes per weight on the switch's critical
+        path, whether or not the UNet is compiled; elsewhere only with ``compile``."""
         if not self.is_resolved:
-            raise ValueError("compiled_codec is a property of resolved settings (GeneratorSettings.resolve())")
-        by_residual = self.fuse_backup == "residual" and not self.hotswap
-        return by_residual and bool(self.compile or str(self.device).startswith("cuda"))
+            raise ValueError("compile_residual_codec is a property of resolved settings (GeneratorSettings.resolve())")
+        return bool(self.compile or str(self.device).startswith("cuda"))
 
     def hot_mix(self) -> Mix | None:
         """The mix ``fuse_hot_mix`` names (activated at load, its adapters pinned), or None."""

@@ -500,6 +500,12 @@ def test_a_compiled_generator_switches_through_the_compiled_codec(tiny_models: P
     now = base_weights(gen.pipe)
     assert [k for k in now if not torch.equal(now[k], pristine[k])] == []
     assert gen.switcher.restored["copy"] == 0 and gen.switcher.restored["residual"] > 0
+    # Hot-swap slots fuse their hot mix with diffusers and restore it from a copy: no residual, no codec
+    # compiled, whatever ``fuse_backup`` and ``compile`` say.
+    slots = DeskGenerator.from_pretrained(
+        settings_for(tiny_models, compile=True, hotswap=True, fuse_backup="residual", compile_warmup_size=None)
+    )
+    assert not slots.switcher.by_residual and not slots.switcher.batched.codec.compiled
 
 
 def test_factors_kept_in_host_memory_fuse_the_same_bits(tiny_models: Path) -> None:

@@ -134,15 +134,14 @@ def test_cuda_defaults_resolve_without_a_gpu() -> None:
     assert (bf16.fuse_backup, compiled.fuse_backup) == ("residual", "cpu")
     assert (bf16.lora_factors, compiled.lora_factors) == ("host", "device")
     assert GeneratorSettings(fuse_backup="device").resolve_for("cuda", "bfloat16").fuse_backup == "device"
-    # The residual's passes are compiled on CUDA even when the UNet is not; on the CPU only with ``compile``.
-    assert bf16.compiled_codec and not compiled.compiled_codec
-    assert GeneratorSettings(compile=False).resolve_for("cuda", "bfloat16").compiled_codec
-    slots_residual = GeneratorSettings(fuse_active_mix=False, fuse_backup="residual").resolve_for("cuda", "bfloat16")
-    assert slots_residual.hotswap and not slots_residual.compiled_codec  # slots restore from a copy
-    assert not GeneratorSettings(fuse_backup="residual").resolve_for("cpu", "float32").compiled_codec
-    assert GeneratorSettings(fuse_backup="residual", compile=True).resolve_for("cpu", "float32").compiled_codec
+    # A switch by residual compiles its codec on CUDA even when the UNet is not compiled; on the CPU only
+    # with ``compile`` (whether the switch is by residual is the switcher's rule: test_fused_switch.py).
+    assert bf16.compile_residual_codec and compiled.compile_residual_codec
+    assert GeneratorSettings(compile=False).resolve_for("cuda", "bfloat16").compile_residual_codec
+    assert not GeneratorSettings(fuse_backup="residual").resolve_for("cpu", "float32").compile_residual_codec
+    assert GeneratorSettings(fuse_backup="residual", compile=True).resolve_for("cpu", "float32").compile_residual_codec
     with pytest.raises(ValueError, match="resolved"):
-        assert GeneratorSettings().compiled_codec  # raises: not resolved
+        assert GeneratorSettings().compile_residual_codec  # raises: not resolved
 
 
 @unit
