@@ -645,12 +645,15 @@ def placed_factors(found: Any, where: str, device: str) -> Any:
 
     groups = {}
     for key, group in found.groups.items():
+        same = {"params": group.params, "alphas": group.alphas, "divisors": group.divisors}
+        if group.a_host is not None and where == "host":  # already stacked in host memory: shared, read only
+            groups[key] = FactorGroup(group.shape, group.rank, a_host=group.a_host, b_host=group.b_host, **same)
+            continue
         if group.a_host is not None:
             a, b = list(group.a_host.to(device).unbind(0)), list(group.b_host.to(device).unbind(0))
         else:
             a, b = list(group.a), list(group.b)
-        copy = FactorGroup(group.shape, group.rank, a=a, b=b, params=group.params, alphas=group.alphas,
-                           divisors=group.divisors)  # fmt: skip
+        copy = FactorGroup(group.shape, group.rank, a=a, b=b, **same)
         if where == "host":
             copy.offload()
         groups[key] = copy
@@ -704,7 +707,12 @@ def switch_placements(gen: Any, sc: Scenario) -> list[dict[str, Any]]:
             if sc.cuda:
                 torch.cuda.empty_cache()
     finally:
-        gen.switcher = own
+        if gen.switcher is not own:  # a placement failed half-way: its mix unfused before its switcher goes
+            try:
+                gen.switcher.unfuse()
+            finally:
+                gen.switcher = own
+                gen.activate_mix(Mix(()))  # the generator's record of its mix: the base, as its switcher holds
     del reference
     return out
 

@@ -52,3 +52,29 @@ def test_every_placement_switches_exactly_and_the_generator_gets_its_own_switche
     now = {f"{c}.{k}": v for c in LORA_COMPONENTS for k, v in getattr(gen.pipe, c).state_dict().items()}
     assert [k for k in weights if not torch.equal(now[k], weights[k])] == []
     assert gen.generate(PARAMS, mix).image.tobytes() == before
+
+
+def test_a_placement_that_fails_half_way_leaves_the_base_weights_and_the_own_switcher(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import bench.gpu
+    from bench.gpu import Scenario, switch_placements
+
+    gen = DeskGenerator.from_pretrained(settings_for(tiny_models, dtype="bfloat16", fuse_backup="residual"))
+    gen.ensure_adapters(["3d", "dalle", "ott"])
+    gen.activate_mix(Mix(()))
+    weights = {f"{c}.{k}": v.clone() for c in LORA_COMPONENTS for k, v in getattr(gen.pipe, c).state_dict().items()}
+    own = gen.switcher
+
+    def fails_fused(gen: DeskGenerator, sc: Scenario) -> None:  # a fault injected mid-measurement: a mix fused
+        gen.activate_mix(Mix.from_weights({"dalle": 0.7, "ott": 0.5}))
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(bench.gpu, "switch_alone", fails_fused)
+    with pytest.raises(RuntimeError, match="injected"):
+        switch_placements(gen, Scenario(device="cpu", size=64, steps=2, n=1, tiny=True))
+    assert gen.switcher is own and gen.fused_mix_id is None and gen.active_mix_id == Mix(()).id
+    now = {f"{c}.{k}": v for c in LORA_COMPONENTS for k, v in getattr(gen.pipe, c).state_dict().items()}
+    assert [k for k in weights if not torch.equal(now[k], weights[k])] == []
