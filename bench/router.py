@@ -141,7 +141,7 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
     before = replica_infos(app, args.replicas)
     results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf), args.clients))
     after = replica_infos(app, args.replicas)
-    switches = sum(after[r]["switches"] - before.get(r, {"switches": 0})["switches"] for r in after)
+    switches, loads = (sum(after[r][key] - before.get(r, {key: 0})[key] for r in after) for key in ("switches", "mix_loads"))
     ok = [r for r in results if r.get("ok")]
     waits = [r["queued_s"] for r in ok if "queued_s" in r]
     by_mix: dict[str, list[float]] = collections.defaultdict(list)
@@ -149,7 +149,7 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
     for r in ok:
         by_mix[r["mix"]].append(r["latency_s"])
         spread[r["mix"]][r.get("replica", "?")] += 1
-    return {"router": router, "requests": len(results), "ok": len(ok), "switches": switches, "wall_s": wall,
+    return {"router": router, "requests": len(results), "ok": len(ok), "switches": switches, "loads": loads, "wall_s": wall,
             "waits": waits, "latencies": by_mix, "spread": spread}  # fmt: skip
 
 
@@ -157,10 +157,10 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rounds of each router as one run: switches and requests summed, waits and latencies pooled."""
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
-        m = out.setdefault(r["router"], {"router": r["router"], "requests": 0, "ok": 0, "switches": 0, "wall_s": 0.0,
+        m = out.setdefault(r["router"], {"router": r["router"], "requests": 0, "ok": 0, "switches": 0, "loads": 0, "wall_s": 0.0,
                                          "waits": [], "latencies": collections.defaultdict(list),
                                          "spread": collections.defaultdict(collections.Counter)})  # fmt: skip
-        for key in ("requests", "ok", "switches", "wall_s"):
+        for key in ("requests", "ok", "switches", "loads", "wall_s"):
             m[key] += r[key]
         m["waits"] += r["waits"]
         for mix, values in r["latencies"].items():
@@ -177,10 +177,11 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
                  f"(rounds alternated), {args.clients} clients, "
                  f"Zipf s={args.zipf} over 7 named + 3 ad-hoc mixes (seed {args.seed}), tiny SDXL 64x64, 2 steps",
-                 ["router", "mix switches / 100 requests", "queue wait p50 (ms)", "queue wait p95 (ms)", "req/s",
-                  "non-200"])  # fmt: skip
+                 ["router", "mix switches / 100 requests", "mix loads / 100 requests", "queue wait p50 (ms)",
+                  "queue wait p95 (ms)", "req/s", "non-200"])  # fmt: skip
     for r in runs:
-        main.add(r["router"], f"{100 * r['switches'] / r['requests']:.1f}", f"{1000 * r['wait_p50']:.0f}",
+        main.add(r["router"], f"{100 * r['switches'] / r['requests']:.1f}", f"{100 * r['loads'] / r['requests']:.1f}",
+                 f"{1000 * r['wait_p50']:.0f}",
                  f"{1000 * r['wait_p95']:.0f}", f"{r['requests'] / r['wall_s']:.2f}", r["requests"] - r["ok"])  # fmt: skip
     mixes = [m for m in NAMED + ADHOC if all(m in r["per_mix_p50"] for r in runs)]
     per_mix = Table("p50 latency per mix (ms), and on how many replicas each mix ran", ["mix", *[r["router"] for r in runs]])
@@ -190,7 +191,9 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
         arms = [r["per_mix_p50"][a] for a in ("ott_3d", "dalle_ott") if a in r["per_mix_p50"]]  # the default A/B arms
         if len(arms) == 2:
             per_mix.notes.append(f"{r['router']}: the A/B arms' p50 differ by {100 * abs(arms[0] - arms[1]) / min(arms):.1f} %.")
-    per_mix.notes.append("A switch is a generation that found another mix active on its replica (each replica's counter).")
+    per_mix.notes.append("A switch is a generation that found another mix active on its replica; a load, a request whose mix "
+                         "was not in its replica's mix cache (the adapters it lacked loaded, inside the queue wait); "
+                         "each replica's counters.")
     return [main, per_mix]
 
 
