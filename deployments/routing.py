@@ -15,17 +15,22 @@ LoRA mixes that has two costs. A hot mix stays on the one replica that holds it 
 
 Within a rank Serve picks the replica with the shortest queue that accepts. A busy replica is never asked
 to switch while an idle one holds the mix: an idle holder is ranked before every busy one, and while the
-holders are not hot only they are offered for a second (:data:`HOLDER_WAIT_S`). When every holder of the mix has
-``spill_queue`` or more requests queued (a hot mix), the idle replicas join the first rank, so a second
-replica takes the mix; once the holders' queues fall below the threshold, the mix's requests go back to
-its holders and the second replica is free for other mixes (it keeps the mix cached). A replica that must
-switch is the one whose active mix this router has seen wanted least lately.
+mix is not hot only its holders are offered for a second (:data:`HOLDER_WAIT_S`). A mix is hot when every
+holder is busy and the mix's *own* requests on its holders (this router's, running or waiting) reach
+``spill_queue`` per holder: then the idle replicas join the first rank, so a second replica takes the mix;
+once the mix's requests there fall below the threshold, they go back to its holders and the second
+replica is free for other mixes (it keeps the mix cached). A mix whose holders are busy with *other*
+mixes is not hot: it waits for a holder rather than have an idle replica load it (with a cache of a few
+mixes per replica, spilling every such mix spread each mix over every replica and doubled the cache
+misses: BENCHMARKS.md "Generator routing"). A replica that must switch is the one whose active mix this
+router has seen wanted least lately.
 
 Ray-free logic (:func:`rank`) is unit-tested; the router class adapts it to Serve's replica objects.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -36,8 +41,8 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, 
 
 log = logging.getLogger("ray.serve")
 
-#: Requests queued on every holder of a mix from which idle replicas take it too.
-DEFAULT_SPILL_QUEUE = 2
+#: A mix's own requests per holder (running or waiting) from which idle replicas take it too.
+DEFAULT_SPILL_QUEUE = 1
 #: How fast the router forgets which mixes are wanted: their request counts halve every this many requests.
 DEMAND_HALF_LIFE = 50
 #: How long a request of a mix that is not hot waits for the mix's holders before another replica may
@@ -51,16 +56,19 @@ INFLIGHT = "inflight"
 
 @dataclass(frozen=True)
 class ReplicaView:
-    """What the router knows of a replica when it ranks: its id, its active mix (None: none yet), the mixes
-    it has cached, its queue as this router counts it (requests sent and not finished, or Serve's last probe;
-    None: not known yet) and as the replica last reported it (``reported``: the most requests it had in
-    flight at once over its last stats period, which reaches the router a period or two late)."""
+    """What the router knows of a replica when it ranks a request: its id, its active mix (None: none yet),
+    the mixes it has cached, its queue as this router counts it (requests sent and not finished, or Serve's
+    last probe; None: not known yet) and as the replica last reported it (``reported``: the most requests
+    it had in flight at once over its last stats period, which reaches the router a period or two late),
+    and ``mix_queue``: the requests of the ranked request's mix that this router sent there and that have
+    not finished."""
 
     id: Any
     active: str | None
     cached: frozenset[str]
     queue: int | None
     reported: int | None = None
+    mix_queue: int = 0
 
     def at_least(self, n: int) -> bool:
         """Both counts (where known) say ``n`` or more: a request that just finished is still counted by the
@@ -91,9 +99,10 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int,
     if idle_holders:
         # An idle replica that holds the mix, active first: no busy replica is made to switch.
         return [r for r in (idle_holders, [r for r in holders if r.queue != 0]) if r]
-    if all(r.at_least(spill_queue) for r in holders):
-        # A hot mix: every holder is queued past the threshold; a replica that is idle (or whose queue Serve
-        # has yet to probe) takes the mix too. Serve keeps a holder on a tie: it must be strictly shorter.
+    if all(r.at_least(1) for r in holders) and sum(r.mix_queue for r in holders) >= spill_queue * len(holders):
+        # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
+        # is idle (or whose queue Serve has yet to probe) takes the mix too. Serve keeps a holder on a tie:
+        # it must be strictly shorter.
         return [r for r in (holders + [r for r in others if r.queue in (0, None)], others) if r]
     if waited_s < HOLDER_WAIT_S:
         return [r for r in (active, cached) if r]
@@ -109,17 +118,22 @@ class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self.spill_queue = int(spill_queue)
         #: The mix this router last sent to each replica: what it will hold once its queue drains.
         self.sent: dict[Any, str] = {}
+        #: Requests routed and not finished, by Serve's internal request id: (replica, mix) ...
+        self.routed: dict[str, tuple[Any, str]] = {}
+        #: ... and their count per (replica, mix).
+        self.mix_inflight: collections.Counter[tuple[Any, str]] = collections.Counter()
         #: Requests per mix routed lately, decayed by half every ``demand_half_life`` requests.
         self.demand: dict[str, float] = {}
         self.decay = 0.5 ** (1.0 / max(int(demand_half_life), 1))
 
-    def view(self, replica: RunningReplica) -> ReplicaView:
+    def view(self, replica: RunningReplica, mix: str) -> ReplicaView:
         stats = replica.routing_stats or {}
         active = self.sent.get(replica.replica_id, stats.get(ACTIVE_MIX))
         queue = self._replica_queue_len_cache.get(replica.replica_id)
         reported = stats.get(INFLIGHT)
         return ReplicaView(replica.replica_id, active, frozenset(replica.multiplexed_model_ids), queue,
-                           int(reported) if reported is not None else None)  # fmt: skip
+                           int(reported) if reported is not None else None,
+                           self.mix_inflight[(replica.replica_id, mix)])  # fmt: skip
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -134,21 +148,35 @@ class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [candidate_replicas]
         waited_s = time.time() - pending_request.created_at
         by_id = {r.replica_id: r for r in candidate_replicas}
-        ranks = rank([self.view(r) for r in candidate_replicas], mix, self.spill_queue, self.demand, waited_s)
+        ranks = rank([self.view(r, mix) for r in candidate_replicas], mix, self.spill_queue, self.demand, waited_s)
         return [[by_id[v.id] for v in group] for group in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         mix = pending_request.metadata.multiplexed_model_id
         if mix:
             self.sent[replica_id] = mix
+            self.routed[pending_request.metadata.internal_request_id] = (replica_id, mix)
+            self.mix_inflight[(replica_id, mix)] += 1
             for known in list(self.demand):
                 self.demand[known] *= self.decay
                 if self.demand[known] < 0.01:
                     del self.demand[known]
             self.demand[mix] = self.demand.get(mix, 0.0) + 1.0
 
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        """Serve calls this once for every request sent to a replica, routed or rejected, however it ended."""
+        super().on_request_completed(replica_id, internal_request_id)
+        found = self.routed.pop(internal_request_id, None)
+        if found is not None:
+            self.mix_inflight[found] -= 1
+            if self.mix_inflight[found] <= 0:
+                del self.mix_inflight[found]
+
     def on_replica_actor_died(self, replica_id: Any) -> None:
         self.sent.pop(replica_id, None)
+        for request_id, (replica, _) in list(self.routed.items()):
+            if replica == replica_id:
+                self.on_request_completed(replica, request_id)
         super().on_replica_actor_died(replica_id)
 
 

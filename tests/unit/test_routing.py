@@ -10,8 +10,9 @@ pytestmark = pytest.mark.unit
 
 
 def r(name: str, active: str | None = None, cached: tuple[str, ...] = (), queue: int | None = 0,
-      reported: int | None = None) -> ReplicaView:  # fmt: skip
-    return ReplicaView(name, active, frozenset(cached + ((active,) if active else ())), queue, reported)
+      reported: int | None = None, mix: int = 0) -> ReplicaView:  # fmt: skip
+    """A replica view; ``mix``: requests of the ranked mix in its queue (this router's)."""
+    return ReplicaView(name, active, frozenset(cached + ((active,) if active else ())), queue, reported, mix)
 
 
 def ids(ranks: list[list[ReplicaView]]) -> list[list[str]]:
@@ -40,21 +41,29 @@ def test_below_the_threshold_the_mix_waits_for_its_holder_and_goes_elsewhere_onl
 
 
 def test_a_hot_mix_spills_to_an_idle_replica_and_comes_back_when_it_cools() -> None:
-    hot = [r("holder", "a", queue=2), r("idle", "b", queue=0), r("busy", "c", queue=1)]
+    hot = [r("holder", "a", queue=2, mix=2), r("idle", "b", queue=0), r("busy", "c", queue=1)]
     first = ids(rank(hot, "a", spill_queue=2))[0]
     assert set(first) == {"holder", "idle"}  # Serve takes the shorter queue of the two: the idle replica
     # The second replica now has the mix active too; once the queues fall below the threshold, the mix's
     # requests go to an idle holder (either), never to the busy replica of another mix.
-    cooled = [r("holder", "a", queue=0), r("second", "a", queue=1), r("busy", "c", queue=1)]
+    cooled = [r("holder", "a", queue=0), r("second", "a", queue=1, mix=1), r("busy", "c", queue=1)]
     assert ids(rank(cooled, "a", spill_queue=2))[0] == ["holder"]
 
 
-def test_every_holder_must_be_past_the_threshold_to_spill() -> None:
-    replicas = [r("h1", "a", queue=3), r("h2", "b", ("a",), queue=1), r("idle", "c", queue=0)]
-    assert "idle" not in ids(rank(replicas, "a", spill_queue=2))[0]
-    unknown = [r("h1", "a", queue=None), r("idle", "c", queue=0)]  # a queue not known yet is not "hot"
+def test_a_mix_is_hot_when_its_own_requests_on_its_holders_reach_the_threshold() -> None:
+    # Three of the mix's requests over two busy holders: under 2 per holder, then at it.
+    below = [r("h1", "a", queue=2, mix=2), r("h2", "b", ("a",), queue=1, mix=1), r("idle", "c", queue=0)]
+    assert "idle" not in ids(rank(below, "a", spill_queue=2))[0]
+    at = [r("h1", "a", queue=2, mix=2), r("h2", "b", ("a",), queue=2, mix=2), r("idle", "c", queue=0)]
+    assert "idle" in ids(rank(at, "a", spill_queue=2))[0]
+    # Holders busy with other mixes only: the mix waits for one rather than have an idle replica load it.
+    elsewhere = [r("h1", "a", queue=2, mix=0), r("idle", "c", queue=0)]
+    assert ids(rank(elsewhere, "a", spill_queue=1)) == [["h1"]]
+    # An idle holder is never hot: its own requests counted but finished on the replica (no spill).
+    assert ids(rank([r("h1", "a", queue=0, mix=1), r("idle", "c", queue=0)], "a", spill_queue=1)) == [["h1"]]
+    unknown = [r("h1", "a", queue=None, mix=1), r("idle", "c", queue=0)]  # a queue not known yet is not "hot"
     assert ids(rank(unknown, "a", spill_queue=1))[0] == ["h1"]
-    hot = [r("h1", "a", queue=2), r("unprobed", "c", queue=None), r("busy", "d", queue=1)]
+    hot = [r("h1", "a", queue=2, mix=2), r("unprobed", "c", queue=None), r("busy", "d", queue=1)]
     assert ids(rank(hot, "a", spill_queue=2)) == [["h1", "unprobed"], ["unprobed", "busy"]]
 
 
@@ -67,7 +76,7 @@ def test_a_replica_that_must_switch_is_the_one_whose_mix_is_wanted_least() -> No
     replicas = [r("hot", "a", queue=0), r("cold", "b", queue=0), r("never", "c", ("d", "e"), queue=0)]
     demand = {"a": 30.0, "b": 2.0, "c": 0.5}
     assert ids(rank(replicas, "x", spill_queue=1, demand=demand)) == [["never", "cold", "hot"]]
-    busy = [r("holder", "x", queue=1), r("hot", "a", queue=0), r("cold", "b", queue=0)]
+    busy = [r("holder", "x", queue=1, mix=1), r("hot", "a", queue=0), r("cold", "b", queue=0)]
     first = ids(rank(busy, "x", spill_queue=1, demand=demand))[0]
     assert first == ["holder", "cold", "hot"]  # a spill goes to the idle replica of the coldest mix first
 
@@ -75,7 +84,7 @@ def test_a_replica_that_must_switch_is_the_one_whose_mix_is_wanted_least() -> No
 def test_a_holder_is_busy_only_when_the_router_and_the_replica_agree() -> None:
     """The router still counts a request that just finished until its done-callback runs; the replica's
     report lags by a stats period. Spilling needs both to say so, or a sequential client would be spread."""
-    just_finished = [r("holder", "a", queue=1, reported=0), r("idle", "b", queue=0, reported=0)]
+    just_finished = [r("holder", "a", queue=1, reported=0, mix=1), r("idle", "b", queue=0, reported=0)]
     assert ids(rank(just_finished, "a", spill_queue=1)) == [["holder"]]
-    busy = [r("holder", "a", queue=1, reported=1), r("idle", "b", queue=0, reported=0)]
+    busy = [r("holder", "a", queue=1, reported=1, mix=1), r("idle", "b", queue=0, reported=0)]
     assert ids(rank(busy, "a", spill_queue=1))[0] == ["holder", "idle"]
