@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.common import DEFAULT_FULLSIZE_DIR, parse_choices
 from deskgen import kohya
+from deskgen.devices import is_cuda
 from deskgen.errors import InvalidParameter
 from deskgen.paths import PROJECT_ROOT
 
@@ -487,7 +488,7 @@ def build(out: Path, parts: Iterable[str] = PARTS, *, device: str | None = None,
         (target / COMPLETE_MARKER).write_text("ok\n")
         timings[part] = time.perf_counter() - start
         log.info("built full-size %s in %.1f s on %s: %s", part, timings[part], device, info)
-        if device.startswith("cuda"):
+        if is_cuda(device):
             import torch
 
             torch.cuda.empty_cache()

@@ -74,6 +74,7 @@ from bench.common import (
     s,
     write_out_dir,
 )
+from deskgen.devices import is_cuda
 from deskgen.errors import InvalidParameter, ModelFilesMissing
 from deskgen.paths import PROJECT_ROOT, models_dir, resolve
 
@@ -120,7 +121,7 @@ class Scenario:
 
     @property
     def cuda(self) -> bool:
-        return self.device.startswith("cuda")
+        return is_cuda(self.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,14 +132,14 @@ class Scenario:
 def sync(device: str) -> None:
     import torch
 
-    if device.startswith("cuda"):
+    if is_cuda(device):
         torch.cuda.synchronize()
 
 
 def reset_peak(device: str) -> None:
     import torch
 
-    if device.startswith("cuda"):
+    if is_cuda(device):
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -147,7 +148,7 @@ def reset_peak(device: str) -> None:
 def peak_gib(device: str) -> float | None:
     import torch
 
-    if not device.startswith("cuda"):
+    if not is_cuda(device):
         return None
     return torch.cuda.max_memory_allocated() / 1024**3
 
@@ -155,14 +156,14 @@ def peak_gib(device: str) -> float | None:
 def allocated_gib(device: str) -> float | None:
     import torch
 
-    return torch.cuda.memory_allocated() / 1024**3 if device.startswith("cuda") else None
+    return torch.cuda.memory_allocated() / 1024**3 if is_cuda(device) else None
 
 
 def free_device(device: str) -> None:
     import torch
 
     gc.collect()
-    if device.startswith("cuda"):
+    if is_cuda(device):
         torch.cuda.empty_cache()
 
 
@@ -811,7 +812,7 @@ def run_blip(blip_dir: Path, device: str, n: int) -> dict[str, Any]:
 
     photo = desk_photo()
     # The Captioner's own default (fp16 on a GPU, fp32 on the CPU), named so the table can say it.
-    dtype = "float16" if device.startswith("cuda") else "float32"
+    dtype = "float16" if is_cuda(device) else "float32"
     reset_peak(device)
     start = time.perf_counter()
     captioner = Captioner.from_pretrained(str(blip_dir), device=device, dtype=dtype)

@@ -47,6 +47,7 @@ from bench.common import (
     render_section,
     write_out_dir,
 )
+from deskgen.devices import is_cuda
 from deskgen.paths import models_dir
 
 log = logging.getLogger("bench.switch")
@@ -67,7 +68,7 @@ class PeakMemory:
     """Peak bytes a call adds: CUDA allocator peak, or the RSS high-water mark on the CPU."""
 
     def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
+        self.cuda = is_cuda(device)
         self.rss = not self.cuda and Path("/proc/self/clear_refs").exists()
 
     def measure(self, fn: Callable[[], Any]) -> tuple[float, int | None]:
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{r['restored']['copy']}; the last mix's residual {mib(r['residual_bytes'])} MiB for "
           f"{mib(r['rewritten_bytes'])} MiB of weights rewritten." for r in results if r["path"] != "branches"),
         "Peak memory: " + ("torch.cuda.max_memory_allocated minus memory_allocated before the switch."
-                           if device.startswith("cuda") else
+                           if is_cuda(device) else
                            "peak RSS (VmHWM, reset per switch) minus RSS before it; page-granular, and the "
                            "allocator may reuse freed memory, so small values are noise.")
         + " Fuse temporaries (batched): the largest set of stacked factors + one bmm chunk held at once, "

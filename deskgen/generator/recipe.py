@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from deskgen.devices import is_cuda
+
 #: name -> (diffusers class, config overrides). ``default``: the folder's own scheduler, unchanged.
 #: DPM++ 2M is diffusers' DPMSolverMultistepScheduler at its default ``solver_order=2``.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -102,7 +104,7 @@ def weights_variant(source: str, *, device: str, dtype: str, allowed: bool = Tru
     """``"fp16"`` where the model at ``source`` ships fp16 weights and the replica runs on CUDA in a 16-bit
     dtype (half the bytes to read, the same values once cast); None otherwise: on the CPU or in float32 the
     fp16 rounding would be a loss."""
-    if not allowed or not device.startswith("cuda") or dtype == "float32":
+    if not allowed or not is_cuda(device) or dtype == "float32":
         return None
     return "fp16" if has_fp16_variant(source) else None
 

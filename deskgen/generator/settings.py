@@ -17,6 +17,7 @@ from typing import Any
 from deskgen.checks import check_choice as _check_choice
 from deskgen.checks import check_flag as _check_flag
 from deskgen.checks import check_int as _check_int
+from deskgen.devices import is_cuda
 from deskgen.errors import InvalidParameter
 from deskgen.mixes import BASE_MIX_ID, NAMED_MIXES, Mix, parse_mix_spec
 
@@ -262,13 +263,13 @@ class GeneratorSettings:
 
         if self.device is None:
             return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if is_cuda(self.device) and not torch.cuda.is_available():
             raise InvalidParameter(f"`device` is {self.device!r} but no CUDA device is available.", field="device")
         return self.device
 
     def resolved_dtype(self, device: str) -> str:
         if self.dtype is None:
-            if not device.startswith("cuda"):
+            if not is_cuda(device):
                 return "float32"
             import torch
 
@@ -296,7 +297,7 @@ class GeneratorSettings:
         host can tell what a CUDA replica would run). Raises InvalidParameter if ``vae_upcast`` is True
         with a dtype other than float16 (bfloat16 and float32 never overflow in the VAE)."""
         _check_choice("dtype", dtype, DTYPES)
-        cuda = device.startswith("cuda")
+        cuda = is_cuda(device)
         if self.vae_upcast and dtype != "float16":
             raise InvalidParameter(
                 f"`vae_upcast` applies to float16 only but is True with dtype {dtype!r}.", field="vae_upcast"
@@ -332,7 +333,7 @@ class GeneratorSettings:
         path, whether or not the UNet is compiled; elsewhere only with ``compile``."""
         if not self.is_resolved:
             raise ValueError("compile_residual_codec is a property of resolved settings (GeneratorSettings.resolve())")
-        return bool(self.compile or str(self.device).startswith("cuda"))
+        return bool(self.compile or is_cuda(self.device))
 
     def hot_mix(self) -> Mix | None:
         """The mix ``fuse_hot_mix`` names (activated at load, its adapters pinned), or None."""
