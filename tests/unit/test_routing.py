@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from deployments.routing import HOLDER_WAIT_S, ReplicaView, rank
@@ -88,3 +90,43 @@ def test_a_holder_is_busy_only_when_the_router_and_the_replica_agree() -> None:
     assert ids(rank(just_finished, "a", spill_queue=1)) == [["holder"]]
     busy = [r("holder", "a", queue=1, reported=1, mix=1), r("idle", "b", queue=0, reported=0)]
     assert ids(rank(busy, "a", spill_queue=1))[0] == ["holder", "idle"]
+
+
+def test_the_router_counts_each_mix_s_requests_from_routed_to_completed_once() -> None:
+    """The per-mix counts that make a mix hot: built by Serve's own callbacks on a router made as Serve makes
+    it. A completion is counted once (Serve's contract, checked here against a repeated or unknown one), a
+    finished mix leaves no entry behind, and a dead replica's requests are dropped with it."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from deployments.routing import MixAwareRouter
+
+    deployment = DeploymentID(name="Generator", app_name="deskgen")
+    a, b = ReplicaID("a", deployment), ReplicaID("b", deployment)
+
+    async def scenario() -> None:  # PendingRequest makes an asyncio future: it needs a running loop
+        router = MixAwareRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.PROXY)
+        router.initialize_state(spill_queue=1)
+
+        def route(request_id: str, mix: str, replica: ReplicaID) -> None:
+            metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, multiplexed_model_id=mix)
+            router.on_request_routed(PendingRequest(args=[], kwargs={}, metadata=metadata), replica, None)
+
+        route("r1", "x", a)
+        route("r2", "x", a)
+        route("r3", "y", b)
+        assert dict(router.mix_inflight) == {(a, "x"): 2, (b, "y"): 1}
+        assert router.sent == {a: "x", b: "y"}
+        assert router.demand["x"] > router.demand["y"] > 0
+        router.on_request_completed(a, "r1")
+        router.on_request_completed(a, "r1")  # a second completion of the same request changes nothing
+        router.on_request_completed(a, "never-routed")  # nor does one this router did not route (a rejection)
+        assert dict(router.mix_inflight) == {(a, "x"): 1, (b, "y"): 1}
+        router.on_request_completed(a, "r2")
+        assert dict(router.mix_inflight) == {(b, "y"): 1} and set(router.routed) == {"r3"}
+        route("r4", "x", b)  # b will hold x once its queue drains
+        assert router.sent[b] == "x"
+        router.on_replica_actor_died(b)
+        assert not router.mix_inflight and not router.routed and b not in router.sent
+
+    asyncio.run(scenario())
