@@ -109,6 +109,22 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int,
     return [r for r in (active, cached, others) if r]
 
 
+class Demand(dict[str, float]):
+    """Requests per mix routed lately: every request adds 1 to its mix, and every count halves every
+    ``half_life`` requests (a mix's count is dropped once under 0.01)."""
+
+    def __init__(self, half_life: int = DEMAND_HALF_LIFE) -> None:
+        super().__init__()
+        self.decay = 0.5 ** (1.0 / max(int(half_life), 1))
+
+    def add(self, mix: str) -> None:
+        for known in list(self):
+            self[known] *= self.decay
+            if self[known] < 0.01:
+                del self[known]
+        self[mix] = self.get(mix, 0.0) + 1.0
+
+
 class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Routes Generator requests by their mix (the multiplexed model id): see the module's docstring.
     ``request_router_kwargs``: ``spill_queue`` (default :data:`DEFAULT_SPILL_QUEUE`)."""
@@ -122,9 +138,7 @@ class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self.routed: dict[str, tuple[Any, str]] = {}
         #: ... and their count per (replica, mix).
         self.mix_inflight: collections.Counter[tuple[Any, str]] = collections.Counter()
-        #: Requests per mix routed lately, decayed by half every ``demand_half_life`` requests.
-        self.demand: dict[str, float] = {}
-        self.decay = 0.5 ** (1.0 / max(int(demand_half_life), 1))
+        self.demand = Demand(demand_half_life)
 
     def view(self, replica: RunningReplica, mix: str) -> ReplicaView:
         stats = replica.routing_stats or {}
@@ -157,11 +171,7 @@ class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self.sent[replica_id] = mix
             self.routed[pending_request.metadata.internal_request_id] = (replica_id, mix)
             self.mix_inflight[(replica_id, mix)] += 1
-            for known in list(self.demand):
-                self.demand[known] *= self.decay
-                if self.demand[known] < 0.01:
-                    del self.demand[known]
-            self.demand[mix] = self.demand.get(mix, 0.0) + 1.0
+            self.demand.add(mix)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         """Serve calls this once for every request sent to a replica, routed or rejected, however it ended."""
