@@ -38,9 +38,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.common import Table, append_report, command_line, machine, parse_choices, percentile, render_section
-from deskgen.mixes import NAMED_MIXES, parse_mix_spec
+from bench.common import (
+    Table,
+    append_report,
+    command_line,
+    machine,
+    parse_choices,
+    percentile,
+    render_section,
+)
 from deployments.routing import Demand, ReplicaView, rank
+from deskgen.mixes import NAMED_MIXES, parse_mix_spec
 
 NAMED = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d"]
 ADHOC = ["ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9"]
