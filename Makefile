@@ -15,7 +15,7 @@ METRICS_PORT ?= 8080
 LOGICAL_CPUS ?= $(shell n=$$(nproc); [ $$n -lt 5 ] && n=5; echo $$n)
 RAY_ENV := RAY_OVERRIDE_RESOURCES='{"CPU":$(LOGICAL_CPUS),$(if $(HAS_GPU),,"GPU":$(LOGICAL_GPUS),)"cpu_node":1000}'
 
-.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-router bench-jobs bench-gpu test-gpu cluster-up cluster-down clean
+.PHONY: install models serve test system-deps test-unit test-serve test-cluster test-postgres test-observability test-browser lint bench-cpu bench-overload bench-locator bench-bandit bench-router bench-router-sim bench-jobs bench-gpu test-gpu cluster-up cluster-down clean
 
 install: $(VENV)/.installed
 
@@ -104,6 +104,9 @@ bench-locator: models
 
 bench-router: models
 	$(BIN)/python -m bench.router
+
+bench-router-sim: install
+	$(BIN)/python -m bench.router_sim
 
 bench-jobs: models system-deps
 	$(BIN)/python -m bench.jobs

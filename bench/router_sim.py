@@ -1,17 +1,20 @@
 """Generator routing where each replica has its own device, simulated: Serve's default router vs the mix-aware one.
 
-    python -m bench.router_sim                      # GPU timings: 1.8 s per image, 50 ms switch, 1 s mix load
-    python -m bench.router_sim --image-s 2.4 --adapter-load-s 1 --utilizations 0.5,0.85 --no-write
+    python -m bench.router_sim                       # GPU-like: 1.8 s per image, 50 ms switch, 0.35 s per adapter
+    python -m bench.router_sim --hot 0.5 --utilizations 0.7,0.85
+    python -m bench.router_sim --cores 2 --image-s 0.33 --switch-s 0.013 --adapter-load-s 1 --no-write
 
 ``bench.router`` runs the real app, but its replicas share this machine's two cores: a replica that idles adds
 no capacity there, so it cannot show what routing does where every replica has a GPU of its own. This seeded
-discrete-event simulation can. ``--replicas`` replicas, each running one generation at a time and holding up
-to ``max_ongoing_requests`` (2, as serve_config.yaml) with a least-recently-used cache of
-``MAX_CACHED_MIXES`` mixes (as the Generator's ``@serve.multiplexed``); a request whose mix is not cached pays
-``--load-s`` then, if its mix is not the active one, ``--switch-s``, then ``--image-s`` (times a lognormal
-jitter). Requests arrive as a Poisson process at ``--loads`` shares of the replicas' capacity, their mixes drawn
-as bench.router draws them (Zipf over the 7 named mixes and 3 ad-hoc ones), or with ``--hot`` of them on the
-control arm.
+discrete-event simulation can, as a model. ``--replicas`` replicas, each running one generation at a time and
+holding up to ``--max-ongoing`` requests (2, as serve_config.yaml), with a least-recently-used cache of
+``--cache`` mixes (4, the Generator's ``MAX_CACHED_MIXES``) over shared adapters, as ``GeneratorReplica``: a
+miss loads only the adapters no cached mix has loaded (``--adapter-load-s`` each), an eviction drops those no
+remaining mix uses. A request then pays ``--switch-s`` if its mix is not the active one, then ``--image-s``
+(times a lognormal jitter). With ``--cores`` the replicas share that many cores instead (each busy replica runs
+at min(1, cores / busy replicas) of its speed), as bench.router's do. Requests arrive as a Poisson process at
+``--utilizations`` shares of the capacity, their mixes drawn as bench.router draws them (Zipf over the 7
+named mixes and 3 ad-hoc ones) or with ``--hot`` of them on the control arm.
 
 The mix-aware router decides with its own code (:func:`deployments.routing.rank` and
 :class:`~deployments.routing.Demand`), fed what the real router sees (each replica's queue, the mix it last
@@ -21,9 +24,9 @@ have the mix cached first; on the next try, or when none has it, those with the 
 matching timeout (uniform 1-2 s) those once more, then all; two random candidates per try, the shorter queue
 that accepts. Both routers retry as Serve's routing loop does: a second try at once, then after 25 ms doubling
 to 500 ms (``_choose_replicas_with_backoff``). Not modelled: probe round-trips, the lag of the replicas'
-reports, the ingress and the proxy. Reported per router: waits (arrival to the first denoising step: routing,
-the replica's queue, the load and the switch), mix switches and loads per 100 requests, the A/B arms' p50
-latency, and over how many replicas the hottest mix ran.
+reports, the ingress and the proxy, and anything a miss costs beyond its adapter loads. Reported per router:
+waits (arrival to the first denoising step: routing, the replica's queue, the loads and the switch), switches,
+mix misses and adapter loads per 100 requests, the p95 latency and how far the A/B arms' p50 latencies differ.
 """
 
 from __future__ import annotations
@@ -99,6 +102,12 @@ class Replica:
         self.adapters: set[str] = set()
         self.active: str | None = None
         self.queue: collections.deque[Request] = collections.deque()
+        #: What the replica is doing for its first request: "prepare" (load, switch), "image", or None (idle);
+        #: the work left in it (seconds at full speed), the image's work to come, and a stamp for its events.
+        self.phase: str | None = None
+        self.remaining = 0.0
+        self.image_work = 0.0
+        self.version = 0
         self.switches = 0
         self.misses = 0
         self.adapter_loads = 0
@@ -130,8 +139,13 @@ class Simulation:
     ranks to try (lists of replica indices), in order; the shortest accepting queue of the first rank that has
     one takes the request (Serve's ``_select_from_candidate_replicas``)."""
 
-    def __init__(self, replicas: int, max_ongoing: int, cache_size: int, timings: Timings, seed: int) -> None:
+    def __init__(self, replicas: int, max_ongoing: int, cache_size: int, timings: Timings, seed: int,
+                 cores: float | None = None) -> None:  # fmt: skip
         self.replicas = [Replica(i, cache_size) for i in range(replicas)]
+        #: None: each replica has a device of its own. A number: the replicas share that many cores, each busy
+        #: one working at min(1, cores / busy replicas) of its speed (bench.router's host: 2).
+        self.cores = cores
+        self.clock = 0.0
         self.max_ongoing = max_ongoing
         self.timings = timings
         self.rng = random.Random(seed)
@@ -207,9 +221,48 @@ class Simulation:
 
     def start(self, replica: Replica, now: float) -> None:
         request = replica.queue[0]
-        request.started = now + replica.prepare(request.mix, self.timings)
-        image_s = self.timings.image_s * math.exp(self.rng.gauss(0.0, self.timings.jitter))
-        self.at(request.started + image_s, "finish", replica)
+        self.advance(now)
+        replica.phase, replica.remaining = "prepare", replica.prepare(request.mix, self.timings)
+        replica.image_work = self.timings.image_s * math.exp(self.rng.gauss(0.0, self.timings.jitter))
+        self.reschedule(now)
+
+    def speed(self) -> float:
+        busy = sum(r.phase is not None for r in self.replicas)
+        return 1.0 if self.cores is None or busy <= self.cores else self.cores / busy
+
+    def advance(self, now: float) -> None:
+        """Every busy replica's progress since the last change, at the speed it had."""
+        speed = self.speed()
+        for r in self.replicas:
+            if r.phase is not None:
+                r.remaining -= (now - self.clock) * speed
+        self.clock = now
+
+    def reschedule(self, now: float) -> None:
+        """When each busy replica ends its phase at the current speed (earlier events go stale)."""
+        speed = self.speed()
+        for r in self.replicas:
+            if r.phase is not None:
+                r.version += 1
+                self.at(now + max(r.remaining, 0.0) / speed, "phase", (r, r.version))
+
+    def end_phase(self, replica: Replica, now: float) -> None:
+        self.advance(now)
+        request = replica.queue[0]
+        if replica.phase == "prepare":
+            request.started = now
+            replica.phase, replica.remaining = "image", replica.image_work
+            self.reschedule(now)
+            return
+        replica.queue.popleft()
+        replica.phase = None
+        request.finished = now
+        self.mix_inflight[(replica.index, request.mix)] -= 1
+        self.done.append(request)
+        if replica.queue:
+            self.start(replica, now)
+        else:
+            self.reschedule(now)
 
     def run(self, arrivals: Sequence[tuple[float, str]], policy: Callable[[Request, float], list[list[int]]]) -> list[Request]:
         for i, (when, mix) in enumerate(arrivals):
@@ -218,14 +271,10 @@ class Simulation:
             now, _, kind, payload = heapq.heappop(self.events)
             if kind == "route":
                 self.route(payload, now, policy)
-            else:  # "finish"
-                replica: Replica = payload
-                request = replica.queue.popleft()
-                request.finished = now
-                self.mix_inflight[(replica.index, request.mix)] -= 1
-                self.done.append(request)
-                if replica.queue:
-                    self.start(replica, now)
+            else:  # "phase": a replica ends its load and switch, or its image (unless the event went stale)
+                replica, version = payload
+                if version == replica.version:
+                    self.end_phase(replica, now)
         return self.done
 
 
@@ -249,22 +298,21 @@ def summarize(done: list[Request], replicas: list[Replica], warmup: int) -> dict
     kept = [r for r in done if r.id >= warmup]
     waits = [r.started - r.arrived for r in kept if r.started is not None]
     latency: dict[str, list[float]] = collections.defaultdict(list)
-    spread: dict[str, set[int]] = collections.defaultdict(set)
     for r in kept:
         latency[r.mix].append(r.finished - r.arrived)  # type: ignore[operator]
-        spread[r.mix].add(r.replica)  # type: ignore[arg-type]
     arms = [percentile(latency[a], 50) for a in ARMS]
     return {"requests": len(done), "switches": sum(r.switches for r in replicas), "misses": sum(r.misses for r in replicas),
             "adapter_loads": sum(r.adapter_loads for r in replicas),
             "wait_p50": percentile(waits, 50), "wait_p95": percentile(waits, 95), "wait_p99": percentile(waits, 99),
             "latency_p95": percentile([x for v in latency.values() for x in v], 95),
-            "arms": arms, "hot_spread": len(spread[ARMS[0]])}  # fmt: skip
+            "arms": arms}  # fmt: skip
 
 
 def simulate(router: str, args: argparse.Namespace, load: float, seed: int) -> dict[str, Any]:
     timings = Timings(args.image_s, args.switch_s, args.adapter_load_s, args.jitter)
-    rate = load * args.replicas / (args.image_s + args.switch_s)
-    sim = Simulation(args.replicas, args.max_ongoing, args.cache, timings, seed)
+    servers = args.replicas if args.cores is None else min(args.replicas, args.cores)
+    rate = load * servers / (args.image_s + args.switch_s)
+    sim = Simulation(args.replicas, args.max_ongoing, args.cache, timings, seed, args.cores)
     policy = sim.serve_default if router == "serve" else sim.mix_aware(int(router.removeprefix("mix_aware-")))
     done = sim.run(arrivals(args.requests, rate, seed, args.zipf, args.hot), policy)
     assert len(done) == args.requests, "a request was lost"
@@ -273,21 +321,22 @@ def simulate(router: str, args: argparse.Namespace, load: float, seed: int) -> d
 
 def tables(results: dict[tuple[float, str], list[dict[str, Any]]], args: argparse.Namespace) -> list[Table]:
     mixes = f"{args.hot:.0%} on {ARMS[0]}, the rest Zipf" if args.hot is not None else f"Zipf s={args.zipf}"
-    table = Table(f"Simulated routing — {args.replicas} replicas with a device each, {args.image_s} s per image, "
+    where = "with a device each" if args.cores is None else f"sharing {args.cores:g} cores"
+    table = Table(f"Simulated routing — {args.replicas} replicas {where}, {args.image_s} s per image, "
                   f"{1000 * args.switch_s:.0f} ms switch, {args.adapter_load_s} s per adapter loaded, cache of {args.cache}, "
                   f"max_ongoing_requests {args.max_ongoing}; {len(args.seeds)} seeds x {args.requests} requests "
                   f"(first {args.warmup} of each not counted) over 7 named + 3 ad-hoc mixes, {mixes}",
                   ["load", "router", "switches / 100", "mix misses / 100", "adapter loads / 100", "wait p50 (ms)", "wait p95 (ms)", "wait p99 (ms)",
-                   "latency p95 (s)", "A/B arms' p50 differ", f"{ARMS[0]} on replicas"])  # fmt: skip
+                   "latency p95 (s)", "A/B arms' p50 differ"])  # fmt: skip
     for (load, router), runs in results.items():
         n = sum(r["requests"] for r in runs)
         waits = {q: sum(r[f"wait_p{q}"] for r in runs) / len(runs) for q in (50, 95, 99)}
         differ = sum(abs(r["arms"][0] - r["arms"][1]) / min(r["arms"]) for r in runs) / len(runs)
         table.add(f"{load:.0%}", router, f"{100 * sum(r['switches'] for r in runs) / n:.1f}",
                   f"{100 * sum(r['misses'] for r in runs) / n:.1f}", f"{100 * sum(r['adapter_loads'] for r in runs) / n:.1f}", *(f"{1000 * waits[q]:.0f}" for q in (50, 95, 99)),
-                  f"{sum(r['latency_p95'] for r in runs) / len(runs):.2f}", f"{100 * differ:.1f} %",
-                  f"{sum(r['hot_spread'] for r in runs) / len(runs):.1f}")  # fmt: skip
-    table.notes.append("Percentiles are per seed, then averaged over the seeds; switches, misses and adapter loads count every request.")
+                  f"{sum(r['latency_p95'] for r in runs) / len(runs):.2f}", f"{100 * differ:.1f} %")  # fmt: skip
+    table.notes.append("Percentiles (and the arms' difference) are per seed, then averaged over the seeds; switches, misses "
+                       "and adapter loads count every request.")
     table.notes.append("wait: arrival to the first denoising step (routing, the replica's queue, the mix load and switch).")
     return [table]
 
@@ -303,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter-load-s", type=float, default=0.35, help="seconds per adapter file loaded")
     parser.add_argument("--jitter", type=float, default=0.03)
     parser.add_argument("--cache", type=int, default=4)
+    parser.add_argument("--cores", type=float, default=None,
+                        help="replicas share this many cores (as bench.router's do); default: a device each")
     parser.add_argument("--max-ongoing", type=int, default=2)
     parser.add_argument("--utilizations", default="0.5,0.7,0.85", help="arrival rates as shares of the replicas' capacity")
     parser.add_argument("--routers", default=",".join(ROUTERS))

@@ -68,9 +68,22 @@ def test_an_idle_replica_takes_a_mix_whose_holder_is_busy_with_spill_queue_0_and
 
 def test_the_bench_runs_and_tells_routers_apart() -> None:
     args = argparse.Namespace(replicas=3, image_s=1.0, switch_s=0.05, adapter_load_s=0.3, jitter=0.03, cache=4,
-                              max_ongoing=2, requests=400, warmup=50, zipf=1.1, hot=None, seeds=[1])  # fmt: skip
+                              max_ongoing=2, requests=400, warmup=50, zipf=1.1, hot=None, seeds=[1], cores=None)  # fmt: skip
     results = {router: sim.simulate(router, args, 0.7, seed=1) for router in sim.ROUTERS}
     assert all(r["requests"] == 400 for r in results.values())
     assert len({(r["switches"], r["misses"]) for r in results.values()}) > 1
     tables = sim.tables({(0.7, router): [r] for router, r in results.items()}, args)
     assert len(tables[0].rows) == len(sim.ROUTERS)
+
+
+def test_replicas_sharing_cores_slow_each_other_down_and_replicas_with_a_device_each_do_not() -> None:
+    timings = sim.Timings(image_s=1.0, switch_s=0.0, adapter_load_s=0.0, jitter=0.0)
+    for cores, finished in ((None, [1.0, 1.0]), (1.0, [2.0, 2.0]), (2.0, [1.0, 1.0])):
+        simulation = sim.Simulation(replicas=2, max_ongoing=1, cache_size=4, timings=timings, seed=1, cores=cores)
+        done = simulation.run([(0.0, "ott_3d"), (0.0, "ott_3d")], simulation.mix_aware(0))
+        assert {r.replica for r in done} == {0, 1}
+        assert [r.finished for r in done] == pytest.approx(finished), cores
+    # One core, and the second request arrives half-way through the first: 0.5 s alone, then both at half speed.
+    simulation = sim.Simulation(replicas=2, max_ongoing=1, cache_size=4, timings=timings, seed=1, cores=1.0)
+    done = simulation.run([(0.0, "ott_3d"), (0.5, "ott_3d")], simulation.mix_aware(0))
+    assert sorted(r.finished or 0.0 for r in done) == pytest.approx([1.5, 2.0])
