@@ -11,7 +11,8 @@ holding up to ``--max-ongoing`` requests (2, as serve_config.yaml), with a least
 ``--cache`` mixes (4, the Generator's ``MAX_CACHED_MIXES``) over shared adapters, as ``GeneratorReplica``: a
 miss loads only the adapters no cached mix has loaded (``--adapter-load-s`` each), an eviction drops those no
 remaining mix uses. A request then pays ``--switch-s`` if its mix is not the active one, then ``--image-s``
-(times a lognormal jitter). With ``--cores`` the replicas share that many cores instead (each busy replica runs
+(times a lognormal jitter); ``--evict-first`` drops the evicted mix's adapters before the incoming mix loads
+(what deskgen did before the fix of ``GeneratorReplica.release``). With ``--cores`` the replicas share that many cores instead (each busy replica runs
 at min(1, cores / busy replicas) of its speed), as bench.router's do. Requests arrive as a Poisson process at
 ``--utilizations`` shares of the capacity, their mixes drawn as bench.router draws them (Zipf over the 7
 named mixes and 3 ad-hoc ones) or with ``--hot`` of them on the control arm.
@@ -95,8 +96,11 @@ class Replica:
     adapters they use (as GeneratorReplica: a miss loads only the adapters no cached mix has loaded yet; an
     eviction drops the adapters no remaining cached mix uses)."""
 
-    def __init__(self, index: int, cache_size: int) -> None:
+    def __init__(self, index: int, cache_size: int, evict_first: bool = False) -> None:
         self.index = index
+        #: Drop the evicted mix's adapters before loading the incoming one (deskgen before the fix of
+        #: GeneratorReplica.release: an adapter the two shared was dropped and loaded again at once).
+        self.evict_first = evict_first
         self.cache: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.cache_size = cache_size
         self.adapters: set[str] = set()
@@ -119,6 +123,9 @@ class Replica:
             self.cache.move_to_end(mix)
         else:
             self.misses += 1
+            while self.evict_first and len(self.cache) >= self.cache_size:
+                self.cache.popitem(last=False)
+                self.adapters = set().union(*(adapters_of(m) for m in self.cache))
             missing = adapters_of(mix) - self.adapters
             self.adapter_loads += len(missing)
             seconds += timings.adapter_load_s * len(missing)
@@ -140,8 +147,8 @@ class Simulation:
     one takes the request (Serve's ``_select_from_candidate_replicas``)."""
 
     def __init__(self, replicas: int, max_ongoing: int, cache_size: int, timings: Timings, seed: int,
-                 cores: float | None = None) -> None:  # fmt: skip
-        self.replicas = [Replica(i, cache_size) for i in range(replicas)]
+                 cores: float | None = None, evict_first: bool = False) -> None:  # fmt: skip
+        self.replicas = [Replica(i, cache_size, evict_first) for i in range(replicas)]
         #: None: each replica has a device of its own. A number: the replicas share that many cores, each busy
         #: one working at min(1, cores / busy replicas) of its speed (bench.router's host: 2).
         self.cores = cores
@@ -312,7 +319,7 @@ def simulate(router: str, args: argparse.Namespace, load: float, seed: int) -> d
     timings = Timings(args.image_s, args.switch_s, args.adapter_load_s, args.jitter)
     servers = args.replicas if args.cores is None else min(args.replicas, args.cores)
     rate = load * servers / (args.image_s + args.switch_s)
-    sim = Simulation(args.replicas, args.max_ongoing, args.cache, timings, seed, args.cores)
+    sim = Simulation(args.replicas, args.max_ongoing, args.cache, timings, seed, args.cores, args.evict_first)
     policy = sim.serve_default if router == "serve" else sim.mix_aware(int(router.removeprefix("mix_aware-")))
     done = sim.run(arrivals(args.requests, rate, seed, args.zipf, args.hot), policy)
     assert len(done) == args.requests, "a request was lost"
@@ -322,6 +329,8 @@ def simulate(router: str, args: argparse.Namespace, load: float, seed: int) -> d
 def tables(results: dict[tuple[float, str], list[dict[str, Any]]], args: argparse.Namespace) -> list[Table]:
     mixes = f"{args.hot:.0%} on {ARMS[0]}, the rest Zipf" if args.hot is not None else f"Zipf s={args.zipf}"
     where = "with a device each" if args.cores is None else f"sharing {args.cores:g} cores"
+    if args.evict_first:
+        where += ", adapters dropped at eviction (before the fix)"
     table = Table(f"Simulated routing — {args.replicas} replicas {where}, {args.image_s} s per image, "
                   f"{1000 * args.switch_s:.0f} ms switch, {args.adapter_load_s} s per adapter loaded, cache of {args.cache}, "
                   f"max_ongoing_requests {args.max_ongoing}; {len(args.seeds)} seeds x {args.requests} requests "
@@ -352,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter-load-s", type=float, default=0.35, help="seconds per adapter file loaded")
     parser.add_argument("--jitter", type=float, default=0.03)
     parser.add_argument("--cache", type=int, default=4)
+    parser.add_argument("--evict-first", action="store_true",
+                        help="drop an evicted mix's adapters before the next load (deskgen before 2026-12-05)")
     parser.add_argument("--cores", type=float, default=None,
                         help="replicas share this many cores (as bench.router's do); default: a device each")
     parser.add_argument("--max-ongoing", type=int, default=2)

@@ -3,7 +3,8 @@
 Each LoRA mix is a multiplexed model id (its canonical id, see :mod:`deskgen.mixes`). What
 ``@serve.multiplexed`` caches per id is a :class:`LoadedMix` — a light handle whose adapters are
 loaded into the replica's single pipeline — so Serve routes a mix's requests to replicas that
-already hold it, and evicting a mix drops only adapters no other cached mix uses, never the base.
+already hold it; the adapters no cached mix uses are dropped by the next load (never the base, never an
+adapter the incoming mix uses).
 
 :class:`GeneratorReplica` is the replica's logic without Ray (mix cache and release, one generation
 at a time, events, health), unit-tested on the tiny model; :class:`Generator` is the thin Serve
@@ -114,10 +115,6 @@ class GeneratorReplica:
         #: "Memory under mix churn"). One thread costs nothing: the pipeline runs one thing at a time.
         self.pipeline_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
 
-    def settle(self) -> None:
-        """Wait until the pipeline thread has run everything submitted so far (an eviction's unload)."""
-        self.pipeline_thread.submit(lambda: None).result()
-
     def _in_pipeline_thread(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Run ``fn`` on :attr:`pipeline_thread`, with the caller's context variables (the request's log
         stamp, as ``asyncio.to_thread`` would carry them)."""
@@ -127,29 +124,33 @@ class GeneratorReplica:
         )
 
     async def load_mix(self, mix_id: str, label: str = "adhoc") -> LoadedMix:
-        """Load the adapters of ``mix_id`` (what ``@serve.multiplexed`` calls on a cache miss)."""
+        """Load the adapters of ``mix_id`` (what ``@serve.multiplexed`` calls on a cache miss), after dropping
+        the adapters that neither a cached mix nor this one uses (what evictions left behind: see
+        :meth:`release`)."""
         mix = mix_from_id(mix_id)
         started = time.perf_counter()
-        await self._in_pipeline_thread(self.generator.ensure_adapters, mix.adapters)
+        keep = {name for cached in self.cached.values() for name in cached.adapters} | set(mix.adapters)
+        await self._in_pipeline_thread(self._trim_and_load, keep, mix.adapters)
         self.cached[mix.id] = mix
         self.labels[mix.id] = label
         self.mix_loads += 1
         self.observer.loaded(label, time.perf_counter() - started)
         return LoadedMix(mix, self.release)
 
+    def _trim_and_load(self, keep: set[str], adapters: tuple[str, ...]) -> None:
+        dropped = self.generator.unload_adapters(keep)
+        if dropped:
+            log.info("dropped adapters %s: no cached mix uses them", dropped)
+        self.generator.ensure_adapters(adapters)
+
     def release(self, loaded: LoadedMix) -> None:
-        """A mix left the cache: drop the adapters no other cached mix uses (the hot mix's stay)."""
+        """A mix left the cache. Its adapters that no other cached mix uses are dropped by the next load, not
+        now: Serve evicts the least recently used mix *before* it loads the mix that needs the room, so an
+        unload here would also drop the incoming mix's adapters that only the evicted one used, to be loaded
+        again at once (an adapter load costs seconds; BENCHMARKS.md "Generator routing, simulated"). Serve
+        evicts only to make room for a load (or when the replica stops), so nothing lingers longer than that."""
         self.cached.pop(loaded.mix.id, None)
         self.observer.evicted(self.labels.pop(loaded.mix.id, "adhoc"))
-        keep = {name for mix in self.cached.values() for name in mix.adapters}
-
-        def unload() -> None:
-            dropped = self.generator.unload_adapters(keep)
-            log.info("evicted mix %s; dropped adapters %s", loaded.mix.id, dropped)
-
-        # On the pipeline thread, after whatever it is running (callers may be on the event loop or in a
-        # finaliser: never block them on a generation).
-        self.pipeline_thread.submit(unload)
 
     def _start(
         self, request: GenerationRequest, mix: Mix, cancel: threading.Event,

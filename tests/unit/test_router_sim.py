@@ -24,6 +24,13 @@ def test_a_replica_loads_only_the_adapters_it_lacks_and_drops_those_no_cached_mi
     assert replica.prepare("3d:0.9", TIMINGS) == pytest.approx(0.5 + 0.1)  # 3d again (an ad-hoc mix); ott goes
     assert replica.adapters == {"dalle", "3d"}
     assert (replica.misses, replica.adapter_loads, replica.switches) == (4, 4, 4)
+    # The order before the fix: the eviction first, then the load, which reloads the adapter the two shared.
+    before = sim.Replica(0, cache_size=1, evict_first=True)
+    before.prepare("dalle_ott", TIMINGS)
+    assert before.prepare("dalle_only", TIMINGS) == pytest.approx(0.5 + 0.1) and before.adapter_loads == 3
+    after = sim.Replica(0, cache_size=1)
+    after.prepare("dalle_ott", TIMINGS)
+    assert after.prepare("dalle_only", TIMINGS) == pytest.approx(0.1) and after.adapter_loads == 2
 
 
 def test_every_request_is_served_once_and_waits_no_less_than_its_switch() -> None:
@@ -68,7 +75,8 @@ def test_an_idle_replica_takes_a_mix_whose_holder_is_busy_with_spill_queue_0_and
 
 def test_the_bench_runs_and_tells_routers_apart() -> None:
     args = argparse.Namespace(replicas=3, image_s=1.0, switch_s=0.05, adapter_load_s=0.3, jitter=0.03, cache=4,
-                              max_ongoing=2, requests=400, warmup=50, zipf=1.1, hot=None, seeds=[1], cores=None)  # fmt: skip
+                              max_ongoing=2, requests=400, warmup=50, zipf=1.1, hot=None, seeds=[1], cores=None,
+                              evict_first=False)  # fmt: skip
     results = {router: sim.simulate(router, args, 0.7, seed=1) for router in sim.ROUTERS}
     assert all(r["requests"] == 400 for r in results.values())
     assert len({(r["switches"], r["misses"]) for r in results.values()}) > 1
