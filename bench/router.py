@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--spill-queues", default="1,2", help="the mix-aware router's thresholds to compare (default 1,2)")
+    parser.add_argument("--spill-queues", default="0,1", help="the mix-aware router's thresholds to compare (default 0,1)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per router, alternated (default 2)")
     parser.add_argument("--no-write", action="store_true", help="print the tables, do not append them to BENCHMARKS.md")
     args = parser.parse_args(argv)

@@ -19,11 +19,12 @@ mix is not hot only its holders are offered for a second (:data:`HOLDER_WAIT_S`)
 holder is busy and the mix's *own* requests on its holders (this router's, running or waiting) reach
 ``spill_queue`` per holder: then the idle replicas join the first rank, so a second replica takes the mix;
 once the mix's requests there fall below the threshold, they go back to its holders and the second
-replica is free for other mixes (it keeps the mix cached). A mix whose holders are busy with *other*
-mixes is not hot: it waits for a holder rather than have an idle replica load it (with a cache of a few
-mixes per replica, spilling every such mix spread each mix over every replica and doubled the cache
-misses: BENCHMARKS.md "Generator routing"). A replica that must switch is the one whose active mix this
-router has seen wanted least lately.
+replica is free for other mixes (it keeps the mix cached). With ``spill_queue`` 0 (the default) every
+holder busy is enough, whatever mix keeps it busy; with 1 or more a mix whose holders are busy with *other*
+mixes waits for a holder rather than have an idle replica load it: fewer cache misses, but the colder
+A/B arm waits longer than the hot one (BENCHMARKS.md "Generator routing, simulated"; a miss costs little
+once a replica drops unused adapters only at its next load). A replica that must switch is the one whose
+active mix this router has seen wanted least lately.
 
 Ray-free logic (:func:`rank`) is unit-tested; the router class adapts it to Serve's replica objects.
 """
@@ -41,8 +42,9 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, 
 
 log = logging.getLogger("ray.serve")
 
-#: A mix's own requests per holder (running or waiting) from which idle replicas take it too.
-DEFAULT_SPILL_QUEUE = 1
+#: A mix's own requests per holder (running or waiting) from which idle replicas take it too; 0: as soon as
+#: every holder is busy (serve_config.yaml says why).
+DEFAULT_SPILL_QUEUE = 0
 #: How fast the router forgets which mixes are wanted: their request counts halve every this many requests.
 DEMAND_HALF_LIFE = 50
 #: How long a request of a mix that is not hot waits for the mix's holders before another replica may
@@ -188,14 +190,3 @@ class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             if replica == replica_id:
                 self.on_request_completed(replica, request_id)
         super().on_replica_actor_died(replica_id)
-
-
-def router_config(kind: str, spill_queue: int, stats_period_s: float) -> dict[str, Any] | None:
-    """The Generator's ``request_router_config`` for ``generator_router`` (``mix_aware`` or ``serve``:
-    Serve's default power-of-two-choices router with its multiplex ranking)."""
-    if kind == "serve":
-        return None
-    return {"request_router_class": f"{__name__}:MixAwareRouter", "request_router_kwargs": {"spill_queue": spill_queue},
-            "request_routing_stats_period_s": stats_period_s}  # fmt: skip
-
-

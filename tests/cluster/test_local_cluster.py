@@ -269,8 +269,7 @@ def serve_hot_mix(cluster: RunningCluster, mix: str, requests: int, clients: int
 
 def test_a_hot_mix_takes_a_second_replica_with_the_mix_aware_router_and_not_without(local_cluster: RunningCluster) -> None:
     """Two clients keep one mix busy. The mix-aware router (serve_config.yaml, deployments/routing.py) sends
-    the mix to the idle replica too once its holder is busy with one of the mix's requests (``spill_queue``
-    1), so both replicas serve it.
+    the mix to the idle replica too once its holder is busy (``spill_queue`` 0), so both replicas serve it.
     Control, in the same run: the app redeployed without ``request_router_config`` (Serve's default
     router) keeps every request of the mix on the replica that holds it while the other one idles (its
     queue never passes ``max_ongoing_requests``: two clients, two places). The router is then restored."""
