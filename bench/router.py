@@ -35,14 +35,19 @@ log = logging.getLogger("bench.router")
 
 NAMED = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d"]
 ADHOC = ["ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9"]
+#: The default experiment's arms (serve_config.yaml): the control first.
+ARMS = ("ott_3d", "dalle_ott")
 MIX_AWARE = "deployments.routing:MixAwareRouter"
 
 
 def workload(n: int, seed: int, s: float) -> list[str]:
     """``n`` mixes drawn from a Zipf distribution over the named mixes then the ad-hoc ones."""
-    mixes = NAMED + ADHOC
-    weights = [1.0 / (rank + 1) ** s for rank in range(len(mixes))]
-    return random.Random(seed).choices(mixes, weights=weights, k=n)
+    return random.Random(seed).choices(NAMED + ADHOC, weights=zipf_weights(s), k=n)
+
+
+def zipf_weights(s: float) -> list[float]:
+    """The workload's weight of each mix of ``NAMED + ADHOC``, in that order: 1 / rank^s."""
+    return [1.0 / (rank + 1) ** s for rank in range(len(NAMED + ADHOC))]
 
 
 def router_config(base: dict[str, Any], replicas: int, spill_queue: int | None) -> dict[str, Any]:
@@ -188,7 +193,7 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     for m in mixes:
         per_mix.add(m, *(f"{1000 * r['per_mix_p50'][m]:.0f} ({len(r['spread'][m])} repl.)" for r in runs))
     for r in runs:
-        arms = [r["per_mix_p50"][a] for a in ("ott_3d", "dalle_ott") if a in r["per_mix_p50"]]  # the default A/B arms
+        arms = [r["per_mix_p50"][a] for a in ARMS if a in r["per_mix_p50"]]
         if len(arms) == 2:
             per_mix.notes.append(f"{r['router']}: the A/B arms' p50 differ by {100 * abs(arms[0] - arms[1]) / min(arms):.1f} %.")
     per_mix.notes.append("A switch is a generation that found another mix active on its replica; a load, a request whose mix "

@@ -51,13 +51,10 @@ from bench.common import (
     percentile,
     render_section,
 )
+from bench.router import ADHOC, ARMS, NAMED, zipf_weights
 from deployments.routing import Demand, ReplicaView, rank
 from deskgen.mixes import NAMED_MIXES, parse_mix_spec
 
-NAMED = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d"]
-ADHOC = ["ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9"]
-#: The default experiment's arms (serve_config.yaml): the control first.
-ARMS = ("ott_3d", "dalle_ott")
 #: Serve's retry schedule (ray.serve constants RAY_SERVE_ROUTER_RETRY_*): the first backoff and its growth, the cap.
 BACKOFF_S, BACKOFF_FACTOR, BACKOFF_MAX_S = 0.025, 2.0, 0.5
 #: Serve's RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S (each check draws uniformly from it to twice it).
@@ -290,7 +287,7 @@ def arrivals(n: int, rate: float, seed: int, zipf: float, hot: float | None) -> 
     or, with ``hot``, that share of them on the control arm and the rest Zipf over the others."""
     rng = random.Random(seed)
     mixes = NAMED + ADHOC
-    weights = [1.0 / (k + 1) ** zipf for k in range(len(mixes))]
+    weights = zipf_weights(zipf)
     if hot is not None:
         rest = sum(weights[1:])
         weights = [hot] + [(1.0 - hot) * w / rest for w in weights[1:]]

@@ -33,7 +33,7 @@ def test_a_replica_loads_only_the_adapters_it_lacks_and_drops_those_no_cached_mi
     assert after.prepare("dalle_only", TIMINGS) == pytest.approx(0.1) and after.adapter_loads == 2
 
 
-def test_every_request_is_served_once_and_waits_no_less_than_its_switch() -> None:
+def test_every_request_is_served_once_and_each_replica_runs_one_generation_at_a_time() -> None:
     simulation = sim.Simulation(replicas=2, max_ongoing=2, cache_size=2, timings=TIMINGS, seed=3)
     arrivals = sim.arrivals(300, rate=1.5, seed=3, zipf=1.1, hot=None)
     done = simulation.run(arrivals, simulation.mix_aware(1))
