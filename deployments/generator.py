@@ -129,7 +129,9 @@ class GeneratorReplica:
         :meth:`release`)."""
         mix = mix_from_id(mix_id)
         started = time.perf_counter()
-        keep = {name for cached in self.cached.values() for name in cached.adapters} | set(mix.adapters)
+        # A snapshot first: a LoadedMix collected meanwhile runs :meth:`release`, which pops from the dict
+        # (``tuple`` copies it in one C call; a comprehension over the live view could see it change size).
+        keep = {name for cached in tuple(self.cached.values()) for name in cached.adapters} | set(mix.adapters)
         await self._in_pipeline_thread(self._trim_and_load, keep, mix.adapters)
         self.cached[mix.id] = mix
         self.labels[mix.id] = label
