@@ -30,13 +30,14 @@ import httpx
 from bench.common import Table, append_report, command_line, machine, percentile, render_section
 from bench.cpu import ServeApp, bench_serve_config, free_port
 from deskgen.paths import models_dir
+from deskgen.serve_config import deployment_config, load_serve_config
 
 log = logging.getLogger("bench.router")
 
 NAMED = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d"]
 ADHOC = ["ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9"]
-#: The default experiment's arms (serve_config.yaml): the control first.
-ARMS = ("ott_3d", "dalle_ott")
+#: The default experiment's arms, read from serve_config.yaml's ``ab_split``: the control first.
+ARMS = tuple(deployment_config(load_serve_config(), "Ingress")["user_config"]["ab_split"])
 MIX_AWARE = "deployments.routing:MixAwareRouter"
 
 

@@ -289,8 +289,9 @@ def arrivals(n: int, rate: float, seed: int, zipf: float, hot: float | None) -> 
     mixes = NAMED + ADHOC
     weights = zipf_weights(zipf)
     if hot is not None:
-        rest = sum(weights[1:])
-        weights = [hot] + [(1.0 - hot) * w / rest for w in weights[1:]]
+        control = mixes.index(ARMS[0])
+        rest = sum(w for k, w in enumerate(weights) if k != control)
+        weights = [hot if k == control else (1.0 - hot) * w / rest for k, w in enumerate(weights)]
     out, now = [], 0.0
     for mix in rng.choices(mixes, weights=weights, k=n):
         now += rng.expovariate(rate)
