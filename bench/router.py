@@ -9,7 +9,9 @@ them): requests for the 7 named mixes and 3 ad-hoc ones drawn from a Zipf distri
 the default mix most popular), each streamed (SSE) so its ``started`` event gives the replica and the
 queue wait. Reported per router: mix switches per 100 requests (generations that found another mix
 active, read from every replica's counters), p50/p95 queue wait on the replica, throughput, p50 latency per
-mix, and how the hottest mix spread over the replicas.
+mix, and how the hottest mix spread over the replicas; each round's wait p95 and throughput too, and in how
+many rounds each mix-aware router beat Serve's default in the same round (``--rounds`` alternate the routers,
+so a round's pair shares the machine's state of the moment; this host's run-to-run spread is large).
 """
 
 from __future__ import annotations
@@ -156,19 +158,22 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
         by_mix[r["mix"]].append(r["latency_s"])
         spread[r["mix"]][r.get("replica", "?")] += 1
     return {"router": router, "requests": len(results), "ok": len(ok), "switches": switches, "loads": loads, "wall_s": wall,
-            "waits": waits, "latencies": by_mix, "spread": spread}  # fmt: skip
+            "waits": waits, "latencies": by_mix, "spread": spread,
+            "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}]}  # fmt: skip
 
 
 def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rounds of each router as one run: switches and requests summed, waits and latencies pooled."""
+    """The rounds of each router as one run: switches and requests summed, waits and latencies pooled; each
+    round's wait p95 and throughput kept in order (``rounds``) for the spread and the paired comparison."""
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
         m = out.setdefault(r["router"], {"router": r["router"], "requests": 0, "ok": 0, "switches": 0, "loads": 0, "wall_s": 0.0,
                                          "waits": [], "latencies": collections.defaultdict(list),
-                                         "spread": collections.defaultdict(collections.Counter)})  # fmt: skip
+                                         "spread": collections.defaultdict(collections.Counter), "rounds": []})  # fmt: skip
         for key in ("requests", "ok", "switches", "loads", "wall_s"):
             m[key] += r[key]
         m["waits"] += r["waits"]
+        m["rounds"] += r["rounds"]
         for mix, values in r["latencies"].items():
             m["latencies"][mix] += values
         for mix, counter in r["spread"].items():
@@ -179,16 +184,36 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def paired(runs: list[dict[str, Any]]) -> list[str]:
+    """Each router against Serve's default round by round: rounds alternate routers on the same app, so a
+    round's pair shares the machine's state of the moment (load, caches), which the pooled figures do not
+    separate from the router."""
+    base = next((r for r in runs if r["router"].startswith("serve")), None)
+    notes = []
+    for r in runs:
+        if base is None or r is base or len(r["rounds"]) != len(base["rounds"]):
+            continue
+        pairs = list(zip(r["rounds"], base["rounds"], strict=True))
+        lower = sum(x["wait_p95"] < y["wait_p95"] for x, y in pairs)
+        faster = sum(x["rps"] > y["rps"] for x, y in pairs)
+        notes.append(f"{r['router']} against {base['router']}, round by round: a lower wait p95 in {lower} of "
+                     f"{len(pairs)} rounds, a higher throughput in {faster} of {len(pairs)}.")  # fmt: skip
+    return notes
+
+
 def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
                  f"(rounds alternated), {args.clients} clients, "
                  f"Zipf s={args.zipf} over 7 named + 3 ad-hoc mixes (seed {args.seed}), tiny SDXL 64x64, 2 steps",
                  ["router", "mix switches / 100 requests", "mix loads / 100 requests", "queue wait p50 (ms)",
-                  "queue wait p95 (ms)", "req/s", "non-200"])  # fmt: skip
+                  "queue wait p95 (ms)", "req/s", "non-200", "wait p95 by round (ms)", "req/s by round"])  # fmt: skip
     for r in runs:
         main.add(r["router"], f"{100 * r['switches'] / r['requests']:.1f}", f"{100 * r['loads'] / r['requests']:.1f}",
                  f"{1000 * r['wait_p50']:.0f}",
-                 f"{1000 * r['wait_p95']:.0f}", f"{r['requests'] / r['wall_s']:.2f}", r["requests"] - r["ok"])  # fmt: skip
+                 f"{1000 * r['wait_p95']:.0f}", f"{r['requests'] / r['wall_s']:.2f}", r["requests"] - r["ok"],
+                 " / ".join(f"{1000 * x['wait_p95']:.0f}" for x in r["rounds"]),
+                 " / ".join(f"{x['rps']:.2f}" for x in r["rounds"]))  # fmt: skip
+    main.notes += paired(runs)
     mixes = [m for m in NAMED + ADHOC if all(m in r["per_mix_p50"] for r in runs)]
     per_mix = Table("p50 latency per mix (ms), and on how many replicas each mix ran", ["mix", *[r["router"] for r in runs]])
     for m in mixes:
