@@ -120,8 +120,11 @@ async def one(http: httpx.AsyncClient, mix: str, seed: int) -> dict[str, Any]:
             elif line.startswith("data: ") and event == "started":
                 data = json.loads(line[6:])
                 out.update(replica=data["replica"], queued_s=data["queued_s"])
-            elif line.startswith("data: ") and event in ("done", "error"):
-                out["ok"] = event == "done"
+            elif line.startswith("data: ") and event == "done":
+                timings = json.loads(line[6:])["metadata"]["timings"]
+                out.update(ok=True, activate_s=timings["activate_s"], generate_s=timings["generate_s"])
+            elif line.startswith("data: ") and event == "error":
+                out["ok"] = False
     out["latency_s"] = time.perf_counter() - started
     return out
 
@@ -149,7 +152,9 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
     before = replica_infos(app, args.replicas)
     results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf), args.clients))
     after = replica_infos(app, args.replicas)
-    switches, loads = (sum(after[r][key] - before.get(r, {key: 0})[key] for r in after) for key in ("switches", "mix_loads"))
+    switches, loads, load_s, adapter_loads, adapter_load_s = (
+        sum(after[r][key] - before.get(r, {key: 0})[key] for r in after)
+        for key in ("switches", "mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s"))  # fmt: skip
     ok = [r for r in results if r.get("ok")]
     waits = [r["queued_s"] for r in ok if "queued_s" in r]
     by_mix: dict[str, list[float]] = collections.defaultdict(list)
@@ -159,7 +164,9 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
         spread[r["mix"]][r.get("replica", "?")] += 1
     return {"router": router, "requests": len(results), "ok": len(ok), "switches": switches, "loads": loads, "wall_s": wall,
             "waits": waits, "latencies": by_mix, "spread": spread,
-            "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}]}  # fmt: skip
+            "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}],
+            "generate_s": [r["generate_s"] for r in ok], "switch_s": [r["activate_s"] for r in ok if r["activate_s"] > 0],
+            "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s}  # fmt: skip
 
 
 def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,13 +174,12 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     round's wait p95 and throughput kept in order (``rounds``) for the spread and the paired comparison."""
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
-        m = out.setdefault(r["router"], {"router": r["router"], "requests": 0, "ok": 0, "switches": 0, "loads": 0, "wall_s": 0.0,
-                                         "waits": [], "latencies": collections.defaultdict(list),
-                                         "spread": collections.defaultdict(collections.Counter), "rounds": []})  # fmt: skip
-        for key in ("requests", "ok", "switches", "loads", "wall_s"):
-            m[key] += r[key]
-        m["waits"] += r["waits"]
-        m["rounds"] += r["rounds"]
+        m = out.setdefault(r["router"], {"router": r["router"], "latencies": collections.defaultdict(list),
+                                         "spread": collections.defaultdict(collections.Counter)})  # fmt: skip
+        for key in ("requests", "ok", "switches", "loads", "wall_s", "load_s", "adapter_loads", "adapter_load_s"):
+            m[key] = m.get(key, 0) + r[key]
+        for key in ("waits", "rounds", "generate_s", "switch_s"):
+            m[key] = m.get(key, []) + r[key]
         for mix, values in r["latencies"].items():
             m["latencies"][mix] += values
         for mix, counter in r["spread"].items():
@@ -201,6 +207,23 @@ def paired(runs: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def costs(runs: list[dict[str, Any]]) -> str:
+    """What a generation, a switch and an adapter load cost on the replicas in this run, every router pooled:
+    the inputs of bench.router_sim's model with shared cores (``--image-s``, ``--switch-s``, ``--adapter-load-s``)."""
+    generate_s = [x for r in runs for x in r["generate_s"]]
+    switch_s = [x for r in runs for x in r["switch_s"]]
+    mix_loads, load_s = sum(r["loads"] for r in runs), sum(r["load_s"] for r in runs)
+    adapter_loads, adapter_load_s = sum(r["adapter_loads"] for r in runs), sum(r["adapter_load_s"] for r in runs)
+    per_adapter = f"{adapter_load_s / adapter_loads:.2f} s per file" if adapter_loads else "none read"
+    switches = (f"a switch p50 {1000 * percentile(switch_s, 50):.0f} ms (p95 {1000 * percentile(switch_s, 95):.0f}, "
+                f"{len(switch_s)} switches)" if switch_s else "no switch")  # fmt: skip
+    per_load = f"{1000 * (load_s - adapter_load_s) / mix_loads:.0f} ms per mix load" if mix_loads else "no mix load"
+    return (f"Costs on the replicas, every router's rounds (the inputs of bench.router_sim's model with shared cores): "
+            f"a generation p50 {percentile(generate_s, 50):.2f} s (p95 {percentile(generate_s, 95):.2f}, "
+            f"{len(generate_s)} images, the switch not included); {switches}; {mix_loads} mix loads read "
+            f"{adapter_loads} adapter files ({per_adapter}); the rest of a load (trim, bookkeeping): {per_load}.")  # fmt: skip
+
+
 def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
                  f"(rounds alternated), {args.clients} clients, "
@@ -213,7 +236,7 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
                  f"{1000 * r['wait_p95']:.0f}", f"{r['requests'] / r['wall_s']:.2f}", r["requests"] - r["ok"],
                  " / ".join(f"{1000 * x['wait_p95']:.0f}" for x in r["rounds"]),
                  " / ".join(f"{x['rps']:.2f}" for x in r["rounds"]))  # fmt: skip
-    main.notes += paired(runs)
+    main.notes += [*paired(runs), costs(runs)]
     mixes = [m for m in NAMED + ADHOC if all(m in r["per_mix_p50"] for r in runs)]
     per_mix = Table("p50 latency per mix (ms), and on how many replicas each mix ran", ["mix", *[r["router"] for r in runs]])
     for m in mixes:

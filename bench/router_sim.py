@@ -13,7 +13,8 @@ miss loads only the adapters no cached mix has loaded (``--adapter-load-s`` each
 remaining mix uses. A request then pays ``--switch-s`` if its mix is not the active one, then ``--image-s``
 (times a lognormal jitter); ``--evict-first`` drops the evicted mix's adapters before the incoming mix loads
 (what deskgen did before the fix of ``GeneratorReplica.release``). With ``--cores`` the replicas share that many cores instead (each busy replica runs
-at min(1, cores / busy replicas) of its speed), as bench.router's do. Requests arrive as a Poisson process at
+at min(1, cores / busy replicas) of its speed), as bench.router's do; bench.router's "Costs on the replicas"
+note gives the timings measured there (a generation, a switch, an adapter file read) for this model's inputs. Requests arrive as a Poisson process at
 ``--utilizations`` shares of the capacity, their mixes drawn as bench.router draws them (Zipf over the 7
 named mixes and 3 ad-hoc ones) or with ``--hot`` of them on the control arm.
 

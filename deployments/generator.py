@@ -101,6 +101,12 @@ class GeneratorReplica:
         #: The most requests in flight at once since the last :meth:`routing_stats` (what it reports).
         self.inflight_peak = 0
         self.mix_loads = 0
+        #: The seconds those loads took in all (trim, reads, bookkeeping); the adapter files they read (a mix
+        #: whose adapters are all loaded already reads none) and the seconds spent reading them (what the
+        #: router benches' model calls an adapter load's cost).
+        self.mix_load_s = 0.0
+        self.adapter_loads = 0
+        self.adapter_load_s = 0.0
         #: Generations that found another mix active (the pipeline's mix changed for them).
         self.switches = 0
         self.generations = 0
@@ -132,18 +138,27 @@ class GeneratorReplica:
         # A snapshot first: a LoadedMix collected meanwhile runs :meth:`release`, which pops from the dict
         # (``tuple`` copies it in one C call; a comprehension over the live view could see it change size).
         keep = {name for cached in tuple(self.cached.values()) for name in cached.adapters} | set(mix.adapters)
-        await self._in_pipeline_thread(self._trim_and_load, keep, mix.adapters)
+        read, read_s = await self._in_pipeline_thread(self._trim_and_load, keep, mix.adapters)
         self.cached[mix.id] = mix
         self.labels[mix.id] = label
+        seconds = time.perf_counter() - started
         self.mix_loads += 1
-        self.observer.loaded(label, time.perf_counter() - started)
+        self.mix_load_s += seconds
+        self.adapter_loads += read
+        self.adapter_load_s += read_s
+        self.observer.loaded(label, seconds)
         return LoadedMix(mix, self.release)
 
-    def _trim_and_load(self, keep: set[str], adapters: tuple[str, ...]) -> None:
+    def _trim_and_load(self, keep: set[str], adapters: tuple[str, ...]) -> tuple[int, float]:
+        """Drop the adapters not in ``keep``, load those of ``adapters`` not loaded; returns how many it
+        loaded and the seconds that took (0 when none was missing)."""
         dropped = self.generator.unload_adapters(keep)
         if dropped:
             log.info("dropped adapters %s: no cached mix uses them", dropped)
+        missing = set(adapters) - self.generator.loaded_adapters()
+        started = time.perf_counter()
         self.generator.ensure_adapters(adapters)
+        return len(missing), (time.perf_counter() - started if missing else 0.0)
 
     def release(self, loaded: LoadedMix) -> None:
         """A mix left the cache. Its adapters that no other cached mix uses are dropped by the next load, not
@@ -317,6 +332,9 @@ class GeneratorReplica:
             "active_mix": self.generator.active_mix_id,
             "base_loads": type(self.generator).base_loads,
             "mix_loads": self.mix_loads,
+            "mix_load_s": round(self.mix_load_s, 6),
+            "adapter_loads": self.adapter_loads,
+            "adapter_load_s": round(self.adapter_load_s, 6),
             "switches": self.switches,
             "generations": self.generations,
         }

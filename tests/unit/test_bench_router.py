@@ -18,7 +18,8 @@ def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> di
     spread = {mix: collections.Counter({"r1": len(v)}) for mix, v in latencies.items()}
     return {"router": name, "requests": requests, "ok": requests, "switches": 10, "loads": 2, "wall_s": wall_s,
             "waits": waits, "latencies": latencies, "spread": spread,
-            "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}]}  # fmt: skip
+            "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
+            "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0}  # fmt: skip
 
 
 def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison() -> None:
@@ -38,4 +39,10 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     args = argparse.Namespace(replicas=3, rounds=3, requests=100, clients=4, zipf=1.1, seed=7)
     main = router.tables(runs, args)[0]
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
-    assert main.notes == router.paired(runs)
+    assert main.notes == [*router.paired(runs), router.costs(runs)]
+    # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
+    assert router.costs(runs) == (
+        "Costs on the replicas, every router's rounds (the inputs of bench.router_sim's model with shared cores): "
+        "a generation p50 0.30 s (p95 0.40, 12 images, the switch not included); a switch p50 10 ms (p95 10, "
+        "6 switches); 12 mix loads read 12 adapter files (1.00 s per file); the rest of a load (trim, "
+        "bookkeeping): 250 ms per mix load.")  # fmt: skip
