@@ -552,9 +552,13 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
     reset_peak(sc.device)
     start = time.perf_counter()
     gen = DeskGenerator.from_pretrained(settings)
-    gen.ensure_adapters(sorted({name for weights in NAMED_MIXES.values() for name in weights}))
+    sync(sc.device)
+    adapters = sorted({name for weights in NAMED_MIXES.values() for name in weights})
+    adapters_start = time.perf_counter()
+    gen.ensure_adapters(adapters)
     sync(sc.device)
     load_s = time.perf_counter() - start
+    adapter_load_s = (time.perf_counter() - adapters_start) / len(adapters)
     load_peak = peak_gib(sc.device)
     arms: list[ArmResult] = []
     for name in NAMED_MIXES:
@@ -591,6 +595,7 @@ def run_arms(profile: str, sdxl_dir: Path, lora_dir: Path, sc: Scenario, overrid
         "effective": gen.describe(),
         "strategy": gen.adapters.kind,
         "load_s": load_s,
+        "adapter_load_s": adapter_load_s,
         "load_peak_gib": load_peak,
         "warmup_s": gen.warmup_s,
         "arms": [dataclasses.asdict(a) | {"p50_s": a.p50_s, "p95_s": a.p95_s} for a in arms],
@@ -763,7 +768,8 @@ def arms_tables(results: list[dict[str, Any]], sc: Scenario, gpu_name: str) -> l
         sw = sorted(r["switch_only_s"])
         t.notes += [
             f"Load (from_pretrained + the three adapters + the compile warm-up, if compiling): {r['load_s']:.1f} s "
-            f"(warm-up {r['warmup_s'] or 0:.1f} s), peak {gib(r['load_peak_gib'])} GiB.",
+            f"(warm-up {r['warmup_s'] or 0:.1f} s; the adapters {r['adapter_load_s']:.2f} s per file, bench.router_sim's "
+            f"`--adapter-load-s`), peak {gib(r['load_peak_gib'])} GiB.",
             f"Arms' p50 from {min(p50s):.3f} to {max(p50s):.3f} s: spread {spread * 100:.1f} %.",
             f"Switch alone ({len(sw)} switches between consecutive arms, both ways, nothing generated in between): "
             f"p50 {p50(sw) * 1000:.0f} ms, max {sw[-1] * 1000:.0f} ms; peak VRAM over them "
