@@ -221,7 +221,7 @@ def costs(runs: list[dict[str, Any]]) -> str:
     return (f"Costs on the replicas, every router's rounds (the inputs of bench.router_sim's model with shared cores): "
             f"a generation p50 {percentile(generate_s, 50):.2f} s (p95 {percentile(generate_s, 95):.2f}, "
             f"{len(generate_s)} images, the switch not included); {switches}; {mix_loads} mix loads read "
-            f"{adapter_loads} adapter files ({per_adapter}); the rest of a load (trim, bookkeeping): {per_load}.")  # fmt: skip
+            f"{adapter_loads} adapter file{'' if adapter_loads == 1 else 's'} ({per_adapter}); the rest of a load (trim, bookkeeping): {per_load}.")  # fmt: skip
 
 
 def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
