@@ -175,15 +175,16 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
         m = out.setdefault(r["router"], {"router": r["router"], "latencies": collections.defaultdict(list),
-                                         "spread": collections.defaultdict(collections.Counter)})  # fmt: skip
+                                         "spread": collections.defaultdict(list)})  # fmt: skip
         for key in ("requests", "ok", "switches", "loads", "wall_s", "load_s", "adapter_loads", "adapter_load_s"):
             m[key] = m.get(key, 0) + r[key]
         for key in ("waits", "rounds", "generate_s", "switch_s"):
             m[key] = m.get(key, []) + r[key]
         for mix, values in r["latencies"].items():
             m["latencies"][mix] += values
+        # Per round: each round redeploys the app, so its replicas are new ones.
         for mix, counter in r["spread"].items():
-            m["spread"][mix].update(counter)
+            m["spread"][mix].append(len(counter))
     for m in out.values():
         m["wait_p50"], m["wait_p95"] = percentile(m["waits"], 50), percentile(m["waits"], 95)
         m["per_mix_p50"] = {mix: percentile(v, 50) for mix, v in m["latencies"].items()}
@@ -238,9 +239,14 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
                  " / ".join(f"{x['rps']:.2f}" for x in r["rounds"]))  # fmt: skip
     main.notes += [*paired(runs), costs(runs)]
     mixes = [m for m in NAMED + ADHOC if all(m in r["per_mix_p50"] for r in runs)]
-    per_mix = Table("p50 latency per mix (ms), and on how many replicas each mix ran", ["mix", *[r["router"] for r in runs]])
+    per_mix = Table("p50 latency per mix (ms), and on how many replicas each mix ran in a round (fewest-most)",
+                    ["mix", *[r["router"] for r in runs]])  # fmt: skip
+
+    def replicas(counts: list[int]) -> str:
+        return f"{min(counts)} repl." if min(counts) == max(counts) else f"{min(counts)}-{max(counts)} repl."
+
     for m in mixes:
-        per_mix.add(m, *(f"{1000 * r['per_mix_p50'][m]:.0f} ({len(r['spread'][m])} repl.)" for r in runs))
+        per_mix.add(m, *(f"{1000 * r['per_mix_p50'][m]:.0f} ({replicas(r['spread'][m])})" for r in runs))
     for r in runs:
         arms = [r["per_mix_p50"][a] for a in ARMS if a in r["per_mix_p50"]]
         if len(arms) == 2:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> dict:
     latencies = {"ott_3d": [1.0, 2.0], "dalle_ott": [1.5]}
-    spread = {mix: collections.Counter({"r1": len(v)}) for mix, v in latencies.items()}
+    spread = {"ott_3d": collections.Counter({"r1": 1, "r2": 1}), "dalle_ott": collections.Counter({"r1": 1})}
     return {"router": name, "requests": requests, "ok": requests, "switches": 10, "loads": 2, "wall_s": wall_s,
             "waits": waits, "latencies": latencies, "spread": spread,
             "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
@@ -37,7 +37,9 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     assert router.paired(runs) == ["mix-aware, spill_queue 0 against serve (default), round by round: a lower wait "
                                    "p95 in 2 of 3 rounds, a higher throughput in 2 of 3."]  # fmt: skip
     args = argparse.Namespace(replicas=3, rounds=3, requests=100, clients=4, zipf=1.1, seed=7)
-    main = router.tables(runs, args)[0]
+    main, per_mix = router.tables(runs, args)
+    # Each round's replicas are new ones: a mix's replicas are counted per round, not over the rounds.
+    assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
     assert main.notes == [*router.paired(runs), router.costs(runs)]
     # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
