@@ -17,7 +17,8 @@ Within a rank Serve picks the replica with the shortest queue that accepts. A bu
 to switch while an idle one holds the mix: an idle holder is ranked before every busy one, and while the
 mix is not hot only its holders are offered for a second (:data:`HOLDER_WAIT_S`). A mix is hot when every
 holder is busy and the mix's *own* requests on its holders (this router's, running or waiting) reach
-``spill_queue`` per holder: then the idle replicas join the first rank, so a second replica takes the mix;
+``spill_queue`` per holder: then (after :data:`SPILL_GRACE_S`, so that a request that just finished is not
+counted) the idle replicas join the first rank, so a second replica takes the mix;
 once the mix's requests there fall below the threshold, they go back to its holders and the second
 replica is free for other mixes (it keeps the mix cached). With ``spill_queue`` 0 (the default) every
 holder busy is enough, whatever mix keeps it busy; with 1 or more a mix whose holders are busy with *other*
@@ -50,6 +51,13 @@ DEMAND_HALF_LIFE = 50
 #: How long a request of a mix that is not hot waits for the mix's holders before another replica may
 #: take it (Serve's own multiplexed router waits 1-2 s, RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S).
 HOLDER_WAIT_S = 1.0
+#: How long a request of a hot mix waits before an idle replica may take it. The router counts a request until
+#: Serve runs its done-callback on the router's event loop, a moment after the caller got its answer: a caller
+#: that sends its next request at once (a handle in a loop) would find its holder busy with the request that
+#: just finished, and its mix would spill to an idle replica that must load it. Until then no replica is
+#: offered, so Serve retries: at once, then after its first backoff (25 ms, RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S),
+#: by when the count is true. A real spill starts 25 ms later, against an image of seconds.
+SPILL_GRACE_S = 0.02
 #: What ``record_routing_stats`` of a Generator replica reports under this key: its active (fused) mix.
 ACTIVE_MIX = "active_mix"
 #: ... and under this key its requests running or waiting.
@@ -102,6 +110,9 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int,
         # An idle replica that holds the mix, active first: no busy replica is made to switch.
         return [r for r in (idle_holders, [r for r in holders if r.queue != 0]) if r]
     if all(r.at_least(1) for r in holders) and sum(r.mix_queue for r in holders) >= spill_queue * len(holders):
+        if waited_s < SPILL_GRACE_S:
+            # Hot by the counts: retry once they are surely current (:data:`SPILL_GRACE_S`).
+            return []
         # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
         # is idle (or whose queue Serve has yet to probe) takes the mix too. Serve keeps a holder on a tie:
         # it must be strictly shorter.

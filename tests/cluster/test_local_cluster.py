@@ -233,7 +233,7 @@ def test_a_mix_is_served_by_the_generator_replica_holding_it(local_cluster: Runn
             assert served_by == [holders[mix]] * 6, (name, holders[mix], served_by)
 
     for mix, holder in holders.items():
-        infos = local_cluster.generator_info(mix=mix, calls=4)
+        infos = local_cluster.generator_info(mix=mix, calls=16)
         assert [i["replica"] for i in infos] == [holder], (mix, holder, infos)
         assert mix in infos[0]["cached_mixes"]
     everyone = {i["replica"]: i for i in local_cluster.generator_info(calls=16)}

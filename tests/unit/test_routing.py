@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.routing import HOLDER_WAIT_S, ReplicaView, rank
+from deployments.routing import HOLDER_WAIT_S, SPILL_GRACE_S, ReplicaView, rank
 
 pytestmark = pytest.mark.unit
 
@@ -44,7 +44,7 @@ def test_below_the_threshold_the_mix_waits_for_its_holder_and_goes_elsewhere_onl
 
 def test_a_hot_mix_spills_to_an_idle_replica_and_comes_back_when_it_cools() -> None:
     hot = [r("holder", "a", queue=2, mix=2), r("idle", "b", queue=0), r("busy", "c", queue=1)]
-    first = ids(rank(hot, "a", spill_queue=2))[0]
+    first = ids(rank(hot, "a", spill_queue=2, waited_s=SPILL_GRACE_S))[0]
     assert set(first) == {"holder", "idle"}  # Serve takes the shorter queue of the two: the idle replica
     # The second replica now has the mix active too; once the queues fall below the threshold, the mix's
     # requests go to an idle holder (either), never to the busy replica of another mix.
@@ -57,7 +57,7 @@ def test_a_mix_is_hot_when_its_own_requests_on_its_holders_reach_the_threshold()
     below = [r("h1", "a", queue=2, mix=2), r("h2", "b", ("a",), queue=1, mix=1), r("idle", "c", queue=0)]
     assert "idle" not in ids(rank(below, "a", spill_queue=2))[0]
     at = [r("h1", "a", queue=2, mix=2), r("h2", "b", ("a",), queue=2, mix=2), r("idle", "c", queue=0)]
-    assert "idle" in ids(rank(at, "a", spill_queue=2))[0]
+    assert "idle" in ids(rank(at, "a", spill_queue=2, waited_s=SPILL_GRACE_S))[0]
     # Holders busy with other mixes only: the mix waits for one rather than have an idle replica load it.
     elsewhere = [r("h1", "a", queue=2, mix=0), r("idle", "c", queue=0)]
     assert ids(rank(elsewhere, "a", spill_queue=1)) == [["h1"]]
@@ -66,7 +66,7 @@ def test_a_mix_is_hot_when_its_own_requests_on_its_holders_reach_the_threshold()
     unknown = [r("h1", "a", queue=None, mix=1), r("idle", "c", queue=0)]  # a queue not known yet is not "hot"
     assert ids(rank(unknown, "a", spill_queue=1))[0] == ["h1"]
     hot = [r("h1", "a", queue=2, mix=2), r("unprobed", "c", queue=None), r("busy", "d", queue=1)]
-    assert ids(rank(hot, "a", spill_queue=2)) == [["h1", "unprobed"], ["unprobed", "busy"]]
+    assert ids(rank(hot, "a", spill_queue=2, waited_s=SPILL_GRACE_S)) == [["h1", "unprobed"], ["unprobed", "busy"]]
 
 
 def test_a_mix_no_replica_holds_goes_to_the_replicas_with_the_fewest_cached_mixes_first() -> None:
@@ -79,7 +79,7 @@ def test_a_replica_that_must_switch_is_the_one_whose_mix_is_wanted_least() -> No
     demand = {"a": 30.0, "b": 2.0, "c": 0.5}
     assert ids(rank(replicas, "x", spill_queue=1, demand=demand)) == [["never", "cold", "hot"]]
     busy = [r("holder", "x", queue=1, mix=1), r("hot", "a", queue=0), r("cold", "b", queue=0)]
-    first = ids(rank(busy, "x", spill_queue=1, demand=demand))[0]
+    first = ids(rank(busy, "x", spill_queue=1, demand=demand, waited_s=SPILL_GRACE_S))[0]
     assert first == ["holder", "cold", "hot"]  # a spill goes to the idle replica of the coldest mix first
 
 
@@ -89,7 +89,25 @@ def test_a_holder_is_busy_only_when_the_router_and_the_replica_agree() -> None:
     just_finished = [r("holder", "a", queue=1, reported=0, mix=1), r("idle", "b", queue=0, reported=0)]
     assert ids(rank(just_finished, "a", spill_queue=1)) == [["holder"]]
     busy = [r("holder", "a", queue=1, reported=1, mix=1), r("idle", "b", queue=0, reported=0)]
-    assert ids(rank(busy, "a", spill_queue=1))[0] == ["holder", "idle"]
+    assert ids(rank(busy, "a", spill_queue=1, waited_s=SPILL_GRACE_S))[0] == ["holder", "idle"]
+
+
+def test_a_hot_mix_spills_only_once_the_request_has_waited_past_the_grace() -> None:
+    """Both counts say busy, but the router's may still hold a request that just finished (its done-callback
+    runs a moment after the caller's answer): within SPILL_GRACE_S no replica is offered, so Serve retries
+    after its first backoff with the counts current, and a caller that sends its next request at once
+    stays on its holder."""
+    busy = [r("holder", "a", queue=1, reported=1, mix=1), r("idle", "b", queue=0, reported=0)]
+    assert rank(busy, "a", spill_queue=0) == []
+    assert rank(busy, "a", spill_queue=0, waited_s=SPILL_GRACE_S / 2) == []
+    assert ids(rank(busy, "a", spill_queue=0, waited_s=SPILL_GRACE_S))[0] == ["holder", "idle"]
+    # The retry, once the done-callback ran: the holder is idle, and takes the request.
+    finished = [r("holder", "a", queue=0, reported=1), r("idle", "b", queue=0, reported=0)]
+    assert ids(rank(finished, "a", spill_queue=0, waited_s=SPILL_GRACE_S)) == [["holder"]]
+    # Serve's first backoff is longer than the grace: a real spill waits one backoff, no more.
+    from ray.serve._private.constants import RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S
+
+    assert SPILL_GRACE_S < RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S
 
 
 def test_the_router_counts_each_mix_s_requests_from_routed_to_completed_once() -> None:
