@@ -155,10 +155,9 @@ class GeneratorReplica:
         dropped = self.generator.unload_adapters(keep)
         if dropped:
             log.info("dropped adapters %s: no cached mix uses them", dropped)
-        missing = set(adapters) - self.generator.loaded_adapters()
         started = time.perf_counter()
-        self.generator.ensure_adapters(adapters)
-        return len(missing), (time.perf_counter() - started if missing else 0.0)
+        loaded = self.generator.ensure_adapters(adapters)
+        return len(loaded), (time.perf_counter() - started if loaded else 0.0)
 
     def release(self, loaded: LoadedMix) -> None:
         """A mix left the cache. Its adapters that no other cached mix uses are dropped by the next load, not

@@ -330,11 +330,11 @@ class DeskGenerator:
         with self.lock:
             return set(self._loaded)
 
-    def ensure_adapters(self, names: Iterable[str]) -> None:
-        """Load each adapter in ``names`` not loaded yet. An unknown name raises UnknownMix, an unusable
-        file (:meth:`adapter_problem`) AdapterUnavailable, before any load; a file that fails to load or
-        whose layers do not all match the model raises AdapterUnavailable, stays unloaded and is listed
-        in :attr:`unavailable`."""
+    def ensure_adapters(self, names: Iterable[str]) -> list[str]:
+        """Load each adapter in ``names`` not loaded yet; returns those it loaded. An unknown name raises
+        UnknownMix, an unusable file (:meth:`adapter_problem`) AdapterUnavailable, before any load; a file
+        that fails to load or whose layers do not all match the model raises AdapterUnavailable, stays
+        unloaded and is listed in :attr:`unavailable`."""
         import torch
 
         with self.lock:
@@ -370,6 +370,7 @@ class DeskGenerator:
                 self._loaded[name] = peft
                 self._check_loaded(name, peft, path)
                 log.info("loaded LoRA %s (%s layout) in %.3f s", name, self.registry.layout(name), timer.seconds())
+            return list(paths)
 
     def _check_loaded(self, name: str, peft: str, path: Path) -> None:
         # diffusers warns, but does not fail, when a LoRA's keys do not match the model (e.g. a kohya
