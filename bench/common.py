@@ -67,6 +67,38 @@ def p50(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its confidence interval."""
+
+    point: float
+    low: float
+    high: float
+    level: float
+
+
+def p50_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> Interval:  # fmt: skip
+    """How far ``b``'s p50 lies from ``a``'s, relative to the smaller one: ``(p50(b) - p50(a)) / min(p50(a),
+    p50(b))``, signed (its magnitude is max/min - 1), with the p50s nearest-rank as :func:`percentile`.
+    The interval is scipy's percentile bootstrap, the two samples resampled independently and seeded; two
+    p50s of a few hundred latencies each move by several per cent from run to run, which the point alone
+    hides (tests/unit/test_bench_common.py checks its coverage by simulation)."""
+    import numpy as np
+    from scipy import stats
+
+    def statistic(x: Any, y: Any, axis: int = -1) -> Any:
+        px = np.percentile(x, 50, axis=axis, method="inverted_cdf")  # = nearest rank
+        py = np.percentile(y, 50, axis=axis, method="inverted_cdf")
+        return (py - px) / np.minimum(px, py)
+
+    data = (np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+    result = stats.bootstrap(data, statistic, vectorized=True, paired=False, confidence_level=level,
+                             n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
+    point = float(statistic(*data))
+    return Interval(point, float(result.confidence_interval.low), float(result.confidence_interval.high), level)
+
+
 def time_calls(fn: Callable[[], Any], n: int, *, warmup: int = 1) -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then ``n`` times; the seconds of each timed call."""
     for _ in range(warmup):

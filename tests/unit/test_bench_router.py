@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import random
 
 import pytest
 
@@ -15,9 +16,11 @@ pytestmark = pytest.mark.unit
 
 def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> dict:
     latencies = {"ott_3d": [1.0, 2.0], "dalle_ott": [1.5]}
+    outside = {"ott_3d": [0.01, 0.03], "dalle_ott": [0.02]}
+    parts = {"ott_3d": [(0.1, 0.0, 0.3, 0.01), (0.2, 0.01, 0.4, 0.03)], "dalle_ott": [(0.1, 0.01, 0.3, 0.02)]}
     spread = {"ott_3d": collections.Counter({"r1": 1, "r2": 1}), "dalle_ott": collections.Counter({"r1": 1})}
     return {"router": name, "requests": requests, "ok": requests, "switches": 10, "loads": 2, "wall_s": wall_s,
-            "waits": waits, "latencies": latencies, "spread": spread,
+            "waits": waits, "latencies": latencies, "outside": outside, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
             "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0}  # fmt: skip
 
@@ -41,6 +44,7 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     # Each round's replicas are new ones: a mix's replicas are counted per round, not over the rounds.
     assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
+    assert main.rows[1][5] == "20 / 30"  # outside the replica: 10, 30, 20 ms x 3 rounds; p50 is the 5th of 9
     assert main.notes == [*router.paired(runs), router.costs(runs)]
     # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
     assert router.costs(runs) == (
@@ -48,3 +52,27 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
         "a generation p50 0.30 s (p95 0.40, 12 images, the switch not included); a switch p50 10 ms (p95 10, "
         "6 switches); 12 mix loads read 12 adapter files (1.00 s per file); the rest of a load (trim, "
         "bookkeeping): 250 ms per mix load.")  # fmt: skip
+
+
+def test_the_arms_note_reads_the_difference_against_the_goal_only_as_far_as_its_interval_allows() -> None:
+    rng = random.Random(5)
+    control, other = router.ARMS
+
+    def run(control_s: list[float], other_s: list[float]) -> dict:
+        return {"router": "r", "latencies": {control: control_s, other: other_s},
+                "outside": {control: [0.010, 0.020, 0.030], other: [0.040]},
+                "parts": {control: [(0.1, 0.0, 0.3, 0.01), (0.2, 0.02, 0.4, 0.03)], other: [(0.0, 0.0, 0.2, 0.04)]}}  # fmt: skip
+
+    def sample(median: float, n: int, spread: float) -> list[float]:
+        return [median * rng.lognormvariate(0, spread) for _ in range(n)]
+
+    apart = router.arms_note(run(sample(0.25, 300, 0.05), sample(0.30, 150, 0.05)))
+    assert apart.startswith("r: the A/B arms' p50 differ by ")
+    assert apart.endswith(f"): more than 5 % apart; mean queue + switch + generation + outside the replica: {control} "
+                          f"150 + 10 + 350 + 20 ms (50 % switched), {other} 0 + 0 + 200 + 40 ms (0 % switched).")  # fmt: skip
+    assert f"({other} against {control}: +" in apart and "300 and 150 requests" in apart
+    close = router.arms_note(run(sample(0.25, 300, 0.05), sample(0.25, 300, 0.05)))
+    assert "): within 5 %; " in close
+    # The same true difference as "close", but few and spread-out latencies: the interval straddles the goal.
+    noisy = router.arms_note(run(sample(0.25, 30, 0.4), sample(0.25, 30, 0.4)))
+    assert "): not resolved against 5 % by this sample; " in noisy
