@@ -39,6 +39,7 @@ from bench.common import (
     render_section,
 )
 from bench.cpu import ServeApp, bench_serve_config, free_port
+from deployments.routing import SPILL_GRACE_S
 from deskgen.paths import models_dir
 from deskgen.serve_config import deployment_config, load_serve_config
 
@@ -63,9 +64,10 @@ def zipf_weights(s: float) -> list[float]:
     return [1.0 / (rank + 1) ** s for rank in range(len(NAMED + ADHOC))]
 
 
-def router_config(base: dict[str, Any], replicas: int, spill_queue: int | None) -> dict[str, Any]:
+def router_config(base: dict[str, Any], replicas: int, spill_queue: int | None, grace_s: float = SPILL_GRACE_S) -> dict[str, Any]:
     """The app with ``replicas`` Generator replicas and Serve's default router (``spill_queue`` None) or the
-    mix-aware router with that threshold; the Ingress restarts with each (a handle keeps its router)."""
+    mix-aware router with that threshold and spill grace; the Ingress restarts with each (a handle keeps its
+    router)."""
     config = copy.deepcopy(base)
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "Generator":
@@ -75,12 +77,13 @@ def router_config(base: dict[str, Any], replicas: int, spill_queue: int | None) 
                 deployment.pop("request_router_config", None)
             else:
                 deployment["request_router_config"] = {
-                    "request_router_class": MIX_AWARE, "request_router_kwargs": {"spill_queue": spill_queue},
+                    "request_router_class": MIX_AWARE,
+                    "request_router_kwargs": {"spill_queue": spill_queue, "spill_grace_s": grace_s},
                     "request_routing_stats_period_s": 1,
                 }  # fmt: skip
         if deployment["name"] == "Ingress":
             deployment["user_config"].update(default_steps=2, default_width=64, default_height=64, request_timeout_s=300)
-            env = {"DESKGEN_GENERATOR_ROUTER": "serve" if spill_queue is None else f"mix_aware-{spill_queue}"}
+            env = {"DESKGEN_GENERATOR_ROUTER": "serve" if spill_queue is None else f"mix_aware-{spill_queue}-{grace_s}"}
             deployment.setdefault("ray_actor_options", {})["runtime_env"] = {"env_vars": env}
     return config
 
@@ -160,8 +163,9 @@ async def drive(url: str, mixes: list[str], clients: int) -> tuple[list[dict[str
     return results, time.perf_counter() - started
 
 
-def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | None, args: argparse.Namespace) -> dict[str, Any]:
-    redeploy(app, router_config(base, args.replicas, spill_queue), args.replicas)
+def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | None, grace_s: float,
+        args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    redeploy(app, router_config(base, args.replicas, spill_queue, grace_s), args.replicas)
     asyncio.run(drive(app.url, NAMED + ADHOC, 1))  # warm: every mix once
     before = replica_infos(app, args.replicas)
     results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf), args.clients))
@@ -322,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--spill-queues", default="0,1", help="the mix-aware router's thresholds to compare (default 0,1)")
+    parser.add_argument("--spill-graces-ms", default=f"{1000 * SPILL_GRACE_S:g}",
+                        help=f"the mix-aware router's spill graces to compare, ms (default {1000 * SPILL_GRACE_S:g}, the router's)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per router, alternated (default 2)")
     parser.add_argument("--no-write", action="store_true", help="print the tables, do not append them to BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -331,14 +337,16 @@ def main(argv: list[str] | None = None) -> None:
     tiny = models_dir()
     base = bench_serve_config(free_port(), tiny, tiny / "classifier" / "desk_gate.keras")
     runs = []
-    routers: list[tuple[str, int | None]] = [("serve (default)", None)]
-    routers += [(f"mix-aware, spill_queue {q}", int(q)) for q in args.spill_queues.split(",")]
+    graces = [float(g) / 1000 for g in args.spill_graces_ms.split(",")]
+    routers: list[tuple[str, int | None, float]] = [("serve (default)", None, SPILL_GRACE_S)]
+    routers += [(f"mix-aware, spill_queue {q}" + ("" if g == SPILL_GRACE_S else f", grace {1000 * g:g} ms"), int(q), g)
+                for q in args.spill_queues.split(",") for g in graces]  # fmt: skip
     with ServeApp(router_config(base, args.replicas, None), num_cpus=4 + args.replicas,
                   num_gpus=1 + args.replicas) as app:  # fmt: skip
         for round_ in range(args.rounds):
-            for name, spill_queue in routers:
+            for name, spill_queue, grace_s in routers:
                 log.info("round %d, router %s", round_ + 1, name)
-                runs.append(run(app, base, name, spill_queue, args))
+                runs.append(run(app, base, name, spill_queue, grace_s, args))
                 log.info("%s", {k: v for k, v in runs[-1].items() if k in ("router", "requests", "ok", "switches", "wall_s")})
     runs = merged(runs)
     section = render_section("Generator routing", tables(runs, args), command=command_line(),

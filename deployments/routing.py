@@ -86,11 +86,11 @@ class ReplicaView:
         return self.queue is not None and self.queue >= n and (self.reported is None or self.reported >= n)
 
 
-def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int,
-         demand: Mapping[str, float] | None = None, waited_s: float = 0.0) -> list[list[ReplicaView]]:  # fmt: skip
+def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Mapping[str, float] | None = None,
+         waited_s: float = 0.0, grace_s: float = SPILL_GRACE_S) -> list[list[ReplicaView]]:  # fmt: skip
     """The replicas in the order to try them for a request of ``mix``: a list of ranks, best first; Serve
     takes the shortest accepting queue within the first rank that has one, and backs off before asking
-    again (``waited_s``: how long the request has waited to be routed).
+    again (``waited_s``: how long the request has waited to be routed; ``grace_s``: :data:`SPILL_GRACE_S`).
 
     ``demand``: recent requests per mix; a replica that must switch is taken from those whose active mix is
     wanted least (so a hot mix keeps its replicas), then with the fewest cached mixes. While the mix's
@@ -110,7 +110,7 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int,
         # An idle replica that holds the mix, active first: no busy replica is made to switch.
         return [r for r in (idle_holders, [r for r in holders if r.queue != 0]) if r]
     if all(r.at_least(1) for r in holders) and sum(r.mix_queue for r in holders) >= spill_queue * len(holders):
-        if waited_s < SPILL_GRACE_S:
+        if waited_s < grace_s:
             # Hot by the counts: retry once they are surely current (:data:`SPILL_GRACE_S`).
             return []
         # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
@@ -140,11 +140,16 @@ class Demand(dict[str, float]):
 
 class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Routes Generator requests by their mix (the multiplexed model id): see the module's docstring.
-    ``request_router_kwargs``: ``spill_queue`` (default :data:`DEFAULT_SPILL_QUEUE`)."""
+    ``request_router_kwargs``: ``spill_queue`` (default :data:`DEFAULT_SPILL_QUEUE`), ``spill_grace_s`` (default
+    :data:`SPILL_GRACE_S`; 0 lets a hot mix spill at once, with the race that grace closes)."""
 
     def initialize_state(self, spill_queue: int = DEFAULT_SPILL_QUEUE, demand_half_life: int = DEMAND_HALF_LIFE,
-                         **_: Any) -> None:  # fmt: skip
+                         spill_grace_s: float = SPILL_GRACE_S, **_: Any) -> None:  # fmt: skip
+        if int(spill_queue) < 0 or not 0 <= float(spill_grace_s) <= HOLDER_WAIT_S:
+            raise ValueError(f"request_router_kwargs: spill_queue must be 0 or more (is {spill_queue!r}) and "
+                             f"spill_grace_s within [0, {HOLDER_WAIT_S}] s (is {spill_grace_s!r}).")  # fmt: skip
         self.spill_queue = int(spill_queue)
+        self.spill_grace_s = float(spill_grace_s)
         #: The mix this router last sent to each replica: what it will hold once its queue drains.
         self.sent: dict[Any, str] = {}
         #: Requests routed and not finished, by Serve's internal request id: (replica, mix) ...
@@ -175,7 +180,8 @@ class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [candidate_replicas]
         waited_s = time.time() - pending_request.created_at
         by_id = {r.replica_id: r for r in candidate_replicas}
-        ranks = rank([self.view(r, mix) for r in candidate_replicas], mix, self.spill_queue, self.demand, waited_s)
+        ranks = rank([self.view(r, mix) for r in candidate_replicas], mix, self.spill_queue, self.demand, waited_s,
+                     self.spill_grace_s)  # fmt: skip
         return [[by_id[v.id] for v in group] for group in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:

@@ -108,6 +108,25 @@ def test_a_hot_mix_spills_only_once_the_request_has_waited_past_the_grace() -> N
     from ray.serve._private.constants import RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S
 
     assert SPILL_GRACE_S < RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S
+    # A router configured without the grace (spill_grace_s 0) spills at once.
+    assert ids(rank(busy, "a", spill_queue=0, grace_s=0.0))[0] == ["holder", "idle"]
+    assert rank(busy, "a", spill_queue=0, waited_s=0.03, grace_s=0.05) == []
+
+
+def test_the_router_s_settings_are_checked_when_serve_builds_it() -> None:
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from deployments.routing import MixAwareRouter
+
+    router = MixAwareRouter(deployment_id=DeploymentID(name="Generator", app_name="deskgen"),
+                            handle_source=DeploymentHandleSource.PROXY)  # fmt: skip
+    router.initialize_state()
+    assert (router.spill_queue, router.spill_grace_s) == (0, SPILL_GRACE_S)
+    router.initialize_state(spill_queue=2, spill_grace_s=0)
+    assert (router.spill_queue, router.spill_grace_s) == (2, 0.0)
+    for bad in ({"spill_queue": -1}, {"spill_grace_s": -0.01}, {"spill_grace_s": HOLDER_WAIT_S + 1}):
+        with pytest.raises(ValueError, match="request_router_kwargs"):
+            router.initialize_state(**bad)
 
 
 def test_the_router_counts_each_mix_s_requests_from_routed_to_completed_once() -> None:
