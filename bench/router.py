@@ -11,7 +11,10 @@ queue wait. Reported per router: mix switches per 100 requests (generations that
 active, read from every replica's counters), p50/p95 queue wait on the replica, throughput, p50 latency per
 mix, and how the hottest mix spread over the replicas; each round's wait p95 and throughput too, and in how
 many rounds each mix-aware router beat Serve's default in the same round (``--rounds`` alternate the routers,
-so a round's pair shares the machine's state of the moment; this host's run-to-run spread is large).
+so a round's pair shares the machine's state of the moment; this host's run-to-run spread is large); the
+time each request spent outside the replica (ingress, router, transport: where the mix-aware router holds a
+request back); and the A/B arms' p50 gap with a 95 % bootstrap interval, read against the 5 % goal, and where
+each arm's time goes. ``--spill-graces-ms 20,0`` compares the router's spill grace (``spill_grace_s``).
 """
 
 from __future__ import annotations
@@ -176,17 +179,15 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
     ok = [r for r in results if r.get("ok")]
     waits = [r["queued_s"] for r in ok if "queued_s" in r]
     by_mix: dict[str, list[float]] = collections.defaultdict(list)
-    outside: dict[str, list[float]] = collections.defaultdict(list)
     parts: dict[str, list[tuple[float, float, float, float]]] = collections.defaultdict(list)
     spread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for r in ok:
         by_mix[r["mix"]].append(r["latency_s"])
         if "outside_s" in r:
-            outside[r["mix"]].append(r["outside_s"])
             parts[r["mix"]].append((r["queued_s"], r["activate_s"], r["generate_s"], r["outside_s"]))
         spread[r["mix"]][r.get("replica", "?")] += 1
     return {"router": router, "requests": len(results), "ok": len(ok), "switches": switches, "loads": loads, "wall_s": wall,
-            "waits": waits, "latencies": by_mix, "outside": outside, "parts": parts, "spread": spread,
+            "waits": waits, "latencies": by_mix, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}],
             "generate_s": [r["generate_s"] for r in ok], "switch_s": [r["activate_s"] for r in ok if r["activate_s"] > 0],
             "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s}  # fmt: skip
@@ -198,13 +199,12 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
         m = out.setdefault(r["router"], {"router": r["router"], "latencies": collections.defaultdict(list),
-                                         "outside": collections.defaultdict(list), "parts": collections.defaultdict(list),
-                                         "spread": collections.defaultdict(list)})  # fmt: skip
+                                         "parts": collections.defaultdict(list), "spread": collections.defaultdict(list)})  # fmt: skip
         for key in ("requests", "ok", "switches", "loads", "wall_s", "load_s", "adapter_loads", "adapter_load_s"):
             m[key] = m.get(key, 0) + r[key]
         for key in ("waits", "rounds", "generate_s", "switch_s"):
             m[key] = m.get(key, []) + r[key]
-        for key in ("latencies", "outside", "parts"):
+        for key in ("latencies", "parts"):
             for mix, values in r[key].items():
                 m[key][mix] += values
         # Per round: each round redeploys the app, so its replicas are new ones.
@@ -251,7 +251,7 @@ def costs(runs: list[dict[str, Any]]) -> str:
 
 
 def outside_p50_p95(run: dict[str, Any]) -> str:
-    values = [x for v in run["outside"].values() for x in v]
+    values = [p[3] for parts in run["parts"].values() for p in parts]
     return f"{1000 * percentile(values, 50):.0f} / {1000 * percentile(values, 95):.0f}" if values else "-"
 
 

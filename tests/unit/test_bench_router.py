@@ -16,11 +16,10 @@ pytestmark = pytest.mark.unit
 
 def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> dict:
     latencies = {"ott_3d": [1.0, 2.0], "dalle_ott": [1.5]}
-    outside = {"ott_3d": [0.01, 0.03], "dalle_ott": [0.02]}
     parts = {"ott_3d": [(0.1, 0.0, 0.3, 0.01), (0.2, 0.01, 0.4, 0.03)], "dalle_ott": [(0.1, 0.01, 0.3, 0.02)]}
     spread = {"ott_3d": collections.Counter({"r1": 1, "r2": 1}), "dalle_ott": collections.Counter({"r1": 1})}
     return {"router": name, "requests": requests, "ok": requests, "switches": 10, "loads": 2, "wall_s": wall_s,
-            "waits": waits, "latencies": latencies, "outside": outside, "parts": parts, "spread": spread,
+            "waits": waits, "latencies": latencies, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
             "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0}  # fmt: skip
 
@@ -60,7 +59,6 @@ def test_the_arms_note_reads_the_difference_against_the_goal_only_as_far_as_its_
 
     def run(control_s: list[float], other_s: list[float]) -> dict:
         return {"router": "r", "latencies": {control: control_s, other: other_s},
-                "outside": {control: [0.010, 0.020, 0.030], other: [0.040]},
                 "parts": {control: [(0.1, 0.0, 0.3, 0.01), (0.2, 0.02, 0.4, 0.03)], other: [(0.0, 0.0, 0.2, 0.04)]}}  # fmt: skip
 
     def sample(median: float, n: int, spread: float) -> list[float]:
