@@ -138,18 +138,33 @@ class Demand(dict[str, float]):
         self[mix] = self.get(mix, 0.0) + 1.0
 
 
+def router_settings(spill_queue: Any = DEFAULT_SPILL_QUEUE, spill_grace_s: Any = SPILL_GRACE_S) -> tuple[int, float]:
+    """The router's ``request_router_kwargs``, checked: a ValueError names the field and its rule."""
+    if isinstance(spill_queue, bool) or not isinstance(spill_queue, int) or spill_queue < 0:
+        raise ValueError(f"request_router_kwargs.spill_queue must be a whole number, 0 or more, but is {spill_queue!r}.")
+    if isinstance(spill_grace_s, bool) or not isinstance(spill_grace_s, (int, float)) or not 0 <= spill_grace_s <= HOLDER_WAIT_S:
+        raise ValueError(f"request_router_kwargs.spill_grace_s must be seconds within [0, {HOLDER_WAIT_S}] but is "
+                         f"{spill_grace_s!r}.")  # fmt: skip
+    return spill_queue, float(spill_grace_s)
+
+
 class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Routes Generator requests by their mix (the multiplexed model id): see the module's docstring.
     ``request_router_kwargs``: ``spill_queue`` (default :data:`DEFAULT_SPILL_QUEUE`), ``spill_grace_s`` (default
-    :data:`SPILL_GRACE_S`; 0 lets a hot mix spill at once, with the race that grace closes)."""
+    :data:`SPILL_GRACE_S`; 0 lets a hot mix spill at once, with the race that grace closes).
 
-    def initialize_state(self, spill_queue: int = DEFAULT_SPILL_QUEUE, demand_half_life: int = DEMAND_HALF_LIFE,
-                         spill_grace_s: float = SPILL_GRACE_S, **_: Any) -> None:  # fmt: skip
-        if int(spill_queue) < 0 or not 0 <= float(spill_grace_s) <= HOLDER_WAIT_S:
-            raise ValueError(f"request_router_kwargs: spill_queue must be 0 or more (is {spill_queue!r}) and "
-                             f"spill_grace_s within [0, {HOLDER_WAIT_S}] s (is {spill_grace_s!r}).")  # fmt: skip
-        self.spill_queue = int(spill_queue)
-        self.spill_grace_s = float(spill_grace_s)
+    Serve builds the router lazily in each caller's process, after the deploy has succeeded, so a bad value
+    cannot fail the deploy, and raising here would fail every request routed: a bad value is logged as an
+    error naming the field and the defaults are used (the unit tier checks serve_config.yaml's values)."""
+
+    def initialize_state(self, spill_queue: Any = DEFAULT_SPILL_QUEUE, demand_half_life: int = DEMAND_HALF_LIFE,
+                         spill_grace_s: Any = SPILL_GRACE_S, **_: Any) -> None:  # fmt: skip
+        try:
+            self.spill_queue, self.spill_grace_s = router_settings(spill_queue, spill_grace_s)
+        except ValueError as exc:
+            self.spill_queue, self.spill_grace_s = router_settings()
+            log.error("%s The mix-aware router uses its defaults: spill_queue %d, spill_grace_s %g.", exc,
+                      self.spill_queue, self.spill_grace_s)  # fmt: skip
         #: The mix this router last sent to each replica: what it will hold once its queue drains.
         self.sent: dict[Any, str] = {}
         #: Requests routed and not finished, by Serve's internal request id: (replica, mix) ...

@@ -113,20 +113,38 @@ def test_a_hot_mix_spills_only_once_the_request_has_waited_past_the_grace() -> N
     assert rank(busy, "a", spill_queue=0, waited_s=0.03, grace_s=0.05) == []
 
 
-def test_the_router_s_settings_are_checked_when_serve_builds_it() -> None:
+def test_the_router_s_settings_are_checked_and_a_bad_one_falls_back_to_the_default_with_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
-    from deployments.routing import MixAwareRouter
+    from deployments.routing import DEFAULT_SPILL_QUEUE, MixAwareRouter, router_settings
 
+    assert router_settings() == (DEFAULT_SPILL_QUEUE, SPILL_GRACE_S)
+    assert router_settings(2, 0) == (2, 0.0)
+    for bad, field in (({"spill_queue": -1}, "spill_queue"), ({"spill_queue": "2"}, "spill_queue"),
+                       ({"spill_queue": 1.5}, "spill_queue"), ({"spill_queue": True}, "spill_queue"),
+                       ({"spill_grace_s": -0.01}, "spill_grace_s"), ({"spill_grace_s": "20ms"}, "spill_grace_s"),
+                       ({"spill_grace_s": HOLDER_WAIT_S + 1}, "spill_grace_s")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"request_router_kwargs.{field} must"):
+            router_settings(**bad)
+    # Serve builds the router in the caller's process after the deploy: a bad value must not break routing.
     router = MixAwareRouter(deployment_id=DeploymentID(name="Generator", app_name="deskgen"),
                             handle_source=DeploymentHandleSource.PROXY)  # fmt: skip
-    router.initialize_state()
-    assert (router.spill_queue, router.spill_grace_s) == (0, SPILL_GRACE_S)
     router.initialize_state(spill_queue=2, spill_grace_s=0)
     assert (router.spill_queue, router.spill_grace_s) == (2, 0.0)
-    for bad in ({"spill_queue": -1}, {"spill_grace_s": -0.01}, {"spill_grace_s": HOLDER_WAIT_S + 1}):
-        with pytest.raises(ValueError, match="request_router_kwargs"):
-            router.initialize_state(**bad)
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        router.initialize_state(spill_queue="two")
+    assert (router.spill_queue, router.spill_grace_s) == (DEFAULT_SPILL_QUEUE, SPILL_GRACE_S)
+    assert "request_router_kwargs.spill_queue must be a whole number" in caplog.text
+
+
+def test_serve_config_yaml_gives_the_router_valid_settings() -> None:
+    from deployments.routing import router_settings
+    from deskgen.serve_config import deployment_config, load_serve_config
+
+    kwargs = deployment_config(load_serve_config(), "Generator")["request_router_config"]["request_router_kwargs"]
+    assert router_settings(**kwargs) == (kwargs["spill_queue"], kwargs["spill_grace_s"])
 
 
 def test_the_router_counts_each_mix_s_requests_from_routed_to_completed_once() -> None:
