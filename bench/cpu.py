@@ -127,9 +127,11 @@ def bench_serve_config(port: int, tiny: Path, classifier_model: Path) -> dict[st
 class ServeApp:
     """A local Ray + the deskgen app from ``config``; a context manager that always shuts both down."""
 
-    def __init__(self, config: dict[str, Any], *, num_cpus: int = 5, num_gpus: int = 2) -> None:
+    def __init__(self, config: dict[str, Any], *, num_cpus: int = 5, num_gpus: int = 2, metrics_port: int | None = None) -> None:
         self.config = config
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        #: Where Ray's metrics agent serves the app's metrics (reported every second), if given.
+        self.metrics_port = metrics_port
         self.url = f"http://127.0.0.1:{config['http_options']['port']}"
         self.deploy_s = 0.0
 
@@ -140,8 +142,11 @@ class ServeApp:
         os.environ.pop("RAY_OVERRIDE_RESOURCES", None)
         start = time.perf_counter()
         # Logical CPUs: the four stages take 3.5; one more leaves room for the 1-CPU thread probe.
+        metrics: dict[str, Any] = {}
+        if self.metrics_port is not None:
+            metrics = {"_metrics_export_port": self.metrics_port, "_system_config": {"metrics_report_interval_ms": 1000}}
         ray.init(num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources={"cpu_node": 1000}, include_dashboard=False,
-                 namespace="bench", log_to_driver=False)
+                 namespace="bench", log_to_driver=False, **metrics)  # fmt: skip
         try:
             self._deploy()
         except BaseException:

@@ -14,7 +14,10 @@ many rounds each mix-aware router beat Serve's default in the same round (``--ro
 so a round's pair shares the machine's state of the moment; this host's run-to-run spread is large); the
 time each request spent outside the replica (ingress, router, transport: where the mix-aware router holds a
 request back); and the A/B arms' p50 gap with a 95 % bootstrap interval, read against the 5 % goal, and where
-each arm's time goes. ``--spill-graces-ms 20,0`` compares the router's spill grace (``spill_grace_s``).
+each arm's time goes. ``--spill-graces-ms 20,0`` compares the router's spill grace (``spill_grace_s``); for
+each mix-aware router, the requests it held within the grace (its ``deskgen_router_hold_seconds`` metric,
+read from Ray's metrics agent): how many stayed on a holder of their mix (the done-callback of a finished
+request landed during the hold) and how soon, and how many spilled.
 """
 
 from __future__ import annotations
@@ -166,13 +169,51 @@ async def drive(url: str, mixes: list[str], clients: int) -> tuple[list[dict[str
     return results, time.perf_counter() - started
 
 
+#: The metric the mix-aware router observes for each request it held within its spill grace.
+HOLD_METRIC = "ray_deskgen_router_hold_seconds"
+
+
+def holds(metrics_text: str) -> dict[tuple[str, float], float]:
+    """The hold histogram's cumulative bucket counts in Prometheus text, summed over series by (outcome, le)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, float], float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == HOLD_METRIC + "_bucket":
+                out[(sample.labels["outcome"], float(sample.labels["le"]))] += sample.value
+    return dict(out)
+
+
+def scrape_holds(app: ServeApp) -> dict[tuple[str, float], float]:
+    time.sleep(3.0)  # Ray's metrics agent has the replicas' last second (reported every second)
+    return holds(httpx.get(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=30).text)
+
+
+def held_note(run: dict[str, Any]) -> str:
+    """The requests a mix-aware router held within its spill grace: how many stayed on a holder (the counts
+    had lagged a finished request) and how soon they left the hold, and how many spilled."""
+    held = run.get("held", {})
+    stayed = {le: n for (outcome, le), n in held.items() if outcome == "stayed"}
+    spilled = max((n for (outcome, _), n in held.items() if outcome == "spilled"), default=0.0)
+    total = max(stayed.values(), default=0.0)
+    if total + spilled == 0:
+        return f"{run['router']}: held no request within its spill grace."
+    soon = ", ".join(f"{100 * stayed.get(le, 0.0) / total:.0f} % within {1000 * le:g} ms" for le in (0.001, 0.002, 0.005))
+    return (f"{run['router']}: held {100 * (total + spilled) / run['requests']:.1f} requests per 100 within its spill "
+            f"grace: {total:.0f} stayed on a holder of their mix" + (f" ({soon})" if total else "")
+            + f", {spilled:.0f} spilled.")  # fmt: skip
+
+
 def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | None, grace_s: float,
         args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     redeploy(app, router_config(base, args.replicas, spill_queue, grace_s), args.replicas)
     asyncio.run(drive(app.url, NAMED + ADHOC, 1))  # warm: every mix once
     before = replica_infos(app, args.replicas)
+    held_before = scrape_holds(app)
     results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf), args.clients))
     after = replica_infos(app, args.replicas)
+    held = {key: n - held_before.get(key, 0.0) for key, n in scrape_holds(app).items()}
     switches, loads, load_s, adapter_loads, adapter_load_s = (
         sum(after[r][key] - before.get(r, {key: 0})[key] for r in after)
         for key in ("switches", "mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s"))  # fmt: skip
@@ -190,7 +231,8 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
             "waits": waits, "latencies": by_mix, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}],
             "generate_s": [r["generate_s"] for r in ok], "switch_s": [r["activate_s"] for r in ok if r["activate_s"] > 0],
-            "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s}  # fmt: skip
+            "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s,
+            "held": held}  # fmt: skip
 
 
 def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -207,6 +249,8 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("latencies", "parts"):
             for mix, values in r[key].items():
                 m[key][mix] += values
+        for key, n in r.get("held", {}).items():
+            m.setdefault("held", {})[key] = m.get("held", {}).get(key, 0.0) + n
         # Per round: each round redeploys the app, so its replicas are new ones.
         for mix, counter in r["spread"].items():
             m["spread"][mix].append(len(counter))
@@ -301,7 +345,7 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
                  f"{1000 * r['wait_p95']:.0f}", outside_p50_p95(r), f"{r['requests'] / r['wall_s']:.2f}", r["requests"] - r["ok"],
                  " / ".join(f"{1000 * x['wait_p95']:.0f}" for x in r["rounds"]),
                  " / ".join(f"{x['rps']:.2f}" for x in r["rounds"]))  # fmt: skip
-    main.notes += [*paired(runs), costs(runs)]
+    main.notes += [*paired(runs), *(held_note(r) for r in runs if not r["router"].startswith("serve")), costs(runs)]
     mixes = [m for m in NAMED + ADHOC if all(m in r["per_mix_p50"] for r in runs)]
     per_mix = Table("p50 latency per mix (ms), and on how many replicas each mix ran in a round (fewest-most)",
                     ["mix", *[r["router"] for r in runs]])  # fmt: skip
@@ -342,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     routers += [(f"mix-aware, spill_queue {q}" + ("" if g == SPILL_GRACE_S else f", grace {1000 * g:g} ms"), int(q), g)
                 for q in args.spill_queues.split(",") for g in graces]  # fmt: skip
     with ServeApp(router_config(base, args.replicas, None), num_cpus=4 + args.replicas,
-                  num_gpus=1 + args.replicas) as app:  # fmt: skip
+                  num_gpus=1 + args.replicas, metrics_port=free_port()) as app:  # fmt: skip
         for round_ in range(args.rounds):
             for name, spill_queue, grace_s in routers:
                 log.info("round %d, router %s", round_ + 1, name)

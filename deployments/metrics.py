@@ -45,6 +45,7 @@ REQUEST_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 
 LOAD_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 QUEUE_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 SCORE_BUCKETS = [0.05 * i for i in range(1, 20)]
+HOLD_BUCKETS = [0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05]
 BATCH_BUCKETS = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0]
 
 
@@ -190,6 +191,15 @@ def batch_size(stage: str, size: int) -> None:
 
 
 # -- the generator -----------------------------------------------------------------------------------
+
+
+def router_held(outcome: str, seconds: float) -> None:
+    """A Generator request the mix-aware router held within its spill grace (deployments/routing.py), in the
+    caller's process: ``stayed`` (a holder of its mix took it: the counts had lagged a finished request) or
+    ``spilled`` (a replica without the mix took it too once the grace passed)."""
+    _metrics.observe("deskgen_router_hold_seconds", "Generator requests held by the mix-aware router within its "
+                     "spill grace, by outcome (stayed: a holder took it; spilled)", HOLD_BUCKETS,
+                     {"outcome": outcome}, seconds)  # fmt: skip
 
 
 class GeneratorObserver:

@@ -32,14 +32,17 @@ Ray-free logic (:func:`rank`) is unit-tested; the router class adapts it to Serv
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+
+from deployments import metrics
 
 log = logging.getLogger("ray.serve")
 
@@ -54,10 +57,12 @@ HOLDER_WAIT_S = 1.0
 #: How long a request of a hot mix waits before an idle replica may take it. The router counts a request until
 #: Serve runs its done-callback on the router's event loop, a moment after the caller got its answer: a caller
 #: that sends its next request at once (a handle in a loop) would find its holder busy with the request that
-#: just finished, and its mix would spill to an idle replica that must load it. Until then no replica is
-#: offered, so Serve retries: at once, then after its first backoff (25 ms, RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S),
-#: by when the count is true. A real spill starts 25 ms later, against an image of seconds.
+#: just finished, and its mix would spill to an idle replica that must load it. The router holds such a
+#: request on its own event loop, ranking it again every :data:`RECHECK_S`, so a done-callback that lands
+#: in the meantime is seen at once (and a real spill costs the grace, not Serve's 25 ms retry backoff).
 SPILL_GRACE_S = 0.02
+#: How often a request held within the spill grace is ranked again.
+RECHECK_S = 0.001
 #: What ``record_routing_stats`` of a Generator replica reports under this key: its active (fused) mix.
 ACTIVE_MIX = "active_mix"
 #: ... and under this key its requests running or waiting.
@@ -110,16 +115,35 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Ma
         # An idle replica that holds the mix, active first: no busy replica is made to switch.
         return [r for r in (idle_holders, [r for r in holders if r.queue != 0]) if r]
     if all(r.at_least(1) for r in holders) and sum(r.mix_queue for r in holders) >= spill_queue * len(holders):
-        if waited_s < grace_s:
-            # Hot by the counts: retry once they are surely current (:data:`SPILL_GRACE_S`).
-            return []
         # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
         # is idle (or whose queue Serve has yet to probe) takes the mix too. Serve keeps a holder on a tie:
         # it must be strictly shorter.
-        return [r for r in (holders + [r for r in others if r.queue in (0, None)], others) if r]
+        idle_others = [r for r in others if r.queue in (0, None)]
+        if idle_others and waited_s < grace_s:
+            # Hot by the counts, and a replica without the mix would take it: ask again once the counts are
+            # surely current (:data:`SPILL_GRACE_S`). With no such replica nothing spills and nothing waits.
+            return []
+        return [r for r in (holders + idle_others, [r for r in others if r not in idle_others]) if r]
     if waited_s < HOLDER_WAIT_S:
         return [r for r in (active, cached) if r]
     return [r for r in (active, cached, others) if r]
+
+
+async def settle(ranking: Callable[[], list[list[ReplicaView]]], mix: str, recheck_s: float = RECHECK_S,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> tuple[list[list[ReplicaView]], str | None]:  # fmt: skip
+    """Rank a request, holding it while :func:`rank` asks for a moment (an empty ranking: hot by counts that a
+    done-callback may be about to lower): ``ranking`` is called again every ``recheck_s`` on the router's
+    event loop, where Serve's callbacks run meanwhile, until it offers replicas. Returns the ranks and what
+    the hold came to: None (not held), ``"stayed"`` (a holder took it after all: the counts were late) or
+    ``"spilled"`` (the grace passed with every holder busy; the first rank adds replicas without the mix)."""
+    ranks = ranking()
+    if ranks:
+        return ranks, None
+    while not ranks:
+        await sleep(recheck_s)
+        ranks = ranking()
+    spilled = any(r.active != mix and mix not in r.cached for r in ranks[0])
+    return ranks, "spilled" if spilled else "stayed"
 
 
 class Demand(dict[str, float]):
@@ -193,10 +217,16 @@ class MixAwareRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         mix = pending_request.metadata.multiplexed_model_id
         if not mix:
             return [candidate_replicas]
-        waited_s = time.time() - pending_request.created_at
         by_id = {r.replica_id: r for r in candidate_replicas}
-        ranks = rank([self.view(r, mix) for r in candidate_replicas], mix, self.spill_queue, self.demand, waited_s,
-                     self.spill_grace_s)  # fmt: skip
+
+        def ranking() -> list[list[ReplicaView]]:
+            return rank([self.view(r, mix) for r in candidate_replicas], mix, self.spill_queue, self.demand,
+                        time.time() - pending_request.created_at, self.spill_grace_s)  # fmt: skip
+
+        held_at = time.perf_counter()
+        ranks, held = await settle(ranking, mix)
+        if held is not None:
+            metrics.router_held(held, time.perf_counter() - held_at)
         return [[by_id[v.id] for v in group] for group in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:

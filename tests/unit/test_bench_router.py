@@ -21,7 +21,8 @@ def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> di
     return {"router": name, "requests": requests, "ok": requests, "switches": 10, "loads": 2, "wall_s": wall_s,
             "waits": waits, "latencies": latencies, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
-            "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0}  # fmt: skip
+            "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0,
+            "held": {}}  # fmt: skip
 
 
 def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison() -> None:
@@ -44,7 +45,8 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
     assert main.rows[1][5] == "20 / 30"  # outside the replica: 10, 30, 20 ms x 3 rounds; p50 is the 5th of 9
-    assert main.notes == [*router.paired(runs), router.costs(runs)]
+    assert main.notes == [*router.paired(runs), "mix-aware, spill_queue 0: held no request within its spill grace.",
+                          router.costs(runs)]  # fmt: skip
     # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
     assert router.costs(runs) == (
         "Costs on the replicas, every router's rounds (the inputs of bench.router_sim's model with shared cores): "
@@ -74,3 +76,33 @@ def test_the_arms_note_reads_the_difference_against_the_goal_only_as_far_as_its_
     # The same true difference as "close", but few and spread-out latencies: the interval straddles the goal.
     noisy = router.arms_note(run(sample(0.25, 30, 0.4), sample(0.25, 30, 0.4)))
     assert "): not resolved against 5 % by this sample; " in noisy
+
+
+#: What Ray's metrics agent serves for the router's hold histogram (two Ingress replicas' series, one outcome
+#: each), as Prometheus text: the buckets are cumulative.
+HOLD_TEXT = """\
+# HELP ray_deskgen_router_hold_seconds Generator requests held by the mix-aware router
+# TYPE ray_deskgen_router_hold_seconds histogram
+ray_deskgen_router_hold_seconds_bucket{replica="i1",outcome="stayed",le="0.001"} 6.0
+ray_deskgen_router_hold_seconds_bucket{replica="i1",outcome="stayed",le="0.002"} 8.0
+ray_deskgen_router_hold_seconds_bucket{replica="i1",outcome="stayed",le="0.005"} 9.0
+ray_deskgen_router_hold_seconds_bucket{replica="i1",outcome="stayed",le="+Inf"} 10.0
+ray_deskgen_router_hold_seconds_count{replica="i1",outcome="stayed"} 10.0
+ray_deskgen_router_hold_seconds_sum{replica="i1",outcome="stayed"} 0.02
+ray_deskgen_router_hold_seconds_bucket{replica="i2",outcome="stayed",le="0.001"} 2.0
+ray_deskgen_router_hold_seconds_bucket{replica="i2",outcome="stayed",le="0.002"} 2.0
+ray_deskgen_router_hold_seconds_bucket{replica="i2",outcome="stayed",le="0.005"} 2.0
+ray_deskgen_router_hold_seconds_bucket{replica="i2",outcome="stayed",le="+Inf"} 10.0
+ray_deskgen_router_hold_seconds_bucket{replica="i2",outcome="spilled",le="0.02"} 0.0
+ray_deskgen_router_hold_seconds_bucket{replica="i2",outcome="spilled",le="+Inf"} 5.0
+"""
+
+
+def test_the_router_s_holds_are_read_from_the_metrics_and_summed_over_series() -> None:
+    held = router.holds(HOLD_TEXT)
+    assert held[("stayed", 0.001)] == 8.0 and held[("stayed", float("inf"))] == 20.0
+    assert held[("spilled", float("inf"))] == 5.0
+    run = {"router": "mix-aware, spill_queue 0", "requests": 100, "held": held}
+    assert router.held_note(run) == ("mix-aware, spill_queue 0: held 25.0 requests per 100 within its spill grace: "
+                                     "20 stayed on a holder of their mix (40 % within 1 ms, 50 % within 2 ms, "
+                                     "55 % within 5 ms), 5 spilled.")  # fmt: skip

@@ -66,7 +66,7 @@ def test_a_mix_is_hot_when_its_own_requests_on_its_holders_reach_the_threshold()
     unknown = [r("h1", "a", queue=None, mix=1), r("idle", "c", queue=0)]  # a queue not known yet is not "hot"
     assert ids(rank(unknown, "a", spill_queue=1))[0] == ["h1"]
     hot = [r("h1", "a", queue=2, mix=2), r("unprobed", "c", queue=None), r("busy", "d", queue=1)]
-    assert ids(rank(hot, "a", spill_queue=2, waited_s=SPILL_GRACE_S)) == [["h1", "unprobed"], ["unprobed", "busy"]]
+    assert ids(rank(hot, "a", spill_queue=2, waited_s=SPILL_GRACE_S)) == [["h1", "unprobed"], ["busy"]]
 
 
 def test_a_mix_no_replica_holds_goes_to_the_replicas_with_the_fewest_cached_mixes_first() -> None:
@@ -94,9 +94,9 @@ def test_a_holder_is_busy_only_when_the_router_and_the_replica_agree() -> None:
 
 def test_a_hot_mix_spills_only_once_the_request_has_waited_past_the_grace() -> None:
     """Both counts say busy, but the router's may still hold a request that just finished (its done-callback
-    runs a moment after the caller's answer): within SPILL_GRACE_S no replica is offered, so Serve retries
-    after its first backoff with the counts current, and a caller that sends its next request at once
-    stays on its holder."""
+    runs a moment after the caller's answer): within SPILL_GRACE_S no replica is offered (the router holds
+    the request and ranks it again, :func:`settle`), and a caller that sends its next request at once stays
+    on its holder."""
     busy = [r("holder", "a", queue=1, reported=1, mix=1), r("idle", "b", queue=0, reported=0)]
     assert rank(busy, "a", spill_queue=0) == []
     assert rank(busy, "a", spill_queue=0, waited_s=SPILL_GRACE_S / 2) == []
@@ -104,13 +104,51 @@ def test_a_hot_mix_spills_only_once_the_request_has_waited_past_the_grace() -> N
     # The retry, once the done-callback ran: the holder is idle, and takes the request.
     finished = [r("holder", "a", queue=0, reported=1), r("idle", "b", queue=0, reported=0)]
     assert ids(rank(finished, "a", spill_queue=0, waited_s=SPILL_GRACE_S)) == [["holder"]]
-    # Serve's first backoff is longer than the grace: a real spill waits one backoff, no more.
-    from ray.serve._private.constants import RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S
-
-    assert SPILL_GRACE_S < RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S
+    # Every replica busy: there is nowhere to spill, so the request is not held at all (it would wait the
+    # grace for nothing); Serve takes the shortest queue, a holder's first.
+    saturated = [r("holder", "a", queue=1, reported=1, mix=1), r("busy", "b", queue=1, reported=1)]
+    assert ids(rank(saturated, "a", spill_queue=0)) == [["holder"], ["busy"]]
     # A router configured without the grace (spill_grace_s 0) spills at once.
     assert ids(rank(busy, "a", spill_queue=0, grace_s=0.0))[0] == ["holder", "idle"]
     assert rank(busy, "a", spill_queue=0, waited_s=0.03, grace_s=0.05) == []
+
+
+def test_a_request_held_within_the_grace_goes_to_its_holder_when_the_done_callback_lands_meanwhile() -> None:
+    """The race the grace closes, as Serve runs it: the caller has its answer, its next request of the same
+    mix is routed, and the finished request's done-callback arrives a moment later from another thread
+    (Ray's callback thread, through ``call_soon_threadsafe``). The router holds the request on its event
+    loop and ranks it again; the callback lands meanwhile, and the holder takes it (``stayed``). With no
+    callback the grace passes and an idle replica joins the first rank (``spilled``), not before the grace."""
+    import threading
+
+    from deployments.routing import settle
+
+    async def scenario(finishes: bool, grace_s: float) -> tuple[list[list[str]], str | None, float]:
+        loop = asyncio.get_running_loop()
+        queue = {"holder": 1}  # the router's count: the request that just finished, its callback not run yet
+        started = loop.time()
+
+        def ranking() -> list[list[ReplicaView]]:
+            busy = queue["holder"]
+            replicas = [r("holder", "a", queue=busy, reported=1, mix=busy), r("idle", "b", queue=0, reported=0)]
+            return rank(replicas, "a", spill_queue=0, waited_s=loop.time() - started, grace_s=grace_s)
+
+        def done_callback() -> None:  # what Serve's _process_finished_request does to the counts
+            queue["holder"] = 0
+
+        if finishes:
+            threading.Timer(0.005, lambda: loop.call_soon_threadsafe(done_callback)).start()
+        ranks, held = await settle(ranking, "a")
+        return ids(ranks), held, loop.time() - started
+
+    # A grace far beyond the callback's 5 ms, so that no machine is too slow for the hold to resolve.
+    ranks, held, _ = asyncio.run(scenario(finishes=True, grace_s=30.0))
+    assert (ranks, held) == ([["holder"]], "stayed")
+    ranks, held, waited = asyncio.run(scenario(finishes=False, grace_s=0.05))
+    assert (ranks[0], held) == (["holder", "idle"], "spilled")
+    assert waited >= 0.05
+    # A ranking that offers replicas at once is not held.
+    assert asyncio.run(settle(lambda: [[r("holder", "a")]], "a")) == ([[r("holder", "a")]], None)
 
 
 def test_the_router_s_settings_are_checked_and_a_bad_one_falls_back_to_the_default_with_an_error(
