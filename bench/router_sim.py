@@ -25,7 +25,8 @@ ray 2.60's ``PowerOfTwoChoicesRequestRouter`` with ``MultiplexMixin.apply_multip
 have the mix cached first; on the next try, or when none has it, those with the fewest cached mixes; after the
 matching timeout (uniform 1-2 s) those once more, then all; two random candidates per try, the shorter queue
 that accepts. Both routers retry as Serve's routing loop does: a second try at once, then after 25 ms doubling
-to 500 ms (``_choose_replicas_with_backoff``). Not modelled: probe round-trips, the lag of the replicas'
+to 500 ms (``_choose_replicas_with_backoff``); a request the mix-aware router holds within its spill grace is
+ranked again every millisecond instead. Not modelled: probe round-trips, the lag of the replicas'
 reports, the ingress and the proxy, and anything a miss costs beyond its adapter loads. Reported per router:
 waits (arrival to the first denoising step: routing, the replica's queue, the loads and the switch), switches,
 mix misses and adapter loads per 100 requests, the p95 latency and how far the A/B arms' p50 latencies differ.
@@ -53,7 +54,7 @@ from bench.common import (
     render_section,
 )
 from bench.router import ADHOC, ARMS, NAMED, zipf_weights
-from deployments.routing import Demand, ReplicaView, rank
+from deployments.routing import RECHECK_S, Demand, ReplicaView, rank
 from deskgen.mixes import NAMED_MIXES, parse_mix_spec
 
 #: Serve's retry schedule (ray.serve constants RAY_SERVE_ROUTER_RETRY_*): the first backoff and its growth, the cap.
@@ -204,7 +205,13 @@ class Simulation:
     # ---- the event loop -------------------------------------------------------------------------------------
 
     def route(self, request: Request, now: float, policy: Callable[[Request, float], list[list[int]]]) -> None:
-        for group in policy(request, now):
+        ranks = policy(request, now)
+        if not ranks:
+            # The mix-aware router holds the request on its event loop within the spill grace, ranking it
+            # again every RECHECK_S (deployments.routing.settle): no retry of Serve's, no backoff.
+            self.at(now + RECHECK_S, "route", request)
+            return
+        for group in ranks:
             accepting = [i for i in group if len(self.replicas[i].queue) < self.max_ongoing]
             if accepting:
                 chosen = min(accepting, key=lambda i: len(self.replicas[i].queue))  # the first of the shortest

@@ -106,3 +106,14 @@ def test_the_router_s_holds_are_read_from_the_metrics_and_summed_over_series() -
     assert router.held_note(run) == ("mix-aware, spill_queue 0: held 25.0 requests per 100 within its spill grace: "
                                      "20 stayed on a holder of their mix (40 % within 1 ms, 50 % within 2 ms, "
                                      "55 % within 5 ms), 5 spilled.")  # fmt: skip
+
+
+def test_the_lag_bench_tabulates_the_stayed_holds_by_bucket() -> None:
+    from bench import router_lag
+
+    table = router_lag.lag_table(router.holds(HOLD_TEXT), calls=40, grace_ms=200)
+    rows = {row[0]: row[1:] for row in table.rows}
+    # Cumulative over both series: 8 within 1 ms, 10 within 2 ms, 11 within 5 ms, 20 in all; a bucket a
+    # series lacks counts as none of its holds.
+    assert rows["1"] == ["8", "40.0 %"] and rows["2"] == ["10", "50.0 %"] and rows["5"] == ["11", "55.0 %"]
+    assert rows["any"] == ["20", "100.0 %"] and rows["0.5"] == ["0", "0.0 %"]

@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from bench import router_sim as sim
+from deployments.routing import RECHECK_S, SPILL_GRACE_S
 
 pytestmark = pytest.mark.unit
 
@@ -86,15 +87,15 @@ def test_the_bench_runs_and_tells_routers_apart() -> None:
 
 def test_replicas_sharing_cores_slow_each_other_down_and_replicas_with_a_device_each_do_not() -> None:
     timings = sim.Timings(image_s=1.0, switch_s=0.0, adapter_load_s=0.0, jitter=0.0)
-    # The second request finds the mix's holder busy and spills after Serve's first backoff (the router's
-    # SPILL_GRACE_S is shorter): it starts d later.
-    d = sim.BACKOFF_S
+    # The second request finds the mix's holder busy and an idle replica: the router holds it for its spill
+    # grace (ranking it again every RECHECK_S), then it spills; it starts d later.
+    d = SPILL_GRACE_S
     for cores, finished in ((None, [1.0, 1.0 + d]), (1.0, [2.0 - d, 2.0]), (2.0, [1.0, 1.0 + d])):
         simulation = sim.Simulation(replicas=2, max_ongoing=1, cache_size=4, timings=timings, seed=1, cores=cores)
         done = simulation.run([(0.0, "ott_3d"), (0.0, "ott_3d")], simulation.mix_aware(0))
         assert {r.replica for r in done} == {0, 1}
-        assert [r.finished for r in done] == pytest.approx(finished), cores
+        assert [r.finished for r in done] == pytest.approx(finished, abs=RECHECK_S), cores  # held in steps of RECHECK_S
     # One core, and the second request arrives half-way through the first: 0.5 + d s alone, then both at half speed.
     simulation = sim.Simulation(replicas=2, max_ongoing=1, cache_size=4, timings=timings, seed=1, cores=1.0)
     done = simulation.run([(0.0, "ott_3d"), (0.5, "ott_3d")], simulation.mix_aware(0))
-    assert sorted(r.finished or 0.0 for r in done) == pytest.approx([1.5 - d, 2.0])
+    assert sorted(r.finished or 0.0 for r in done) == pytest.approx([1.5 - d, 2.0], abs=RECHECK_S)
