@@ -45,6 +45,7 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
     assert main.rows[1][5] == "20 / 30"  # outside the replica: 10, 30, 20 ms x 3 rounds; p50 is the 5th of 9
+    assert main.rows[1][6] == "1500 / 2000"  # latency, every mix pooled: 1, 2 and 1.5 s x 3 rounds
     assert main.notes == [*router.paired(runs), "mix-aware, spill_queue 0: held no request within its spill grace.",
                           router.costs(runs)]  # fmt: skip
     # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
