@@ -36,7 +36,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,20 +129,19 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Ma
     return [r for r in (active, cached, others) if r]
 
 
-async def settle(ranking: Callable[[], list[list[ReplicaView]]], mix: str, recheck_s: float = RECHECK_S,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> tuple[list[list[ReplicaView]], str | None]:  # fmt: skip
+async def settle(ranking: Callable[[], list[list[ReplicaView]]], mix: str,
+                 recheck_s: float = RECHECK_S) -> tuple[list[list[ReplicaView]], str | None]:  # fmt: skip
     """Rank a request, holding it while :func:`rank` asks for a moment (an empty ranking: hot by counts that a
     done-callback may be about to lower): ``ranking`` is called again every ``recheck_s`` on the router's
     event loop (the first time at once, after the callbacks already queued there), where Serve's callbacks
-    run meanwhile, until it offers replicas. Returns the ranks and what
-    the hold came to: None (not held), ``"stayed"`` (a holder took it after all: the counts were late) or
+    run meanwhile, until it offers replicas. Returns the ranks and what the hold came to: None (not held), ``"stayed"`` (a holder took it after all: the counts were late) or
     ``"spilled"`` (the grace passed with every holder busy; the first rank adds replicas without the mix)."""
     ranks = ranking()
     if ranks:
         return ranks, None
     delay = 0.0  # first let the callbacks already queued on the loop run, then every recheck_s
     while not ranks:
-        await sleep(delay)
+        await asyncio.sleep(delay)
         delay = recheck_s
         ranks = ranking()
     spilled = any(r.active != mix and mix not in r.cached for r in ranks[0])
