@@ -190,13 +190,17 @@ def scrape_holds(app: ServeApp) -> dict[tuple[str, float], float]:
     return holds(httpx.get(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=30).text)
 
 
+def held_counts(held: dict[tuple[str, float], float]) -> tuple[float, float]:
+    """The requests held that stayed and that spilled: each outcome's +Inf bucket."""
+    return held.get(("stayed", float("inf")), 0.0), held.get(("spilled", float("inf")), 0.0)
+
+
 def held_note(run: dict[str, Any]) -> str:
     """The requests a mix-aware router held within its spill grace: how many stayed on a holder (the counts
     had lagged a finished request) and how soon they left the hold, and how many spilled."""
     held = run.get("held", {})
     stayed = {le: n for (outcome, le), n in held.items() if outcome == "stayed"}
-    spilled = max((n for (outcome, _), n in held.items() if outcome == "spilled"), default=0.0)
-    total = max(stayed.values(), default=0.0)
+    total, spilled = held_counts(held)
     if total + spilled == 0:
         return f"{run['router']}: held no request within its spill grace."
     soon = ", ".join(f"{100 * stayed.get(le, 0.0) / total:.0f} % within {1000 * le:g} ms" for le in (0.001, 0.002, 0.005))
@@ -249,8 +253,9 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("latencies", "parts"):
             for mix, values in r[key].items():
                 m[key][mix] += values
+        held = m.setdefault("held", {})
         for key, n in r.get("held", {}).items():
-            m.setdefault("held", {})[key] = m.get("held", {}).get(key, 0.0) + n
+            held[key] = held.get(key, 0.0) + n
         # Per round: each round redeploys the app, so its replicas are new ones.
         for mix, counter in r["spread"].items():
             m["spread"][mix].append(len(counter))

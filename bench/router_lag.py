@@ -31,7 +31,7 @@ import httpx
 
 from bench.common import Table, append_report, command_line, machine, render_section
 from bench.cpu import ServeApp, bench_serve_config, free_port
-from bench.router import router_config, scrape_holds
+from bench.router import held_counts, router_config, scrape_holds
 from deployments.metrics import HOLD_BUCKETS
 from deskgen.contracts import GenerationRequest
 from deskgen.generator.params import GenerationParams
@@ -47,7 +47,7 @@ def lag_table(held: dict[tuple[str, float], float], calls: int, grace_ms: float)
     """The hold histogram of ``calls`` back-to-back calls as a table: per bucket bound, the holds that ended
     (stayed) within it, as a count and a share of the stayed holds."""
     stayed = {le: n for (outcome, le), n in held.items() if outcome == "stayed"}
-    total = stayed.get(float("inf"), 0.0)
+    total, _ = held_counts(held)
     table = Table(f"Holds of {calls} back-to-back calls, spill grace {grace_ms:g} ms: how soon a holder took them",
                   ["held at most (ms)", "stayed (calls)", "share of the stayed"])  # fmt: skip
     for le in [*HOLD_BUCKETS, float("inf")]:
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.calls):
             answered[handle.generate.remote(request).result(timeout_s=60).replica] += 1
         held = {key: n - before.get(key, 0.0) for key, n in scrape_holds(app).items()}
-    stayed = held.get(("stayed", float("inf")), 0.0)
-    spilled = held.get(("spilled", float("inf")), 0.0)
+    stayed, spilled = held_counts(held)
     table = lag_table(held, args.calls, args.grace_ms)
     table.notes += [
         f"{args.calls} calls: {stayed + spilled:.0f} held ({stayed:.0f} stayed, {spilled:.0f} spilled); answered by "

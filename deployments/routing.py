@@ -134,8 +134,9 @@ async def settle(ranking: Callable[[], list[list[ReplicaView]]], mix: str,
     """Rank a request, holding it while :func:`rank` asks for a moment (an empty ranking: hot by counts that a
     done-callback may be about to lower): ``ranking`` is called again every ``recheck_s`` on the router's
     event loop (the first time at once, after the callbacks already queued there), where Serve's callbacks
-    run meanwhile, until it offers replicas. Returns the ranks and what the hold came to: None (not held), ``"stayed"`` (a holder took it after all: the counts were late) or
-    ``"spilled"`` (the grace passed with every holder busy; the first rank adds replicas without the mix)."""
+    run meanwhile, until it offers replicas. Returns the ranks and what the hold came to: None (not held),
+    ``"stayed"`` (a holder took it after all: the counts were late) or ``"spilled"`` (the grace passed with
+    every holder busy; the first rank adds replicas without the mix)."""
     ranks = ranking()
     if ranks:
         return ranks, None
