@@ -9,6 +9,9 @@ refuses somewhat earlier in practice (it learns a replica's free slot only when 
 and a request the door admitted but the router refused has walked the whole ingress for nothing — so the
 door's ``limit`` follows the router: one less after each such refusal (503 from inside), one more after
 ``limit`` answers in a row while full, never above the capacity (additive increase, like TCP's window).
+A door left empty by an answer starts again from the capacity: with nothing of this caller's in the
+router, what a past refusal taught no longer holds, and a lowered limit would refuse a request that an
+idle generator could take (a limit only climbs while full, so after a burst it would stay low for good).
 
 The ``Retry-After`` of a refusal is a place in a virtual queue. The door measures the time between two
 answers while busy (exponentially averaged) and keeps a virtual tail: each refusal moves it one interval
@@ -99,6 +102,10 @@ class Admission:
             stats.limit = max(1, stats.limit - 1)
             self._full_answers = 0
             return
+        if stats.in_flight == 0:
+            # Empty: nothing of this caller's is queued at the router, so it has its whole capacity again.
+            stats.limit = stats.capacity
+            self._full_answers = 0
         if status != 200:
             return
         if self._last_answer is not None and now - self._last_answer < BUSY_GAP_S:

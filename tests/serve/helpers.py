@@ -1,10 +1,11 @@
 """Requests and checks shared by the serve-tier tests: the two generation routes, the JSON error shape,
-the SSE stream."""
+the SSE stream, waiting on the app's state."""
 
 from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any
 
 import httpx
@@ -46,3 +47,17 @@ def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
         lines = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((lines["event"], json.loads(lines["data"])))
     return events
+
+
+def wait_until(check: Any, what: str, state: Any = None, timeout_s: float = 60) -> None:
+    """Poll ``check`` until true; past ``timeout_s`` fail naming ``what`` and, if given, ``state()``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout_s} s: {state() if state else ''}")
+        time.sleep(0.2)
+
+
+def door(client: httpx.Client) -> dict[str, Any]:
+    """The ingress door's admission state (capacity, limit, in_flight, shed, ...) from /healthz."""
+    return dict(client.get("/healthz").json()["admission"])

@@ -8,7 +8,6 @@ import contextlib
 import copy
 import json
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 from deployments.door.apikeys import key_hash, mint
 
 from .conftest import deploy, deployment, stage_stats
-from .helpers import assert_error, text2img
+from .helpers import assert_error, door, text2img, wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -30,14 +29,6 @@ def keyed_config(serve_app: dict[str, Any], keys: list[dict[str, Any]]) -> dict[
     config = copy.deepcopy(serve_app["config"])
     deployment(config, "Ingress")["user_config"]["api_keys"] = keys
     return config
-
-
-def wait_until(check: Any, what: str, state: Any = None, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: {state() if state else ''}")
-        time.sleep(0.2)
 
 
 @pytest.fixture()
@@ -160,10 +151,6 @@ def long_stream(client: httpx.Client, headers: dict[str, str] | None = None) -> 
         if response.status_code == 200:
             next(lines)
         yield response
-
-
-def door(client: httpx.Client) -> dict[str, Any]:
-    return dict(client.get("/healthz").json()["admission"])
 
 
 def test_admission_sheds_before_the_body_is_parsed(client: httpx.Client, serve_app: dict[str, Any], desk_photo: bytes) -> None:

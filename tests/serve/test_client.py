@@ -44,7 +44,7 @@ from deskgen_client import (
     UnsupportedMediaType,
 )
 
-from .helpers import text2img
+from .helpers import door, text2img, wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -373,9 +373,11 @@ def test_503_is_retried_after_retry_after_bounded_and_each_attempt_has_its_own_i
     slow(1, 2)  # warm: the mix active, 256 px compiled; the next one measures steady state
     per_step = slow(2, 10) / 10
     steps = max(1, min(150, math.ceil(3.0 / per_step)))
-    with ThreadPoolExecutor(3) as pool, Deskgen(url, max_retries=0) as no_retry:
+    with ThreadPoolExecutor(3) as pool, Deskgen(url, max_retries=0) as no_retry, httpx.Client(base_url=url) as http:
         blockers = [pool.submit(slow, 100 + i, steps) for i in range(3)]
-        time.sleep(0.5)  # the blockers reach the generator first (a probe ahead of them would be queued)
+        # The blockers are in before any probe (a probe ahead of one would take its place in the queue).
+        wait_until(lambda: door(http)["in_flight"] == 3, "the three blockers never held the door",
+                   lambda: door(http))  # fmt: skip
         # 1. Wait for the queue to be full: a client without retries gets the 503 as a typed error.
         deadline = time.monotonic() + 30
         while True:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import io
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from deskgen.pngmeta import read_png_metadata
 from deskgen.tools.samples import desk_scene
 
 from .conftest import deploy, deployment, stage_stats
+from .helpers import wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -38,14 +38,6 @@ def ingress_config(config: dict[str, Any]) -> dict[str, Any]:
     return dict(deployment(config, "Ingress")["user_config"])
 
 
-def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout_s} s")
-        time.sleep(0.2)
-
-
 def test_a_limit_raised_by_serve_deploy_holds_in_every_stage(client: httpx.Client, serve_app: dict[str, Any]) -> None:
     """The ingress's max_side is the only max_side: raising it lets the generator draw the larger image too."""
     limit = ingress_config(serve_app["config"])["max_side"]
@@ -58,13 +50,13 @@ def test_a_limit_raised_by_serve_deploy_holds_in_every_stage(client: httpx.Clien
     deployment(config, "Ingress")["user_config"]["max_side"] = wide
     deploy(config)
     try:
-        wait_until(lambda: client.get("/v1/limits").json()["max_side"] == wide, 60, "the new max_side")
+        wait_until(lambda: client.get("/v1/limits").json()["max_side"] == wide, "the new max_side", timeout_s=60)
         response = client.post("/v1/text2img", json={"prompt": "desk", "steps": 1, "width": wide, "height": 64})
         assert response.status_code == 200, response.text
         assert Image.open(io.BytesIO(response.content)).size == (wide, 64)
     finally:
         deploy(serve_app["config"])
-        wait_until(lambda: client.get("/v1/limits").json()["max_side"] == limit, 60, "the original max_side")
+        wait_until(lambda: client.get("/v1/limits").json()["max_side"] == limit, "the original max_side", timeout_s=60)
 
 
 @pytest.mark.parametrize(
@@ -97,14 +89,14 @@ def test_a_lora_file_added_to_lora_dir_is_usable_without_a_restart(
     shutil.copy2(lora_dir / "dalle.safetensors", added)
     try:
         # The ingress re-lists lora_dir once its list is older than catalog_ttl_s.
-        wait_until(lambda: "neon" in client.get("/v1/mixes").json()["adapters"], ttl + 30, "neon listed")
+        wait_until(lambda: "neon" in client.get("/v1/mixes").json()["adapters"], "neon listed", timeout_s=ttl + 30)
         response = client.post("/v1/text2img", json={"prompt": "desk", "steps": 1, "mix": "neon:0.8"})
         assert response.status_code == 200, response.text
         assert read_png_metadata(response.content)["mix_id"] == "neon:0.8"
         assert client.get("/healthz").json()["replica"] == replica  # no restart
     finally:
         added.unlink(missing_ok=True)
-    wait_until(lambda: "neon" not in client.get("/v1/mixes").json()["adapters"], ttl + 30, "neon dropped")
+    wait_until(lambda: "neon" not in client.get("/v1/mixes").json()["adapters"], "neon dropped", timeout_s=ttl + 30)
     gone = client.post("/v1/text2img", json={"prompt": "desk", "steps": 1, "mix": "neon:0.8"})
     assert gone.status_code == 404 and gone.json()["error"]["field"] == "mix", gone.text
     assert "neon" in gone.json()["error"]["message"]

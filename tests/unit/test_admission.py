@@ -52,6 +52,23 @@ def test_limit_drops_after_a_refusal_inside_and_climbs_back_while_full() -> None
     assert admission.stats.limit == admission.stats.capacity == 3
 
 
+def test_a_door_left_empty_starts_again_from_the_capacity() -> None:
+    """After a burst the limit is low and nothing fills the door to raise it: the door, once empty, admits
+    the whole capacity again rather than refusing a request an idle generator would take."""
+    admission = door()
+    for _ in range(3):
+        admission.try_enter()
+    admission.leave(503, now=0.0)
+    admission.leave(200, now=0.5)
+    assert admission.stats.limit == 2 and admission.stats.in_flight == 1  # still busy: the lesson holds
+    admission.leave(503, now=0.75)  # a refusal that empties the door still lowers the limit
+    assert admission.stats.limit == 1 and admission.stats.in_flight == 0
+    admission.try_enter()
+    admission.leave(200, now=1.0)  # answered, and nothing else in flight
+    assert admission.stats.limit == 3
+    assert [admission.try_enter() for _ in range(4)] == [True, True, True, False]
+
+
 def test_retry_after_is_a_place_in_a_virtual_queue() -> None:
     admission = door()
     assert admission.take_turn(ceiling_s=5, now=0.0) == 5  # no rate measured yet: the configured wait
