@@ -3,7 +3,7 @@ how a multipart form carries the request models' non-text options. The request b
 protocol's (:mod:`deskgen_client.protocol`); bounds come from :mod:`deskgen.limits`."""
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -122,6 +122,12 @@ class IngressConfig(ConceptConfig):
     shed_load: bool = Field(
         True, description="refuse generation requests the generator cannot take (503) before parsing their body (drained unparsed)"
     )
+    router_retry_s: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.01, 0.03, 0.1], max_length=8,
+        description="pauses (s) after which a generation the Generator's router refused is sent again before "
+        "it is answered 503: Serve counts a request as queued until a replica accepts it, so requests that "
+        "arrive together are refused while a replica is still free; [] = answer the first refusal",
+    )  # fmt: skip
     locate_timeout_s: float = Field(
         10.0, gt=0.0, le=MAX_TIMEOUT_S, description="how long a generated image waits for the product locator; "
         "past it the image is delivered with `products.status: timeout`"

@@ -202,6 +202,13 @@ def router_held(outcome: str, seconds: float) -> None:
                      {"outcome": outcome}, seconds)  # fmt: skip
 
 
+def router_refused(outcome: str) -> None:
+    """The Generator's router refused a generation (Serve's BackPressureError): ``retried`` after a pause,
+    or ``answered`` 503 (the last pause passed, or the request's deadline would have)."""
+    _metrics.count("deskgen_generator_refusals", "generations the Generator's router refused, by outcome "
+                   "(retried after a pause; answered 503)", {"outcome": outcome})  # fmt: skip
+
+
 class GeneratorObserver:
     """What a generator replica reports about its mix cache and generations (``mix`` is the request's
     metrics label). This base ignores everything (Ray-free use); :class:`GeneratorMetrics` exports it."""

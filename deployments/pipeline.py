@@ -23,6 +23,7 @@ import asyncio
 import base64
 import datetime as dt
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -57,6 +58,28 @@ from deskgen_client.protocol import GenerateRequest, GenerationOptions, ProductS
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
+
+
+async def past_router(send: Callable[[], Awaitable[T]], deadline: float | None, pauses: Sequence[float]) -> T:
+    """``send()``, sent again after each of ``pauses`` while the Generator's router refuses it
+    (BackPressureError), unless the pause would pass ``deadline`` (``time.perf_counter()``). Serve counts a
+    request as queued until a replica has accepted it, so requests that arrive together overflow
+    ``max_queued_requests`` while a replica is still free (ray.serve's ``wrap_request_assignment``): such
+    a refusal is gone a moment later. The last refusal is raised (answered 503 ``overloaded``)."""
+    from ray.serve.exceptions import BackPressureError
+
+    for pause in (*pauses, None):
+        try:
+            return await send()
+        except Exception as exc:
+            if not isinstance(unwrap(exc), BackPressureError):
+                raise
+            if pause is None or time.perf_counter() + pause >= (math.inf if deadline is None else deadline):
+                metrics.router_refused("answered")
+                raise
+            metrics.router_refused("retried")
+        await asyncio.sleep(pause)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 #: The prompt /v1/generate validates its options with before the captions exist (replaced by theirs).
 PENDING_PROMPT = "(from the captions)"
@@ -277,14 +300,21 @@ class GenerationPipeline:
         """The image, routed by the mix's multiplexed id to a replica that holds the mix."""
         handle, request = self._request(run)
         t = time.perf_counter()
-        result: GeneratedImage = await self.within(handle.generate.remote(request), run.deadline)
+        result: GeneratedImage = await past_router(lambda: self.within(handle.generate.remote(request), run.deadline),
+                                                   run.deadline, self.config().router_retry_s)  # fmt: skip
         run.timings["generate_s"] = time.perf_counter() - t
         return result
 
-    def stream(self, run: GenerationRun) -> Any:
-        """The generation as a stream of typed events (started, steps, the image); pull with :meth:`next`."""
+    async def stream(self, run: GenerationRun) -> tuple[Any, Any]:
+        """The generation as a stream of typed events (started, steps, the image) and its first event; pull
+        the rest with :meth:`next`."""
         handle, request = self._request(run)
-        return handle.options(stream=True).generate_stream.remote(request)
+
+        async def opened() -> tuple[Any, Any]:
+            stream = handle.options(stream=True).generate_stream.remote(request)
+            return stream, await self.next(run, stream)
+
+        return await past_router(opened, run.deadline, self.config().router_retry_s)
 
     async def next(self, run: GenerationRun, stream: Any) -> Any:
         """The stream's next event within the run's deadline (``StopAsyncIteration`` at its end)."""
@@ -362,13 +392,9 @@ class GenerationPipeline:
         if run.photo is not None:
             yield await self.gate(run)
             yield await self.caption(run)
-        stream = self.stream(run)
         t = time.perf_counter()
+        stream, event = await self.stream(run)
         while True:
-            try:
-                event = await self.next(run, stream)
-            except StopAsyncIteration:
-                return
             if isinstance(event, GeneratedImage):
                 run.timings["generate_s"] = time.perf_counter() - t
                 result = await self.locate(run, event)
@@ -376,6 +402,10 @@ class GenerationPipeline:
                 yield result
                 return
             yield event
+            try:
+                event = await self.next(run, stream)
+            except StopAsyncIteration:
+                return
 
     async def check(self, options: Text2ImgRequest | GenerateRequest, photo: bytes | None) -> None:
         """The refusals of ``prepare_*`` without reserving an exposure: a job is checked when it is

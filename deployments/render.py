@@ -83,8 +83,7 @@ async def streamed(pipeline: GenerationPipeline, run: GenerationRun, route: str)
             sse("captioned", Captioned(captions=captioned.captions, keywords=captioned.keyword_dicts(),
                                        prompt=run.params.prompt)),
         ]  # fmt: skip
-    stream = pipeline.stream(run)
-    first = await pipeline.next(run, stream)
+    stream, first = await pipeline.stream(run)
     return StreamingResponse(
         _events(pipeline, run, stream, first, prelude, route),
         media_type="text/event-stream",

@@ -28,9 +28,11 @@ class OpsRoutes(RoutesBase):
     @api.get("/healthz")
     async def healthz(self) -> Health:
         """Liveness of the ingress itself: which replica answered, and its door (``admission``: the generation
-        requests it holds, how many the generator takes from it, how many it shed). Asks no stage."""
+        requests it holds, how many the generator takes from it, how many it shed, the pauses before a refused
+        generation is sent again). Asks no stage."""
         door.ensure_polling()
-        admission = asdict(door.admission.stats) | {"shed_load": door.shed_load, "topology_error": door.topology_error}
+        admission = asdict(door.admission.stats) | {"shed_load": door.shed_load, "topology_error": door.topology_error,
+                                                     "router_retry_s": self.config.router_retry_s}  # fmt: skip
         return Health(status="ok", replica=serve.get_replica_context().replica_id.unique_id, admission=admission)
 
     async def info(self) -> dict[str, Any]:

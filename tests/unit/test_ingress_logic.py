@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -96,3 +97,60 @@ def test_nesting_is_counted_outside_strings_only() -> None:
 
     assert max_nesting(b'{"a": "[[[[{{{{\\"]]]", "b": [[1]]}') == 3
     assert json_object(b'{"prompt": "' + b"[" * 10_000 + b'"}') == {"prompt": "[" * 10_000}
+
+
+def test_a_generation_the_router_refuses_is_sent_again_after_each_pause_then_answered() -> None:
+    """Serve's router refuses requests that arrive together while a replica is still free (it counts a
+    request as queued until a replica accepts it): the pipeline sends such a generation again after each
+    pause, answers the last refusal (503), gives up at once when a pause would pass the deadline, and
+    never repeats a call that failed for another reason."""
+    import asyncio
+    import time
+
+    from ray.serve.exceptions import BackPressureError
+
+    from deployments.pipeline import past_router
+
+    def sender(refusals: int, other: Exception | None = None) -> tuple[list[float], Callable[[], Awaitable[str]]]:
+        sent: list[float] = []
+
+        async def send() -> str:
+            sent.append(time.perf_counter())
+            if other is not None:
+                raise other
+            if len(sent) <= refusals:
+                raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+            return "image"
+
+        return sent, send
+
+    pauses = (0.01, 0.03, 0.1)
+    sent, send = sender(refusals=2)
+    assert asyncio.run(past_router(send, None, pauses)) == "image"
+    assert len(sent) == 3 and sent[1] - sent[0] >= 0.01 and sent[2] - sent[1] >= 0.03
+
+    sent, send = sender(refusals=10)
+    with pytest.raises(BackPressureError):
+        asyncio.run(past_router(send, None, pauses))
+    assert len(sent) == len(pauses) + 1
+
+    sent, send = sender(refusals=10)
+    with pytest.raises(BackPressureError):
+        asyncio.run(past_router(send, time.perf_counter() + 0.005, pauses))
+    assert len(sent) == 1  # the first pause would pass the deadline: answered at once
+
+    sent, send = sender(refusals=0, other=TimeoutError())
+    with pytest.raises(TimeoutError):
+        asyncio.run(past_router(send, None, pauses))
+    assert len(sent) == 1
+
+
+def test_router_retry_pauses_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from deployments.ingress_models import IngressConfig
+
+    assert IngressConfig().router_retry_s == [0.01, 0.03, 0.1] and IngressConfig(router_retry_s=[]).router_retry_s == []
+    for bad in ([0.0], [2.0], [0.01] * 9):
+        with pytest.raises(ValidationError, match="router_retry_s"):
+            IngressConfig(router_retry_s=bad)
