@@ -16,7 +16,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +97,14 @@ def p50_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.9
                              n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
     point = float(statistic(*data))
     return Interval(point, float(result.confidence_interval.low), float(result.confidence_interval.high), level)
+
+
+def metric_total(metrics_text: str, name: str, labels: Mapping[str, str]) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``, in Prometheus text (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(metrics_text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())  # fmt: skip
 
 
 def time_calls(fn: Callable[[], Any], n: int, *, warmup: int = 1) -> list[float]:

@@ -1,7 +1,7 @@
 """Overload: goodput when more clients want images than the generator makes, with admission control
 (``shed_load``: refuse at the door, before the body is parsed) off and on, in the same run.
 
-    make bench-overload          # or: python -m bench.overload [--seconds 30] [--no-write]
+    make bench-overload          # or: python -m bench.overload [--seconds 30] [--only suite|refusal|burst] [--bursts 100] [--no-write]
 
 The workload is the tiny ``/v1/text2img`` of the CPU suite (64 px, 2 steps, four mixes in rotation) on the
 app of ``bench.cpu`` (one replica per stage) with the serve tier's tight generator queue: one running and
@@ -22,6 +22,11 @@ generator's capacity held by long generations, requests with bodies of several s
 refused body is never parsed, but it is read off the connection and dropped (at most 64 MiB) so that the
 client reads the 503 instead of a reset. Per refusal: latency, the bytes the body had, and the CPU seconds
 of the Ingress replica and of Serve's HTTP proxy (``/proc`` times of their processes).
+
+``--only burst`` (also part of the full run): an idle generator gets as many generations at once as it
+holds, again and again. Serve's router counts a request as queued until a replica accepts it, so it may
+refuse some of them while the replica is free; the Ingress sends a refused generation again after the
+pauses of ``router_retry_s``. Each row counts the 503s with ``router_retry_s: []`` and with the config's.
 """
 
 from __future__ import annotations
@@ -103,8 +108,9 @@ async def run_phase(url: str, clients: int, seconds: float, retry: str) -> tuple
     return tally, wall
 
 
-def set_shed_load(app: ServeApp, on: bool) -> None:
-    """Redeploy with the ingress's ``shed_load`` switched (a reconfigure: no replica restarts)."""
+def set_door(app: ServeApp, on: bool, router_retry_s: list[float] | None = None) -> None:
+    """Redeploy with the ingress's ``shed_load`` switched and, if given, its ``router_retry_s`` (a
+    reconfigure: no replica restarts); return once /healthz shows both."""
     import httpx
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
@@ -113,15 +119,19 @@ def set_shed_load(app: ServeApp, on: bool) -> None:
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "Ingress":
             deployment["user_config"]["shed_load"] = on
+            if router_retry_s is not None:
+                deployment["user_config"]["router_retry_s"] = router_retry_s
+            retries = deployment["user_config"].get("router_retry_s")
     serve_start(http_options=config["http_options"]).deploy_apps(ServeDeploySchema.model_validate(config))
     deadline = time.monotonic() + 120
     with httpx.Client(base_url=app.url, timeout=30) as http:
         while True:
             door = http.get("/healthz").json()["admission"]
-            if door["shed_load"] is on and (not on or door["capacity"] == CAPACITY):
+            if (door["shed_load"] is on and (not on or door["capacity"] == CAPACITY)
+                    and (retries is None or door["router_retry_s"] == retries)):  # fmt: skip
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"shed_load={on} never applied: {door}")
+                raise TimeoutError(f"shed_load={on} router_retry_s={retries} never applied: {door}")
             time.sleep(0.5)
 
 
@@ -165,16 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase (default 30)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
-    parser.add_argument("--only", choices=("suite", "refusal"), default=None, help="run one part (default: both)")
+    parser.add_argument("--only", choices=("suite", "refusal", "burst"), default=None, help="run one part (default: all)")
+    parser.add_argument("--bursts", type=int, default=100, help="bursts per row of the burst part (default 100)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     tables = []
-    with ServeApp(overload_config(free_port())) as app:
+    with ServeApp(overload_config(free_port()), metrics_port=free_port()) as app:
         log.info("%s deployed in %.1f s at %s", APP, app.deploy_s, app.url)
         asyncio.run(run_phase(app.url, 1, 5.0, "retry-after"))  # warm every mix on the replica
-        if args.only != "refusal":
+        if args.only in (None, "suite"):
             for pinned in (False, True):
                 where = pin_generator(pinned)
                 log.info("placement: %s", where if pinned else "shared cores")
@@ -188,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
                 "refuses at the door from its count of generation requests in flight and the generator's capacity read "
                 "from the Serve controller; its Retry-After is a place in a virtual queue (deployments/door/admission.py)."
             )
-        if args.only != "suite":
+        if args.only in (None, "refusal"):
             tables.append(refusal_cost(app))
+        if args.only in (None, "burst"):
+            tables.append(bursts(app, args.bursts))
     section = render_section("Overload suite", tables, command=command_line(), wall_s=time.perf_counter() - started,
                              host=machine(), preface=[f"Machine load (1-min) at start {load_before:.1f}, at end "
                                                       f"{os.getloadavg()[0]:.1f}; clients run on the same machine."])  # fmt: skip
@@ -206,7 +219,7 @@ def measure(app: ServeApp, seconds: float, pinned: bool) -> Table:
         ["admission", "clients", "retry after", "images/s (goodput)", "vs one client", f"vs {CAPACITY} clients",
          "refused (503/429)", "without Retry-After", "other answers", "lost", "latency p50 (s)"],
     )  # fmt: skip
-    set_shed_load(app, True)
+    set_door(app, True)
     alone, wall = asyncio.run(run_phase(app.url, 1, seconds, "retry-after"))
     baseline = alone.ok / wall
     full, wall = asyncio.run(run_phase(app.url, CAPACITY, seconds, "retry-after"))
@@ -216,7 +229,7 @@ def measure(app: ServeApp, seconds: float, pinned: bool) -> Table:
                   tally.refused, tally.refused_without_retry_after, sum(tally.other.values()), tally.lost,
                   f"{_p50(tally.latencies):.3f}")  # fmt: skip
     for shed in (False, True):
-        set_shed_load(app, shed)
+        set_door(app, shed)
         for load in LOADS:
             for retry in ("retry-after", "0.2 s"):
                 tally, wall = asyncio.run(run_phase(app.url, load * CAPACITY, seconds, retry))
@@ -228,6 +241,77 @@ def measure(app: ServeApp, seconds: float, pinned: bool) -> Table:
                           tally.refused, tally.refused_without_retry_after,
                           sum(tally.other.values()), tally.lost, f"{_p50(tally.latencies):.3f}")  # fmt: skip
     return table
+
+
+#: The idle time after each burst of ``--only burst`` (the door empties, the replica idles).
+BURST_GAP_S = 0.3
+
+
+async def burst_round(http: Any, size: int, seed: int) -> list[tuple[int, str, float]]:
+    """``size`` generations posted at once on connections opened beforehand: (status, error code, seconds)."""
+    await asyncio.gather(*(http.get("/healthz") for _ in range(size)))  # every connection open and idle
+
+    async def one(i: int) -> tuple[int, str, float]:
+        body = {"prompt": PROMPT, "mix": MIXES[0], "seed": seed + i, "steps": STEPS, "width": SIDE, "height": SIDE}
+        started = time.monotonic()
+        response = await http.post("/v1/text2img", json=body)
+        code = "" if response.status_code == 200 else response.json()["error"]["code"]
+        return response.status_code, code, time.monotonic() - started
+
+    return list(await asyncio.gather(*(one(i) for i in range(size))))
+
+
+def bursts(app: ServeApp, count: int) -> Table:
+    """An idle generator gets as many generations at once as it holds, ``count`` times, with the ingress
+    answering the router's first refusal (``router_retry_s: []``) and with serve_config.yaml's pauses."""
+    import httpx
+
+    table = Table(
+        f"Bursts at an idle generator: {CAPACITY} tiny `POST /v1/text2img` at once (the generator holds {CAPACITY}: "
+        f"{MAX_ONGOING} running + {MAX_QUEUED} queued), {count} bursts per row, {BURST_GAP_S} s idle between them; "
+        "admission on",
+        ["router_retry_s", "requests", "answered 200", "refused 503", "bursts with a 503", "refusals retried",
+         "latency p50 (ms)", "latency max (ms)"],
+    )  # fmt: skip
+    default = next(d for d in app.config["applications"][0]["deployments"] if d["name"] == "Ingress")["user_config"]["router_retry_s"]
+    for retries in ([], default):
+        set_door(app, True, retries)
+
+        async def run() -> list[list[tuple[int, str, float]]]:
+            limits = httpx.Limits(max_connections=CAPACITY, max_keepalive_connections=CAPACITY)
+            async with httpx.AsyncClient(base_url=app.url, timeout=120, limits=limits) as http:
+                rounds = []
+                for n in range(count):
+                    rounds.append(await burst_round(http, CAPACITY, 1000 * n))
+                    await asyncio.sleep(BURST_GAP_S)
+                return rounds
+
+        retried_before = generator_refusals(app, "retried")
+        rounds = asyncio.run(run())
+        answers = [a for r in rounds for a in r]
+        ok = [seconds for status, _, seconds in answers if status == 200]
+        refused = [a for a in answers if a[0] != 200]
+        log.info("router_retry_s=%s: %d refused %s", retries, len(refused), sorted({(s, c) for s, c, _ in refused}))
+        table.add(str(retries), len(answers), len(ok), len(refused), sum(any(a[0] != 200 for a in r) for r in rounds),
+                  generator_refusals(app, "retried") - retried_before,
+                  f"{_p50(ok) * 1000:.0f}", f"{max(ok) * 1000:.0f}")  # fmt: skip
+    table.notes.append(
+        "Serve's router counts a request as queued until a replica accepts it, so of generations that arrive "
+        "together it may refuse some (BackPressureError, 503) while the replica is still free. `refusals retried`: "
+        "the Ingress's `deskgen_generator_refusals_total{outcome=\"retried\"}`, read from Ray's metrics agent."
+    )
+    return table
+
+
+def generator_refusals(app: ServeApp, outcome: str) -> float:
+    """The Ingress's ``deskgen_generator_refusals_total`` of ``outcome``, summed over its series (0 before any)."""
+    import httpx
+
+    from bench.common import metric_total
+
+    time.sleep(3.0)  # Ray's metrics agent has the Ingress's last second (reported every second)
+    text = httpx.get(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=10).text
+    return metric_total(text, "ray_deskgen_generator_refusals_total", {"outcome": outcome})
 
 
 #: Bodies of the refused requests: a tiny JSON generation request, then padded JSON of 1 and 10 MiB.
@@ -259,7 +343,7 @@ def refusal_cost(app: ServeApp) -> Table:
 
     from bench.ingress_kill import ingress_pid
 
-    set_shed_load(app, True)
+    set_door(app, True)
     table = Table(
         f"A refusal at the full door (admission on; the generator's {CAPACITY} places held by long generations), "
         f"{REFUSALS} refusals per row, one at a time",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.common import p50_difference, percentile
+from bench.common import metric_total, p50_difference, percentile
 
 pytestmark = pytest.mark.unit
 
@@ -40,3 +40,16 @@ def test_a_lower_level_gives_a_narrower_interval_from_the_same_resamples() -> No
     wide, narrow = p50_difference(a, b, level=0.95), p50_difference(a, b, level=0.5)
     assert wide.low < narrow.low < narrow.high < wide.high
     assert (wide.level, narrow.level) == (0.95, 0.5)
+
+
+def test_metric_total_sums_the_series_whose_labels_match() -> None:
+    text = """# HELP ray_deskgen_generator_refusals_total refusals
+# TYPE ray_deskgen_generator_refusals_total counter
+ray_deskgen_generator_refusals_total{replica="a",outcome="retried"} 3.0
+ray_deskgen_generator_refusals_total{replica="b",outcome="retried"} 2.0
+ray_deskgen_generator_refusals_total{replica="a",outcome="answered"} 1.0
+"""
+    assert metric_total(text, "ray_deskgen_generator_refusals_total", {"outcome": "retried"}) == 5.0
+    assert metric_total(text, "ray_deskgen_generator_refusals_total", {}) == 6.0
+    assert metric_total(text, "ray_deskgen_generator_refusals_total", {"outcome": "lost"}) == 0.0
+    assert metric_total("", "ray_deskgen_generator_refusals_total", {"outcome": "retried"}) == 0.0
