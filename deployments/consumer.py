@@ -114,19 +114,23 @@ class JobConsumerReplica:
         while True:
             last = self.store.get(job_id).attempts >= self.settings.max_retries + 1
             try:
-                return self._generate(kind, body, image_id, on_step, owner, last)
+                made = self._generate(kind, body, image_id, on_step, owner, last)
             except JobCanceled:
                 raise
             except Exception as exc:
                 if describe(exc)[1].get("code") != "overloaded":
                     raise
+                made = None
+            if made is not None:
+                return made
             if self.store.canceled(job_id):
                 raise JobCanceled(job_id)
             time.sleep(BUSY_WAIT_S)
 
     def _generate(self, kind: str, body: dict[str, Any], image_id: str, on_step: Any, owner: str | None,
-                  last: bool) -> tuple[dict[str, Any], bytes]:  # fmt: skip
-        """``on_step`` may raise JobCanceled, which cancels the stream (and the generation at its next step)."""
+                  last: bool) -> tuple[dict[str, Any], bytes] | None:  # fmt: skip
+        """The image's JSON result and PNG; None when the generator was at capacity (``busy``). ``on_step``
+        may raise JobCanceled, which cancels the stream (and the generation at its next step)."""
         stream = self.ingress().options(stream=True).job_image.remote(kind, body, image_id, owner, last)
         try:
             for item in stream:
@@ -134,6 +138,8 @@ class JobConsumerReplica:
                     on_step(item["step"], item["steps"])
                 elif item["type"] == "image":
                     return item["result"], item["png"]
+                elif item["type"] == "busy":
+                    return None
         except JobCanceled:
             stream.cancel()
             raise

@@ -197,8 +197,9 @@ class JobRoutes(RoutesBase):
         is delivered as an exposure of the experiment under ``image_id`` (``<job>-<k>``: once, even when
         the job runs again). A failure is raised to the consumer and settled on the exposure when it is the
         job's outcome: the request's fault (4xx), its deadline (504), or the service's on the last attempt
-        (a failure the job retries, or a generator at capacity it waits for, records nothing: the exposure
-        store keeps the first outcome of an image id, which must be the one its client gets)."""
+        (a failure the job retries records nothing: the exposure store keeps the first outcome of an image
+        id, which must be the one its client gets). A generator at capacity ends the stream with ``busy``
+        (nothing recorded): the consumer waits and sends the image again."""
         caller = Caller(image_id, owner, None)
         if kind == "text2img":
             run = await self.pipeline.prepare_text(Text2ImgRequest.model_validate(body), caller)
@@ -219,7 +220,12 @@ class JobRoutes(RoutesBase):
         except Exception as exc:
             status, error, _ = error_for(unwrap(exc), self.config.retry_after_s)
             code = error["error"]["code"]
-            if status < 500 or status == 504 or (last_attempt and code != "overloaded"):
+            if code == "overloaded":
+                # The generator is at capacity: the consumer waits and asks again. Not raised, so that
+                # Serve does not log a routine wait as a failed request with its traceback.
+                yield {"type": "busy"}
+                return
+            if status < 500 or status == 504 or last_attempt:
                 run.exposure.settle(code, status)
             raise
 

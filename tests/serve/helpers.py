@@ -3,9 +3,11 @@ the SSE stream, waiting on the app's state."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -61,3 +63,15 @@ def wait_until(check: Any, what: str, state: Any = None, timeout_s: float = 60) 
 def door(client: httpx.Client) -> dict[str, Any]:
     """The ingress door's admission state (capacity, limit, in_flight, shed, ...) from /healthz."""
     return dict(client.get("/healthz").json()["admission"])
+
+
+@contextlib.contextmanager
+def long_stream(client: httpx.Client, headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
+    """A generation that holds its place for long (150 steps at 512 px, cut at 30 s): an SSE stream whose
+    first event has arrived. Leaving the block closes it, which cancels the generation."""
+    body = {"prompt": "desk", "steps": 150, "width": 512, "height": 512, "timeout_s": 30}
+    with client.stream("POST", "/v1/text2img", json=body, headers=(headers or {}) | {"Accept": "text/event-stream"}) as response:
+        lines = response.iter_lines()  # kept until the block ends: dropping it would close the stream
+        if response.status_code == 200:
+            next(lines)
+        yield response

@@ -4,7 +4,6 @@ restored after (so the tests run in any order with the rest of the tier)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import threading
@@ -18,7 +17,7 @@ import pytest
 from deployments.door.apikeys import key_hash, mint
 
 from .conftest import deploy, deployment, stage_stats
-from .helpers import assert_error, door, text2img, wait_until
+from .helpers import assert_error, door, long_stream, text2img, wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -139,18 +138,6 @@ def test_concurrent_generations_per_key(with_keys: None, client: httpx.Client, s
     # Once the first is gone (closed: its generation is cancelled) the slot is free again.
     wait_until(lambda: door(client)["in_flight"] == 0, "the closed stream never left the door")
     assert text2img(client, seed=5, headers=bearer(BUSY)).status_code == 200
-
-
-@contextlib.contextmanager
-def long_stream(client: httpx.Client, headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
-    """A generation that holds its place for long (150 steps at 512 px, cut at 30 s): an SSE stream whose
-    first event has arrived. Leaving the block closes it, which cancels the generation."""
-    body = {"prompt": "desk", "steps": 150, "width": 512, "height": 512, "timeout_s": 30}
-    with client.stream("POST", "/v1/text2img", json=body, headers=(headers or {}) | {"Accept": "text/event-stream"}) as response:
-        lines = response.iter_lines()  # kept until the block ends: dropping it would close the stream
-        if response.status_code == 200:
-            next(lines)
-        yield response
 
 
 def test_admission_sheds_before_the_body_is_parsed(client: httpx.Client, serve_app: dict[str, Any], desk_photo: bytes) -> None:
