@@ -1,13 +1,16 @@
 """Requests and checks shared by the serve-tier tests: the two generation routes, the JSON error shape,
-the SSE stream, waiting on the app's state."""
+the SSE stream, waiting on the app's state, a Generator held full."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -75,3 +78,52 @@ def long_stream(client: httpx.Client, headers: dict[str, str] | None = None) -> 
         if response.status_code == 200:
             next(lines)
         yield response
+
+
+#: What the serve tier's Generator takes from an ingress: 1 running + 2 queued at its router (the tier's
+#: ``max_ongoing_requests`` and ``max_queued_requests``), which is also the door's capacity.
+GENERATOR_PLACES = 3
+
+
+@contextlib.contextmanager
+def generator_full(url: str, client: httpx.Client) -> Iterator[Callable[[], bool]]:
+    """:data:`GENERATOR_PLACES` long generations (:func:`long_stream`, each on its own connection) fill the
+    Generator and the door until the block ends. Yields a check that they still do: call it last inside
+    the block, since a long generation that ended early would have let what the block probed through.
+    Leaving the block closes them (cancelling them); each must have been answered 200."""
+    release = threading.Event()
+
+    def blocker(_: int) -> int:
+        with httpx.Client(base_url=url, timeout=120) as c, long_stream(c) as response:
+            release.wait(120)  # held (running or queued) until the block ends, then closed
+            return response.status_code
+
+    with ThreadPoolExecutor(GENERATOR_PLACES) as pool:
+        blockers = [pool.submit(blocker, i) for i in range(GENERATOR_PLACES)]
+        try:
+            wait_until(lambda: door(client)["in_flight"] == GENERATOR_PLACES, "the long generations never held "
+                       "the door", lambda: door(client))  # fmt: skip
+            yield lambda: door(client)["in_flight"] == GENERATOR_PLACES
+        finally:
+            release.set()
+        assert [b.result() for b in blockers] == [200] * GENERATOR_PLACES
+
+
+def refused_job_image(client: httpx.Client, url: str, app: str) -> float:
+    """One image of a job asked of the Ingress (as the jobs' consumer asks) while :func:`generator_full`:
+    the Generator's router refuses it, the Ingress sends it again after each pause of its
+    ``router_retry_s``, then ends the stream with ``busy`` (the consumer waits and asks again). Returns the
+    seconds until ``busy``."""
+    from ray import serve
+
+    ingress = serve.get_deployment_handle("Ingress", app)
+    body = {"prompt": "a tidy desk setup", "steps": 2, "width": 64, "height": 64, "mix": "ott_3d", "locate": False}
+    with generator_full(url, client) as full:
+        started = time.monotonic()
+        items = list(ingress.options(stream=True).job_image.remote("text2img", body, f"job_{uuid.uuid4().hex[:24]}-0",
+                                                                   None, True))  # fmt: skip
+        took = time.monotonic() - started
+        still_full = full()
+    assert still_full, "a long generation ended while the job's image was asked for"
+    assert items == [{"type": "busy"}], items
+    return took

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from deployments.door.apikeys import key_hash, mint
 
 from .conftest import deploy, deployment, stage_stats
-from .helpers import assert_error, door, long_stream, text2img, wait_until
+from .helpers import assert_error, door, generator_full, long_stream, text2img, wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -150,25 +149,11 @@ def test_admission_sheds_before_the_body_is_parsed(client: httpx.Client, serve_a
     shed_before = door(client)["shed"]
     gated_before = stage_stats()["gated"]
 
-    release = threading.Event()
-
-    def blocker(_: int) -> int:
-        with httpx.Client(base_url=serve_app["url"], timeout=120) as c, long_stream(c) as response:
-            release.wait(120)  # held (running or queued) until the probes are done, then closed
-            return response.status_code
-
-    with ThreadPoolExecutor(3) as pool:
-        blockers = [pool.submit(blocker, i) for i in range(3)]
-        try:
-            wait_until(lambda: door(client)["in_flight"] == 3, "the three generations never held the door",
-                       lambda: door(client))
-            malformed = client.post("/v1/text2img", content=b"{not json", headers={"Content-Type": "application/json"})
-            photo = client.post("/v1/generate", files={"image": ("desk.jpg", desk_photo, "image/jpeg")})
-            mixes = client.get("/v1/mixes")
-            still_full = door(client)["in_flight"] == 3
-        finally:
-            release.set()
-        assert [b.result() for b in blockers] == [200, 200, 200]
+    with generator_full(serve_app["url"], client) as full:
+        malformed = client.post("/v1/text2img", content=b"{not json", headers={"Content-Type": "application/json"})
+        photo = client.post("/v1/generate", files={"image": ("desk.jpg", desk_photo, "image/jpeg")})
+        mixes = client.get("/v1/mixes")
+        still_full = full()
     assert still_full, "a long generation ended before the probes: the door was not full while probing"
     for refused in (malformed, photo):
         error = assert_error(refused, 503, "overloaded", None, "at capacity")
