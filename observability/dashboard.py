@@ -27,6 +27,9 @@ class Panel:
     unit: str = "short"
     description: str = ""
     kind: str = "timeseries"
+    #: What a deployment needs before the panel can show data ("" = any deployment, even ``make serve``'s).
+    #: The observability test tier (one Generator replica) requires data from every other panel.
+    needs: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ ROWS = [
         Panel("Captioning latency", quantiles("deskgen_caption_seconds"), "s",
               "Seen by the ingress. Rising: add Captioner replicas (0.25 GPU each)."),
         Panel("Text encoding + denoising by mix", quantiles("deskgen_denoise_seconds", "mix"), "s",
-              "Per mix: a slow mix is one that is not fused (hot-swap slots fuse only fuse_hot_mix; see fuse_active_mix)."),
+              "Per mix: every mix runs fused (fuse_active_mix); with hot-swap slots only fuse_hot_mix is, and the other mixes are slower."),
         Panel("VAE decode by mix", quantiles("deskgen_vae_decode_seconds", "mix"), "s"),
         Panel("PNG encode by mix", quantiles("deskgen_png_encode_seconds", "mix"), "s"),
         Panel("Batch size by stage (p50)", [("histogram_quantile(0.5, sum by (le, stage) (rate(ray_deskgen_batch_size_bucket[5m])))", "{{stage}}")],
@@ -97,6 +100,21 @@ ROWS = [
         Panel("Active mix per replica", [("max by (replica, mix) (ray_deskgen_generator_active_mix) > 0", "{{replica}}: {{mix}}")],
               "short", "The mix each Generator replica ran last (its fused mix). The mix-aware router sends a mix's "
               "requests to the replicas shown with it first."),
+        Panel("Generations the Generator's router refused per second", [
+            ("sum by (outcome) (rate(ray_deskgen_generator_refusals_total[5m]))", "{{outcome}}")], "ops",
+              "Serve's router refused a generation (its queue at max_queued_requests). retried: sent again after a "
+              "pause (Ingress router_retry_s); answered: the last refusal, a 503 overloaded. answered rising while "
+              "generations wait little: bursts overflow the queue before a replica accepts them (raise "
+              "Generator max_queued_requests); with long waits: add Generator replicas."),
+        Panel("Requests held by the mix-aware router per second", [
+            ("sum by (outcome) (rate(ray_deskgen_router_hold_seconds_count[5m]))", "{{outcome}}")], "ops",
+              "A hot mix's request held within spill_grace_s before an idle replica without the mix may take it. "
+              "stayed: a holder took it after all (its count lagged a finished request); spilled: another "
+              "replica loaded the mix. Many spilled: more hot mixes than replicas.",
+              needs="two or more Generator replicas (a request is held only when another replica could take it)"),
+        Panel("Hold time in the mix-aware router (p95)", quantiles("deskgen_router_hold_seconds", "outcome")[1:2], "s",
+              "Near spill_grace_s for spilled requests; stayed requests leave as soon as their holder's count drops.",
+              needs="two or more Generator replicas (a request is held only when another replica could take it)"),
         Panel("Requests queued in Serve by deployment", [("sum by (deployment) (ray_serve_deployment_queued_queries)", "{{deployment}}")], "short",
               "Waiting for a replica slot (max_queued_requests turns them into 503s)."),
         Panel("Cancelled generations per second by mix", [("sum by (mix) (rate(ray_deskgen_generations_cancelled_total[5m]))", "{{mix}}")], "ops",
@@ -131,6 +149,11 @@ def expressions() -> list[str]:
     return [expr for row in ROWS for panel in row.panels for expr, _ in panel.targets]
 
 
+def needing_more() -> dict[str, str]:
+    """The expressions of panels that show data only in a larger deployment, with what they need."""
+    return {expr: panel.needs for row in ROWS for panel in row.panels if panel.needs for expr, _ in panel.targets}
+
+
 def build() -> dict[str, Any]:
     panels: list[dict[str, Any]] = []
     next_id, y = 1, 0
@@ -142,7 +165,7 @@ def build() -> dict[str, Any]:
             panels.append({
                 "type": panel.kind,
                 "title": panel.title,
-                "description": panel.description,
+                "description": " ".join(filter(None, [panel.description, panel.needs and f"Data only with {panel.needs}."])),
                 "id": next_id,
                 "datasource": {"type": "prometheus", "uid": "${datasource}"},
                 "gridPos": {"h": 8, "w": 8, "x": 8 * (i % 3), "y": y + 8 * (i // 3)},

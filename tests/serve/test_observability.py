@@ -15,17 +15,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from deskgen.mixes import NAMED_MIXES, Mix
-from observability.dashboard import DASHBOARD_JSON
+from observability.dashboard import DASHBOARD_JSON, needing_more
 from tests.prometheus import SCRAPE_S, Prometheus, running_prometheus
 
-from .conftest import generator_info
-from .helpers import assert_error, generate, text2img
+from .conftest import APP, generator_info
+from .helpers import assert_error, door, generate, refused_job_image, text2img
 
 pytestmark = pytest.mark.observability
 
@@ -35,6 +35,8 @@ LEGEND = {"route", "status", "code", "mix", "stage", "arm", "event", "outcome", 
 #: every SCRAPE_S s (tests/prometheus.py), and rate() needs two samples; generous for a loaded CI machine,
 #: never a speed claim.
 SETTLE_S = 90.0
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,8 @@ def test_every_dashboard_query_returns_data(
     assert_error(generate(client, not_a_desk), 422, "not_a_desk_setup")
     assert_error(text2img(client, steps=0), 400, "invalid_parameter", "steps")
     assert_error(text2img(client, steps=150, width=512, height=512, timeout_s=0.3), 504, "timeout")
+    # A generation the Generator's router refuses: sent again after each pause, then answered.
+    refused_job_image(client, serve_app["url"], APP)
     # An A/B exposure with feedback.
     delivered = text2img(client, user_id="obs-user", accept="application/json")
     assert delivered.status_code == 200
@@ -88,10 +92,16 @@ def test_every_dashboard_query_returns_data(
     assert prometheus.query("sum(rate(ray_deskgen_no_such_metric_total[5m]))") == []  # the check can fail
     expressions = dashboard_expressions()
     assert len(expressions) >= 25
+    # Panels that need a larger deployment than this tier's (one Generator replica) must be valid PromQL;
+    # they need not show data.
+    larger = needing_more()
+    assert set(larger) <= set(expressions) and len(larger) < len(expressions) / 5, larger
+    for expr in larger:
+        prometheus.query(expr)  # raises on a PromQL error
 
     # An expression passes once it has returned data (a gauge of a loaded 2-core machine may miss a report
     # and blink out of a scrape; Grafana shows it all the same).
-    left: list[str] = expressions
+    left: list[str] = [e for e in expressions if e not in larger]
     deadline = time.monotonic() + SETTLE_S
     while left and time.monotonic() < deadline:
         time.sleep(1)
@@ -101,12 +111,57 @@ def test_every_dashboard_query_returns_data(
         names = {m for e in left for m in re.findall(r"ray_deskgen_[a-z_]+", e)}
         lines = [line[:300] for line in exported.splitlines() if any(n in line for n in names)]
         raise AssertionError("dashboard queries without data:\n" + "\n".join(left) + "\nexported:\n" + "\n".join(lines))
-    print(f"\n[observability] all {len(expressions)} dashboard queries return data; what each showed:")
+    print(f"\n[observability] all {len(expressions) - len(larger)} dashboard queries return data (and {len(larger)} "
+          f"that need {sorted(set(larger.values()))} are valid); what each showed:")
     for e in expressions:
         series = prometheus.query(e)
         shown = ", ".join(f"{ {k: v for k, v in s['metric'].items() if k in LEGEND} or ''}={float(s['value'][1]):.4g}"
                           for s in series[:6])  # fmt: skip
         print(f"[observability]   {e}\n[observability]     -> {len(series)} series: {shown}")
+
+
+def settled(prometheus: Prometheus, counters: Callable[[], T | None], what: str) -> T:
+    """``counters()`` once two successful scrapes in a row agree on it: what earlier tests sent is all in
+    (``counters`` answers None when Prometheus's latest scrape failed)."""
+
+    def agreed() -> tuple[T] | None:
+        first = counters()
+        time.sleep(SCRAPE_S + 1)
+        second = counters()
+        return (second,) if first is not None and first == second else None
+
+    (value,) = wait_until(agreed, lambda: f"{what} never settled: {prometheus.scrape_report()}")
+    return value
+
+
+def test_refusals_count_each_pause_and_the_answer(prometheus: Prometheus, client: httpx.Client,
+                                                   serve_app: dict[str, Any]) -> None:  # fmt: skip
+    """A job's image asked of a full Generator: its router refuses it, the Ingress sends it again after each
+    pause of ``router_retry_s`` and answers the last refusal. The refusals counter in Prometheus moves by
+    exactly one ``answered``, and by at least one ``retried`` per pause (the long generations that fill the
+    Generator arrive together, and the router may refuse one of them once before it gets in)."""
+    pauses = door(client)["router_retry_s"]
+    assert pauses, "the tier's Ingress retries refused generations (serve_config.yaml)"
+
+    def counters() -> dict[str, float] | None:
+        at = time.time()
+        if not prometheus.scraped_at(at):
+            return None
+        return prometheus.values("sum by (outcome) (ray_deskgen_generator_refusals_total)", "outcome", at)
+
+    before = settled(prometheus, counters, "the refusal counters")
+    refused_job_image(client, serve_app["url"], APP)
+
+    def moved() -> dict[str, float] | None:
+        now = counters()
+        if now is None:
+            return None
+        delta = {k: now.get(k, 0.0) - before.get(k, 0.0) for k in ("retried", "answered")}
+        return delta if delta["answered"] == 1 and delta["retried"] >= len(pauses) else None
+
+    delta = wait_until(moved, lambda: f"the refusal counters did not move by 1 answered and >= {len(pauses)} "
+                                      f"retried: before {before}, now {counters()}; {prometheus.scrape_report()}")  # fmt: skip
+    print(f"\n[observability] refusals seen in Prometheus: {delta} (pauses {pauses})")
 
 
 def test_per_mix_series_move_with_the_traffic(prometheus: Prometheus, client: httpx.Client) -> None:
@@ -119,14 +174,7 @@ def test_per_mix_series_move_with_the_traffic(prometheus: Prometheus, client: ht
         return {name: prometheus.values(f"sum by (mix) (ray_deskgen_mix_{name}_total)", "mix", at)
                 for name in ("switches", "activations")}  # fmt: skip
 
-    def settled() -> tuple[dict[str, dict[str, float]]] | None:
-        """The counters when two successful scrapes in a row agree: what earlier tests sent is all in."""
-        first = counters()
-        time.sleep(SCRAPE_S + 1)
-        second = counters()
-        return (second,) if first is not None and first == second else None
-
-    (before,) = wait_until(settled, lambda: f"the per-mix counters never settled: {prometheus.scrape_report()}")
+    before = settled(prometheus, counters, "the per-mix counters")
     active = generator_info()["active_mix"]
     sequence = ["ott_3d", "dalle_only"] * 3
     for mix in sequence:
