@@ -143,7 +143,8 @@ class Replica:
 class Simulation:
     """One router over ``replicas`` replicas for one arrival sequence. ``policy(request, now)`` returns the
     ranks to try (lists of replica indices), in order; the shortest accepting queue of the first rank that has
-    one takes the request (Serve's ``_select_from_candidate_replicas``)."""
+    one takes the request (Serve's ``_select_from_candidate_replicas`` with every queue length known: Serve
+    itself takes the shortest it has cached and probes the others only when none of those accepts)."""
 
     def __init__(self, replicas: int, max_ongoing: int, cache_size: int, timings: Timings, seed: int,
                  cores: float | None = None, evict_first: bool = False) -> None:  # fmt: skip

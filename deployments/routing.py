@@ -13,12 +13,15 @@ LoRA mixes that has two costs. A hot mix stays on the one replica that holds it 
 2. replicas that have the mix cached (loaded, not active);
 3. the rest, fewest cached mixes first.
 
-Within a rank Serve picks the replica with the shortest queue that accepts. A busy replica is never asked
-to switch while an idle one holds the mix: an idle holder is ranked before every busy one, and while the
-mix is not hot only its holders are offered for a second (:data:`HOLDER_WAIT_S`). A mix is hot when every
-holder is busy and the mix's *own* requests on its holders (this router's, running or waiting) reach
+Serve tries the ranks in order. Within a rank it takes, of the replicas whose queue length it has cached
+(fresh for 10 s), the shortest that accepts, and probes the others only when none of those accepts: an
+idle replica that this router has not sent to lately loses to a busy one it has. A busy replica is never
+asked to switch while an idle one holds the mix: an idle holder is ranked before every busy one, and while
+the mix is not hot only its holders are offered for a second (:data:`HOLDER_WAIT_S`). A mix is hot when
+every holder is busy and the mix's *own* requests on its holders (this router's, running or waiting) reach
 ``spill_queue`` per holder: then (after :data:`SPILL_GRACE_S`, so that a request that just finished is not
-counted) the idle replicas join the first rank, so a second replica takes the mix;
+counted) the idle replicas are offered first, in a rank of their own (so Serve probes the ones it has no
+count of instead of taking a busy holder it has one of), then the holders, so a second replica takes the mix;
 once the mix's requests there fall below the threshold, they go back to its holders and the second
 replica is free for other mixes (it keeps the mix cached). With ``spill_queue`` 0 (the default) every
 holder busy is enough, whatever mix keeps it busy; with 1 or more a mix whose holders are busy with *other*
@@ -94,8 +97,9 @@ class ReplicaView:
 def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Mapping[str, float] | None = None,
          waited_s: float = 0.0, grace_s: float = SPILL_GRACE_S) -> list[list[ReplicaView]]:  # fmt: skip
     """The replicas in the order to try them for a request of ``mix``: a list of ranks, best first; Serve
-    takes the shortest accepting queue within the first rank that has one, and backs off before asking
-    again (``waited_s``: how long the request has waited to be routed; ``grace_s``: :data:`SPILL_GRACE_S`).
+    takes the shortest accepting queue within the first rank that has one (preferring the queues it has
+    cached), and backs off before asking again (``waited_s``: how long the request has waited to be
+    routed; ``grace_s``: :data:`SPILL_GRACE_S`).
 
     ``demand``: recent requests per mix; a replica that must switch is taken from those whose active mix is
     wanted least (so a hot mix keeps its replicas), then with the fewest cached mixes. While the mix's
@@ -116,14 +120,17 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Ma
         return [r for r in (idle_holders, [r for r in holders if r.queue != 0]) if r]
     if all(r.at_least(1) for r in holders) and sum(r.mix_queue for r in holders) >= spill_queue * len(holders):
         # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
-        # is idle (or whose queue Serve has yet to probe) takes the mix too. Serve keeps a holder on a tie:
-        # it must be strictly shorter.
-        idle_others = [r for r in others if r.queue in (0, None)]
+        # is idle takes the mix too: one whose queue is 0, or not known to this router (Serve probes it)
+        # while the replica's own last report had nothing in flight.
+        idle_others = [r for r in others if r.queue == 0 or (r.queue is None and not r.reported)]
         if idle_others and waited_s < grace_s:
             # Hot by the counts, and a replica without the mix would take it: ask again once the counts are
             # surely current (:data:`SPILL_GRACE_S`). With no such replica nothing spills and nothing waits.
             return []
-        return [r for r in (holders + idle_others, [r for r in others if r not in idle_others]) if r]
+        # The idle replicas in a rank of their own: in one rank with the holders, Serve would take a holder
+        # whose queue it has cached (busy, but accepting) over an idle replica whose queue it would have to
+        # probe. A probe that fails, or finds the replica busy after all, falls through to the holders.
+        return [r for r in (idle_others, holders, [r for r in others if r not in idle_others]) if r]
     if waited_s < HOLDER_WAIT_S:
         return [r for r in (active, cached) if r]
     return [r for r in (active, cached, others) if r]
@@ -136,7 +143,7 @@ async def settle(ranking: Callable[[], list[list[ReplicaView]]], mix: str,
     event loop (the first time at once, after the callbacks already queued there), where Serve's callbacks
     run meanwhile, until it offers replicas. Returns the ranks and what the hold came to: None (not held),
     ``"stayed"`` (a holder took it after all: the counts were late) or ``"spilled"`` (the grace passed with
-    every holder busy; the first rank adds replicas without the mix)."""
+    every holder busy; the first rank offers replicas without the mix)."""
     ranks = ranking()
     if ranks:
         return ranks, None
