@@ -74,6 +74,12 @@ class LocalCluster:
         return f"127.0.0.1:{self.values['GCS_PORT']}"
 
     @property
+    def metrics_targets(self) -> list[str]:
+        """Each node's Ray metrics export endpoint (host:port), head first: what Prometheus scrapes."""
+        base = int(self.values["PORT_BASE"])
+        return [f"127.0.0.1:{base + 20 * node}" for node in range(int(self.values["GPU_NODES"]) + 1)]
+
+    @property
     def token_path(self) -> Path:
         return self.state_dir / "auth_token"
 

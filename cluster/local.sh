@@ -112,6 +112,7 @@ DASHBOARD_PORT=$DASHBOARD_PORT
 GCS_PORT=$GCS_PORT
 REDIS_PORT=$REDIS_PORT
 GPU_NODES=$GPU_NODES
+PORT_BASE=$PORT_BASE
 CONFIG=$CONFIG
 EOF
   local t0=$SECONDS deploy
@@ -166,6 +167,9 @@ status() {
   echo "Serve:      http://127.0.0.1:$HTTP_PORT"
   echo "dashboard:  http://127.0.0.1:$DASHBOARD_PORT   GCS: 127.0.0.1:$GCS_PORT"
   [[ -f "$STATE/redis/redis.pid" ]] && echo "redis:      redis://127.0.0.1:$REDIS_PORT/0 (jobs; data in $STATE/redis)"
+  local metrics="" n
+  for ((n = 0; n <= GPU_NODES; n++)); do metrics+="127.0.0.1:$((PORT_BASE + 20 * n)) "; done
+  echo "metrics:    ${metrics% } (Prometheus targets: one per node)"
   echo "clients:    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN"
   echo "config:     $CONFIG"
   echo

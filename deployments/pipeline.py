@@ -81,6 +81,7 @@ async def past_router(send: Callable[[], Awaitable[T]], deadline: float | None, 
         await asyncio.sleep(pause)
     raise AssertionError("unreachable: the loop returns or raises")
 
+
 #: The prompt /v1/generate validates its options with before the captions exist (replaced by theirs).
 PENDING_PROMPT = "(from the captions)"
 

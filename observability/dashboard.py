@@ -28,7 +28,8 @@ class Panel:
     description: str = ""
     kind: str = "timeseries"
     #: What a deployment needs before the panel can show data ("" = any deployment, even ``make serve``'s).
-    #: The observability test tier (one Generator replica) requires data from every other panel.
+    #: The observability test tier (one Generator replica) requires data from every other panel; the
+    #: cluster tier (two) from the mix-aware router's hold panels.
     needs: str = ""
 
 

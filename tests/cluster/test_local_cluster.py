@@ -19,10 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from deskgen.serve_config import deployment_config as deployment
 from deskgen.serve_config import load_serve_config
+from observability.dashboard import needing_more
 from tests.cluster.conftest import APP, Outcome, RunningCluster, run_load
+from tests.prometheus import running_prometheus
 
 pytestmark = pytest.mark.cluster
 
@@ -298,6 +301,70 @@ def test_a_hot_mix_takes_a_second_replica_with_the_mix_aware_router_and_not_with
         assert len(control) == 1, control
     finally:
         local_cluster.measurements["redeploy_router_on_s"] = local_cluster.redeploy(mix_aware)
+
+
+#: An ad-hoc mix that no other test sends: held by the one replica that loaded it.
+HELD_MIX = "ott:0.35"
+
+
+def hold_counts(cluster: RunningCluster) -> dict[str, float]:
+    """``ray_deskgen_router_hold_seconds_count`` by outcome, summed over every node's metrics endpoint."""
+    counts: collections.Counter[str] = collections.Counter()
+    for target in cluster.cluster.metrics_targets:
+        for family in text_string_to_metric_families(httpx.get(f"http://{target}/metrics", timeout=30).text):
+            for sample in family.samples:
+                if sample.name == "ray_deskgen_router_hold_seconds_count":
+                    counts[sample.labels.get("outcome", "")] += sample.value
+    return dict(counts)
+
+
+def test_a_request_for_a_busy_holder_is_held_then_spills_and_the_dashboard_shows_it(local_cluster: RunningCluster) -> None:
+    """One replica holds an ad-hoc mix and is busy with a long generation of it; the other idles. A request of
+    the mix is hot by the router's counts: it is held within ``spill_grace_s``, then offered to the idle
+    replica first, which serves it (X-Deskgen-Replica), and the hold is counted ``spilled``. (Run after the
+    router test's redeploys, the idle replica is new to the Ingress's router, which has no queue length of
+    it: offered in one rank with the holder, Serve took the holder, whose length it had.) The dashboard's
+    hold panels, which the observability tier (one Generator replica) cannot fill, return data from a real
+    Prometheus scraping every node of the cluster."""
+    larger = needing_more()
+    assert any("router_hold" in e for e in larger), larger
+    with running_prometheus(local_cluster.cluster.metrics_targets) as prometheus, \
+            httpx.Client(base_url=local_cluster.url, timeout=60) as client:  # fmt: skip
+        deadline = time.monotonic() + WAIT_S
+        while not prometheus.targets_up():
+            assert time.monotonic() < deadline, f"Prometheus never scraped every node: {prometheus.targets_health()}"
+            time.sleep(0.5)
+        first = text2img(client, HELD_MIX, seed=1)
+        assert first.status_code == 200, first.text
+        holder = first.headers["x-deskgen-replica"]
+        time.sleep(2.0)  # the holder's loaded and active mix reach the router (stats every 1 s)
+        before = hold_counts(local_cluster)
+        body = {"prompt": "a tidy desk with a lamp", "mix": HELD_MIX, "steps": 150, "width": 512, "height": 512,
+                "timeout_s": 30}  # fmt: skip
+        # The idle holder takes the long generation; it runs until the block ends (which cancels it).
+        with client.stream("POST", "/v1/text2img", json=body, headers={"Accept": "text/event-stream"}) as long:
+            assert long.status_code == 200
+            lines = long.iter_lines()
+            next(lines)
+            # Three stats periods: the holder's report of a request in flight reaches the router (the
+            # router sees a replica busy only when its own count and the report agree).
+            time.sleep(3.0)
+            spilled = text2img(client, HELD_MIX, seed=2)
+        assert spilled.status_code == 200, spilled.text
+        assert spilled.headers["x-deskgen-replica"] != holder, (
+            f"the request waited for its busy holder {holder}: holds {before} -> {hold_counts(local_cluster)}; "
+            f"replicas {[(i['replica'], i['cached_mixes'], i['generations']) for i in local_cluster.generator_info(calls=16)]}")
+        deadline = time.monotonic() + WAIT_S
+        while (after := hold_counts(local_cluster)).get("spilled", 0) < before.get("spilled", 0) + 1:
+            assert time.monotonic() < deadline, f"no spilled hold counted: before {before}, after {after}"
+            time.sleep(0.5)
+        left = list(larger)
+        while left:
+            assert time.monotonic() < deadline, f"dashboard queries without data: {left}; {prometheus.scrape_report()}"
+            time.sleep(1)
+            left = [e for e in left if not prometheus.query(e)]
+    print(f"\n[cluster] a request for a busy holder spilled to {spilled.headers['x-deskgen-replica']} (holder "
+          f"{holder}); holds by outcome {before} -> {after}; the dashboard's {len(larger)} hold queries return data")
 
 
 # ----------------------------------------------------------------------------------------------
