@@ -11,7 +11,8 @@ LoRA mixes that has two costs. A hot mix stays on the one replica that holds it 
 1. replicas whose active mix is the request's (the replica's ``record_routing_stats``, corrected by what
    this router sent it since: the last mix routed to a replica is the one it holds once its queue drains);
 2. replicas that have the mix cached (loaded, not active);
-3. the rest, fewest cached mixes first.
+3. the rest, idle ones first (in a rank of their own), then the least wanted active mix and the fewest
+   cached mixes.
 
 Serve tries the ranks in order. Within a rank it takes, of the replicas whose queue length it has cached
 (fresh for 10 s), the shortest that accepts, and probes the others only when none of those accepts: an
@@ -88,6 +89,12 @@ class ReplicaView:
     reported: int | None = None
     mix_queue: int = 0
 
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: by this router's count, or, where it has none (Serve's count of a replica
+        expires 10 s after it last heard of it), by the replica's own last report."""
+        return self.queue == 0 or (self.queue is None and not self.reported)
+
     def at_least(self, n: int) -> bool:
         """Both counts (where known) say ``n`` or more: a request that just finished is still counted by the
         router until its done-callback runs, and the report lags; a replica is busy only if both agree."""
@@ -113,7 +120,8 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Ma
                     key=lambda r: (demand.get(r.active or "", 0.0), len(r.cached)))  # fmt: skip
     holders = active + cached
     if not holders:
-        return [others]
+        # Idle replicas first, in a rank of their own (see below: Serve would take a busy one it has a count of).
+        return [g for g in ([r for r in others if r.idle], [r for r in others if not r.idle]) if g]
     idle_holders = [r for r in holders if r.queue == 0]
     if idle_holders:
         # An idle replica that holds the mix, active first: no busy replica is made to switch.
@@ -122,7 +130,7 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Ma
         # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
         # is idle takes the mix too: one whose queue is 0, or not known to this router (Serve probes it)
         # while the replica's own last report had nothing in flight.
-        idle_others = [r for r in others if r.queue == 0 or (r.queue is None and not r.reported)]
+        idle_others = [r for r in others if r.idle]
         if idle_others and waited_s < grace_s:
             # Hot by the counts, and a replica without the mix would take it: ask again once the counts are
             # surely current (:data:`SPILL_GRACE_S`). With no such replica nothing spills and nothing waits.

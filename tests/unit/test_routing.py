@@ -77,6 +77,10 @@ def test_a_mix_is_hot_when_its_own_requests_on_its_holders_reach_the_threshold()
 def test_a_mix_no_replica_holds_goes_to_the_replicas_with_the_fewest_cached_mixes_first() -> None:
     replicas = [r("full", "b", ("c", "d"), queue=0), r("empty", None, queue=0), r("one", "c", queue=0)]
     assert ids(rank(replicas, "a", spill_queue=2)) == [["empty", "one", "full"]]
+    # An idle replica before a busy one, in a rank of its own, also when this router has no count of it (Serve
+    # would take the busy one whose count it has), unless the replica's own report shows it busy.
+    mixed = [r("busy", "b", queue=1), r("unknown", "c", queue=None), r("reported", "d", queue=None, reported=1)]
+    assert ids(rank(mixed, "a", spill_queue=2)) == [["unknown"], ["busy", "reported"]]
 
 
 def test_a_replica_that_must_switch_is_the_one_whose_mix_is_wanted_least() -> None:
