@@ -122,10 +122,10 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Ma
     if not holders:
         # Idle replicas first, in a rank of their own (see below: Serve would take a busy one it has a count of).
         return [g for g in ([r for r in others if r.idle], [r for r in others if not r.idle]) if g]
-    idle_holders = [r for r in holders if r.queue == 0]
+    idle_holders = [r for r in holders if r.idle]
     if idle_holders:
         # An idle replica that holds the mix, active first: no busy replica is made to switch.
-        return [r for r in (idle_holders, [r for r in holders if r.queue != 0]) if r]
+        return [r for r in (idle_holders, [r for r in holders if not r.idle]) if r]
     if all(r.at_least(1) for r in holders) and sum(r.mix_queue for r in holders) >= spill_queue * len(holders):
         # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
         # is idle takes the mix too: one whose queue is 0, or not known to this router (Serve probes it)

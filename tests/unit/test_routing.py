@@ -30,6 +30,10 @@ def test_an_idle_replica_with_the_mix_active_comes_first_then_cached_then_the_re
 def test_a_busy_replica_is_not_made_to_switch_while_an_idle_one_holds_the_mix() -> None:
     replicas = [r("busy-active", "a", queue=1), r("idle-cached", "b", ("a",), queue=0), r("idle-other", "c", queue=0)]
     assert ids(rank(replicas, "a", spill_queue=2)) == [["idle-cached"], ["busy-active"]]
+    # A holder this router has no count of (idle past Serve's 10 s) but whose report shows nothing in flight
+    # is idle, and comes before a busy holder: in one rank Serve would take the busy one, whose count it has.
+    unknown = [r("busy", "a", queue=1, reported=1), r("quiet", "b", ("a",), queue=None, reported=0)]
+    assert ids(rank(unknown, "a", spill_queue=2)) == [["quiet"], ["busy"]]
 
 
 def test_below_the_threshold_the_mix_waits_for_its_holder_and_goes_elsewhere_only_after_a_while() -> None:
@@ -38,7 +42,7 @@ def test_below_the_threshold_the_mix_waits_for_its_holder_and_goes_elsewhere_onl
     # The holder has not accepted for HOLDER_WAIT_S (full, or no answer to Serve's queue probe): switch elsewhere.
     assert ids(rank(replicas, "a", spill_queue=2, waited_s=HOLDER_WAIT_S - 0.01)) == [["holder"]]
     assert ids(rank(replicas, "a", spill_queue=2, waited_s=HOLDER_WAIT_S)) == [["holder"], ["idle"]]
-    unknown = [r("holder", "a", queue=None), r("idle", "b", queue=0)]  # not probed yet: not idle, not hot
+    unknown = [r("holder", "a", queue=None), r("idle", "b", queue=0)]  # no count, no report: idle (Serve probes it)
     assert ids(rank(unknown, "a", spill_queue=1)) == [["holder"]]
 
 
