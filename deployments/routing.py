@@ -101,6 +101,11 @@ class ReplicaView:
         return self.queue is not None and self.queue >= n and (self.reported is None or self.reported >= n)
 
 
+def idle_first(replicas: Sequence[ReplicaView]) -> list[list[ReplicaView]]:
+    """``replicas`` in two ranks, the idle ones first, each in the order given (an empty rank left out)."""
+    return [g for g in ([r for r in replicas if r.idle], [r for r in replicas if not r.idle]) if g]
+
+
 def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Mapping[str, float] | None = None,
          waited_s: float = 0.0, grace_s: float = SPILL_GRACE_S) -> list[list[ReplicaView]]:  # fmt: skip
     """The replicas in the order to try them for a request of ``mix``: a list of ranks, best first; Serve
@@ -121,11 +126,10 @@ def rank(replicas: Sequence[ReplicaView], mix: str, spill_queue: int, demand: Ma
     holders = active + cached
     if not holders:
         # Idle replicas first, in a rank of their own (see below: Serve would take a busy one it has a count of).
-        return [g for g in ([r for r in others if r.idle], [r for r in others if not r.idle]) if g]
-    idle_holders = [r for r in holders if r.idle]
-    if idle_holders:
+        return idle_first(others)
+    if any(r.idle for r in holders):
         # An idle replica that holds the mix, active first: no busy replica is made to switch.
-        return [r for r in (idle_holders, [r for r in holders if not r.idle]) if r]
+        return idle_first(holders)
     if all(r.at_least(1) for r in holders) and sum(r.mix_queue for r in holders) >= spill_queue * len(holders):
         # A hot mix: every holder busy, and the mix's own requests on them at the threshold; a replica that
         # is idle takes the mix too: one whose queue is 0, or not known to this router (Serve probes it)
