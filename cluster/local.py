@@ -76,8 +76,7 @@ class LocalCluster:
     @property
     def metrics_targets(self) -> list[str]:
         """Each node's Ray metrics export endpoint (host:port), head first: what Prometheus scrapes."""
-        base = int(self.values["PORT_BASE"])
-        return [f"127.0.0.1:{base + 20 * node}" for node in range(int(self.values["GPU_NODES"]) + 1)]
+        return self.values["METRICS_TARGETS"].split()
 
     @property
     def token_path(self) -> Path:

@@ -70,10 +70,20 @@ client() { env -u RAY_ADDRESS -u RAY_AUTH_TOKEN -u RAY_OVERRIDE_RESOURCES \
 
 pids() { "$PY" -m cluster.local pids "$STATE"; }
 
+# Node number $1's metrics export port, the first of its ports (what Prometheus scrapes).
+metrics_port() { echo $((PORT_BASE + 20 * $1)); }
+
+# Every node's metrics endpoint, head first (space-separated host:port).
+metrics_targets() {
+  local n out=""
+  for ((n = 0; n <= GPU_NODES; n++)); do out+="127.0.0.1:$(metrics_port "$n") "; done
+  echo "${out% }"
+}
+
 # The ports of node number $1 (0 = head): agents, metrics and workers must not collide between the
 # nodes sharing this machine.
 node_ports() {
-  local n=$1 base=$((PORT_BASE + 20 * $1)) wbase=$((WORKER_PORT_BASE + 200 * $1))
+  local n=$1 base=$(metrics_port "$1") wbase=$((WORKER_PORT_BASE + 200 * $1))
   echo "--metrics-export-port=$base --dashboard-agent-listen-port=$((base + 1))" \
        "--dashboard-agent-grpc-port=$((base + 2)) --runtime-env-agent-port=$((base + 3))" \
        "--node-manager-port=$((base + 4)) --object-manager-port=$((base + 5))" \
@@ -112,7 +122,7 @@ DASHBOARD_PORT=$DASHBOARD_PORT
 GCS_PORT=$GCS_PORT
 REDIS_PORT=$REDIS_PORT
 GPU_NODES=$GPU_NODES
-PORT_BASE=$PORT_BASE
+METRICS_TARGETS="$(metrics_targets)"
 CONFIG=$CONFIG
 EOF
   local t0=$SECONDS deploy
@@ -167,9 +177,7 @@ status() {
   echo "Serve:      http://127.0.0.1:$HTTP_PORT"
   echo "dashboard:  http://127.0.0.1:$DASHBOARD_PORT   GCS: 127.0.0.1:$GCS_PORT"
   [[ -f "$STATE/redis/redis.pid" ]] && echo "redis:      redis://127.0.0.1:$REDIS_PORT/0 (jobs; data in $STATE/redis)"
-  local metrics="" n
-  for ((n = 0; n <= GPU_NODES; n++)); do metrics+="127.0.0.1:$((PORT_BASE + 20 * n)) "; done
-  echo "metrics:    ${metrics% } (Prometheus targets: one per node)"
+  echo "metrics:    $METRICS_TARGETS (Prometheus targets: one per node)"
   echo "clients:    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN"
   echo "config:     $CONFIG"
   echo

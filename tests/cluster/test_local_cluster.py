@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import metric_total
 from deskgen.serve_config import deployment_config as deployment
 from deskgen.serve_config import load_serve_config
 from observability.dashboard import needing_more
@@ -309,13 +309,9 @@ HELD_MIX = "ott:0.35"
 
 def hold_counts(cluster: RunningCluster) -> dict[str, float]:
     """``ray_deskgen_router_hold_seconds_count`` by outcome, summed over every node's metrics endpoint."""
-    counts: collections.Counter[str] = collections.Counter()
-    for target in cluster.cluster.metrics_targets:
-        for family in text_string_to_metric_families(httpx.get(f"http://{target}/metrics", timeout=30).text):
-            for sample in family.samples:
-                if sample.name == "ray_deskgen_router_hold_seconds_count":
-                    counts[sample.labels.get("outcome", "")] += sample.value
-    return dict(counts)
+    texts = [httpx.get(f"http://{target}/metrics", timeout=30).text for target in cluster.cluster.metrics_targets]
+    return {outcome: sum(metric_total(t, "ray_deskgen_router_hold_seconds_count", {"outcome": outcome}) for t in texts)
+            for outcome in ("stayed", "spilled")}  # fmt: skip
 
 
 def test_a_request_for_a_busy_holder_is_held_then_spills_and_the_dashboard_shows_it(local_cluster: RunningCluster) -> None:
