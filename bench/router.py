@@ -138,10 +138,10 @@ async def one(http: httpx.AsyncClient, mix: str, seed: int) -> dict[str, Any]:
                 event = line[7:]
             elif line.startswith("data: ") and event == "started":
                 data = json.loads(line[6:])
-                out.update(replica=data["replica"], queued_s=data["queued_s"])
+                out.update(replica=data["replica"], queued_s=data["queued_s"], began=time.perf_counter())
             elif line.startswith("data: ") and event == "done":
                 timings = json.loads(line[6:])["metadata"]["timings"]
-                out.update(ok=True, activate_s=timings["activate_s"], generate_s=timings["generate_s"])
+                out.update(ok=True, activate_s=timings["activate_s"], generate_s=timings["generate_s"], ended=time.perf_counter())
             elif line.startswith("data: ") and event == "error":
                 out["ok"] = False
     out["latency_s"] = time.perf_counter() - started
@@ -167,6 +167,37 @@ async def drive(url: str, mixes: list[str], clients: int) -> tuple[list[dict[str
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return results, time.perf_counter() - started
+
+
+def replicas_busy(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """For each answered request of one round: how many replicas generated at once while its replica worked on
+    it (from its ``started`` event to its ``done`` event, as this client received them; its own replica
+    counted), averaged over that time, and its generation time on the replica. Each other replica's spans are
+    merged first, so one replica counts at most once at any moment. The replicas share this machine's cores:
+    this is what separates a slower generation from a slower router."""
+    spans = [r for r in results if r.get("ok") and "began" in r and r["ended"] > r["began"]]
+    by_replica: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for r in spans:
+        by_replica[r["replica"]].append((r["began"], r["ended"]))
+    merged_spans = {replica: union(s) for replica, s in by_replica.items()}
+    out = []
+    for r in spans:
+        length = r["ended"] - r["began"]
+        others = sum(max(0.0, min(r["ended"], b) - max(r["began"], a))
+                     for replica, s in merged_spans.items() if replica != r["replica"] for a, b in s)  # fmt: skip
+        out.append((1.0 + others / length, r["generate_s"]))
+    return out
+
+
+def union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Overlapping or touching time spans merged, in order."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 #: The metric the mix-aware router observes for each request it held within its spill grace.
@@ -236,7 +267,7 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
             "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}],
             "generate_s": [r["generate_s"] for r in ok], "switch_s": [r["activate_s"] for r in ok if r["activate_s"] > 0],
             "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s,
-            "held": held}  # fmt: skip
+            "held": held, "busy": replicas_busy(results)}  # fmt: skip
 
 
 def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -248,7 +279,7 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                          "parts": collections.defaultdict(list), "spread": collections.defaultdict(list)})  # fmt: skip
         for key in ("requests", "ok", "switches", "loads", "wall_s", "load_s", "adapter_loads", "adapter_load_s"):
             m[key] = m.get(key, 0) + r[key]
-        for key in ("waits", "rounds", "generate_s", "switch_s"):
+        for key in ("waits", "rounds", "generate_s", "switch_s", "busy"):
             m[key] = m.get(key, []) + r[key]
         for key in ("latencies", "parts"):
             for mix, values in r[key].items():
@@ -344,6 +375,28 @@ def where(run: dict[str, Any]) -> str:
     return "; mean queue + switch + generation + outside the replica: " + ", ".join(one(a) for a in ARMS)
 
 
+def concurrency_table(runs: list[dict[str, Any]], replicas: int) -> Table:
+    """Each router's generations grouped by how many replicas generated at once (:func:`replicas_busy`, rounded
+    to the nearest whole replica): the share of generations in each group and their mean generation time. On a
+    machine with fewer cores than replicas, a router that keeps more replicas generating at once makes each
+    generation slower; the same group's times alike under both routers say the router is not the cause."""
+    groups = range(1, replicas + 1)
+    table = Table("Generations by how many replicas generated at once (time-weighted over each generation, its own "
+                  "replica counted; the replicas share the machine's cores)",
+                  ["router", "replicas generating at once (mean)",
+                   *(f"{k} at once: share / mean generation (ms)" for k in groups)])  # fmt: skip
+    for r in runs:
+        busy = r.get("busy", [])
+        if not busy:
+            continue
+        cells = []
+        for k in groups:
+            times = [g for b, g in busy if min(max(int(b + 0.5), 1), replicas) == k]
+            cells.append(f"{100 * len(times) / len(busy):.0f} % / {1000 * sum(times) / len(times):.0f}" if times else "0 % / -")
+        table.add(r["router"], f"{sum(b for b, _ in busy) / len(busy):.2f}", *cells)
+    return table
+
+
 def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
                  f"(rounds alternated), {args.clients} clients, "
@@ -372,7 +425,7 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     per_mix.notes.append("A switch is a generation that found another mix active on its replica; a load, a request whose mix "
                          "was not in its replica's mix cache (the adapters it lacked loaded, inside the queue wait); "
                          "each replica's counters.")
-    return [main, per_mix]
+    return [main, per_mix, concurrency_table(runs, args.replicas)]
 
 
 def main(argv: list[str] | None = None) -> None:

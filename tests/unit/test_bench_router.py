@@ -22,7 +22,7 @@ def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> di
             "waits": waits, "latencies": latencies, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
             "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0,
-            "held": {}}  # fmt: skip
+            "held": {}, "busy": [(1.0, 0.3), (2.0, 0.4)]}  # fmt: skip
 
 
 def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison() -> None:
@@ -40,12 +40,13 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     assert router.paired(runs) == ["mix-aware, spill_queue 0 against serve (default), round by round: a lower wait "
                                    "p95 in 2 of 3 rounds, a higher throughput in 2 of 3."]  # fmt: skip
     args = argparse.Namespace(replicas=3, rounds=3, requests=100, clients=4, zipf=1.1, seed=7)
-    main, per_mix = router.tables(runs, args)
+    main, per_mix, busy = router.tables(runs, args)
     # Each round's replicas are new ones: a mix's replicas are counted per round, not over the rounds.
     assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
     assert main.rows[1][5] == "20 / 30"  # outside the replica: 10, 30, 20 ms x 3 rounds; p50 is the 5th of 9
     assert main.rows[1][6] == "1500 / 2000"  # latency, every mix pooled: 1, 2 and 1.5 s x 3 rounds
+    assert busy.rows[1] == ["mix-aware, spill_queue 0", "1.50", "50 % / 300", "50 % / 400", "0 % / -"]
     assert main.notes == [*router.paired(runs), "mix-aware, spill_queue 0: held no request within its spill grace.",
                           router.costs(runs)]  # fmt: skip
     # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
@@ -54,6 +55,36 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
         "a generation p50 0.30 s (p95 0.40, 12 images, the switch not included); a switch p50 10 ms (p95 10, "
         "6 switches); 12 mix loads read 12 adapter files (1.00 s per file); the rest of a load (trim, "
         "bookkeeping): 250 ms per mix load.")  # fmt: skip
+
+
+def test_replicas_busy_weighs_each_other_replica_by_its_overlap_and_counts_a_replica_once() -> None:
+    def done(replica: str, began: float, ended: float, generate_s: float) -> dict:
+        return {"ok": True, "replica": replica, "began": began, "ended": ended, "generate_s": generate_s}
+
+    results = [
+        done("a", 0.0, 4.0, 0.3),
+        done("b", 1.0, 3.0, 0.4),
+        done("c", 2.0, 2.5, 0.5),
+        done("c", 2.5, 6.0, 0.6),  # touches c's first span: merged into one span 2-6
+        done("b", 5.0, 8.0, 0.7),
+        {"ok": False, "mix": "ott_3d"},  # refused: no span
+    ]
+    busy = router.replicas_busy(results)
+    assert [g for _, g in busy] == [0.3, 0.4, 0.5, 0.6, 0.7]
+    assert busy[0][0] == pytest.approx(1 + (2.0 + 2.0) / 4)  # a 0-4: b 1-3, c 2-4 (of its merged 2-6)
+    assert busy[1][0] == pytest.approx(1 + (2.0 + 1.0) / 2)  # b 1-3: a all along, c 2-3
+    assert busy[2][0] == pytest.approx(1 + (0.5 + 0.5) / 0.5)  # c 2-2.5: a and b all along -> 3 at once
+    assert busy[3][0] == pytest.approx(1 + (1.5 + 0.5 + 1.0) / 3.5)  # c 2.5-6: a 2.5-4, b 2.5-3 and 5-6
+    assert busy[4][0] == pytest.approx(1 + 1.0 / 3.0)  # b 5-8: c 5-6
+
+
+def test_the_concurrency_table_groups_generations_by_replicas_at_once() -> None:
+    runs = [{"router": "serve (default)", "busy": [(1.2, 0.2), (1.6, 0.3), (2.5, 0.5), (3.0, 0.7)]},
+            {"router": "mix-aware, spill_queue 0", "busy": [(1.0, 0.2), (1.4, 0.4)]}]  # fmt: skip
+    table = router.concurrency_table(runs, 3)
+    # 2.5 rounds up to 3 (half up, not to even).
+    assert table.rows == [["serve (default)", "2.08", "25 % / 200", "25 % / 300", "50 % / 600"],
+                          ["mix-aware, spill_queue 0", "1.20", "100 % / 300", "0 % / -", "0 % / -"]]  # fmt: skip
 
 
 def test_the_arms_note_reads_the_difference_against_the_goal_only_as_far_as_its_interval_allows() -> None:
