@@ -200,6 +200,39 @@ def union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
+#: Where the machine's CPU time goes during a round, by process: (role, a substring of the process's command
+#: line as Ray titles it), the first match wins; other processes with "ray" in their command line are Ray's own.
+ROLES = (("Generator replicas", "ServeReplica:deskgen:Generator"), ("Ingress (and its routers)", "ServeReplica:deskgen:Ingress"),
+         ("other stages", "ServeReplica:"), ("proxy", "ProxyActor"), ("controller", "ServeController"))  # fmt: skip
+CLIENTS, RAY = "bench clients", "Ray's own"
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every Ray process's and this one's CPU time so far (user + system, its threads included), by pid."""
+    import psutil
+
+    out = {}
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        role = CLIENTS if process.pid == os.getpid() else next((r for r, key in ROLES if key in cmdline), None)
+        if role is None and "ray" in cmdline:
+            role = RAY
+        times = process.info["cpu_times"]
+        if role is not None and times is not None:
+            out[process.pid] = (role, times.user + times.system)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """The CPU seconds each role spent between two :func:`cpu_seconds` readings: processes alive at both only
+    (a process started or ended between them is left out rather than counted with its start-up)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for pid, (role, seconds) in after.items():
+        if pid in before and before[pid][0] == role:
+            out[role] += seconds - before[pid][1]
+    return dict(out)
+
+
 #: The metric the mix-aware router observes for each request it held within its spill grace.
 HOLD_METRIC = "ray_deskgen_router_hold_seconds"
 
@@ -246,7 +279,9 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
     asyncio.run(drive(app.url, NAMED + ADHOC, 1))  # warm: every mix once
     before = replica_infos(app, args.replicas)
     held_before = scrape_holds(app)
+    cpu_before = cpu_seconds()
     results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf), args.clients))
+    cpu = cpu_by_role(cpu_before, cpu_seconds())
     after = replica_infos(app, args.replicas)
     held = {key: n - held_before.get(key, 0.0) for key, n in scrape_holds(app).items()}
     switches, loads, load_s, adapter_loads, adapter_load_s = (
@@ -267,7 +302,7 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
             "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}],
             "generate_s": [r["generate_s"] for r in ok], "switch_s": [r["activate_s"] for r in ok if r["activate_s"] > 0],
             "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s,
-            "held": held, "busy": replicas_busy(results)}  # fmt: skip
+            "held": held, "busy": replicas_busy(results), "cpu": cpu}  # fmt: skip
 
 
 def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -287,6 +322,9 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         held = m.setdefault("held", {})
         for key, n in r.get("held", {}).items():
             held[key] = held.get(key, 0.0) + n
+        cpu = m.setdefault("cpu", {})
+        for role, seconds in r.get("cpu", {}).items():
+            cpu[role] = cpu.get(role, 0.0) + seconds
         # Per round: each round redeploys the app, so its replicas are new ones.
         for mix, counter in r["spread"].items():
             m["spread"][mix].append(len(counter))
@@ -397,6 +435,23 @@ def concurrency_table(runs: list[dict[str, Any]], replicas: int) -> Table:
     return table
 
 
+def cpu_table(runs: list[dict[str, Any]]) -> Table:
+    """Each router's CPU time per request by process, every round pooled, and all of it against the cores'
+    time over the rounds' wall clock: what the router's own work costs on the Ingress, next to the replicas'."""
+    roles = [r for r, _ in ROLES] + [CLIENTS, RAY]
+    cores = os.cpu_count() or 1
+    table = Table(f"CPU time per request by process (ms; user + system, every round pooled; {cores} cores)",
+                  ["router", *roles, "all", "share of the cores' time"])  # fmt: skip
+    for r in runs:
+        cpu = r.get("cpu", {})
+        if not cpu:
+            continue
+        total = sum(cpu.values())
+        table.add(r["router"], *(f"{1000 * cpu.get(role, 0.0) / r['requests']:.1f}" for role in roles),
+                  f"{1000 * total / r['requests']:.1f}", f"{100 * total / (cores * r['wall_s']):.0f} %")  # fmt: skip
+    return table
+
+
 def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
                  f"(rounds alternated), {args.clients} clients, "
@@ -425,7 +480,7 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     per_mix.notes.append("A switch is a generation that found another mix active on its replica; a load, a request whose mix "
                          "was not in its replica's mix cache (the adapters it lacked loaded, inside the queue wait); "
                          "each replica's counters.")
-    return [main, per_mix, concurrency_table(runs, args.replicas)]
+    return [main, per_mix, concurrency_table(runs, args.replicas), cpu_table(runs)]
 
 
 def main(argv: list[str] | None = None) -> None:

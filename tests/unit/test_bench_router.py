@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 
 import pytest
@@ -22,7 +23,7 @@ def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> di
             "waits": waits, "latencies": latencies, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
             "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0,
-            "held": {}, "busy": [(1.0, 0.3), (2.0, 0.4)]}  # fmt: skip
+            "held": {}, "busy": [(1.0, 0.3), (2.0, 0.4)], "cpu": {"Ingress (and its routers)": 1.5, "Generator replicas": 20.0}}  # fmt: skip
 
 
 def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison() -> None:
@@ -40,13 +41,17 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     assert router.paired(runs) == ["mix-aware, spill_queue 0 against serve (default), round by round: a lower wait "
                                    "p95 in 2 of 3 rounds, a higher throughput in 2 of 3."]  # fmt: skip
     args = argparse.Namespace(replicas=3, rounds=3, requests=100, clients=4, zipf=1.1, seed=7)
-    main, per_mix, busy = router.tables(runs, args)
+    main, per_mix, busy, cpu = router.tables(runs, args)
     # Each round's replicas are new ones: a mix's replicas are counted per round, not over the rounds.
     assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
     assert main.rows[1][5] == "20 / 30"  # outside the replica: 10, 30, 20 ms x 3 rounds; p50 is the 5th of 9
     assert main.rows[1][6] == "1500 / 2000"  # latency, every mix pooled: 1, 2 and 1.5 s x 3 rounds
     assert busy.rows[1] == ["mix-aware, spill_queue 0", "1.50", "50 % / 300", "50 % / 400", "0 % / -"]
+    # 3 rounds x (20 s on the replicas, 1.5 on the Ingress) over 300 requests; 64.5 s of CPU in 55 s of wall.
+    cores = os.cpu_count() or 1
+    assert cpu.rows[1] == ["mix-aware, spill_queue 0", "200.0", "15.0", "0.0", "0.0", "0.0", "0.0", "0.0", "215.0",
+                           f"{100 * 64.5 / (cores * 55.0):.0f} %"]  # fmt: skip
     assert main.notes == [*router.paired(runs), "mix-aware, spill_queue 0: held no request within its spill grace.",
                           router.costs(runs)]  # fmt: skip
     # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
@@ -85,6 +90,19 @@ def test_the_concurrency_table_groups_generations_by_replicas_at_once() -> None:
     # 2.5 rounds up to 3 (half up, not to even).
     assert table.rows == [["serve (default)", "2.08", "25 % / 200", "25 % / 300", "50 % / 600"],
                           ["mix-aware, spill_queue 0", "1.20", "100 % / 300", "0 % / -", "0 % / -"]]  # fmt: skip
+
+
+def test_cpu_time_is_counted_per_role_for_processes_alive_at_both_readings() -> None:
+    before = {1: ("Ingress (and its routers)", 10.0), 2: ("Generator replicas", 5.0), 3: ("proxy", 1.0)}
+    after = {1: ("Ingress (and its routers)", 10.5), 2: ("Generator replicas", 9.0), 4: ("Generator replicas", 7.0),
+             5: (router.RAY, 0.2)}  # fmt: skip
+    # pid 3 ended and pids 4 and 5 started between the readings: left out, not counted with their start-up.
+    assert router.cpu_by_role(before, after) == {"Ingress (and its routers)": 0.5, "Generator replicas": 4.0}
+    # This process is found, as the bench's clients, and its CPU time grows with work done.
+    first = router.cpu_seconds()
+    assert first[os.getpid()][0] == router.CLIENTS
+    sum(i * i for i in range(2_000_000))
+    assert router.cpu_by_role(first, router.cpu_seconds())[router.CLIENTS] > 0
 
 
 def test_the_arms_note_reads_the_difference_against_the_goal_only_as_far_as_its_interval_allows() -> None:
