@@ -17,7 +17,10 @@ request back); and the A/B arms' p50 gap with a 95 % bootstrap interval, read ag
 each arm's time goes. ``--spill-graces-ms 20,0`` compares the router's spill grace (``spill_grace_s``); for
 each mix-aware router, the requests it held within the grace (its ``deskgen_router_hold_seconds`` metric,
 read from Ray's metrics agent): how many stayed on a holder of their mix (the done-callback of a finished
-request landed during the hold) and how soon, and how many spilled.
+request landed during the hold) and how soon, and how many spilled. Where the machine's time goes: each
+router's generations grouped by how many replicas generated at once (the replicas share the cores, so a
+router that keeps more of them busy makes each image slower), and each process's CPU time per request
+(the replicas, the Ingress with its routers, the proxy, the controller, the clients, Ray's own).
 """
 
 from __future__ import annotations
