@@ -119,6 +119,31 @@ def time_calls(fn: Callable[[], Any], n: int, *, warmup: int = 1) -> list[float]
     return out
 
 
+@dataclass(frozen=True)
+class Process:
+    """One process of this machine as a bench reads it: its command line and CPU time so far (user + system,
+    its threads included; None where it could not be read)."""
+
+    pid: int
+    cmdline: str
+    cpu_s: float | None
+
+
+def ray_processes(*, with_self: bool = False) -> list[Process]:
+    """This machine's Ray processes (a ``ray`` in the command line: Ray titles its workers ``ray::<actor>``, so a
+    Serve replica reads ``ray::ServeReplica:<app>:<deployment>``), and this process too with ``with_self``.
+    A process that ends while they are listed is left out."""
+    import psutil
+
+    out = []
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "ray" in cmdline or (with_self and process.pid == os.getpid()):
+            times = process.info["cpu_times"]
+            out.append(Process(process.pid, cmdline, None if times is None else times.user + times.system))
+    return out
+
+
 @contextmanager
 def stopwatch() -> Iterator[Callable[[], float]]:
     """``with stopwatch() as elapsed: ...; elapsed()`` -> seconds since the block began."""

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import Table, append_report, command_line, machine, render_section
+from bench.common import Table, append_report, command_line, machine, ray_processes, render_section
 from bench.cpu import APP, PROMPT, ServeApp, bench_serve_config, free_port
 from deskgen.paths import models_dir
 
@@ -138,17 +138,13 @@ def set_door(app: ServeApp, on: bool, router_retry_s: list[float] | None = None)
 def pin_generator(pinned: bool) -> str:
     """Give the Generator replica's process one core of its own and every other process of the session
     (Ray's, this one) the rest — or undo it. Every thread of each process is moved."""
-    import psutil
-
     cores = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
     if len(cores) < 2:
         raise RuntimeError("pinning needs at least 2 cores")
     own, rest = {cores[-1]}, set(cores[:-1])
     moved = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "ray" not in cmdline and process.pid != os.getpid():
-            continue
+    for process in ray_processes(with_self=True):
+        cmdline = process.cmdline
         target = own if "ServeReplica:deskgen:Generator" in cmdline else rest
         for task in os.listdir(f"/proc/{process.pid}/task"):
             try:
@@ -327,11 +323,9 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _proxy_pid() -> int:
-    import psutil
-
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if "ProxyActor" in " ".join(process.info["cmdline"] or []):
-            return int(process.info["pid"])
+    for process in ray_processes():
+        if "ProxyActor" in process.cmdline:
+            return process.pid
     raise RuntimeError("no Serve ProxyActor process found")
 
 

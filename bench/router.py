@@ -45,6 +45,7 @@ from bench.common import (
     machine,
     p50_difference,
     percentile,
+    ray_processes,
     render_section,
 )
 from bench.cpu import ServeApp, bench_serve_config, free_port
@@ -212,17 +213,11 @@ CLIENTS, RAY = "bench clients", "Ray's own"
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
     """Every Ray process's and this one's CPU time so far (user + system, its threads included), by pid."""
-    import psutil
-
     out = {}
-    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        role = CLIENTS if process.pid == os.getpid() else next((r for r, key in ROLES if key in cmdline), None)
-        if role is None and "ray" in cmdline:
-            role = RAY
-        times = process.info["cpu_times"]
-        if role is not None and times is not None:
-            out[process.pid] = (role, times.user + times.system)
+    for process in ray_processes(with_self=True):
+        role = CLIENTS if process.pid == os.getpid() else next((r for r, key in ROLES if key in process.cmdline), RAY)
+        if process.cpu_s is not None:
+            out[process.pid] = (role, process.cpu_s)
     return out
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from bench.common import metric_total, p50_difference, percentile
+from bench.common import metric_total, p50_difference, percentile, ray_processes
 
 pytestmark = pytest.mark.unit
 
@@ -53,3 +57,20 @@ ray_deskgen_generator_refusals_total{replica="a",outcome="answered"} 1.0
     assert metric_total(text, "ray_deskgen_generator_refusals_total", {}) == 6.0
     assert metric_total(text, "ray_deskgen_generator_refusals_total", {"outcome": "lost"}) == 0.0
     assert metric_total("", "ray_deskgen_generator_refusals_total", {"outcome": "retried"}) == 0.0
+
+
+def test_ray_processes_are_found_by_their_title_and_this_process_only_when_asked() -> None:
+    # A process titled as Ray titles its workers, and one that is not.
+    titled = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ray::ServeReplica:deskgen:Probe"])
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "plain"])
+    try:
+        found = {p.pid: p for p in ray_processes()}
+        assert "ray::ServeReplica:deskgen:Probe" in found[titled.pid].cmdline
+        assert found[titled.pid].cpu_s is not None and found[titled.pid].cpu_s >= 0
+        if "ray" not in sys.executable:  # a checkout's path could hold the word
+            assert plain.pid not in found
+        assert os.getpid() in {p.pid for p in ray_processes(with_self=True)}
+    finally:
+        for child in (titled, plain):
+            child.kill()
+            child.wait()
