@@ -2,12 +2,14 @@
 
     python -m bench.router                        # 3 generator replicas, 240 requests, 4 clients, Zipf s=1.1
     python -m bench.router --replicas 2 --requests 120 --no-write
+    python -m bench.router --replicas 2 --workload ab  # the default experiment's arms only, in its split
 
 One Ray instance, the app of serve_config.yaml on the tiny models (64x64, 2 steps, no product location),
 N Generator replicas; the same seeded workload is sent twice, once per router (the app redeployed between
 them): requests for the 7 named mixes and 3 ad-hoc ones drawn from a Zipf distribution (the A/B arms and
 the default mix most popular), each streamed (SSE) so its ``started`` event gives the replica and the
-queue wait. Reported per router: mix switches per 100 requests (generations that found another mix
+queue wait (``--workload ab``: the default experiment's two arms in its split instead, the traffic when every user is
+in the experiment). Reported per router: mix switches per 100 requests (generations that found another mix
 active, read from every replica's counters), p50/p95 queue wait on the replica, p50/p95 latency, throughput, p50 latency per
 mix, and how the hottest mix spread over the replicas; each round's wait p95 and throughput too, and in how
 many rounds each mix-aware router beat Serve's default in the same round (``--rounds`` alternate the routers,
@@ -57,16 +59,36 @@ log = logging.getLogger("bench.router")
 
 NAMED = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d"]
 ADHOC = ["ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9"]
-#: The default experiment's arms, read from serve_config.yaml's ``ab_split``: the control first.
-ARMS = tuple(deployment_config(load_serve_config(), "Ingress")["user_config"]["ab_split"])
+#: The default experiment's split, read from serve_config.yaml's ``ab_split``: each arm's share, the control first.
+AB_SPLIT: dict[str, float] = dict(deployment_config(load_serve_config(), "Ingress")["user_config"]["ab_split"])
+ARMS = tuple(AB_SPLIT)
 MIX_AWARE = "deployments.routing:MixAwareRouter"
 #: Issue 24's goal: once warm, the A/B arms' p50 latencies within 5 % of each other.
 ARMS_GOAL = 0.05
 
 
-def workload(n: int, seed: int, s: float) -> list[str]:
-    """``n`` mixes drawn from a Zipf distribution over the named mixes then the ad-hoc ones."""
-    return random.Random(seed).choices(NAMED + ADHOC, weights=zipf_weights(s), k=n)
+#: The workloads: ``zipf`` over the named mixes then the ad-hoc ones, or ``ab``: the default experiment's arms in
+#: its split (the traffic when every user is in the experiment).
+WORKLOADS = ("zipf", "ab")
+
+
+def workload_mixes(kind: str) -> list[str]:
+    """The mixes a workload draws from, in order."""
+    return NAMED + ADHOC if kind == "zipf" else list(ARMS)
+
+
+def workload(n: int, seed: int, s: float, kind: str = "zipf") -> list[str]:
+    """``n`` mixes drawn from a Zipf distribution over the named mixes then the ad-hoc ones, or from the default
+    experiment's split."""
+    weights = zipf_weights(s) if kind == "zipf" else [AB_SPLIT[arm] for arm in ARMS]
+    return random.Random(seed).choices(workload_mixes(kind), weights=weights, k=n)
+
+
+def workload_title(args: argparse.Namespace) -> str:
+    if args.workload == "zipf":
+        return f"Zipf s={args.zipf} over 7 named + 3 ad-hoc mixes (seed {args.seed})"
+    split = ", ".join(f"{arm} {100 * AB_SPLIT[arm]:g} %" for arm in ARMS)
+    return f"the default experiment's split ({split}; seed {args.seed})"
 
 
 def zipf_weights(s: float) -> list[float]:
@@ -274,11 +296,11 @@ def held_note(run: dict[str, Any]) -> str:
 def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | None, grace_s: float,
         args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     redeploy(app, router_config(base, args.replicas, spill_queue, grace_s), args.replicas)
-    asyncio.run(drive(app.url, NAMED + ADHOC, 1))  # warm: every mix once
+    asyncio.run(drive(app.url, workload_mixes(args.workload), 1))  # warm: every mix once
     before = replica_infos(app, args.replicas)
     held_before = scrape_holds(app)
     cpu_before = cpu_seconds()
-    results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf), args.clients))
+    results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf, args.workload), args.clients))
     cpu = cpu_by_role(cpu_before, cpu_seconds())
     after = replica_infos(app, args.replicas)
     held = {key: n - held_before.get(key, 0.0) for key, n in scrape_holds(app).items()}
@@ -453,7 +475,7 @@ def cpu_table(runs: list[dict[str, Any]]) -> Table:
 def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
                  f"(rounds alternated), {args.clients} clients, "
-                 f"Zipf s={args.zipf} over 7 named + 3 ad-hoc mixes (seed {args.seed}), tiny SDXL 64x64, 2 steps",
+                 f"{workload_title(args)}, tiny SDXL 64x64, 2 steps",
                  ["router", "mix switches / 100 requests", "mix loads / 100 requests", "queue wait p50 (ms)",
                   "queue wait p95 (ms)", "outside the replica p50 / p95 (ms)", "latency p50 / p95 (ms)", "req/s", "non-200",
                   "wait p95 by round (ms)", "req/s by round"])  # fmt: skip
@@ -486,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--workload", choices=WORKLOADS, default="zipf",
+                        help="zipf: the named and ad-hoc mixes by Zipf's law (default); ab: the default experiment's arms in its split")
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--spill-queues", default="0,1", help="the mix-aware router's thresholds to compare (default 0,1)")

@@ -40,8 +40,9 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     assert [x["wait_p95"] for x in aware["rounds"]] == [0.3, 0.5, 0.5]
     assert router.paired(runs) == ["mix-aware, spill_queue 0 against serve (default), round by round: a lower wait "
                                    "p95 in 2 of 3 rounds, a higher throughput in 2 of 3."]  # fmt: skip
-    args = argparse.Namespace(replicas=3, rounds=3, requests=100, clients=4, zipf=1.1, seed=7)
+    args = argparse.Namespace(replicas=3, rounds=3, requests=100, clients=4, zipf=1.1, seed=7, workload="zipf")
     main, per_mix, busy, cpu = router.tables(runs, args)
+    assert "Zipf s=1.1 over 7 named + 3 ad-hoc mixes (seed 7)" in main.title
     # Each round's replicas are new ones: a mix's replicas are counted per round, not over the rounds.
     assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
     assert main.rows[1][-2:] == ["300 / 500 / 500", "4.00 / 5.00 / 10.00"]
@@ -60,6 +61,23 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
         "a generation p50 0.30 s (p95 0.40, 12 images, the switch not included); a switch p50 10 ms (p95 10, "
         "6 switches); 12 mix loads read 12 adapter files (1.00 s per file); the rest of a load (trim, "
         "bookkeeping): 250 ms per mix load.")  # fmt: skip
+
+
+def test_the_ab_workload_draws_the_default_experiment_s_arms_in_its_split() -> None:
+    drawn = router.workload(4000, 7, 1.1, "ab")
+    assert set(drawn) == set(router.ARMS) == set(router.workload_mixes("ab"))
+    counts = collections.Counter(drawn)
+    for arm, share in router.AB_SPLIT.items():
+        # 4000 draws: 4 binomial standard errors of a share of 0.3 are 0.029.
+        assert abs(counts[arm] / 4000 - share) < 0.03
+    assert router.workload(50, 7, 1.1, "ab") == router.workload(50, 7, 1.1, "ab")  # seeded
+    # The Zipf workload keeps every mix, the arms most drawn.
+    zipf = collections.Counter(router.workload(4000, 7, 1.1))
+    assert set(zipf) == set(router.NAMED + router.ADHOC) and [m for m, _ in zipf.most_common(2)] == list(router.ARMS)
+    args = argparse.Namespace(replicas=2, rounds=1, requests=10, clients=4, zipf=1.1, seed=7, workload="ab")
+    title = router.tables(router.merged([one_round("serve (default)", [0.1], 10, 2.0) for _ in range(3)]), args)[0].title
+    split = ", ".join(f"{arm} {100 * share:g} %" for arm, share in router.AB_SPLIT.items())
+    assert f"the default experiment's split ({split}; seed 7)" in title
 
 
 def test_replicas_busy_weighs_each_other_replica_by_its_overlap_and_counts_a_replica_once() -> None:
