@@ -287,9 +287,10 @@ def held_note(run: dict[str, Any]) -> str:
     total, spilled = held_counts(held)
     if total + spilled == 0:
         return f"{run['router']}: held no request within its spill grace."
-    soon = ", ".join(f"{100 * stayed.get(le, 0.0) / total:.0f} % within {1000 * le:g} ms" for le in (0.001, 0.002, 0.005))
+    soon = (" (" + ", ".join(f"{100 * stayed.get(le, 0.0) / total:.0f} % within {1000 * le:g} ms" for le in (0.001, 0.002, 0.005))
+            + ")") if total else ""  # fmt: skip
     return (f"{run['router']}: held {100 * (total + spilled) / run['requests']:.1f} requests per 100 within its spill "
-            f"grace: {total:.0f} stayed on a holder of their mix" + (f" ({soon})" if total else "")
+            f"grace: {total:.0f} stayed on a holder of their mix{soon}"
             + f", {spilled:.0f} spilled.")  # fmt: skip
 
 

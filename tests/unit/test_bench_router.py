@@ -174,6 +174,10 @@ def test_the_router_s_holds_are_read_from_the_metrics_and_summed_over_series() -
     assert router.held_note(run) == ("mix-aware, spill_queue 0: held 25.0 requests per 100 within its spill grace: "
                                      "20 stayed on a holder of their mix (40 % within 1 ms, 50 % within 2 ms, "
                                      "55 % within 5 ms), 5 spilled.")  # fmt: skip
+    # Every held request spilled: no share of the stayed ones to give.
+    run["held"] = {("spilled", 0.001): 3.0, ("spilled", float("inf")): 5.0}
+    assert router.held_note(run) == ("mix-aware, spill_queue 0: held 5.0 requests per 100 within its spill grace: "
+                                     "0 stayed on a holder of their mix, 5 spilled.")  # fmt: skip
 
 
 def test_the_lag_bench_tabulates_the_stayed_holds_by_bucket() -> None:
