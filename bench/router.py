@@ -13,7 +13,8 @@ in the experiment). Reported per router: mix switches per 100 requests (generati
 active, read from every replica's counters), p50/p95 queue wait on the replica, p50/p95 latency, throughput, p50 latency per
 mix, and how the hottest mix spread over the replicas; each round's wait p95 and throughput too, and in how
 many rounds each mix-aware router beat Serve's default in the same round (``--rounds`` alternate the routers,
-so a round's pair shares the machine's state of the moment; this host's run-to-run spread is large); the
+so a round's pair shares the machine's state of the moment; this host's run-to-run spread is large; which
+router goes first alternates too, round by round); the
 time each request spent outside the replica (ingress, router, transport: where the mix-aware router holds a
 request back); and the A/B arms' p50 gap with a 95 % bootstrap interval, read against the 5 % goal, and where
 each arm's time goes. ``--spill-graces-ms 20,0`` compares the router's spill grace (``spill_grace_s``); for
@@ -118,6 +119,13 @@ def router_config(base: dict[str, Any], replicas: int, spill_queue: int | None, 
             env = {"DESKGEN_GENERATOR_ROUTER": "serve" if spill_queue is None else f"mix_aware-{spill_queue}-{grace_s}"}
             deployment.setdefault("ray_actor_options", {})["runtime_env"] = {"env_vars": env}
     return config
+
+
+def round_order(routers: list[Any], round_: int) -> list[Any]:
+    """The routers in the order they run in round ``round_`` (from 0): as given in even rounds, reversed in odd
+    ones, so a drift within a round (the machine warming, the previous deployment still shutting down) does not
+    always fall on the same router."""
+    return list(routers) if round_ % 2 == 0 else list(reversed(routers))
 
 
 def redeploy(app: ServeApp, config: dict[str, Any], replicas: int) -> None:
@@ -532,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     with ServeApp(router_config(base, args.replicas, None), num_cpus=4 + args.replicas,
                   num_gpus=1 + args.replicas, metrics_port=free_port()) as app:  # fmt: skip
         for round_ in range(args.rounds):
-            for name, spill_queue, grace_s in routers:
+            for name, spill_queue, grace_s in round_order(routers, round_):
                 log.info("round %d, router %s", round_ + 1, name)
                 runs.append(run(app, base, name, spill_queue, grace_s, args))
                 log.info("%s", {k: v for k, v in runs[-1].items() if k in ("router", "requests", "ok", "switches", "wall_s")})

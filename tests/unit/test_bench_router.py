@@ -63,6 +63,12 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
         "bookkeeping): 250 ms per mix load.")  # fmt: skip
 
 
+def test_which_router_goes_first_alternates_round_by_round() -> None:
+    routers = ["serve", "aware-0", "aware-1"]
+    assert [router.round_order(routers, r) for r in range(3)] == [routers, routers[::-1], routers]
+    assert routers == ["serve", "aware-0", "aware-1"]  # not reordered in place
+
+
 def test_the_ab_workload_draws_the_default_experiment_s_arms_in_its_split() -> None:
     drawn = router.workload(4000, 7, 1.1, "ab")
     assert set(drawn) == set(router.ARMS) == set(router.workload_mixes("ab"))
