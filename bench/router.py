@@ -52,6 +52,7 @@ from bench.common import (
     render_section,
 )
 from bench.cpu import ServeApp, bench_serve_config, free_port
+from deployments.generator import LOAD_COUNTERS
 from deployments.routing import SPILL_GRACE_S
 from deskgen.paths import models_dir
 from deskgen.serve_config import deployment_config, load_serve_config
@@ -316,6 +317,7 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
     switches, loads, load_s, adapter_loads, adapter_load_s = (
         sum(after[r][key] - before.get(r, {key: 0})[key] for r in after)
         for key in ("switches", "mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s"))  # fmt: skip
+    loads_by_label = label_deltas(before, after)
     ok = [r for r in results if r.get("ok")]
     waits = [r["queued_s"] for r in ok if "queued_s" in r]
     by_mix: dict[str, list[float]] = collections.defaultdict(list)
@@ -331,7 +333,19 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
             "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}],
             "generate_s": [r["generate_s"] for r in ok], "switch_s": [r["activate_s"] for r in ok if r["activate_s"] > 0],
             "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s,
-            "held": held, "busy": replicas_busy(results), "cpu": cpu}  # fmt: skip
+            "loads_by_label": loads_by_label, "held": held, "busy": replicas_busy(results), "cpu": cpu}  # fmt: skip
+
+
+def label_deltas(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The replicas' mix-load counters by mix label (``loads_by_label`` of their info) between two readings,
+    summed over the replicas."""
+    out: dict[str, dict[str, float]] = collections.defaultdict(lambda: dict.fromkeys(LOAD_COUNTERS, 0))
+    for replica, info in after.items():
+        earlier = before.get(replica, {}).get("loads_by_label", {})
+        for label, counts in info["loads_by_label"].items():
+            for key in LOAD_COUNTERS:
+                out[label][key] += counts[key] - earlier.get(label, {}).get(key, 0)
+    return dict(out)
 
 
 def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -351,6 +365,11 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         held = m.setdefault("held", {})
         for key, n in r.get("held", {}).items():
             held[key] = held.get(key, 0.0) + n
+        by_label = m.setdefault("loads_by_label", {})
+        for label, counts in r.get("loads_by_label", {}).items():
+            into = by_label.setdefault(label, dict.fromkeys(LOAD_COUNTERS, 0))
+            for key, n in counts.items():
+                into[key] += n
         cpu = m.setdefault("cpu", {})
         for role, seconds in r.get("cpu", {}).items():
             cpu[role] = cpu.get(role, 0.0) + seconds
@@ -423,6 +442,20 @@ def arms_note(run: dict[str, Any]) -> str:
     return (f"{run['router']}: the A/B arms' p50 differ by {100 * abs(d.point):.1f} % ({other} against {control}: "
             f"{100 * d.point:+.1f} %, {100 * d.level:.0f} % bootstrap interval {100 * d.low:+.1f} to {100 * d.high:+.1f} %; "
             f"{len(run['latencies'][control])} and {len(run['latencies'][other])} requests): {verdict}{where(run)}.")  # fmt: skip
+
+
+def arm_loads_note(run: dict[str, Any]) -> str:
+    """Each A/B arm's own mix loads (inside its requests' queue wait): how often its mix was not in its
+    replica's cache, how many adapter files those loads read, and what they cost per request of the arm. An
+    arm whose adapter no other hot mix uses loses it whenever its mix is evicted, and reads it again."""
+    by_label = run.get("loads_by_label", {})
+
+    def one(arm: str) -> str:
+        n, counts = len(run["latencies"][arm]), by_label.get(arm, dict.fromkeys(LOAD_COUNTERS, 0))
+        return (f"{arm} {100 * counts['mix_loads'] / n:.1f} loads per 100 of its requests, reading "
+                f"{100 * counts['adapter_loads'] / n:.1f} files, {1000 * counts['mix_load_s'] / n:.0f} ms per request")  # fmt: skip
+
+    return f"{run['router']}: each arm's own mix loads (inside its queue wait): " + "; ".join(one(a) for a in ARMS) + "."
 
 
 def where(run: dict[str, Any]) -> str:
@@ -505,7 +538,9 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
 
     for m in mixes:
         per_mix.add(m, *(f"{1000 * r['per_mix_p50'][m]:.0f} ({replicas(r['spread'][m])})" for r in runs))
-    per_mix.notes += [arms_note(r) for r in runs if all(a in r["latencies"] for a in ARMS) and len(ARMS) == 2]
+    for r in runs:
+        if all(a in r["latencies"] for a in ARMS) and len(ARMS) == 2:
+            per_mix.notes += [arms_note(r), arm_loads_note(r)]
     per_mix.notes.append("A switch is a generation that found another mix active on its replica; a load, a request whose mix "
                          "was not in its replica's mix cache (the adapters it lacked loaded, inside the queue wait); "
                          "each replica's counters.")

@@ -52,6 +52,8 @@ MAX_CACHED_MIXES = 4
 #: Seconds between two looks at the LoRA folder for files added or changed since the last check: a file
 #: the replica cannot load is listed unavailable, with its reason, before a request names it.
 ADAPTER_CHECK_S = 2.0
+#: A replica's mix-load counters, in :meth:`GeneratorReplica.info` (in all and by mix label).
+LOAD_COUNTERS = ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s")
 
 
 class GenerationCancelled(Exception):
@@ -107,6 +109,9 @@ class GeneratorReplica:
         self.mix_load_s = 0.0
         self.adapter_loads = 0
         self.adapter_load_s = 0.0
+        #: Those four counters again by the label the load was requested under (a named mix, or "adhoc"):
+        #: which mixes' loads read files, so an arm's queue wait can be attributed (the router bench).
+        self.loads_by_label: dict[str, dict[str, float]] = collections.defaultdict(lambda: dict.fromkeys(LOAD_COUNTERS, 0))
         #: Generations that found another mix active (the pipeline's mix changed for them).
         self.switches = 0
         self.generations = 0
@@ -146,6 +151,8 @@ class GeneratorReplica:
         self.mix_load_s += seconds
         self.adapter_loads += read
         self.adapter_load_s += read_s
+        for key, value in zip(LOAD_COUNTERS, (1, seconds, read, read_s), strict=True):
+            self.loads_by_label[label][key] += value
         self.observer.loaded(label, seconds)
         return LoadedMix(mix, self.release)
 
@@ -334,6 +341,9 @@ class GeneratorReplica:
             "mix_load_s": round(self.mix_load_s, 6),
             "adapter_loads": self.adapter_loads,
             "adapter_load_s": round(self.adapter_load_s, 6),
+            "loads_by_label": {
+                label: {key: round(v, 6) for key, v in counts.items()} for label, counts in self.loads_by_label.items()
+            },
             "switches": self.switches,
             "generations": self.generations,
         }

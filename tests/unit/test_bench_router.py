@@ -63,6 +63,27 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
         "bookkeeping): 250 ms per mix load.")  # fmt: skip
 
 
+def test_each_arm_s_own_loads_are_read_per_replica_between_readings_and_pooled_over_rounds() -> None:
+    control, other = router.ARMS
+
+    def counts(loads: int, seconds: float, reads: int, read_s: float) -> dict:
+        return dict(zip(router.LOAD_COUNTERS, (loads, seconds, reads, read_s), strict=True))
+
+    before = {"r1": {"loads_by_label": {control: counts(1, 1.0, 2, 0.8)}}}
+    after = {"r1": {"loads_by_label": {control: counts(2, 1.5, 2, 0.8), other: counts(1, 0.7, 1, 0.6)}},
+             "r2": {"loads_by_label": {other: counts(3, 2.1, 3, 1.8)}}}  # a replica new since the first reading
+    deltas = router.label_deltas(before, after)
+    assert deltas == {control: counts(1, 0.5, 0, 0.0), other: counts(4, 2.8, 4, 2.4)}
+    rounds = [{**one_round("r", [0.1], 3, 1.0), "loads_by_label": deltas} for _ in range(2)]
+    merged = router.merged(rounds)[0]
+    assert merged["loads_by_label"][other] == counts(8, 5.6, 8, 4.8)
+    # 2 rounds: the control answered 4 requests, the other arm 2 (one_round's latencies).
+    assert router.arm_loads_note(merged) == (
+        f"r: each arm's own mix loads (inside its queue wait): {control} 50.0 loads per 100 of its requests, "
+        f"reading 0.0 files, 250 ms per request; {other} 400.0 loads per 100 of its requests, reading 400.0 files, "
+        f"2800 ms per request.")  # fmt: skip
+
+
 def test_which_router_goes_first_alternates_round_by_round() -> None:
     routers = ["serve", "aware-0", "aware-1"]
     assert [router.round_order(routers, r) for r in range(3)] == [routers, routers[::-1], routers]

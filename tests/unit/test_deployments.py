@@ -95,6 +95,27 @@ def test_an_evicted_mix_s_adapters_go_at_the_next_load_except_those_the_loaded_m
     asyncio.run(scenario())
 
 
+def test_load_counters_are_kept_by_the_label_each_load_was_requested_under(replica: GeneratorReplica) -> None:
+    """Which mixes' loads read adapter files: an A/B arm whose adapter the other cached mixes do not use is
+    read again after an eviction; the router bench attributes the arm's queue wait with these counters."""
+
+    async def scenario() -> None:
+        first = await replica.load_mix(mix_id("dalle_ott"), "dalle_ott")  # reads dalle and ott
+        await replica.load_mix(mix_id("ott_3d"), "ott_3d")  # reads 3d
+        first.release()
+        await replica.load_mix(Mix.from_weights({"ott": 0.3}).id)  # ad hoc; drops dalle (no cached mix uses it), reads none
+        await replica.load_mix(mix_id("dalle_ott"), "dalle_ott")  # reads dalle again
+
+    asyncio.run(scenario())
+    info = replica.info()
+    by_label = info["loads_by_label"]
+    assert {label: (c["mix_loads"], c["adapter_loads"]) for label, c in by_label.items()} == {
+        "dalle_ott": (2, 3), "ott_3d": (1, 1), "adhoc": (1, 0)}  # fmt: skip
+    assert by_label["adhoc"]["adapter_load_s"] == 0 < by_label["dalle_ott"]["adapter_load_s"] <= by_label["dalle_ott"]["mix_load_s"]
+    for key in ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s"):
+        assert sum(c[key] for c in by_label.values()) == pytest.approx(info[key], abs=1e-5)
+
+
 def test_a_loaded_mix_releases_once_also_when_collected(replica: GeneratorReplica) -> None:
     released: list[str] = []
 
