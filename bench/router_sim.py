@@ -9,8 +9,9 @@ no capacity there, so it cannot show what routing does where every replica has a
 discrete-event simulation can, as a model. ``--replicas`` replicas, each running one generation at a time and
 holding up to ``--max-ongoing`` requests (2, as serve_config.yaml), with a least-recently-used cache of
 ``--cache`` mixes (4, the Generator's ``MAX_CACHED_MIXES``) over shared adapters, as ``GeneratorReplica``: a
-miss loads only the adapters no cached mix has loaded (``--adapter-load-s`` each), an eviction drops those no
-remaining mix uses. A request then pays ``--switch-s`` if its mix is not the active one, then ``--image-s``
+miss loads only the adapters not loaded (``--adapter-load-s`` each), an eviction drops those no remaining mix
+uses but for the most recently used, up to ``--keep-adapters`` loaded in all (the Generator's
+``MAX_LOADED_ADAPTERS``; 0: every one, what deskgen did before 2026-12-06). A request then pays ``--switch-s`` if its mix is not the active one, then ``--image-s``
 (times a lognormal jitter); ``--evict-first`` drops the evicted mix's adapters before the incoming mix loads
 (what deskgen did before the fix of ``GeneratorReplica.release``). With ``--cores`` the replicas share that many cores instead (each busy replica runs
 at min(1, cores / busy replicas) of its speed), as bench.router's do; bench.router's "Costs on the replicas"
@@ -54,6 +55,7 @@ from bench.common import (
     render_section,
 )
 from bench.router import ADHOC, ARMS, NAMED, zipf_weights
+from deployments.generator import MAX_LOADED_ADAPTERS, kept_adapters
 from deployments.routing import RECHECK_S, Demand, ReplicaView, rank
 from deskgen.mixes import NAMED_MIXES, parse_mix_spec
 
@@ -92,11 +94,16 @@ def adapters_of(mix: str) -> frozenset[str]:
 
 class Replica:
     """One replica on its own device: a FIFO of requests (the running one first), an LRU cache of mixes and the
-    adapters they use (as GeneratorReplica: a miss loads only the adapters no cached mix has loaded yet; an
-    eviction drops the adapters no remaining cached mix uses)."""
+    adapters they use (as GeneratorReplica: a miss loads only the adapters not loaded yet; an eviction drops
+    the adapters no remaining cached mix uses, but for the most recently used up to ``keep_adapters``)."""
 
-    def __init__(self, index: int, cache_size: int, evict_first: bool = False) -> None:
+    def __init__(self, index: int, cache_size: int, evict_first: bool = False,
+                 keep_adapters: int = MAX_LOADED_ADAPTERS) -> None:  # fmt: skip
         self.index = index
+        self.keep_adapters = keep_adapters
+        #: Each adapter's last use (a request of a mix with it), as a count of requests prepared.
+        self.last_used: dict[str, int] = {}
+        self.uses = 0
         #: Drop the evicted mix's adapters before loading the incoming one (deskgen before the fix of
         #: GeneratorReplica.release: an adapter the two shared was dropped and loaded again at once).
         self.evict_first = evict_first
@@ -118,13 +125,16 @@ class Replica:
     def prepare(self, mix: str, timings: Timings) -> float:
         """The seconds before the generation of ``mix`` starts (a load on a miss, a switch), and the state after."""
         seconds = 0.0
+        self.uses += 1
+        for name in adapters_of(mix):
+            self.last_used[name] = self.uses
         if mix in self.cache:
             self.cache.move_to_end(mix)
         else:
             self.misses += 1
             while self.evict_first and len(self.cache) >= self.cache_size:
                 self.cache.popitem(last=False)
-                self.adapters = set().union(*(adapters_of(m) for m in self.cache))
+                self.adapters = self.trimmed()
             missing = adapters_of(mix) - self.adapters
             self.adapter_loads += len(missing)
             seconds += timings.adapter_load_s * len(missing)
@@ -132,12 +142,17 @@ class Replica:
             self.cache[mix] = None
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
-                self.adapters = set().union(*(adapters_of(m) for m in self.cache))
+                self.adapters = self.trimmed()
         if self.active != mix:
             self.switches += 1
             seconds += timings.switch_s
             self.active = mix
         return seconds
+
+    def trimmed(self) -> set[str]:
+        """The adapters left after an eviction: the cached mixes' and those :func:`kept_adapters` keeps."""
+        needed = set().union(*(adapters_of(m) for m in self.cache))
+        return needed | kept_adapters(self.adapters - needed, needed, self.last_used, self.keep_adapters)
 
 
 class Simulation:
@@ -147,8 +162,9 @@ class Simulation:
     itself takes the shortest it has cached and probes the others only when none of those accepts)."""
 
     def __init__(self, replicas: int, max_ongoing: int, cache_size: int, timings: Timings, seed: int,
-                 cores: float | None = None, evict_first: bool = False) -> None:  # fmt: skip
-        self.replicas = [Replica(i, cache_size, evict_first) for i in range(replicas)]
+                 cores: float | None = None, evict_first: bool = False,
+                 keep_adapters: int = MAX_LOADED_ADAPTERS) -> None:  # fmt: skip
+        self.replicas = [Replica(i, cache_size, evict_first, keep_adapters) for i in range(replicas)]
         #: None: each replica has a device of its own. A number: the replicas share that many cores, each busy
         #: one working at min(1, cores / busy replicas) of its speed (bench.router's host: 2).
         self.cores = cores
@@ -326,7 +342,8 @@ def simulate(router: str, args: argparse.Namespace, load: float, seed: int) -> d
     timings = Timings(args.image_s, args.switch_s, args.adapter_load_s, args.jitter)
     servers = args.replicas if args.cores is None else min(args.replicas, args.cores)
     rate = load * servers / (args.image_s + args.switch_s)
-    sim = Simulation(args.replicas, args.max_ongoing, args.cache, timings, seed, args.cores, args.evict_first)
+    sim = Simulation(args.replicas, args.max_ongoing, args.cache, timings, seed, args.cores, args.evict_first,
+                     args.keep_adapters)  # fmt: skip
     policy = sim.serve_default if router == "serve" else sim.mix_aware(int(router.removeprefix("mix_aware-")))
     done = sim.run(arrivals(args.requests, rate, seed, args.zipf, args.hot), policy)
     assert len(done) == args.requests, "a request was lost"
@@ -338,6 +355,7 @@ def tables(results: dict[tuple[float, str], list[dict[str, Any]]], args: argpars
     where = "with a device each" if args.cores is None else f"sharing {args.cores:g} cores"
     if args.evict_first:
         where += ", adapters dropped at eviction (before the fix)"
+    where += f", up to {args.keep_adapters} adapters kept loaded"
     table = Table(f"Simulated routing — {args.replicas} replicas {where}, {args.image_s} s per image, "
                   f"{1000 * args.switch_s:.0f} ms switch, {args.adapter_load_s} s per adapter loaded, cache of {args.cache}, "
                   f"max_ongoing_requests {args.max_ongoing}; {len(args.seeds)} seeds x {args.requests} requests "
@@ -370,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=int, default=4)
     parser.add_argument("--evict-first", action="store_true",
                         help="drop an evicted mix's adapters before the next load (deskgen before 2026-12-05)")
+    parser.add_argument("--keep-adapters", type=int, default=MAX_LOADED_ADAPTERS,
+                        help="loaded adapters kept in all although no cached mix uses them (0: none, deskgen before 2026-12-06)")
     parser.add_argument("--cores", type=float, default=None,
                         help="replicas share this many cores (as bench.router's do); default: a device each")
     parser.add_argument("--max-ongoing", type=int, default=2)

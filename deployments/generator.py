@@ -3,8 +3,8 @@
 Each LoRA mix is a multiplexed model id (its canonical id, see :mod:`deskgen.mixes`). What
 ``@serve.multiplexed`` caches per id is a :class:`LoadedMix` — a light handle whose adapters are
 loaded into the replica's single pipeline — so Serve routes a mix's requests to replicas that
-already hold it; the adapters no cached mix uses are dropped by the next load (never the base, never an
-adapter the incoming mix uses).
+already hold it; the adapters no cached mix uses are dropped by the next load, but for the most recently
+used few (``MAX_LOADED_ADAPTERS`` loaded in all; never the base, never an adapter the incoming mix uses).
 
 :class:`GeneratorReplica` is the replica's logic without Ray (mix cache and release, one generation
 at a time, events, health), unit-tested on the tiny model; :class:`Generator` is the thin Serve
@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
@@ -52,8 +52,24 @@ MAX_CACHED_MIXES = 4
 #: Seconds between two looks at the LoRA folder for files added or changed since the last check: a file
 #: the replica cannot load is listed unavailable, with its reason, before a request names it.
 ADAPTER_CHECK_S = 2.0
+#: Loaded adapters a replica keeps in all although no cached mix uses them, the most recently used first:
+#: a mix back in the cache after its eviction finds its adapters loaded instead of reading their files again
+#: (0.7 s per file on this host). Without them the colder A/B arm, whose adapter fewer of the other mixes
+#: share, read it again after 3 of every 100 requests: 22 ms of each request's queue wait, against 4 ms for
+#: the control (BENCHMARKS.md, "Generator routing" 2026-12-06 20:14). At most MAX_CACHED_MIXES: the cache's
+#: mixes (one adapter each at least) could hold that many anyway, so the most memory adapters take is unchanged.
+MAX_LOADED_ADAPTERS = MAX_CACHED_MIXES
 #: A replica's mix-load counters, in :meth:`GeneratorReplica.info` (in all and by mix label).
 LOAD_COUNTERS = ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s")
+
+
+def kept_adapters(spare: set[str], needed: set[str], last_used: Mapping[str, int], limit: int) -> set[str]:
+    """Of the loaded adapters in ``spare`` (no cached mix nor the incoming one uses them; their file is the
+    version loaded), those a load keeps: the most recently used, while the adapters kept and ``needed`` number
+    at most ``limit`` (MAX_LOADED_ADAPTERS)."""
+    room = limit - len(needed)
+    recent = sorted(spare - needed, key=lambda name: (last_used.get(name, 0), name), reverse=True)
+    return set(recent[: max(room, 0)])
 
 
 class GenerationCancelled(Exception):
@@ -112,6 +128,9 @@ class GeneratorReplica:
         #: Those four counters again by the label the load was requested under (a named mix, or "adhoc"):
         #: which mixes' loads read files, so an arm's queue wait can be attributed (the router bench).
         self.loads_by_label: dict[str, dict[str, float]] = collections.defaultdict(lambda: dict.fromkeys(LOAD_COUNTERS, 0))
+        #: Each adapter's last use (a load or a generation of a mix with it), as a count of :attr:`uses`.
+        self.last_used: dict[str, int] = {}
+        self.uses = 0
         #: Generations that found another mix active (the pipeline's mix changed for them).
         self.switches = 0
         self.generations = 0
@@ -142,8 +161,9 @@ class GeneratorReplica:
         started = time.perf_counter()
         # A snapshot first: a LoadedMix collected meanwhile runs :meth:`release`, which pops from the dict
         # (``tuple`` copies it in one C call; a comprehension over the live view could see it change size).
-        keep = {name for cached in tuple(self.cached.values()) for name in cached.adapters} | set(mix.adapters)
-        read, read_s = await self._in_pipeline_thread(self._trim_and_load, keep, mix.adapters)
+        needed = {name for cached in tuple(self.cached.values()) for name in cached.adapters} | set(mix.adapters)
+        self._used(mix)
+        read, read_s = await self._in_pipeline_thread(self._trim_and_load, needed, dict(self.last_used), mix.adapters)
         self.cached[mix.id] = mix
         self.labels[mix.id] = label
         seconds = time.perf_counter() - started
@@ -156,20 +176,27 @@ class GeneratorReplica:
         self.observer.loaded(label, seconds)
         return LoadedMix(mix, self.release)
 
-    def _trim_and_load(self, keep: set[str], adapters: tuple[str, ...]) -> tuple[int, float]:
-        """Drop the adapters not in ``keep``, load those of ``adapters`` not loaded; returns how many it
-        loaded and the seconds that took (0 when none was missing)."""
-        dropped = self.generator.unload_adapters(keep)
+    def _used(self, mix: Mix) -> None:
+        self.uses += 1
+        for name in mix.adapters:
+            self.last_used[name] = self.uses
+
+    def _trim_and_load(self, needed: set[str], last_used: dict[str, int], adapters: tuple[str, ...]) -> tuple[int, float]:
+        """Drop the loaded adapters neither ``needed`` nor kept (:func:`kept_adapters`), load those of
+        ``adapters`` not loaded; returns how many it loaded and the seconds that took (0 when none was missing)."""
+        registry = self.generator.registry
+        spare = {name for name in self.generator.loaded_adapters() - needed if registry.recorded(name) == (True, None)}
+        dropped = self.generator.unload_adapters(needed | kept_adapters(spare, needed, last_used, MAX_LOADED_ADAPTERS))
         if dropped:
             log.info("dropped adapters %s: no cached mix uses them", dropped)
         started = time.perf_counter()
-        loaded = self.generator.ensure_adapters(adapters)
-        return len(loaded), (time.perf_counter() - started if loaded else 0.0)
+        read = self.generator.ensure_adapters(adapters)
+        return len(read), (time.perf_counter() - started if read else 0.0)
 
     def release(self, loaded: LoadedMix) -> None:
-        """A mix left the cache. Its adapters that no other cached mix uses are dropped by the next load, not
-        now: Serve evicts the least recently used mix *before* it loads the mix that needs the room, so an
-        unload here would also drop the incoming mix's adapters that only the evicted one used, to be loaded
+        """A mix left the cache. Its adapters that no other cached mix uses may be dropped by the next load
+        (:func:`kept_adapters`), not now: Serve evicts the least recently used mix *before* it loads the mix that
+        needs the room, so an unload here would also drop the incoming mix's adapters that only the evicted one used, to be loaded
         again at once (an adapter load costs seconds; BENCHMARKS.md "Generator routing, simulated"). Serve
         evicts only to make room for a load (or when the replica stops), so nothing lingers longer than that."""
         self.cached.pop(loaded.mix.id, None)
@@ -188,6 +215,7 @@ class GeneratorReplica:
             if on_progress is not None:
                 on_progress(step, total)
 
+        self._used(mix)
         switched = self.generator.active_mix_id != mix.id
         self.switches += switched
         self.observer.activated(request.mix_label, switched=switched)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -17,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deployments import generator as generator_module
 from deployments.captioner import Captioner as CaptionerDeployment
 from deployments.classifier import Classifier as ClassifierDeployment
-from deployments.generator import GeneratorReplica, LoadedMix
+from deployments.generator import GeneratorReplica, LoadedMix, kept_adapters
 from deployments.metrics import GeneratorObserver
 from deskgen.contracts import (
     CaptionResult,
@@ -58,10 +61,13 @@ def replica(tiny_models: Path) -> GeneratorReplica:
 # -- Generator: the mix cache and what its eviction releases --------------------------------------
 
 
-def test_an_evicted_mix_s_adapters_go_at_the_next_load_except_those_the_loaded_mix_uses(replica: GeneratorReplica) -> None:
+def test_an_evicted_mix_s_adapters_go_at_the_next_load_except_those_the_loaded_mix_uses(
+    replica: GeneratorReplica, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Serve evicts the least recently used mix, then loads the mix that needs the room. The adapters only the
-    evicted mix used are dropped by that load, except those the incoming mix uses: those are never dropped and
-    loaded again at once (what an unload at the eviction did)."""
+    evicted mix used are dropped by that load (none kept beyond the cached mixes' here), except those the
+    incoming mix uses: those are never dropped and loaded again at once (what an unload at the eviction did)."""
+    monkeypatch.setattr(generator_module, "MAX_LOADED_ADAPTERS", 0)
     loads: list[str] = []
     strategy = replica.generator.adapters
     original = strategy.load
@@ -95,9 +101,13 @@ def test_an_evicted_mix_s_adapters_go_at_the_next_load_except_those_the_loaded_m
     asyncio.run(scenario())
 
 
-def test_load_counters_are_kept_by_the_label_each_load_was_requested_under(replica: GeneratorReplica) -> None:
+def test_load_counters_are_kept_by_the_label_each_load_was_requested_under(
+    replica: GeneratorReplica, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Which mixes' loads read adapter files: an A/B arm whose adapter the other cached mixes do not use is
-    read again after an eviction; the router bench attributes the arm's queue wait with these counters."""
+    read again after an eviction (none kept beyond the cached mixes' here); the router bench attributes the
+    arm's queue wait with these counters."""
+    monkeypatch.setattr(generator_module, "MAX_LOADED_ADAPTERS", 0)
 
     async def scenario() -> None:
         first = await replica.load_mix(mix_id("dalle_ott"), "dalle_ott")  # reads dalle and ott
@@ -114,6 +124,44 @@ def test_load_counters_are_kept_by_the_label_each_load_was_requested_under(repli
     assert by_label["adhoc"]["adapter_load_s"] == 0 < by_label["dalle_ott"]["adapter_load_s"] <= by_label["dalle_ott"]["mix_load_s"]
     for key in ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s"):
         assert sum(c[key] for c in by_label.values()) == pytest.approx(info[key], abs=1e-5)
+
+
+def test_the_most_recently_used_adapters_no_cached_mix_uses_are_kept_up_to_the_limit() -> None:
+    limit = generator_module.MAX_LOADED_ADAPTERS
+    spare = {f"a{i}" for i in range(limit + 2)}
+    last_used = {f"a{i}": i for i in range(limit + 2)}  # a0 the least recently used
+    assert kept_adapters(spare, set(), last_used, limit) == {f"a{i}" for i in range(2, limit + 2)}
+    # The adapters needed count against the limit; one needed is never counted as spare.
+    by_recency = sorted((name for name in spare if name != "a5"), key=lambda name: -last_used[name])
+    assert kept_adapters(spare, {"x", "a5"}, last_used, limit) == set(by_recency[: limit - 2])
+    assert kept_adapters(spare, {f"n{i}" for i in range(limit + 1)}, last_used, limit) == set()  # no room left
+    assert kept_adapters({"b", "c"}, set(), {}, limit) == {"b", "c"}  # never used since the start: kept while there is room
+
+
+def test_an_evicted_mix_comes_back_without_reading_its_adapters_again(tiny_models: Path, tmp_path: Path) -> None:
+    """The colder A/B arm's adapter (dalle: no other cached mix uses it after its mix's eviction) stays
+    loaded, so its mix's next load reads no file; a file changed since it was loaded is not kept."""
+    assert generator_module.MAX_LOADED_ADAPTERS >= 3  # the tiny models' three adapters all fit
+    shutil.copytree(tiny_models / "loras", tmp_path / "loras")
+    generator = DeskGenerator.from_pretrained(settings_for(tiny_models, tmp_path / "loras"))
+    replica = GeneratorReplica(generator, replica_id=lambda: "r1")
+
+    async def scenario() -> None:
+        arm = await replica.load_mix(mix_id("dalle_ott"), "dalle_ott")
+        await replica.load_mix(mix_id("ott_3d"), "ott_3d")
+        arm.release()
+        await replica.load_mix(Mix.from_weights({"ott": 0.3}).id)  # no cached mix uses dalle now: kept
+        assert replica.generator.loaded_adapters() == {"dalle", "ott", "3d"}
+        again = await replica.load_mix(mix_id("dalle_ott"), "dalle_ott")
+        assert replica.info()["loads_by_label"]["dalle_ott"]["adapter_loads"] == 2  # its first load only
+        again.release()
+        path = replica.generator.registry.path("dalle")
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new version of the file
+        await replica.load_mix(mix_id("3d_only"))
+        assert replica.generator.loaded_adapters() == {"ott", "3d"}  # the old version of dalle is not kept
+
+    asyncio.run(scenario())
 
 
 def test_a_loaded_mix_releases_once_also_when_collected(replica: GeneratorReplica) -> None:

@@ -16,7 +16,7 @@ TIMINGS = sim.Timings(image_s=1.0, switch_s=0.1, adapter_load_s=0.5, jitter=0.0)
 
 
 def test_a_replica_loads_only_the_adapters_it_lacks_and_drops_those_no_cached_mix_uses() -> None:
-    replica = sim.Replica(0, cache_size=2)
+    replica = sim.Replica(0, cache_size=2, keep_adapters=0)  # none kept beyond the cached mixes'
     assert replica.prepare("ott_3d", TIMINGS) == pytest.approx(2 * 0.5 + 0.1)  # two adapters, then the switch
     assert replica.prepare("ott_only", TIMINGS) == pytest.approx(0.1)  # a miss, but ott is loaded: a switch only
     assert replica.prepare("ott_only", TIMINGS) == 0.0  # active already
@@ -26,12 +26,25 @@ def test_a_replica_loads_only_the_adapters_it_lacks_and_drops_those_no_cached_mi
     assert replica.adapters == {"dalle", "3d"}
     assert (replica.misses, replica.adapter_loads, replica.switches) == (4, 4, 4)
     # The order before the fix: the eviction first, then the load, which reloads the adapter the two shared.
-    before = sim.Replica(0, cache_size=1, evict_first=True)
+    before = sim.Replica(0, cache_size=1, evict_first=True, keep_adapters=0)
     before.prepare("dalle_ott", TIMINGS)
     assert before.prepare("dalle_only", TIMINGS) == pytest.approx(0.5 + 0.1) and before.adapter_loads == 3
-    after = sim.Replica(0, cache_size=1)
+    after = sim.Replica(0, cache_size=1, keep_adapters=0)
     after.prepare("dalle_ott", TIMINGS)
     assert after.prepare("dalle_only", TIMINGS) == pytest.approx(0.1) and after.adapter_loads == 2
+
+
+def test_a_replica_keeps_the_most_recently_used_adapters_no_cached_mix_uses_up_to_its_limit() -> None:
+    replica = sim.Replica(0, cache_size=1, keep_adapters=3)
+    replica.prepare("dalle_ott", TIMINGS)
+    replica.prepare("3d_only", TIMINGS)  # evicts dalle_ott; dalle and ott kept: 3 loaded in all
+    assert replica.adapters == {"dalle", "ott", "3d"}
+    assert replica.prepare("dalle_ott", TIMINGS) == pytest.approx(0.1)  # back without a read: a switch only
+    two = sim.Replica(0, cache_size=1, keep_adapters=2)
+    two.prepare("dalle_ott", TIMINGS)
+    two.prepare("ott_only", TIMINGS)  # ott used last: it stays (needed), dalle kept (room for 1)
+    two.prepare("3d_only", TIMINGS)  # needs 3d: room for one more, the most recently used (ott)
+    assert two.adapters == {"ott", "3d"} and two.adapter_loads == 3
 
 
 def test_every_request_is_served_once_and_each_replica_runs_one_generation_at_a_time() -> None:
@@ -77,7 +90,7 @@ def test_an_idle_replica_takes_a_mix_whose_holder_is_busy_with_spill_queue_0_and
 def test_the_bench_runs_and_tells_routers_apart() -> None:
     args = argparse.Namespace(replicas=3, image_s=1.0, switch_s=0.05, adapter_load_s=0.3, jitter=0.03, cache=4,
                               max_ongoing=2, requests=400, warmup=50, zipf=1.1, hot=None, seeds=[1], cores=None,
-                              evict_first=False)  # fmt: skip
+                              evict_first=False, keep_adapters=4)  # fmt: skip
     results = {router: sim.simulate(router, args, 0.7, seed=1) for router in sim.ROUTERS}
     assert all(r["requests"] == 400 for r in results.values())
     assert len({(r["switches"], r["misses"]) for r in results.values()}) > 1
