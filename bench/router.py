@@ -16,8 +16,9 @@ many rounds each mix-aware router beat Serve's default in the same round (``--ro
 so a round's pair shares the machine's state of the moment; this host's run-to-run spread is large; which
 router goes first alternates too, round by round); the
 time each request spent outside the replica (ingress, router, transport: where the mix-aware router holds a
-request back); and the A/B arms' p50 gap with a 95 % bootstrap interval, read against the 5 % goal, and where
-each arm's time goes. ``--spill-graces-ms 20,0`` compares the router's spill grace (``spill_grace_s``); for
+request back); and the A/B arms' p50 gap with a 95 % bootstrap interval, read against the 5 % goal, where
+each arm's time goes, and each arm's own mix loads (the replicas' counters by mix label: the adapter files
+they read and what that cost per request of the arm). ``--spill-graces-ms 20,0`` compares the router's spill grace (``spill_grace_s``); for
 each mix-aware router, the requests it held within the grace (its ``deskgen_router_hold_seconds`` metric,
 read from Ray's metrics agent): how many stayed on a holder of their mix (the done-callback of a finished
 request landed during the hold) and how soon, and how many spilled. Where the machine's time goes: each
