@@ -193,10 +193,11 @@ class LoraRegistry:
         return problem
 
     def version(self, name: str) -> tuple[int, int] | None:
-        """The file's (size, mtime_ns), its version for the verdicts; None when it cannot be read."""
+        """The file's (size, mtime_ns), its version for the verdicts; None when it cannot be read or is no
+        longer in the folder."""
         try:
             stat = self.path(name).stat()
-        except OSError:
+        except (OSError, UnknownMix):
             return None
         return (stat.st_size, stat.st_mtime_ns)
 

@@ -160,6 +160,10 @@ def test_an_evicted_mix_comes_back_without_reading_its_adapters_again(tiny_model
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new version of the file
         await replica.load_mix(mix_id("3d_only"))
         assert replica.generator.loaded_adapters() == {"ott", "3d"}  # the old version of dalle is not kept
+        # A kept adapter whose file is removed: dropped by the next load, which is served.
+        (tmp_path / "loras" / "ott.safetensors").unlink()
+        await replica.load_mix(Mix.from_weights({"3d": 0.9}).id)
+        assert replica.generator.loaded_adapters() == {"3d"}
 
     asyncio.run(scenario())
 

@@ -156,3 +156,8 @@ def test_a_recorded_verdict_holds_for_its_file_version_only(scratch: Path) -> No
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new version of the file
     assert registry.recorded("other") == (False, None) and "other" not in registry.unavailable()
+    # A file removed: no version, no verdict, and no error (a replica asks about the adapters it still holds).
+    path.unlink()
+    assert registry.version("other") is None and registry.recorded("other") == (False, None)
+    registry.record("other", None)  # nothing to record it against
+    assert registry.recorded("other") == (False, None)
