@@ -56,8 +56,8 @@ ADAPTER_CHECK_S = 2.0
 #: a mix back in the cache after its eviction finds its adapters loaded instead of reading their files again
 #: (0.7 s per file on this host). Without them the colder A/B arm, whose adapter fewer of the other mixes
 #: share, read it again after 3 of every 100 requests: 22 ms of each request's queue wait, against 4 ms for
-#: the control (BENCHMARKS.md, "Generator routing" 2026-12-06 20:14). At most MAX_CACHED_MIXES: the cache's
-#: mixes (one adapter each at least) could hold that many anyway, so the most memory adapters take is unchanged.
+#: the control (BENCHMARKS.md, "Generator routing" 2026-12-06 20:14). At most MAX_CACHED_MIXES: four cached
+#: mixes of one adapter each already hold that many, so the most memory adapters can take is unchanged.
 MAX_LOADED_ADAPTERS = MAX_CACHED_MIXES
 #: A replica's mix-load counters, in :meth:`GeneratorReplica.info` (in all and by mix label).
 LOAD_COUNTERS = ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s")
@@ -154,9 +154,9 @@ class GeneratorReplica:
         )
 
     async def load_mix(self, mix_id: str, label: str = "adhoc") -> LoadedMix:
-        """Load the adapters of ``mix_id`` (what ``@serve.multiplexed`` calls on a cache miss), after dropping
-        the adapters that neither a cached mix nor this one uses (what evictions left behind: see
-        :meth:`release`)."""
+        """Load the adapters of ``mix_id`` not loaded (what ``@serve.multiplexed`` calls on a cache miss), after
+        dropping the adapters that neither a cached mix nor this one uses, but for those :func:`kept_adapters`
+        keeps (what evictions left behind: see :meth:`release`)."""
         mix = mix_from_id(mix_id)
         started = time.perf_counter()
         # A snapshot first: a LoadedMix collected meanwhile runs :meth:`release`, which pops from the dict
@@ -195,10 +195,10 @@ class GeneratorReplica:
 
     def release(self, loaded: LoadedMix) -> None:
         """A mix left the cache. Its adapters that no other cached mix uses may be dropped by the next load
-        (:func:`kept_adapters`), not now: Serve evicts the least recently used mix *before* it loads the mix that
-        needs the room, so an unload here would also drop the incoming mix's adapters that only the evicted one used, to be loaded
-        again at once (an adapter load costs seconds; BENCHMARKS.md "Generator routing, simulated"). Serve
-        evicts only to make room for a load (or when the replica stops), so nothing lingers longer than that."""
+        (:func:`kept_adapters`), not now: Serve evicts the least recently used mix *before* it loads the mix
+        that needs the room, so an unload here would also drop the incoming mix's adapters that only the
+        evicted one used, to be loaded again at once (an adapter load costs seconds; BENCHMARKS.md "Generator
+        routing, simulated"). Serve evicts only to make room for a load (or when the replica stops)."""
         self.cached.pop(loaded.mix.id, None)
         self.observer.evicted(self.labels.pop(loaded.mix.id, "adhoc"))
 
