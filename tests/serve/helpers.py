@@ -106,7 +106,8 @@ def generator_full(url: str, client: httpx.Client) -> Iterator[Callable[[], bool
             yield lambda: door(client)["in_flight"] == GENERATOR_PLACES
         finally:
             release.set()
-        assert [b.result() for b in blockers] == [200] * GENERATOR_PLACES
+        statuses = [b.result() for b in blockers]
+        assert statuses == [200] * GENERATOR_PLACES, f"the long generations were answered {statuses}"
 
 
 def refused_job_image(client: httpx.Client, url: str, app: str) -> float:
