@@ -118,15 +118,10 @@ class GeneratorReplica:
         self.inflight = 0
         #: The most requests in flight at once since the last :meth:`routing_stats` (what it reports).
         self.inflight_peak = 0
-        self.mix_loads = 0
-        #: The seconds those loads took in all (trim, reads, bookkeeping); the adapter files they read (a mix
-        #: whose adapters are all loaded already reads none) and the seconds spent reading them (what the
-        #: router benches' model calls an adapter load's cost).
-        self.mix_load_s = 0.0
-        self.adapter_loads = 0
-        self.adapter_load_s = 0.0
-        #: Those four counters again by the label the load was requested under (a named mix, or "adhoc"):
-        #: which mixes' loads read files, so an arm's queue wait can be attributed (the router bench).
+        #: Mix loads by the label each was requested under (a named mix, or "adhoc"), LOAD_COUNTERS each: the
+        #: loads; the seconds they took (trim, reads, bookkeeping); the adapter files they read (a mix whose
+        #: adapters are all loaded already reads none) and the seconds spent reading them (what the router
+        #: benches' model calls an adapter load's cost). By label, so an arm's queue wait can be attributed.
         self.loads_by_label: dict[str, dict[str, float]] = collections.defaultdict(lambda: dict.fromkeys(LOAD_COUNTERS, 0))
         #: Each adapter's last use (a load or a generation of a mix with it), as a count of :attr:`uses`.
         self.last_used: dict[str, int] = {}
@@ -167,14 +162,14 @@ class GeneratorReplica:
         self.cached[mix.id] = mix
         self.labels[mix.id] = label
         seconds = time.perf_counter() - started
-        self.mix_loads += 1
-        self.mix_load_s += seconds
-        self.adapter_loads += read
-        self.adapter_load_s += read_s
         for key, value in zip(LOAD_COUNTERS, (1, seconds, read, read_s), strict=True):
             self.loads_by_label[label][key] += value
         self.observer.loaded(label, seconds)
         return LoadedMix(mix, self.release)
+
+    def load_total(self, key: str) -> float:
+        """One of LOAD_COUNTERS over every label."""
+        return sum(counts[key] for counts in self.loads_by_label.values())
 
     def _used(self, mix: Mix) -> None:
         self.uses += 1
@@ -365,10 +360,7 @@ class GeneratorReplica:
             "cached_mixes": sorted(self.cached),
             "active_mix": self.generator.active_mix_id,
             "base_loads": type(self.generator).base_loads,
-            "mix_loads": self.mix_loads,
-            "mix_load_s": round(self.mix_load_s, 6),
-            "adapter_loads": self.adapter_loads,
-            "adapter_load_s": round(self.adapter_load_s, 6),
+            **{key: round(self.load_total(key), 6) for key in LOAD_COUNTERS},
             "loads_by_label": {
                 label: {key: round(v, 6) for key, v in counts.items()} for label, counts in self.loads_by_label.items()
             },
