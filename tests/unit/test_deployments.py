@@ -122,8 +122,6 @@ def test_load_counters_are_kept_by_the_label_each_load_was_requested_under(
     assert {label: (c["mix_loads"], c["adapter_loads"]) for label, c in by_label.items()} == {
         "dalle_ott": (2, 3), "ott_3d": (1, 1), "adhoc": (1, 0)}  # fmt: skip
     assert by_label["adhoc"]["adapter_load_s"] == 0 < by_label["dalle_ott"]["adapter_load_s"] <= by_label["dalle_ott"]["mix_load_s"]
-    for key in ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s"):
-        assert sum(c[key] for c in by_label.values()) == pytest.approx(info[key], abs=1e-5)
 
 
 def test_the_most_recently_used_adapters_no_cached_mix_uses_are_kept_up_to_the_limit() -> None:
