@@ -1,6 +1,7 @@
 """Memory under mix churn: one Generator replica, many mixes through its 4-mix cache, for an hour or more.
 
-    python -m bench.soak                          # 60 min, the fused switching path, 2 clients, 12 mixes
+    python -m bench.soak                          # 60 min, the fused switching path, 2 clients, 22 mixes, 8 adapters
+    python -m bench.soak --adapters 3             # the tiny folder's 3 adapters only (12 mixes): no adapter unload
     python -m bench.soak --minutes 90 --path slots
     python -m bench.soak --minutes 20 --no-write  # a quick look
     python -m bench.soak --malloc-arena-max 8     # glibc's arenas in the replica (serve_config.yaml: 2)
@@ -10,7 +11,11 @@
 The app of serve_config.yaml on the tiny models (64x64, 1 step, no product location) with one Generator
 replica; ``--clients`` closed-loop clients send /v1/text2img requests cycling through the 7 named mixes
 and ad-hoc ones, more distinct mixes than the replica's cache holds, so mixes are loaded, activated and
-evicted all the time (far more churn per minute than production). The Generator replica's resident set
+evicted all the time (far more churn per minute than production). ``--adapters N`` (default 8) serves them
+from a temporary LoRA folder holding the tiny folder's three adapters and ``N - 3`` more (their weights,
+scaled: :func:`soak_loras`), each in mixes of its own (:func:`soak_mixes`): more adapters than a replica
+keeps loaded (``MAX_LOADED_ADAPTERS``), so adapters are read and unloaded all the time too. With
+``--adapters 3`` the replica keeps all three and unloads none. The Generator replica's resident set
 (``VmRSS`` of its process, read from /proc) is sampled every ``--sample-s`` seconds; after ``--warmup-min``
 minutes the least-squares slope of RSS over time is reported in MiB/hour and in % of the post-warm-up RSS
 per hour (goal: at most 1 %/hour), with the requests, loads and evictions it took.
@@ -37,6 +42,8 @@ import asyncio
 import copy
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,11 +58,53 @@ log = logging.getLogger("bench.soak")
 
 MIXES = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dalle_3d",
          "ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9", "ott:0.5+dalle:0.5", "3d:0.2+ott:0.9"]  # fmt: skip
+#: The tiny LoRA folder's adapters, which the named mixes use.
+TINY_ADAPTERS = ("dalle", "ott", "3d")
 
 
-def soak_config(path: str, malloc_arena_max: int | None = None) -> dict[str, Any]:
+def extra_adapters(adapters: int) -> list[str]:
+    """The names of the adapters the soak adds to the tiny three, to have ``adapters`` in all."""
+    if adapters < len(TINY_ADAPTERS):
+        raise ValueError(f"--adapters must be at least {len(TINY_ADAPTERS)} (the tiny folder's), got {adapters}")
+    return [f"soak{k}" for k in range(len(TINY_ADAPTERS) + 1, adapters + 1)]
+
+
+def soak_loras(adapters: int, folder: Path) -> Path:
+    """A LoRA folder in ``folder`` with the tiny folder's adapters and :func:`extra_adapters` more: each a
+    tiny adapter's file (kohya and diffusers layouts in turn) with its up (B) factors scaled by its own
+    factor, so every adapter's weights differ. Returns the folder."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = models_dir() / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TINY_ADAPTERS:
+        shutil.copyfile(source / f"{name}.safetensors", folder / f"{name}.safetensors")
+    for k, name in enumerate(extra_adapters(adapters)):
+        origin = source / f"{TINY_ADAPTERS[k % len(TINY_ADAPTERS)]}.safetensors"
+        scale = 1.0 + 0.1 * (k + 1)
+        with safe_open(str(origin), "pt") as reader:
+            metadata = reader.metadata()
+            tensors = {key: reader.get_tensor(key) * (scale if ("lora_up" in key or "lora_B" in key) else 1.0)
+                       for key in reader.keys()}  # fmt: skip
+        save_file(tensors, str(folder / f"{name}.safetensors"), metadata=metadata)
+    return folder
+
+
+def soak_mixes(adapters: int) -> list[str]:
+    """:data:`MIXES`, then two ad-hoc mixes per added adapter: alone, and with a tiny adapter (so a mix of
+    an added adapter also evicts or reads one of the three)."""
+    mixes = list(MIXES)
+    for k, name in enumerate(extra_adapters(adapters)):
+        mixes += [f"{name}:0.6", f"{name}:0.5+{TINY_ADAPTERS[k % len(TINY_ADAPTERS)]}:0.3"]
+    return mixes
+
+
+def soak_config(path: str, malloc_arena_max: int | None = None, lora_dir: Path | None = None) -> dict[str, Any]:
     tiny = models_dir()
     config = bench_serve_config(free_port(), tiny, tiny / "classifier" / "desk_gate.keras")
+    if lora_dir is not None:
+        config["applications"][0]["args"]["lora_dir"] = str(lora_dir)
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "Ingress":
             deployment["user_config"].update(default_steps=1, default_width=64, default_height=64, request_timeout_s=300)
@@ -85,12 +134,12 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((t - mean_t) * (y - mean_y) for t, y in points) / var if var else 0.0
 
 
-async def churn(url: str, clients: int, until: float, counts: dict[str, int]) -> None:
+async def churn(url: str, clients: int, until: float, counts: dict[str, int], mixes: list[str]) -> None:
     async def client(offset: int) -> None:
         i = offset
         async with httpx.AsyncClient(base_url=url, timeout=300) as http:
             while time.monotonic() < until:
-                mix = MIXES[i % len(MIXES)]
+                mix = mixes[i % len(mixes)]
                 i += clients
                 response = await http.post("/v1/text2img", json={"prompt": "a tidy desk", "mix": mix, "seed": i, "locate": False})
                 counts["ok" if response.status_code == 200 else "failed"] += 1
@@ -156,8 +205,9 @@ def kept_per_load(loads: int) -> Table:
 
 
 async def churn_in_process(until: float, sample_s: float, started: float, points: list[tuple[float, float]],
-                           path: str) -> dict[str, int]:  # fmt: skip
-    """The soak's churn on a GeneratorReplica in this process: MIXES in turn, an LRU of MAX_CACHED_MIXES."""
+                           path: str, lora_dir: Path, adapters: int) -> dict[str, int]:  # fmt: skip
+    """The soak's churn on a GeneratorReplica in this process: :func:`soak_mixes` in turn, an LRU of
+    MAX_CACHED_MIXES."""
     import collections
     import dataclasses
 
@@ -170,14 +220,14 @@ async def churn_in_process(until: float, sample_s: float, started: float, points
     tiny = models_dir()
     extra = {"hotswap": True} if path == "slots" else {}
     generator = DeskGenerator.from_pretrained(
-        GeneratorSettings(model_id=str(tiny / "sdxl"), lora_dir=str(tiny / "loras"), device="cpu", **extra)
+        GeneratorSettings(model_id=str(tiny / "sdxl"), lora_dir=str(lora_dir), device="cpu", **extra)
     )
     replica = GeneratorReplica(generator)
-    catalog = MixCatalog(["dalle", "ott", "3d"])
-    ids = [catalog.resolve(spec).id for spec in MIXES]
+    catalog = MixCatalog([*TINY_ADAPTERS, *extra_adapters(adapters)])
+    ids = [catalog.resolve(spec).id for spec in soak_mixes(adapters)]
     lru: collections.OrderedDict[str, Any] = collections.OrderedDict()
     params = GenerationParams(prompt="a tidy desk", steps=1, width=64, height=64)
-    counts = {"ok": 0, "loads": 0}
+    counts = {"ok": 0, "loads": 0, "adapter_loads": 0}
     next_sample = time.monotonic()
     i = 0
     while time.monotonic() < until:
@@ -201,6 +251,7 @@ async def churn_in_process(until: float, sample_s: float, started: float, points
         if time.monotonic() >= next_sample:
             points.append(((time.monotonic() - started) / 60, rss_mib(os.getpid())))
             next_sample += sample_s
+    counts["adapter_loads"] = int(replica.load_total("adapter_loads"))
     return counts
 
 
@@ -211,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-s", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--path", choices=("fused", "slots"), default="fused")
+    parser.add_argument("--adapters", type=int, default=8,
+                        help="adapters the mixes use (default 8; 3 = the tiny folder's alone, all kept loaded)")
     parser.add_argument("--malloc-arena-max", type=int, default=None,
                         help="glibc's MALLOC_ARENA_MAX in the Generator replica's environment (default: serve_config.yaml's)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
@@ -230,16 +283,32 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     wall = time.perf_counter()
-    if args.in_process:
-        import torch
+    extra_adapters(args.adapters)  # refuses too few before anything starts
+    scratch = Path(tempfile.mkdtemp(prefix="deskgen-soak-loras-"))
+    try:
+        lora_dir = soak_loras(args.adapters, scratch / "loras")
+        if args.in_process:
+            run_in_process(args, lora_dir, warmup, wall)
+        else:
+            run_serve(args, lora_dir, warmup, wall)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
-        torch.set_num_threads(1)
-        points: list[tuple[float, float]] = []
-        started = time.monotonic()
-        counts = asyncio.run(churn_in_process(started + 60 * args.minutes, args.sample_s, started, points, args.path))
-        report(args, points, warmup, {"ok": counts["ok"], "failed": 0}, counts["loads"], wall, "in one process, no Ray")
-        return
-    with ServeApp(soak_config(args.path, args.malloc_arena_max)) as app:
+
+def run_in_process(args: argparse.Namespace, lora_dir: Path, warmup: float, wall: float) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    points: list[tuple[float, float]] = []
+    started = time.monotonic()
+    counts = asyncio.run(churn_in_process(started + 60 * args.minutes, args.sample_s, started, points, args.path,
+                                          lora_dir, args.adapters))  # fmt: skip
+    report(args, points, warmup, {"ok": counts["ok"], "failed": 0}, counts["loads"], counts["adapter_loads"], wall,
+           "in one process, no Ray")  # fmt: skip
+
+
+def run_serve(args: argparse.Namespace, lora_dir: Path, warmup: float, wall: float) -> None:
+    with ServeApp(soak_config(args.path, args.malloc_arena_max, lora_dir)) as app:
         generator = app.handle("Generator")
         before = generator.info.remote().result()
         pid = int(before["pid"])
@@ -252,26 +321,30 @@ def main(argv: list[str] | None = None) -> None:
         until = started + 60 * args.minutes
 
         async def both() -> None:
-            await asyncio.gather(churn(app.url, args.clients, until, counts),
+            await asyncio.gather(churn(app.url, args.clients, until, counts, soak_mixes(args.adapters)),
                                  sample(pid, until, args.sample_s, started, points))  # fmt: skip
 
         asyncio.run(both())
         after = generator.info.remote().result()
     assert after["pid"] == pid, "the Generator replica was replaced during the soak"
     how = f"{args.clients} clients" + (f", MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else "")
-    report(args, points, warmup, counts, after["mix_loads"] - before["mix_loads"], wall, how)
+    report(args, points, warmup, counts, after["mix_loads"] - before["mix_loads"],
+           after["adapter_loads"] - before["adapter_loads"], wall, how)  # fmt: skip
 
 
 def report(args: argparse.Namespace, points: list[tuple[float, float]], warmup: float, counts: dict[str, int],
-           loads: int, wall: float, how: str) -> None:  # fmt: skip
+           loads: int, adapter_loads: int, wall: float, how: str) -> None:  # fmt: skip
+    from deployments.generator import MAX_CACHED_MIXES, MAX_LOADED_ADAPTERS
+
     late = [(t, y) for t, y in points if t >= warmup]
     per_hour = slope(late) * 60
     base = late[0][1] if late else float("nan")
     table = Table(f"Generator replica RSS under mix churn — path {args.path}, {args.minutes:.0f} min, {how}, "
-                  f"{len(MIXES)} mixes through a 4-mix cache, tiny SDXL 64x64, 1 step",
-                  ["requests (non-200)", "mix loads", "RSS at start (MiB)", f"RSS after warm-up ({warmup:.0f} min)",
+                  f"{len(soak_mixes(args.adapters))} mixes of {args.adapters} adapters through a "
+                  f"{MAX_CACHED_MIXES}-mix cache keeping up to {MAX_LOADED_ADAPTERS} adapters, tiny SDXL 64x64, 1 step",
+                  ["requests (non-200)", "mix loads", "adapter files read", "RSS at start (MiB)", f"RSS after warm-up ({warmup:.0f} min)",
                    "RSS at end", "slope after warm-up (MiB/h)", "slope (% of post-warm-up RSS per hour)"])  # fmt: skip
-    table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", loads,
+    table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", loads, int(adapter_loads),
               f"{points[0][1]:.0f}", f"{base:.0f}", f"{points[-1][1]:.0f}", f"{per_hour:+.1f}",
               f"{100 * per_hour / base:+.2f} %")  # fmt: skip
     table.notes.append(f"RSS sampled every {args.sample_s:.0f} s ({len(points)} samples; {len(late)} after warm-up): "
