@@ -289,6 +289,15 @@ class LoraRegistry:
         return resolved.is_file() and resolved.is_relative_to(self.folder) and resolved.name.endswith(LORA_SUFFIX)
 
 
+#: The diffusers loggers that warn "No LoRA keys associated to <text encoder> ... safe to ignore" for every
+#: load of a LoRA that adapts no text encoder (most SDXL trainings adapt the UNet only): twice per load.
+_NO_KEYS_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
+def _not_no_keys(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No LoRA keys associated to ")
+
+
 @contextlib.contextmanager
 def quiet_adapter_load() -> Iterator[None]:
     """Silence the known-spurious warnings of ``load_lora_weights`` while it runs (not thread-safe: call under a lock)."""
@@ -296,13 +305,18 @@ def quiet_adapter_load() -> Iterator[None]:
     # the *other* adapters' keys (it expects all of them in each file). We check what loaded ourselves
     # (deskgen.generator.DeskGenerator checks the layer count, deskgen.tools.tiny_sdxl.verify the weights), so that warning is noise here.
     # peft likewise warns "Already found a `peft_config` attribute" for every adapter after the first:
-    # several adapters per model is exactly what we want.
+    # several adapters per model is exactly what we want. diffusers warns, twice per load, that a file adapts
+    # no text encoder (_NO_KEYS_LOGGERS): that is the file's choice, and the layers it adapts are checked as above.
     logger = logging.getLogger("transformers.integrations.peft")
     previous = logger.level
     logger.setLevel(logging.ERROR)
+    for name in _NO_KEYS_LOGGERS:
+        logging.getLogger(name).addFilter(_not_no_keys)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             yield
     finally:
         logger.setLevel(previous)
+        for name in _NO_KEYS_LOGGERS:
+            logging.getLogger(name).removeFilter(_not_no_keys)

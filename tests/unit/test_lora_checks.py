@@ -274,6 +274,43 @@ def test_the_replica_watches_the_folder_in_the_background(tiny_models: Path, tmp
     assert not watch.is_alive()
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # the loads outside quiet_adapter_load
+def test_a_file_that_adapts_no_text_encoder_loads_without_diffusers_warning_of_it(tiny_models: Path, folder: Path) -> None:
+    """diffusers warns "No LoRA keys associated to CLIPTextModel ... safe to ignore" twice per load of a file that
+    adapts the UNet only (as most SDXL trainings save): a replica's loads are quiet about that, and only that."""
+    import logging
+
+    from deskgen.loras import quiet_adapter_load
+
+    pipe = DeskGenerator.from_pretrained(settings_for(tiny_models, folder, fuse_active_mix=False)).pipe
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    def no_keys() -> list[str]:
+        return [m for m in messages if m.startswith("No LoRA keys associated to ")]
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        pipe.load_lora_weights(str(folder), weight_name="unet_only.safetensors", adapter_name="loud")
+        assert [m.split(" found")[0] for m in no_keys()] == ["No LoRA keys associated to CLIPTextModel",
+                                                             "No LoRA keys associated to CLIPTextModelWithProjection"]  # fmt: skip
+        messages.clear()
+        with quiet_adapter_load():
+            pipe.load_lora_weights(str(folder), weight_name="unet_only.safetensors", adapter_name="quiet")
+            logging.getLogger("diffusers.loaders.lora_base").warning("another warning")
+        assert no_keys() == [] and "another warning" in messages
+        messages.clear()
+        pipe.load_lora_weights(str(folder), weight_name="unet_only.safetensors", adapter_name="loud_again")
+        assert len(no_keys()) == 2  # only while the load runs
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert {"loud", "quiet", "loud_again"} <= set(pipe.get_list_adapters()["unet"])
+
+
 def test_adapters_are_read_from_bytes_never_through_load_file(
     tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
