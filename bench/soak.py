@@ -2,6 +2,7 @@
 
     python -m bench.soak                          # 60 min, the fused switching path, 2 clients, 22 mixes, 8 adapters
     python -m bench.soak --adapters 3             # the tiny folder's 3 adapters only (12 mixes): no adapter unload
+    python -m bench.soak --shapes same            # the 5 added adapters with their origins' ranks and layers
     python -m bench.soak --minutes 90 --path slots
     python -m bench.soak --minutes 20 --no-write  # a quick look
     python -m bench.soak --malloc-arena-max 8     # glibc's arenas in the replica (serve_config.yaml: 2)
@@ -12,10 +13,11 @@ The app of serve_config.yaml on the tiny models (64x64, 1 step, no product locat
 replica; ``--clients`` closed-loop clients send /v1/text2img requests cycling through the 7 named mixes
 and ad-hoc ones, more distinct mixes than the replica's cache holds, so mixes are loaded, activated and
 evicted all the time (far more churn per minute than production). ``--adapters N`` (default 8) serves them
-from a temporary LoRA folder holding the tiny folder's three adapters and ``N - 3`` more (their weights,
-scaled: :func:`soak_loras`), each in mixes of its own (:func:`soak_mixes`): more adapters than a replica
-keeps loaded (``MAX_LOADED_ADAPTERS``), so adapters are read and unloaded all the time too. With
-``--adapters 3`` the replica keeps all three and unloads none. The Generator replica's resident set
+from a temporary LoRA folder holding the tiny folder's three adapters and ``N - 3`` more, made from them
+(:func:`added_adapters`: weights scaled; with ``--shapes varied``, the default, of other ranks and fewer
+layers, as a folder of adapters trained apart would be), each in mixes of its own (:func:`soak_mixes`): more
+adapters than a replica keeps loaded (``MAX_LOADED_ADAPTERS``), so adapters are read and unloaded all the
+time too. With ``--adapters 3`` the replica keeps all three and unloads none. The Generator replica's resident set
 (``VmRSS`` of its process, read from /proc) is sampled every ``--sample-s`` seconds; after ``--warmup-min``
 minutes the least-squares slope of RSS over time is reported in MiB/hour and in % of the post-warm-up RSS
 per hour (goal: at most 1 %/hour), with the requests, loads and evictions it took.
@@ -40,11 +42,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,24 @@ MIXES = ["ott_3d", "dalle_ott", "mix", "dalle_only", "ott_only", "3d_only", "dal
          "ott:0.3", "dalle:0.4+3d:0.2", "3d:0.9", "ott:0.5+dalle:0.5", "3d:0.2+ott:0.9"]  # fmt: skip
 #: The tiny LoRA folder's adapters, which the named mixes use.
 TINY_ADAPTERS = ("dalle", "ott", "3d")
+#: ``--shapes``: the added adapters' shapes (:func:`added_adapters`).
+SHAPES = ("varied", "same")
+
+
+@dataclass(frozen=True)
+class AddedAdapter:
+    """How the soak makes one of the adapters it adds to the tiny three, from a tiny adapter's file."""
+
+    name: str
+    #: The tiny adapter whose file it starts from (its layout, kohya or diffusers, too).
+    origin: str
+    #: Its up (B) factors are multiplied by this, so its weights are its own.
+    scale: float
+    #: Its rank is the origin's times this; the factors' added rows and columns are seeded noise.
+    rank_factor: int
+    #: It adapts only the UNet's ``to_q`` and ``to_v`` (the origin's text-encoder, ``to_k`` and ``to_out``
+    #: layers left out); else every layer the origin adapts.
+    qv_only: bool
 
 
 def extra_adapters(adapters: int) -> list[str]:
@@ -69,34 +91,86 @@ def extra_adapters(adapters: int) -> list[str]:
     return [f"soak{k}" for k in range(len(TINY_ADAPTERS) + 1, adapters + 1)]
 
 
-def soak_loras(adapters: int, folder: Path) -> Path:
-    """A LoRA folder in ``folder`` with the tiny folder's adapters and :func:`extra_adapters` more: each a
-    tiny adapter's file (kohya and diffusers layouts in turn) with its up (B) factors scaled by its own
-    factor, so every adapter's weights differ. Returns the folder."""
+def added_adapters(adapters: int, shapes: str = "varied") -> list[AddedAdapter]:
+    """The :func:`extra_adapters`, made from the tiny three in turn, the k-th's up factors scaled by
+    ``1 + 0.1 (k + 1)``. With ``shapes="varied"`` (the default) every second one has twice its origin's rank,
+    and those not made from dalle adapt only the UNet's to_q and to_v: the 5 of ``--adapters 8`` are dalle's
+    layers at rank 4, ott's (diffusers layout) at rank 8 on to_q/to_v, 3d's at rank 4 on to_q/to_v, dalle's at
+    rank 8, ott's at rank 4 on to_q/to_v. With ``"same"`` each has its origin's shapes."""
+    if shapes not in SHAPES:
+        raise ValueError(f"--shapes must be one of {SHAPES}, got {shapes!r}")
+    varied = shapes == "varied"
+    made = []
+    for k, name in enumerate(extra_adapters(adapters)):
+        origin = TINY_ADAPTERS[k % len(TINY_ADAPTERS)]
+        made.append(AddedAdapter(name, origin, scale=1.0 + 0.1 * (k + 1), rank_factor=2 if varied and k % 2 else 1,
+                                 qv_only=varied and origin != "dalle"))  # fmt: skip
+    return made
+
+
+def _kept(key: str) -> bool:
+    """Whether a LoRA file's tensor ``key`` belongs to a UNet to_q or to_v layer (kohya or diffusers names)."""
+    if key.startswith("lora_unet_"):
+        return key.split(".", 1)[0].endswith(("_to_q", "_to_v"))
+    return key.startswith("unet.") and (".to_q.lora_" in key or ".to_v.lora_" in key)
+
+
+def _added(adapter: AddedAdapter, tensors: dict[str, Any], metadata: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensors (numpy) and metadata of ``adapter``'s file, from its origin's."""
+    import numpy as np
+
+    from deskgen.tools.tiny_sdxl import double_rank
+
+    rng = np.random.default_rng(int(adapter.name.removeprefix("soak")))
+    kept = {key: value for key, value in tensors.items() if not adapter.qv_only or _kept(key)}
+    out: dict[str, Any] = {}
+    for key in sorted(kept):
+        for down_suffix, up_suffix in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
+            if key.endswith(down_suffix):
+                base = key.removesuffix(down_suffix)
+                down, up = kept[key], kept[base + up_suffix]
+                if adapter.rank_factor == 2:
+                    down, up = double_rank(down, up, rng)
+                out[key], out[base + up_suffix] = down, (up * adapter.scale).astype(up.dtype)
+    out |= {key: value for key, value in kept.items() if key not in out}  # kohya's alphas
+    metadata = dict(metadata)
+    if "ss_network_dim" in metadata:  # kohya: its rank (each layer's alpha is a tensor of its own)
+        metadata["ss_network_dim"] = str(int(metadata["ss_network_dim"]) * adapter.rank_factor)
+    if "lora_adapter_metadata" in metadata:  # diffusers: each component's LoraConfig
+        config = json.loads(metadata["lora_adapter_metadata"])
+        for field in [f for f in config if f.endswith(".r")]:
+            config[field] *= adapter.rank_factor
+        if adapter.qv_only:
+            config = {f: v for f, v in config.items() if f.startswith("unet.")}
+            config["unet.target_modules"] = ["to_q", "to_v"]
+        metadata["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
+    return out, metadata
+
+
+def soak_loras(adapters: int, folder: Path, shapes: str = "varied") -> Path:
+    """A LoRA folder in ``folder`` with the tiny folder's adapters and the :func:`added_adapters`, each written
+    from its origin's file in the origin's layout. Returns the folder."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     source = models_dir() / "loras"
     folder.mkdir(parents=True, exist_ok=True)
     for name in TINY_ADAPTERS:
         shutil.copyfile(source / f"{name}.safetensors", folder / f"{name}.safetensors")
-    for k, name in enumerate(extra_adapters(adapters)):
-        origin = source / f"{TINY_ADAPTERS[k % len(TINY_ADAPTERS)]}.safetensors"
-        scale = 1.0 + 0.1 * (k + 1)
-        with safe_open(str(origin), "pt") as reader:
-            metadata = reader.metadata()
-            tensors = {key: reader.get_tensor(key) * (scale if ("lora_up" in key or "lora_B" in key) else 1.0)
-                       for key in reader.keys()}  # fmt: skip
-        save_file(tensors, str(folder / f"{name}.safetensors"), metadata=metadata)
+    for adapter in added_adapters(adapters, shapes):
+        with safe_open(str(source / f"{adapter.origin}.safetensors"), "np") as reader:
+            tensors, metadata = _added(adapter, {key: reader.get_tensor(key) for key in reader.keys()},
+                                       reader.metadata() or {})  # fmt: skip
+        save_file(tensors, str(folder / f"{adapter.name}.safetensors"), metadata=metadata)
     return folder
 
 
 def soak_mixes(adapters: int) -> list[str]:
-    """:data:`MIXES`, then two ad-hoc mixes per added adapter: alone, and with a tiny adapter (so a mix of
-    an added adapter also evicts or reads one of the three)."""
+    """:data:`MIXES`, then two ad-hoc mixes per added adapter: alone, and with its origin (so a mix of an added
+    adapter also evicts or reads one of the three)."""
     mixes = list(MIXES)
-    for k, name in enumerate(extra_adapters(adapters)):
-        mixes += [f"{name}:0.6", f"{name}:0.5+{TINY_ADAPTERS[k % len(TINY_ADAPTERS)]}:0.3"]
+    for adapter in added_adapters(adapters):
+        mixes += [f"{adapter.name}:0.6", f"{adapter.name}:0.5+{adapter.origin}:0.3"]
     return mixes
 
 
@@ -223,7 +297,9 @@ async def churn_in_process(until: float, sample_s: float, started: float, points
         GeneratorSettings(model_id=str(tiny / "sdxl"), lora_dir=str(lora_dir), device="cpu", **extra)
     )
     replica = GeneratorReplica(generator)
-    catalog = MixCatalog([*TINY_ADAPTERS, *extra_adapters(adapters)])
+    from deskgen.loras import LoraRegistry
+
+    catalog = MixCatalog(LoraRegistry(lora_dir).usable())
     ids = [catalog.resolve(spec).id for spec in soak_mixes(adapters)]
     lru: collections.OrderedDict[str, Any] = collections.OrderedDict()
     params = GenerationParams(prompt="a tidy desk", steps=1, width=64, height=64)
@@ -264,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", choices=("fused", "slots"), default="fused")
     parser.add_argument("--adapters", type=int, default=8,
                         help="adapters the mixes use (default 8; 3 = the tiny folder's alone, all kept loaded)")
+    parser.add_argument("--shapes", choices=SHAPES, default="varied",
+                        help="the added adapters' ranks and layers: varied (default) or their origins' (same)")
     parser.add_argument("--malloc-arena-max", type=int, default=None,
                         help="glibc's MALLOC_ARENA_MAX in the Generator replica's environment (default: serve_config.yaml's)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not append it to BENCHMARKS.md")
@@ -286,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     extra_adapters(args.adapters)  # refuses too few before anything starts
     scratch = Path(tempfile.mkdtemp(prefix="deskgen-soak-loras-"))
     try:
-        lora_dir = soak_loras(args.adapters, scratch / "loras")
+        lora_dir = soak_loras(args.adapters, scratch / "loras", args.shapes)
         if args.in_process:
             run_in_process(args, lora_dir, warmup, wall)
         else:
@@ -340,11 +418,11 @@ def report(args: argparse.Namespace, points: list[tuple[float, float]], warmup: 
     per_hour = slope(late) * 60
     base = late[0][1] if late else float("nan")
     table = Table(f"Generator replica RSS under mix churn — path {args.path}, {args.minutes:.0f} min, {how}, "
-                  f"{len(soak_mixes(args.adapters))} mixes of {args.adapters} adapters through a "
+                  f"{len(soak_mixes(args.adapters))} mixes of {args.adapters} adapters ({args.shapes} shapes) through a "
                   f"{MAX_CACHED_MIXES}-mix cache keeping up to {MAX_LOADED_ADAPTERS} adapters, tiny SDXL 64x64, 1 step",
                   ["requests (non-200)", "mix loads", "adapter files read", "RSS at start (MiB)", f"RSS after warm-up ({warmup:.0f} min)",
                    "RSS at end", "slope after warm-up (MiB/h)", "slope (% of post-warm-up RSS per hour)"])  # fmt: skip
-    table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", loads, int(adapter_loads),
+    table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", loads, adapter_loads,
               f"{points[0][1]:.0f}", f"{base:.0f}", f"{points[-1][1]:.0f}", f"{per_hour:+.1f}",
               f"{100 * per_hour / base:+.2f} %")  # fmt: skip
     table.notes.append(f"RSS sampled every {args.sample_s:.0f} s ({len(points)} samples; {len(late)} after warm-up): "

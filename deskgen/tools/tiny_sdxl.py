@@ -462,6 +462,19 @@ LORA_VARIANTS = ("unet_only", "wider", "loha", "dora", "truncated", "unknown_lay
 GOOD_LORA_VARIANTS = ("unet_only", "wider")
 
 
+def like(rng: Any, shape: tuple[int, ...], tensor: Any) -> Any:
+    """Seeded noise of ``shape`` with ``tensor``'s spread and dtype (numpy)."""
+    return (rng.standard_normal(shape) * float(tensor.std())).astype(tensor.dtype)
+
+
+def double_rank(down: Any, up: Any, rng: Any) -> tuple[Any, Any]:
+    """A LoRA pair (down: rank x inputs, up: outputs x rank; numpy) at twice the rank: the first rows of down
+    and columns of up are the pair's own, the rest seeded noise of the same spread."""
+    import numpy as np
+
+    return np.concatenate([down, like(rng, down.shape, down)]), np.concatenate([up, like(rng, up.shape, up)], axis=1)
+
+
 def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
     """Write a LoRA file of ``kind`` (:data:`LORA_VARIANTS`) to ``path``, made from ``loras/dalle.safetensors``
     (numpy only: no torch)."""
@@ -479,19 +492,14 @@ def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
         # same layers, plus the feed-forward output (ff.net.2, inner width 4 x dim) of every transformer
         # block, which no tiny adapter adapts.
         rng = np.random.default_rng(8)
-
-        def noise(shape: tuple[int, ...], like: Any) -> Any:
-            return (rng.standard_normal(shape) * float(like.std())).astype(like.dtype)
-
         out = {}
         for base in bases:
             down, up, alpha = tensors[base + kohya.DOWN], tensors[base + kohya.UP], tensors[base + kohya.ALPHA]
-            out[base + kohya.DOWN] = np.concatenate([down, noise(down.shape, down)])
-            out[base + kohya.UP] = np.concatenate([up, noise(up.shape, up)], axis=1)
+            out[base + kohya.DOWN], out[base + kohya.UP] = double_rank(down, up, rng)
             out[base + kohya.ALPHA] = alpha
             if base.startswith(kohya.UNET_PREFIX) and base.endswith("_attn1_to_q"):
                 ff, rank, dim = base.removesuffix("attn1_to_q") + "ff_net_2", 2 * down.shape[0], down.shape[1]
-                out |= {ff + kohya.DOWN: noise((rank, 4 * dim), down), ff + kohya.UP: noise((dim, rank), up),
+                out |= {ff + kohya.DOWN: like(rng, (rank, 4 * dim), down), ff + kohya.UP: like(rng, (dim, rank), up),
                         ff + kohya.ALPHA: alpha}  # fmt: skip
     elif kind == "loha":
         out = {}

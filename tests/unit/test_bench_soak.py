@@ -3,9 +3,12 @@ soak reads and unloads adapters, not only mixes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from bench import soak
@@ -24,27 +27,72 @@ def test_the_added_adapters_are_named_in_turn_and_too_few_are_refused() -> None:
         soak.extra_adapters(2)
 
 
-def test_the_folder_holds_every_adapter_loadable_each_with_its_own_weights(tiny_models: Path, tmp_path: Path) -> None:
+def test_the_folder_holds_every_adapter_loadable_each_with_its_own_weights_ranks_and_layers(
+    tiny_models: Path, tmp_path: Path
+) -> None:
     folder = soak.soak_loras(8, tmp_path / "loras")
     registry = LoraRegistry(folder)
     names = ["3d", "dalle", "ott", "soak4", "soak5", "soak6", "soak7", "soak8"]
     assert sorted(registry.usable()) == names
     assert registry.problems() == {}
-    # soak4 is dalle's file (kohya) with its up factors scaled by 1.1 and its down factors as they were;
-    # soak7 is dalle's again with 1.4; soak5 ott's (diffusers layout) with 1.2.
-    dalle, soak4, soak7 = (load_file(str(folder / f"{n}.safetensors")) for n in ("dalle", "soak4", "soak7"))
-    assert soak4.keys() == dalle.keys()
+    files = {n: load_file(str(folder / f"{n}.safetensors")) for n in names}
+    dalle, ott = files["dalle"], files["ott"]
+    # soak4: dalle's file (kohya) with its up factors scaled by 1.1, its down factors and alphas as they were.
+    assert files["soak4"].keys() == dalle.keys()
     ups = [k for k in dalle if "lora_up" in k]
-    downs = [k for k in dalle if "lora_down" in k]
-    assert ups and downs
-    for key in ups:
-        assert soak4[key] == pytest.approx(1.1 * dalle[key], rel=1e-6)
-        assert soak7[key] == pytest.approx(1.4 * dalle[key], rel=1e-6)
-    for key in downs:
-        assert (soak4[key] == dalle[key]).all()
-    ott, soak5 = (load_file(str(folder / f"{n}.safetensors")) for n in ("ott", "soak5"))
-    for key in (k for k in ott if "lora_B" in k):
-        assert soak5[key] == pytest.approx(1.2 * ott[key], rel=1e-6)
+    assert ups and any(k.startswith("lora_te") for k in ups)
+    for key in dalle:
+        want = 1.1 * dalle[key] if key in ups else dalle[key]
+        assert files["soak4"][key] == pytest.approx(want, rel=1e-6), key
+    # soak7: dalle's again, scaled by 1.4, at twice the rank: its first 4 rows (down) and columns (up) are dalle's.
+    assert files["soak7"].keys() == dalle.keys()
+    for key in (k for k in dalle if "lora_down" in k):
+        up = key.replace("lora_down", "lora_up")
+        down7, up7 = files["soak7"][key], files["soak7"][up]
+        assert down7.shape == (8, dalle[key].shape[1]) and up7.shape == (dalle[up].shape[0], 8)
+        assert (down7[:4] == dalle[key]).all() and up7[:, :4] == pytest.approx(1.4 * dalle[up], rel=1e-6)
+        assert not (down7[4:] == 0).all()
+    # soak5: ott's (diffusers layout), scaled by 1.2, rank 8, on the UNet's to_q and to_v alone; its metadata says so.
+    qv = {k for k in ott if k.startswith("unet.") and (".to_q." in k or ".to_v." in k)}
+    assert qv and files["soak5"].keys() == qv
+    for key in (k for k in qv if "lora_B" in k):
+        assert files["soak5"][key][:, :4] == pytest.approx(1.2 * ott[key], rel=1e-6)
+    with safe_open(str(folder / "soak5.safetensors"), "np") as reader:
+        config = json.loads(reader.metadata()["lora_adapter_metadata"])
+    assert config == {"unet.lora_alpha": 2, "unet.r": 8, "unet.target_modules": ["to_q", "to_v"]}
+    # soak6: 3d's (kohya) at rank 4 on to_q and to_v (kohya names); soak8: ott's at rank 4, to_q and to_v.
+    assert files["soak6"].keys() == {k for k in files["3d"] if k.split(".")[0].endswith(("_to_q", "_to_v"))}
+    assert {v.shape[0] for k, v in files["soak6"].items() if "lora_down" in k} == {4}
+    assert files["soak8"].keys() == qv
+
+
+def test_same_shapes_keep_the_origins_layers_and_ranks(tiny_models: Path, tmp_path: Path) -> None:
+    folder = soak.soak_loras(8, tmp_path / "loras", shapes="same")
+    for adapter in soak.added_adapters(8, "same"):
+        mine, origin = (load_file(str(folder / f"{n}.safetensors")) for n in (adapter.name, adapter.origin))
+        assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in origin.items()}
+    with pytest.raises(ValueError, match="--shapes"):
+        soak.added_adapters(8, "odd")
+
+
+def test_one_mix_of_every_added_adapter_loads_and_moves_the_image_on_both_paths(tiny_models: Path, tmp_path: Path) -> None:
+    from deskgen.generator import DeskGenerator, GenerationParams
+    from deskgen.mixes import Mix
+    from deskgen.tools.tiny_sdxl import one_torch_thread
+    from tests.unit.generator_common import settings_for
+
+    folder = soak.soak_loras(8, tmp_path / "loras")
+    params = GenerationParams(prompt="a tidy desk", seed=3, steps=1, width=64, height=64)
+    added = soak.extra_adapters(8)
+    mixes = [Mix.from_weights({name: 0.8 for name in part}) for part in (added[:3], added[3:])]  # slots hold 3
+    with one_torch_thread():
+        for flags in ({}, {"hotswap": True}):
+            gen = DeskGenerator.from_pretrained(settings_for(tiny_models, folder, **flags))
+            base = np.asarray(gen.generate(params, Mix(())).image, dtype=float)
+            for mix in mixes:
+                mixed = np.asarray(gen.generate(params, mix).image, dtype=float)
+                assert np.abs(mixed - base).mean() > 1.0, (flags, mix)
+                assert set(mix.adapters) <= gen.loaded_adapters(), (flags, mix)
 
 
 def test_every_mix_resolves_and_the_cycle_reads_adapters_again_once_warm(tiny_models: Path, tmp_path: Path) -> None:
