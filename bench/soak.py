@@ -77,8 +77,9 @@ class AddedAdapter:
     origin: str
     #: Its up (B) factors are multiplied by this, so its weights are its own.
     scale: float
-    #: Its rank is the origin's times this; the factors' added rows and columns are seeded noise.
-    rank_factor: int
+    #: Its rank is twice the origin's (:func:`deskgen.tools.tiny_sdxl.double_rank`: the added rows and columns
+    #: are seeded noise); else the origin's.
+    rank_doubled: bool
     #: It adapts only the UNet's ``to_q`` and ``to_v`` (the origin's text-encoder, ``to_k`` and ``to_out``
     #: layers left out); else every layer the origin adapts.
     qv_only: bool
@@ -103,12 +104,12 @@ def added_adapters(adapters: int, shapes: str = "varied") -> list[AddedAdapter]:
     made = []
     for k, name in enumerate(extra_adapters(adapters)):
         origin = TINY_ADAPTERS[k % len(TINY_ADAPTERS)]
-        made.append(AddedAdapter(name, origin, scale=1.0 + 0.1 * (k + 1), rank_factor=2 if varied and k % 2 else 1,
+        made.append(AddedAdapter(name, origin, scale=1.0 + 0.1 * (k + 1), rank_doubled=varied and k % 2 == 1,
                                  qv_only=varied and origin != "dalle"))  # fmt: skip
     return made
 
 
-def _kept(key: str) -> bool:
+def _on_unet_q_or_v(key: str) -> bool:
     """Whether a LoRA file's tensor ``key`` belongs to a UNet to_q or to_v layer (kohya or diffusers names)."""
     if key.startswith("lora_unet_"):
         return key.split(".", 1)[0].endswith(("_to_q", "_to_v"))
@@ -122,24 +123,24 @@ def _added(adapter: AddedAdapter, tensors: dict[str, Any], metadata: dict[str, s
     from deskgen.tools.tiny_sdxl import double_rank
 
     rng = np.random.default_rng(int(adapter.name.removeprefix("soak")))
-    kept = {key: value for key, value in tensors.items() if not adapter.qv_only or _kept(key)}
+    kept = {key: value for key, value in tensors.items() if not adapter.qv_only or _on_unet_q_or_v(key)}
     out: dict[str, Any] = {}
     for key in sorted(kept):
         for down_suffix, up_suffix in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
             if key.endswith(down_suffix):
                 base = key.removesuffix(down_suffix)
                 down, up = kept[key], kept[base + up_suffix]
-                if adapter.rank_factor == 2:
+                if adapter.rank_doubled:
                     down, up = double_rank(down, up, rng)
                 out[key], out[base + up_suffix] = down, (up * adapter.scale).astype(up.dtype)
     out |= {key: value for key, value in kept.items() if key not in out}  # kohya's alphas
-    metadata = dict(metadata)
+    metadata, factor = dict(metadata), 2 if adapter.rank_doubled else 1
     if "ss_network_dim" in metadata:  # kohya: its rank (each layer's alpha is a tensor of its own)
-        metadata["ss_network_dim"] = str(int(metadata["ss_network_dim"]) * adapter.rank_factor)
+        metadata["ss_network_dim"] = str(int(metadata["ss_network_dim"]) * factor)
     if "lora_adapter_metadata" in metadata:  # diffusers: each component's LoraConfig
         config = json.loads(metadata["lora_adapter_metadata"])
         for field in [f for f in config if f.endswith(".r")]:
-            config[field] *= adapter.rank_factor
+            config[field] *= factor
         if adapter.qv_only:
             config = {f: v for f, v in config.items() if f.startswith("unet.")}
             config["unet.target_modules"] = ["to_q", "to_v"]
@@ -289,6 +290,7 @@ async def churn_in_process(until: float, sample_s: float, started: float, points
     from deskgen.contracts import GenerationRequest
     from deskgen.generator import DeskGenerator, GenerationParams
     from deskgen.generator.settings import GeneratorSettings
+    from deskgen.loras import LoraRegistry
     from deskgen.mixes import MixCatalog
 
     tiny = models_dir()
@@ -297,8 +299,6 @@ async def churn_in_process(until: float, sample_s: float, started: float, points
         GeneratorSettings(model_id=str(tiny / "sdxl"), lora_dir=str(lora_dir), device="cpu", **extra)
     )
     replica = GeneratorReplica(generator)
-    from deskgen.loras import LoraRegistry
-
     catalog = MixCatalog(LoraRegistry(lora_dir).usable())
     ids = [catalog.resolve(spec).id for spec in soak_mixes(adapters)]
     lru: collections.OrderedDict[str, Any] = collections.OrderedDict()
