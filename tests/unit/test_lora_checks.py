@@ -293,7 +293,10 @@ def test_a_file_that_adapts_no_text_encoder_loads_without_diffusers_warning_of_i
         return [m for m in messages if m.startswith("No LoRA keys associated to ")]
 
     handler = Keep(logging.WARNING)
-    logging.getLogger("diffusers").addHandler(handler)
+    library = logging.getLogger("diffusers")
+    level = library.level
+    library.setLevel(logging.WARNING)  # diffusers' default, whatever DIFFUSERS_VERBOSITY says here
+    library.addHandler(handler)
     try:
         pipe.load_lora_weights(str(folder), weight_name="unet_only.safetensors", adapter_name="loud")
         assert [m.split(" found")[0] for m in no_keys()] == ["No LoRA keys associated to CLIPTextModel",
@@ -307,7 +310,8 @@ def test_a_file_that_adapts_no_text_encoder_loads_without_diffusers_warning_of_i
         pipe.load_lora_weights(str(folder), weight_name="unet_only.safetensors", adapter_name="loud_again")
         assert len(no_keys()) == 2  # only while the load runs
     finally:
-        logging.getLogger("diffusers").removeHandler(handler)
+        library.removeHandler(handler)
+        library.setLevel(level)
     assert {"loud", "quiet", "loud_again"} <= set(pipe.get_list_adapters()["unet"])
 
 
