@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from deskgen.ab import pick_arm
 from deskgen.experiments.schema import assignments
 from deskgen.experiments.store import make_engine
 
@@ -75,9 +76,8 @@ def test_thompson_moves_new_users_to_the_better_mix_and_keeps_old_ones(
             time.sleep(0.5)
         assert weights[BAD] >= 0.05 - 1e-9  # the floor
 
-        # New users now mostly get the better mix; the early users keep the arm they were first given.
+        # New users are drawn with the moved weights; the early users keep the arm they were first given.
         late = {f"late-{i}": visit(client, f"late-{i}", rng) for i in range(16)}
-        assert sum(arm == GOOD for arm in late.values()) >= 12, late
         for user, arm in early.items():
             assert visit(client, user, rng) == arm, user
 
@@ -95,6 +95,14 @@ def test_thompson_moves_new_users_to_the_better_mix_and_keeps_old_ones(
                               .where(assignments.c.experiment_id == experiment_id)).all()  # fmt: skip
         engine.dispose()
         assert {r.user_id: r.arm for r in drawn} == early | late
+        # Each late user got the arm that their hash gives against the weights stored with them, and those
+        # weights favour the better mix: "new users mostly get it", checked exactly rather than by a count of
+        # the 16 against a fixed bound (12 of 16 fails about one run in five at a weight of 0.8: CI saw 11).
+        salt = ingress_config(config).experiment.salt
+        late_weights = {r.user_id: {arm: float(w) for arm, w in r.weights.items()} for r in drawn if r.user_id in late}
+        for user, arm in late.items():
+            assert late_weights[user][GOOD] > 0.5, (user, late_weights[user])
+            assert arm == pick_arm(late_weights[user], user, salt), (user, arm, late_weights[user])
         expected = {arm: sum(float(r.weights[arm]) for r in drawn) for arm in LIKES}
         srm = report["sample_ratio"]
         assert srm["observed"] == {arm: sum(a == arm for a in (early | late).values()) for arm in LIKES}
