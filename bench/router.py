@@ -38,6 +38,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -46,6 +47,7 @@ from bench.common import (
     Table,
     append_report,
     command_line,
+    cpu_s,
     machine,
     p50_difference,
     percentile,
@@ -263,6 +265,33 @@ def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
     return dict(out)
 
 
+#: The threads of a generator replica's own work, as its ``info()["threads"]`` names them; the rest of its
+#: process's CPU time is Serve's and Ray's threads (queue-length probes, routing stats, metrics, RPC).
+REPLICA_THREADS = ("pipeline", "requests", "adapter watch")
+SERVE_AND_RAY = "Serve's and Ray's threads"
+
+
+def replica_thread_seconds(infos: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """CPU seconds so far of the generator replicas' own threads, summed by role, and of their whole processes
+    (``all``). A replica whose process is gone is left out."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for info in infos.values():
+        total = cpu_s(info["pid"])
+        if total is None:
+            continue
+        out["all"] += total
+        for role, tid in info["threads"].items():
+            out[role] += cpu_s(info["pid"], tid) or 0.0
+    return dict(out)
+
+
+def replica_threads_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """The seconds each of the replicas' threads spent between two readings, and the rest of their processes."""
+    out = {role: after.get(role, 0.0) - before.get(role, 0.0) for role in REPLICA_THREADS}
+    out[SERVE_AND_RAY] = after.get("all", 0.0) - before.get("all", 0.0) - sum(out.values())
+    return out
+
+
 #: The metric the mix-aware router observes for each request it held within its spill grace.
 HOLD_METRIC = "ray_deskgen_router_hold_seconds"
 
@@ -310,9 +339,10 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
     asyncio.run(drive(app.url, workload_mixes(args.workload), 1))  # warm: every mix once
     before = replica_infos(app, args.replicas)
     held_before = scrape_holds(app)
-    cpu_before = cpu_seconds()
+    cpu_before, threads_before = cpu_seconds(), replica_thread_seconds(before)
     results, wall = asyncio.run(drive(app.url, workload(args.requests, args.seed, args.zipf, args.workload), args.clients))
     cpu = cpu_by_role(cpu_before, cpu_seconds())
+    threads = replica_threads_delta(threads_before, replica_thread_seconds(before))
     after = replica_infos(app, args.replicas)
     held = {key: n - held_before.get(key, 0.0) for key, n in scrape_holds(app).items()}
     switches, loads, load_s, adapter_loads, adapter_load_s = (
@@ -334,7 +364,8 @@ def run(app: ServeApp, base: dict[str, Any], router: str, spill_queue: int | Non
             "rounds": [{"wait_p95": percentile(waits, 95), "rps": len(results) / wall}],
             "generate_s": [r["generate_s"] for r in ok], "switch_s": [r["activate_s"] for r in ok if r["activate_s"] > 0],
             "load_s": load_s, "adapter_loads": adapter_loads, "adapter_load_s": adapter_load_s,
-            "loads_by_label": loads_by_label, "held": held, "busy": replicas_busy(results), "cpu": cpu}  # fmt: skip
+            "loads_by_label": loads_by_label, "held": held, "busy": replicas_busy(results), "cpu": cpu,
+            "replica_threads": threads}  # fmt: skip
 
 
 def label_deltas(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -371,9 +402,10 @@ def merged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             into = by_label.setdefault(label, dict.fromkeys(LOAD_COUNTERS, 0))
             for key, n in counts.items():
                 into[key] += n
-        cpu = m.setdefault("cpu", {})
-        for role, seconds in r.get("cpu", {}).items():
-            cpu[role] = cpu.get(role, 0.0) + seconds
+        for key in ("cpu", "replica_threads"):
+            into = m.setdefault(key, {})
+            for role, seconds in r.get(key, {}).items():
+                into[role] = into.get(role, 0.0) + seconds
         # Per round: each round redeploys the app, so its replicas are new ones.
         for mix, counter in r["spread"].items():
             m["spread"][mix].append(len(counter))
@@ -515,6 +547,24 @@ def cpu_table(runs: list[dict[str, Any]]) -> Table:
     return table
 
 
+def replica_threads_table(runs: list[dict[str, Any]]) -> Table:
+    """The generator replicas' CPU time per request by thread: the replica's own work (the pipeline: loads,
+    switches, generations; the request code's event loop; the adapter watch) against the rest of the process."""
+    roles = [*REPLICA_THREADS, SERVE_AND_RAY]
+    table = Table("The Generator replicas' CPU time per request by thread (ms; user + system, every round pooled)",
+                  ["router", "pipeline (loads, switches, generations)", "request code's event loop (waits, PNG, events)",
+                   "adapter watch", "the rest of the process (Serve's and Ray's threads)", "all"])  # fmt: skip
+    for r in runs:
+        threads = r.get("replica_threads", {})
+        if not threads:
+            continue
+        table.add(r["router"], *(f"{1000 * threads.get(role, 0.0) / r['requests']:.1f}" for role in roles),
+                  f"{1000 * sum(threads.values()) / r['requests']:.1f}")  # fmt: skip
+    table.notes.append("Threads by the OS thread ids each replica reports (`info()['threads']`), their CPU time read "
+                       "from /proc before and after each round; the rest is the replica's process less those threads.")
+    return table
+
+
 def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     main = Table(f"Generator routing — {args.replicas} replicas, {args.rounds} x {args.requests} requests per router "
                  f"(rounds alternated), {args.clients} clients, "
@@ -545,7 +595,7 @@ def tables(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Table]:
     per_mix.notes.append("A switch is a generation that found another mix active on its replica; a load, a request whose mix "
                          "was not in its replica's mix cache (the adapters it lacked loaded, inside the queue wait); "
                          "each replica's counters.")
-    return [main, per_mix, concurrency_table(runs, args.replicas), cpu_table(runs)]
+    return [main, per_mix, concurrency_table(runs, args.replicas), cpu_table(runs), replica_threads_table(runs)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -138,7 +138,16 @@ class GeneratorReplica:
         #: each allocation lands in the glibc arena of whichever thread ran it, and memory freed in one
         #: arena is not reused by the others: the resident set crept up under mix churn (BENCHMARKS.md,
         #: "Memory under mix churn"). One thread costs nothing: the pipeline runs one thing at a time.
-        self.pipeline_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.pipeline_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="pipeline", initializer=self._thread_started, initargs=("pipeline",))
+        #: The OS thread id (as /proc/<pid>/task/<tid> and ``top -H`` show it) of each thread the replica's own
+        #: work runs on: the pipeline's, the event loop its request code runs on ("requests": waiting, PNG
+        #: encoding, events) and the adapter watch's. Serve's and Ray's threads in the process are the others
+        #: (bench.router splits the replica's CPU time this way).
+        self.threads: dict[str, int] = {}
+
+    def _thread_started(self, role: str) -> None:
+        self.threads[role] = threading.get_native_id()
 
     def _in_pipeline_thread(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Run ``fn`` on :attr:`pipeline_thread`, with the caller's context variables (the request's log
@@ -255,6 +264,8 @@ class GeneratorReplica:
         """The replica's one pipeline, in arrival order; reports the wait, the requests waiting per mix and in
         flight, and a request whose caller left (cancelled while waiting or generating, or a stream closed
         early)."""
+        if "requests" not in self.threads:
+            self._thread_started("requests")
         self.inflight += 1
         self.inflight_peak = max(self.inflight_peak, self.inflight)
         self.observer.inflight(self.inflight)
@@ -332,6 +343,7 @@ class GeneratorReplica:
         """Until ``stop`` is set, check every ``interval_s`` the LoRA files added or changed since the last
         check (:meth:`DeskGenerator.check_new_adapters`, which waits for the generation in progress). Runs
         in a background thread of its own."""
+        self._thread_started("adapter watch")
         while not stop.wait(interval_s):
             try:
                 if self.generator.unchecked_adapters():
@@ -366,6 +378,7 @@ class GeneratorReplica:
             },
             "switches": self.switches,
             "generations": self.generations,
+            "threads": dict(self.threads),
         }
 
 

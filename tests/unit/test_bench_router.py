@@ -7,10 +7,12 @@ import argparse
 import collections
 import os
 import random
+import threading
+import time
 
 import pytest
 
-from bench import router
+from bench import common, router
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +25,8 @@ def one_round(name: str, waits: list[float], requests: int, wall_s: float) -> di
             "waits": waits, "latencies": latencies, "parts": parts, "spread": spread,
             "rounds": [{"wait_p95": max(waits), "rps": requests / wall_s}],
             "generate_s": [0.3, 0.4], "switch_s": [0.01], "load_s": 2.5, "adapter_loads": 2, "adapter_load_s": 2.0,
-            "held": {}, "busy": [(1.0, 0.3), (2.0, 0.4)], "cpu": {"Ingress (and its routers)": 1.5, "Generator replicas": 20.0}}  # fmt: skip
+            "held": {}, "busy": [(1.0, 0.3), (2.0, 0.4)], "cpu": {"Ingress (and its routers)": 1.5, "Generator replicas": 20.0},
+            "replica_threads": {"pipeline": 15.0, "requests": 2.0, "adapter watch": 0.0, router.SERVE_AND_RAY: 3.0}}  # fmt: skip
 
 
 def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison() -> None:
@@ -41,7 +44,7 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     assert router.paired(runs) == ["mix-aware, spill_queue 0 against serve (default), round by round: a lower wait "
                                    "p95 in 2 of 3 rounds, a higher throughput in 2 of 3."]  # fmt: skip
     args = argparse.Namespace(replicas=3, rounds=3, requests=100, clients=4, zipf=1.1, seed=7, workload="zipf")
-    main, per_mix, busy, cpu = router.tables(runs, args)
+    main, per_mix, busy, cpu, threads = router.tables(runs, args)
     assert "Zipf s=1.1 over 7 named + 3 ad-hoc mixes (seed 7)" in main.title
     # Each round's replicas are new ones: a mix's replicas are counted per round, not over the rounds.
     assert per_mix.rows[0] == ["ott_3d", "1000 (2 repl.)", "1000 (2 repl.)"]  # nearest-rank p50 of 1, 2 x 3
@@ -53,6 +56,8 @@ def test_rounds_are_pooled_and_each_is_kept_in_order_for_the_paired_comparison()
     cores = os.cpu_count() or 1
     assert cpu.rows[1] == ["mix-aware, spill_queue 0", "200.0", "15.0", "0.0", "0.0", "0.0", "0.0", "0.0", "215.0",
                            f"{100 * 64.5 / (cores * 55.0):.0f} %"]  # fmt: skip
+    # The replicas' 20 s per round by thread: 3 rounds x (15 + 2 + 0 + 3) s over 300 requests.
+    assert threads.rows[1] == ["mix-aware, spill_queue 0", "150.0", "20.0", "0.0", "30.0", "200.0"]
     assert main.notes == [*router.paired(runs), "mix-aware, spill_queue 0: held no request within its spill grace.",
                           router.costs(runs)]  # fmt: skip
     # Every round of every router pooled: 6 x (2 images, 1 switch, 2 loads of 1.0 s each, 0.5 s of the rest).
@@ -216,3 +221,43 @@ def test_the_lag_bench_tabulates_the_stayed_holds_by_bucket() -> None:
     # series lacks counts as none of its holds.
     assert rows["1"] == ["8", "40.0 %"] and rows["2"] == ["10", "50.0 %"] and rows["5"] == ["11", "55.0 %"]
     assert rows["any"] == ["20", "100.0 %"] and rows["0.5"] == ["0", "0.0 %"]
+
+
+def test_a_replica_s_cpu_time_is_split_by_the_threads_it_reports_and_the_rest_of_its_process() -> None:
+    """Read from /proc for real: a thread that works gains CPU time, one that waits gains less, and the
+    process's time less the named threads' is the rest (here this test's own thread)."""
+    started, worked, done = threading.Event(), threading.Event(), threading.Event()
+    tids: dict[str, int] = {}
+
+    def busy() -> None:  # alive until the second reading: an ended thread leaves /proc
+        tids["pipeline"] = threading.get_native_id()
+        started.wait()
+        sum(i * i for i in range(3_000_000))
+        worked.set()
+        done.wait()
+
+    def idle() -> None:
+        tids["requests"] = threading.get_native_id()
+        done.wait()
+
+    workers = [threading.Thread(target=busy), threading.Thread(target=idle)]
+    for worker in workers:
+        worker.start()
+    while len(tids) < 2:
+        time.sleep(0.01)
+    infos = {"r1": {"pid": os.getpid(), "threads": dict(tids)},
+             "gone": {"pid": 2**22 + 1, "threads": {"pipeline": 1}}}  # fmt: skip
+    before = router.replica_thread_seconds(infos)
+    started.set()
+    worked.wait()
+    sum(i * i for i in range(1_000_000))  # this thread: part of the rest
+    after = router.replica_thread_seconds(infos)
+    done.set()
+    for worker in workers:
+        worker.join()
+    delta = router.replica_threads_delta(before, after)
+    assert set(delta) == {*router.REPLICA_THREADS, router.SERVE_AND_RAY}
+    assert delta["pipeline"] > delta["requests"] >= 0 and delta["adapter watch"] == 0
+    assert delta[router.SERVE_AND_RAY] > 0
+    assert sum(delta.values()) == pytest.approx(after["all"] - before["all"])
+    assert common.cpu_s(2**22 + 1) is None  # above Linux's largest pid: no such process

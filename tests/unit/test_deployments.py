@@ -389,11 +389,13 @@ def test_every_pipeline_call_runs_on_the_one_pipeline_thread(tiny_models: Path) 
     replica = GeneratorReplica(DeskGenerator.from_pretrained(settings_for(tiny_models)), replica_id=lambda: "r1")
     gen = replica.generator
     threads: list[tuple[str, str]] = []
+    native: set[int] = set()
     for name in ("generate", "ensure_adapters", "unload_adapters"):
         original = getattr(gen, name)
 
         def spy(*args: object, _name: str = name, _original: object = original, **kwargs: object) -> object:
             threads.append((_name, threading.current_thread().name))
+            native.add(threading.get_native_id())
             return _original(*args, **kwargs)  # type: ignore[operator]
 
         setattr(gen, name, spy)
@@ -414,3 +416,6 @@ def test_every_pipeline_call_runs_on_the_one_pipeline_thread(tiny_models: Path) 
     assert {n for n, _ in threads} == {"generate", "ensure_adapters", "unload_adapters"}
     assert len({t for _, t in threads}) == 1  # one thread, the replica's own
     assert threads[0][1].startswith("pipeline") and threads[0][1] != threading.main_thread().name
+    # The replica names the OS threads of its own work (bench.router splits its CPU time by them): the pipeline
+    # thread, and the event loop its request code ran on (asyncio.run's, this thread's).
+    assert replica.info()["threads"] == {"pipeline": native.pop(), "requests": threading.get_native_id()}
