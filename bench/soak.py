@@ -14,8 +14,8 @@ replica; ``--clients`` closed-loop clients send /v1/text2img requests cycling th
 and ad-hoc ones, more distinct mixes than the replica's cache holds, so mixes are loaded, activated and
 evicted all the time (far more churn per minute than production). ``--adapters N`` (default 8) serves them
 from a temporary LoRA folder holding the tiny folder's three adapters and ``N - 3`` more, made from them
-(:func:`added_adapters`: weights scaled; with ``--shapes varied``, the default, of other ranks and fewer
-layers, as a folder of adapters trained apart would be), each in mixes of its own (:func:`soak_mixes`): more
+(:func:`added_adapters`: weights scaled; with ``--shapes varied``, the default, of other ranks and on fewer
+or more layers, as a folder of adapters trained apart would be), each in mixes of its own (:func:`soak_mixes`): more
 adapters than a replica keeps loaded (``MAX_LOADED_ADAPTERS``), so adapters are read and unloaded all the
 time too. With ``--adapters 3`` the replica keeps all three and unloads none. The Generator replica's resident set
 (``VmRSS`` of its process, read from /proc) is sampled every ``--sample-s`` seconds; after ``--warmup-min``
@@ -83,6 +83,9 @@ class AddedAdapter:
     #: It adapts only the UNet's ``to_q`` and ``to_v`` (the origin's text-encoder, ``to_k`` and ``to_out``
     #: layers left out); else every layer the origin adapts.
     qv_only: bool
+    #: It also adapts each UNet transformer block's feed-forward output (``ff.net.2``), which no tiny adapter
+    #: adapts (:func:`deskgen.tools.tiny_sdxl.feed_forward_pair`; kohya origins only).
+    feed_forward: bool = False
 
 
 def extra_adapters(adapters: int) -> list[str]:
@@ -95,17 +98,19 @@ def extra_adapters(adapters: int) -> list[str]:
 def added_adapters(adapters: int, shapes: str = "varied") -> list[AddedAdapter]:
     """The :func:`extra_adapters`, made from the tiny three in turn, the k-th's up factors scaled by
     ``1 + 0.1 (k + 1)``. With ``shapes="varied"`` (the default) every second one has twice its origin's rank,
-    and those not made from dalle adapt only the UNet's to_q and to_v: the 5 of ``--adapters 8`` are dalle's
-    layers at rank 4, ott's (diffusers layout) at rank 8 on to_q/to_v, 3d's at rank 4 on to_q/to_v, dalle's at
-    rank 8, ott's at rank 4 on to_q/to_v. With ``"same"`` each has its origin's shapes."""
+    those not made from dalle adapt only the UNet's to_q and to_v, and those made from dalle at twice its rank
+    also adapt the feed-forward layers: the 5 of ``--adapters 8`` are dalle's layers at rank 4, ott's
+    (diffusers layout) at rank 8 on to_q/to_v, 3d's at rank 4 on to_q/to_v, dalle's and the feed-forward
+    outputs at rank 8, ott's at rank 4 on to_q/to_v. With ``"same"`` each has its origin's shapes."""
     if shapes not in SHAPES:
         raise ValueError(f"--shapes must be one of {SHAPES}, got {shapes!r}")
     varied = shapes == "varied"
     made = []
     for k, name in enumerate(extra_adapters(adapters)):
         origin = TINY_ADAPTERS[k % len(TINY_ADAPTERS)]
-        made.append(AddedAdapter(name, origin, scale=1.0 + 0.1 * (k + 1), rank_doubled=varied and k % 2 == 1,
-                                 qv_only=varied and origin != "dalle"))  # fmt: skip
+        doubled = varied and k % 2 == 1
+        made.append(AddedAdapter(name, origin, scale=1.0 + 0.1 * (k + 1), rank_doubled=doubled,
+                                 qv_only=varied and origin != "dalle", feed_forward=doubled and origin == "dalle"))  # fmt: skip
     return made
 
 
@@ -120,7 +125,8 @@ def _added(adapter: AddedAdapter, tensors: dict[str, Any], metadata: dict[str, s
     """The tensors (numpy) and metadata of ``adapter``'s file, from its origin's."""
     import numpy as np
 
-    from deskgen.tools.tiny_sdxl import double_rank
+    from deskgen import kohya
+    from deskgen.tools.tiny_sdxl import double_rank, feed_forward_pair
 
     rng = np.random.default_rng(int(adapter.name.removeprefix("soak")))
     kept = {key: value for key, value in tensors.items() if not adapter.qv_only or _on_unet_q_or_v(key)}
@@ -133,6 +139,11 @@ def _added(adapter: AddedAdapter, tensors: dict[str, Any], metadata: dict[str, s
                 if adapter.rank_doubled:
                     down, up = double_rank(down, up, rng)
                 out[key], out[base + up_suffix] = down, (up * adapter.scale).astype(up.dtype)
+                if adapter.feed_forward and base.startswith(kohya.UNET_PREFIX) and base.endswith("_attn1_to_q"):
+                    ff, ff_down, ff_up = feed_forward_pair(base, down.shape[0], kept[key], kept[base + up_suffix], rng)
+                    out |= {ff + kohya.DOWN: ff_down, ff + kohya.UP: ff_up, ff + kohya.ALPHA: kept[base + kohya.ALPHA]}
+    if adapter.feed_forward and not any(key.endswith("ff_net_2" + kohya.DOWN) for key in out):
+        raise ValueError(f"{adapter.name}: feed-forward layers are made for a kohya origin's UNet, not {adapter.origin}'s")
     out |= {key: value for key, value in kept.items() if key not in out}  # kohya's alphas
     metadata, factor = dict(metadata), 2 if adapter.rank_doubled else 1
     if "ss_network_dim" in metadata:  # kohya: its rank (each layer's alpha is a tensor of its own)

@@ -475,6 +475,15 @@ def double_rank(down: Any, up: Any, rng: Any) -> tuple[Any, Any]:
     return np.concatenate([down, like(rng, down.shape, down)]), np.concatenate([up, like(rng, up.shape, up)], axis=1)
 
 
+def feed_forward_pair(attn1_to_q: str, rank: int, down: Any, up: Any, rng: Any) -> tuple[str, Any, Any]:
+    """For the kohya UNet layer ``attn1_to_q`` of a transformer block and its pair (numpy): the kohya name of the
+    same block's feed-forward output (``ff.net.2``: inner width 4 x dim -> dim, which no tiny adapter adapts)
+    and a seeded pair for it at ``rank``, with the spread of ``down`` and ``up``."""
+    dim = down.shape[1]
+    return (attn1_to_q.removesuffix("attn1_to_q") + "ff_net_2", like(rng, (rank, 4 * dim), down),
+            like(rng, (dim, rank), up))  # fmt: skip
+
+
 def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
     """Write a LoRA file of ``kind`` (:data:`LORA_VARIANTS`) to ``path``, made from ``loras/dalle.safetensors``
     (numpy only: no torch)."""
@@ -498,9 +507,8 @@ def write_lora_variant(kind: str, loras: Path, path: Path) -> Path:
             out[base + kohya.DOWN], out[base + kohya.UP] = double_rank(down, up, rng)
             out[base + kohya.ALPHA] = alpha
             if base.startswith(kohya.UNET_PREFIX) and base.endswith("_attn1_to_q"):
-                ff, rank, dim = base.removesuffix("attn1_to_q") + "ff_net_2", 2 * down.shape[0], down.shape[1]
-                out |= {ff + kohya.DOWN: like(rng, (rank, 4 * dim), down), ff + kohya.UP: like(rng, (dim, rank), up),
-                        ff + kohya.ALPHA: alpha}  # fmt: skip
+                ff, ff_down, ff_up = feed_forward_pair(base, 2 * down.shape[0], down, up, rng)
+                out |= {ff + kohya.DOWN: ff_down, ff + kohya.UP: ff_up, ff + kohya.ALPHA: alpha}
     elif kind == "loha":
         out = {}
         for base in bases:

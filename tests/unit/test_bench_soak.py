@@ -44,8 +44,18 @@ def test_the_folder_holds_every_adapter_loadable_each_with_its_own_weights_ranks
     for key in dalle:
         want = 1.1 * dalle[key] if key in ups else dalle[key]
         assert files["soak4"][key] == pytest.approx(want, rel=1e-6), key
-    # soak7: dalle's again, scaled by 1.4, at twice the rank: its first 4 rows (down) and columns (up) are dalle's.
-    assert files["soak7"].keys() == dalle.keys()
+    # soak7: dalle's again, scaled by 1.4, at twice the rank: its first 4 rows (down) and columns (up) are dalle's;
+    # and more layers than any tiny adapter: the feed-forward output of each UNet transformer block dalle adapts.
+    blocks = [k.removesuffix("attn1_to_q.lora_down.weight") for k in dalle if k.endswith("_attn1_to_q.lora_down.weight")
+              and k.startswith("lora_unet_")]  # fmt: skip
+    ff = {f"{b}ff_net_2{suffix}" for b in blocks for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha")}
+    assert blocks and not ff & dalle.keys() and files["soak7"].keys() == dalle.keys() | ff
+    for block in blocks:
+        q = dalle[f"{block}attn1_to_q.lora_down.weight"]
+        down7, up7 = files["soak7"][f"{block}ff_net_2.lora_down.weight"], files["soak7"][f"{block}ff_net_2.lora_up.weight"]
+        assert down7.shape == (8, 4 * q.shape[1]) and up7.shape == (q.shape[1], 8)  # inner width 4 x dim -> dim
+        assert down7.std() > 0 and up7.std() > 0
+        assert files["soak7"][f"{block}ff_net_2.alpha"] == dalle[f"{block}attn1_to_q.alpha"]
     for key in (k for k in dalle if "lora_down" in k):
         up = key.replace("lora_down", "lora_up")
         down7, up7 = files["soak7"][key], files["soak7"][up]
