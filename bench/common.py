@@ -144,21 +144,6 @@ def ray_processes(*, with_self: bool = False) -> list[Process]:
     return out
 
 
-def cpu_s(pid: int, tid: int | None = None) -> float | None:
-    """CPU seconds so far (user + system) of process ``pid`` (all its threads, ended ones too) or of its thread
-    ``tid`` (the OS thread id: ``threading.get_native_id()``), from Linux's /proc; None if it is gone."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return None
-    # The fields after the command (in parentheses, which may hold spaces): state, ppid, ... utime is the 14th
-    # field of the line and stime the 15th, so the 12th and 13th after it, in clock ticks.
-    fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @contextmanager
 def stopwatch() -> Iterator[Callable[[], float]]:
     """``with stopwatch() as elapsed: ...; elapsed()`` -> seconds since the block began."""

@@ -47,7 +47,6 @@ from bench.common import (
     Table,
     append_report,
     command_line,
-    cpu_s,
     machine,
     p50_difference,
     percentile,
@@ -272,16 +271,21 @@ SERVE_AND_RAY = "Serve's and Ray's threads"
 
 
 def replica_thread_seconds(infos: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """CPU seconds so far of the generator replicas' own threads, summed by role, and of their whole processes
-    (``all``). A replica whose process is gone is left out."""
+    """CPU seconds so far (user + system, psutil's) of the generator replicas' own threads, summed by role, and
+    of their whole processes (``all``). A replica whose process is gone is left out, a thread gone counts 0."""
+    import psutil
+
     out: dict[str, float] = collections.defaultdict(float)
     for info in infos.values():
-        total = cpu_s(info["pid"])
-        if total is None:
+        try:
+            process = psutil.Process(info["pid"])
+            with process.oneshot():
+                total, threads = process.cpu_times(), {t.id: t.user_time + t.system_time for t in process.threads()}
+        except psutil.NoSuchProcess:
             continue
-        out["all"] += total
+        out["all"] += total.user + total.system
         for role, tid in info["threads"].items():
-            out[role] += cpu_s(info["pid"], tid) or 0.0
+            out[role] += threads.get(tid, 0.0)
     return dict(out)
 
 
@@ -561,7 +565,7 @@ def replica_threads_table(runs: list[dict[str, Any]]) -> Table:
         table.add(r["router"], *(f"{1000 * threads.get(role, 0.0) / r['requests']:.1f}" for role in roles),
                   f"{1000 * sum(threads.values()) / r['requests']:.1f}")  # fmt: skip
     table.notes.append("Threads by the OS thread ids each replica reports (`info()['threads']`), their CPU time read "
-                       "from /proc before and after each round; the rest is the replica's process less those threads.")
+                       "(psutil) before and after each round; the rest is the replica's process less those threads.")
     return table
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from bench import common, router
+from bench import router
 
 pytestmark = pytest.mark.unit
 
@@ -224,7 +224,7 @@ def test_the_lag_bench_tabulates_the_stayed_holds_by_bucket() -> None:
 
 
 def test_a_replica_s_cpu_time_is_split_by_the_threads_it_reports_and_the_rest_of_its_process() -> None:
-    """Read from /proc for real: a thread that works gains CPU time, one that waits gains less, and the
+    """Read by psutil for real: a thread that works gains CPU time, one that waits gains less, and the
     process's time less the named threads' is the rest (here this test's own thread)."""
     started, worked, done = threading.Event(), threading.Event(), threading.Event()
     tids: dict[str, int] = {}
@@ -245,6 +245,7 @@ def test_a_replica_s_cpu_time_is_split_by_the_threads_it_reports_and_the_rest_of
         worker.start()
     while len(tids) < 2:
         time.sleep(0.01)
+    # A pid above Linux's largest: no such process, left out.
     infos = {"r1": {"pid": os.getpid(), "threads": dict(tids)},
              "gone": {"pid": 2**22 + 1, "threads": {"pipeline": 1}}}  # fmt: skip
     before = router.replica_thread_seconds(infos)
@@ -260,4 +261,3 @@ def test_a_replica_s_cpu_time_is_split_by_the_threads_it_reports_and_the_rest_of
     assert delta["pipeline"] > delta["requests"] >= 0 and delta["adapter watch"] == 0
     assert delta[router.SERVE_AND_RAY] > 0
     assert sum(delta.values()) == pytest.approx(after["all"] - before["all"])
-    assert common.cpu_s(2**22 + 1) is None  # above Linux's largest pid: no such process

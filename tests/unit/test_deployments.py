@@ -418,4 +418,5 @@ def test_every_pipeline_call_runs_on_the_one_pipeline_thread(tiny_models: Path) 
     assert threads[0][1].startswith("pipeline") and threads[0][1] != threading.main_thread().name
     # The replica names the OS threads of its own work (bench.router splits its CPU time by them): the pipeline
     # thread, and the event loop its request code ran on (asyncio.run's, this thread's).
-    assert replica.info()["threads"] == {"pipeline": native.pop(), "requests": threading.get_native_id()}
+    (pipeline,) = native
+    assert replica.info()["threads"] == {"pipeline": pipeline, "requests": threading.get_native_id()}
