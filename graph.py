@@ -14,7 +14,7 @@ from ray.serve import Application
 from deployments.captioner import Captioner
 from deployments.classifier import Classifier
 from deployments.consumer import job_consumer
-from deployments.generator import Generator
+from deployments.generator import Generator, MixCache
 from deployments.ingress import Ingress
 from deployments.locator import Locator
 from deployments.recorder import Recorder
@@ -56,6 +56,10 @@ class DeskgenArgs(BaseModel):
         default_factory=dict,
         description="deskgen.generator.GeneratorSettings fields (speed flags) and `speed_profile`; checked at build",
     )
+    generator_cache: MixCache = Field(
+        default_factory=MixCache,
+        description="mixes cached and adapters kept loaded per Generator replica (deployments.generator.MixCache)",
+    )
 
 
 def build_app(args: DeskgenArgs) -> Application:
@@ -75,7 +79,7 @@ def build_app(args: DeskgenArgs) -> Application:
     return Ingress.bind(  # type: ignore[attr-defined, no-any-return]
         classifier=Classifier.bind(args.classifier_model, tf_threads=args.tf_threads),  # type: ignore[attr-defined]
         captioner=Captioner.bind(args.captioner_model, device=args.device, dtype=args.dtype),  # type: ignore[attr-defined]
-        generator=Generator.bind(settings),  # type: ignore[attr-defined]
+        generator=Generator.bind(settings, cache=args.generator_cache),  # type: ignore[attr-defined]
         recorder=Recorder.bind(args.experiments_db),  # type: ignore[attr-defined]
         lora_dir=args.lora_dir,
         image_store=args.image_store.model_dump(),

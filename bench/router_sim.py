@@ -8,10 +8,10 @@
 no capacity there, so it cannot show what routing does where every replica has a GPU of its own. This seeded
 discrete-event simulation can, as a model. ``--replicas`` replicas, each running one generation at a time and
 holding up to ``--max-ongoing`` requests (2, as serve_config.yaml), with a least-recently-used cache of
-``--cache`` mixes (4, the Generator's ``MAX_CACHED_MIXES``) over shared adapters, as ``GeneratorReplica``: a
+``--cache`` mixes (4, the Generator's ``generator_cache.mixes``) over shared adapters, as ``GeneratorReplica``: a
 miss loads only the adapters not loaded (``--adapter-load-s`` each), an eviction drops those no remaining mix
 uses but for the most recently used, up to ``--keep-adapters`` loaded in all (the Generator's
-``MAX_LOADED_ADAPTERS``; 0: every one, what deskgen did before 2026-12-06). A request then pays ``--switch-s`` if its mix is not the active one, then ``--image-s``
+``generator_cache.keep_adapters``; 0: every one, what deskgen did before 2026-12-06). A request then pays ``--switch-s`` if its mix is not the active one, then ``--image-s``
 (times a lognormal jitter); ``--evict-first`` drops the evicted mix's adapters before the incoming mix loads
 (what deskgen did before the fix of ``GeneratorReplica.release``). With ``--cores`` the replicas share that many cores instead (each busy replica runs
 at min(1, cores / busy replicas) of its speed), as bench.router's do; bench.router's "Costs on the replicas"
@@ -55,7 +55,7 @@ from bench.common import (
     render_section,
 )
 from bench.router import ADHOC, ARMS, NAMED, zipf_weights
-from deployments.generator import MAX_LOADED_ADAPTERS, kept_adapters
+from deployments.generator import DEFAULT_CACHE, kept_adapters
 from deployments.routing import RECHECK_S, Demand, ReplicaView, rank
 from deskgen.mixes import NAMED_MIXES, parse_mix_spec
 
@@ -98,7 +98,7 @@ class Replica:
     the adapters no remaining cached mix uses, but for the most recently used up to ``keep_adapters``)."""
 
     def __init__(self, index: int, cache_size: int, evict_first: bool = False,
-                 keep_adapters: int = MAX_LOADED_ADAPTERS) -> None:  # fmt: skip
+                 keep_adapters: int = DEFAULT_CACHE.keep_adapters) -> None:  # fmt: skip
         self.index = index
         self.keep_adapters = keep_adapters
         #: Each adapter's last use (a request of a mix with it), as a count of requests prepared.
@@ -163,7 +163,7 @@ class Simulation:
 
     def __init__(self, replicas: int, max_ongoing: int, cache_size: int, timings: Timings, seed: int,
                  cores: float | None = None, evict_first: bool = False,
-                 keep_adapters: int = MAX_LOADED_ADAPTERS) -> None:  # fmt: skip
+                 keep_adapters: int = DEFAULT_CACHE.keep_adapters) -> None:  # fmt: skip
         self.replicas = [Replica(i, cache_size, evict_first, keep_adapters) for i in range(replicas)]
         #: None: each replica has a device of its own. A number: the replicas share that many cores, each busy
         #: one working at min(1, cores / busy replicas) of its speed (bench.router's host: 2).
@@ -385,10 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--switch-s", type=float, default=0.05)
     parser.add_argument("--adapter-load-s", type=float, default=0.35, help="seconds per adapter file loaded")
     parser.add_argument("--jitter", type=float, default=0.03)
-    parser.add_argument("--cache", type=int, default=4)
+    parser.add_argument("--cache", type=int, default=DEFAULT_CACHE.mixes)
     parser.add_argument("--evict-first", action="store_true",
                         help="drop an evicted mix's adapters before the next load (deskgen before 2026-12-05)")
-    parser.add_argument("--keep-adapters", type=int, default=MAX_LOADED_ADAPTERS,
+    parser.add_argument("--keep-adapters", type=int, default=DEFAULT_CACHE.keep_adapters,
                         help="loaded adapters kept in all although no cached mix uses them (0: none, deskgen before 2026-12-06)")
     parser.add_argument("--cores", type=float, default=None,
                         help="replicas share this many cores (as bench.router's do); default: a device each")

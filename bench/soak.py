@@ -16,7 +16,7 @@ evicted all the time (far more churn per minute than production). ``--adapters N
 from a temporary LoRA folder holding the tiny folder's three adapters and ``N - 3`` more, made from them
 (:func:`added_adapters`: weights scaled; with ``--shapes varied``, the default, of other ranks and on fewer
 or more layers, as a folder of adapters trained apart would be), each in mixes of its own (:func:`soak_mixes`): more
-adapters than a replica keeps loaded (``MAX_LOADED_ADAPTERS``), so adapters are read and unloaded all the
+adapters than a replica keeps loaded (``generator_cache.keep_adapters``), so adapters are read and unloaded all the
 time too. With ``--adapters 3`` the replica keeps all three and unloads none. The Generator replica's resident set
 (``VmRSS`` of its process, read from /proc) is sampled every ``--sample-s`` seconds; after ``--warmup-min``
 minutes the least-squares slope of RSS over time is reported in MiB/hour and in % of the post-warm-up RSS
@@ -27,7 +27,7 @@ slots (``hotswap: true``), without compiling.
 
 ``--in-process`` runs the same churn without Ray: the Generator replica's own logic
 (:class:`deployments.generator.GeneratorReplica`: the pipeline thread, loads, evictions, generations) with
-the multiplexed cache's LRU of 4 mixes emulated, in this process, sampling this process's RSS. Flat here
+the multiplexed cache's LRU (``DEFAULT_CACHE.mixes``) emulated, in this process, sampling this process's RSS. Flat here
 and growing under Serve means the growth is Serve's replica machinery, not deskgen's pipeline.
 
 ``--loads N`` measures one suspect alone, in this process (no Serve): a LoRA file loaded into the tiny
@@ -293,11 +293,11 @@ def kept_per_load(loads: int) -> Table:
 async def churn_in_process(until: float, sample_s: float, started: float, points: list[tuple[float, float]],
                            path: str, lora_dir: Path, adapters: int) -> dict[str, int]:  # fmt: skip
     """The soak's churn on a GeneratorReplica in this process: :func:`soak_mixes` in turn, an LRU of
-    MAX_CACHED_MIXES."""
+    ``DEFAULT_CACHE.mixes``."""
     import collections
     import dataclasses
 
-    from deployments.generator import MAX_CACHED_MIXES, GeneratorReplica
+    from deployments.generator import DEFAULT_CACHE, GeneratorReplica
     from deskgen.contracts import GenerationRequest
     from deskgen.generator import DeskGenerator, GenerationParams
     from deskgen.generator.settings import GeneratorSettings
@@ -322,7 +322,7 @@ async def churn_in_process(until: float, sample_s: float, started: float, points
         if mix_id in lru:
             lru.move_to_end(mix_id)
         else:
-            if len(lru) >= MAX_CACHED_MIXES:
+            if len(lru) >= DEFAULT_CACHE.mixes:
                 _, old = lru.popitem(last=False)
                 replica.release(old)
             lru[mix_id] = await replica.load_mix(mix_id)
@@ -392,8 +392,10 @@ def run_in_process(args: argparse.Namespace, lora_dir: Path, warmup: float, wall
     started = time.monotonic()
     counts = asyncio.run(churn_in_process(started + 60 * args.minutes, args.sample_s, started, points, args.path,
                                           lora_dir, args.adapters))  # fmt: skip
-    report(args, points, warmup, {"ok": counts["ok"], "failed": 0}, counts["loads"], counts["adapter_loads"], wall,
-           "in one process, no Ray")  # fmt: skip
+    from deployments.generator import DEFAULT_CACHE
+
+    report(args, points, warmup, {"ok": counts["ok"], "failed": 0}, counts["loads"], counts["adapter_loads"],
+           DEFAULT_CACHE.model_dump(), wall, "in one process, no Ray")  # fmt: skip
 
 
 def run_serve(args: argparse.Namespace, lora_dir: Path, warmup: float, wall: float) -> None:
@@ -418,19 +420,17 @@ def run_serve(args: argparse.Namespace, lora_dir: Path, warmup: float, wall: flo
     assert after["pid"] == pid, "the Generator replica was replaced during the soak"
     how = f"{args.clients} clients" + (f", MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else "")
     report(args, points, warmup, counts, after["mix_loads"] - before["mix_loads"],
-           after["adapter_loads"] - before["adapter_loads"], wall, how)  # fmt: skip
+           after["adapter_loads"] - before["adapter_loads"], after["cache"], wall, how)  # fmt: skip
 
 
 def report(args: argparse.Namespace, points: list[tuple[float, float]], warmup: float, counts: dict[str, int],
-           loads: int, adapter_loads: int, wall: float, how: str) -> None:  # fmt: skip
-    from deployments.generator import MAX_CACHED_MIXES, MAX_LOADED_ADAPTERS
-
+           loads: int, adapter_loads: int, cache: dict[str, int], wall: float, how: str) -> None:  # fmt: skip
     late = [(t, y) for t, y in points if t >= warmup]
     per_hour = slope(late) * 60
     base = late[0][1] if late else float("nan")
     table = Table(f"Generator replica RSS under mix churn — path {args.path}, {args.minutes:.0f} min, {how}, "
                   f"{len(soak_mixes(args.adapters))} mixes of {args.adapters} adapters ({args.shapes} shapes) through a "
-                  f"{MAX_CACHED_MIXES}-mix cache keeping up to {MAX_LOADED_ADAPTERS} adapters, tiny SDXL 64x64, 1 step",
+                  f"{cache['mixes']}-mix cache keeping up to {cache['keep_adapters']} adapters, tiny SDXL 64x64, 1 step",
                   ["requests (non-200)", "mix loads", "adapter files read", "RSS at start (MiB)", f"RSS after warm-up ({warmup:.0f} min)",
                    "RSS at end", "slope after warm-up (MiB/h)", "slope (% of post-warm-up RSS per hour)"])  # fmt: skip
     table.add(f"{counts['ok'] + counts['failed']} ({counts['failed']})", loads, adapter_loads,

@@ -4,7 +4,8 @@ Each LoRA mix is a multiplexed model id (its canonical id, see :mod:`deskgen.mix
 ``@serve.multiplexed`` caches per id is a :class:`LoadedMix` — a light handle whose adapters are
 loaded into the replica's single pipeline — so Serve routes a mix's requests to replicas that
 already hold it; the adapters no cached mix uses are dropped by the next load, but for the most recently
-used few (``MAX_LOADED_ADAPTERS`` loaded in all; never the base, never an adapter the incoming mix uses).
+used few (:attr:`MixCache.keep_adapters` loaded in all; never the base, never an adapter the incoming mix
+uses). How many of each a replica keeps is ``args.generator_cache`` (:class:`MixCache`).
 
 :class:`GeneratorReplica` is the replica's logic without Ray (mix cache and release, one generation
 at a time, events, health), unit-tested on the tiny model; :class:`Generator` is the thin Serve
@@ -26,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from deployments.logs import stamp_library_logs
@@ -47,18 +49,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ray.serve")
 
-#: Mixes cached per replica (LRU). Adapters are small next to the base, so a handful fit easily.
-MAX_CACHED_MIXES = 4
 #: Seconds between two looks at the LoRA folder for files added or changed since the last check: a file
 #: the replica cannot load is listed unavailable, with its reason, before a request names it.
 ADAPTER_CHECK_S = 2.0
-#: Loaded adapters a replica keeps in all although no cached mix uses them, the most recently used first:
-#: a mix back in the cache after its eviction finds its adapters loaded instead of reading their files again
-#: (0.7 s per file on this host). Without them the colder A/B arm, whose adapter fewer of the other mixes
-#: share, read it again after 3 of every 100 requests: 22 ms of each request's queue wait, against 4 ms for
-#: the control (BENCHMARKS.md, "Generator routing" 2026-12-06 20:14). At most MAX_CACHED_MIXES: four cached
-#: mixes of one adapter each already hold that many, so the most memory adapters can take is unchanged.
-MAX_LOADED_ADAPTERS = MAX_CACHED_MIXES
+
+
+class MixCache(BaseModel):
+    """How much of the mixes a Generator replica serves it keeps: ``args.generator_cache`` in
+    serve_config.yaml, checked when the application is built. Changing it restarts the replicas."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mixes: int = Field(
+        4, ge=1, le=64,
+        description="mixes cached per replica (Serve's multiplexed LRU, what its routing sees). Adapters are small "
+        "next to the base, so a handful fit easily; N replicas hold N x mixes without loading one again",
+    )  # fmt: skip
+    # Kept adapters: without them the colder A/B arm, whose adapter fewer of the other mixes share, read it
+    # again after 3 of every 100 requests (0.7 s per file here): 22 ms of each request's queue wait, against
+    # 4 ms for the control (BENCHMARKS.md, "Generator routing" 2026-12-06 20:14). As many as `mixes` by default:
+    # that many cached mixes of one adapter each already hold that many, so the most memory adapters take is
+    # unchanged. (A `mixes` that failed validation is not in `data`; the error is reported for it.)
+    keep_adapters: int = Field(
+        default_factory=lambda data: data.get("mixes", 0), ge=0, le=256,
+        description="loaded adapters a replica keeps in all although no cached mix uses them, the most recently "
+        "used first (default or null: as many as `mixes`), so a mix back after its eviction reads no adapter file",
+    )  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_keeps_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "keep_adapters" in data and data["keep_adapters"] is None:
+            data = {key: value for key, value in data.items() if key != "keep_adapters"}
+        return data
+
+
+#: What a replica keeps when nothing is configured (and what the benches' models of a replica assume).
+DEFAULT_CACHE = MixCache()
 #: A replica's mix-load counters, in :meth:`GeneratorReplica.info` (in all and by mix label).
 LOAD_COUNTERS = ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s")
 
@@ -66,7 +93,7 @@ LOAD_COUNTERS = ("mix_loads", "mix_load_s", "adapter_loads", "adapter_load_s")
 def kept_adapters(spare: set[str], needed: set[str], last_used: Mapping[str, int], limit: int) -> set[str]:
     """Of the loaded adapters in ``spare`` (no cached mix nor the incoming one uses them; their file is the
     version loaded), those a load keeps: the most recently used, while the adapters kept and ``needed`` number
-    at most ``limit`` (MAX_LOADED_ADAPTERS)."""
+    at most ``limit`` (:attr:`MixCache.keep_adapters`)."""
     room = limit - len(needed)
     recent = sorted(spare - needed, key=lambda name: (last_used.get(name, 0), name), reverse=True)
     return set(recent[: max(room, 0)])
@@ -107,8 +134,11 @@ class GeneratorReplica:
     while another request of this replica is using it), events as typed values."""
 
     def __init__(self, generator: DeskGenerator, replica_id: Callable[[], str] = lambda: "local",
-                 observer: GeneratorObserver | None = None) -> None:  # fmt: skip
+                 observer: GeneratorObserver | None = None, cache: MixCache = DEFAULT_CACHE) -> None:  # fmt: skip
         self.generator = generator
+        #: How many mixes Serve's LRU caches for this replica (the Serve wrapper sizes it) and how many loaded
+        #: adapters no cached mix uses a load keeps (:func:`kept_adapters`).
+        self.cache = cache
         self.replica_id = replica_id
         self.observer = observer or GeneratorObserver()
         self.lock = asyncio.Lock()
@@ -190,7 +220,7 @@ class GeneratorReplica:
         ``adapters`` not loaded; returns how many it loaded and the seconds that took (0 when none was missing)."""
         registry = self.generator.registry
         spare = {name for name in self.generator.loaded_adapters() - needed if registry.recorded(name) == (True, None)}
-        dropped = self.generator.unload_adapters(needed | kept_adapters(spare, needed, last_used, MAX_LOADED_ADAPTERS))
+        dropped = self.generator.unload_adapters(needed | kept_adapters(spare, needed, last_used, self.cache.keep_adapters))
         if dropped:
             log.info("dropped adapters %s: no cached mix uses them", dropped)
         started = time.perf_counter()
@@ -370,6 +400,7 @@ class GeneratorReplica:
             "unavailable": self.generator.unavailable,
             "loaded_adapters": sorted(self.generator.loaded_adapters()),
             "cached_mixes": sorted(self.cached),
+            "cache": self.cache.model_dump(),
             "active_mix": self.generator.active_mix_id,
             "base_loads": type(self.generator).base_loads,
             **{key: round(self.load_total(key), 6) for key in LOAD_COUNTERS},
@@ -387,7 +418,8 @@ class Generator:
     """Generates images with the replica's one pipeline, one generation at a time. ``generator``
     injects an already loaded :class:`DeskGenerator` (tests); otherwise ``settings`` load one."""
 
-    def __init__(self, settings: GeneratorSettings, *, generator: DeskGenerator | None = None) -> None:
+    def __init__(self, settings: GeneratorSettings, *, cache: MixCache = DEFAULT_CACHE,
+                 generator: DeskGenerator | None = None) -> None:  # fmt: skip
         stamp_library_logs()
         if generator is None:
             from deskgen.generator import DeskGenerator
@@ -395,24 +427,24 @@ class Generator:
             generator = DeskGenerator.from_pretrained(settings)
         observer = GeneratorMetrics()
         observer.base_loaded()
-        self.replica = GeneratorReplica(generator, _replica_id, observer)
-        #: The label of the request whose mix is being loaded (``get_mix`` takes only the id).
+        self.replica = GeneratorReplica(generator, _replica_id, observer, cache)
+        #: The label of the request whose mix is being loaded (``_load_mix`` takes only the id).
         self._loading_label = "adhoc"
+        # Serve's multiplexed LRU, sized by the configuration, so applied here and not at class definition.
+        # Bound to this instance under the loader's own name, Serve keeps the cache on the replica (and
+        # shuts it down with it) as it does for a decorated method.
+        self._load_mix = serve.multiplexed(max_num_models_per_replica=cache.mixes)(_load_mix)
         # New LoRA files are checked in the background, so /v1/mixes lists one this replica cannot hold
         # (e.g. wider than its hot-swap slots) before any request names it.
         self._stop_watch = threading.Event()
         threading.Thread(target=self.replica.watch_adapters, args=(self._stop_watch,), name="lora-watch",
                          daemon=True).start()  # fmt: skip
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_CACHED_MIXES)
-    async def get_mix(self, mix_id: str) -> LoadedMix:
-        return await self.replica.load_mix(mix_id, self._loading_label)
-
     def _get_mix(self, request: GenerationRequest) -> Callable[[], Awaitable[LoadedMix]]:
         def get() -> Awaitable[LoadedMix]:
             # Called inside the replica's lock: one mix load at a time, so the label cannot be mixed up.
             self._loading_label = request.mix_label
-            return self.get_mix(serve.get_multiplexed_model_id() or BASE_MIX_ID)  # type: ignore[no-any-return]
+            return self._load_mix(self, serve.get_multiplexed_model_id() or BASE_MIX_ID)  # type: ignore[no-any-return]
 
         return get
 
@@ -437,6 +469,12 @@ class Generator:
 
     def ping(self) -> str:
         return "ok"
+
+
+async def _load_mix(generator: Generator, mix_id: str) -> LoadedMix:
+    """What Serve's multiplexed LRU calls on a miss (:meth:`GeneratorReplica.load_mix`). Serve finds the
+    instance it caches for by this function's name (``generator._load_mix`` must be its wrapper)."""
+    return await generator.replica.load_mix(mix_id, generator._loading_label)
 
 
 def _replica_id() -> str:

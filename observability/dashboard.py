@@ -82,7 +82,7 @@ ROWS = [
         Panel("Mix loads and evictions per second", [
             ("sum by (mix) (rate(ray_deskgen_mix_loads_total[5m]))", "load {{mix}}"),
             ("sum by (mix) (rate(ray_deskgen_mix_evictions_total[5m]))", "evict {{mix}}"),
-        ], "ops", "Evictions that keep coming: more distinct mixes than replicas x MAX_CACHED_MIXES."),
+        ], "ops", "Evictions that keep coming: more distinct mixes than replicas x args.generator_cache.mixes."),
         Panel("Adapter load time by mix (p95)", quantiles("deskgen_adapter_load_seconds", "mix")[1:2], "s"),
         Panel("Multiplexed cache hit rate", [(
             "1 - sum(rate(ray_serve_multiplexed_models_load_counter_total[5m])) "

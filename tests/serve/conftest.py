@@ -37,6 +37,11 @@ def free_port() -> int:
 WEBHOOK_SECRET = "whsec_" + "dGVzdC1zZWNyZXQtb2YtdGhlLXNlcnZlLXRpZXI="
 
 
+#: The tier's Generator cache: fewer mixes than serve_config.yaml's 4, so a test can tell the configured size
+#: reached Serve's multiplexed LRU.
+TIER_CACHE = {"mixes": 3}
+
+
 def test_config(port: int, models: Path, lora_dir: Path, experiments_db: str, image_store: Path,
                 redis_url: str) -> dict[str, Any]:  # fmt: skip
     # Jobs: the tier's own Redis; a dead consumer's job redelivered within seconds; quick webhook retries.
@@ -44,7 +49,7 @@ def test_config(port: int, models: Path, lora_dir: Path, experiments_db: str, im
             "max_queued": 6, "idempotency_lease_s": 5, "webhooks": {"max_attempts": 3, "base_delay_s": 0.2, "max_total_s": 5, "timeout_s": 5}}  # fmt: skip
     config = with_models(load_serve_config(), models, lora_dir=str(lora_dir), experiments_db=experiments_db,
                          image_store={**app_args(load_serve_config())["image_store"], "dir": str(image_store)},
-                         jobs=jobs)  # fmt: skip
+                         jobs=jobs, generator_cache=TIER_CACHE)  # fmt: skip
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
     for d in app["deployments"]:

@@ -17,7 +17,7 @@ from PIL import Image
 from deskgen.pngmeta import read_png_metadata
 from deskgen.prompts.captions import DEFAULT_PREFIXES
 
-from .conftest import generator_info
+from .conftest import TIER_CACHE, generator_info
 from .helpers import assert_error, generate, parse_sse, text2img
 
 pytestmark = pytest.mark.serve
@@ -158,6 +158,24 @@ def test_alternating_mixes_never_reload_the_base(client: httpx.Client) -> None:
     # Each mix is loaded (its adapters activated) at most once; later requests hit the cache.
     assert after["mix_loads"] - before["mix_loads"] <= 2
     assert {"dalle:1.0", "ott:1.0"} <= set(after["cached_mixes"])
+
+
+def test_the_generator_caches_as_many_mixes_as_configured(client: httpx.Client) -> None:
+    """``args.generator_cache.mixes`` sizes Serve's multiplexed LRU (the tier sets 3, serve_config.yaml 4): after
+    one more mix than that, the least recently used one is evicted and loaded again when asked for."""
+    assert generator_info()["cache"] == {"mixes": TIER_CACHE["mixes"], "keep_adapters": TIER_CACHE["mixes"]}
+    names = ["dalle_only", "ott_only", "3d_only", "dalle_3d"][: TIER_CACHE["mixes"] + 1]
+    ids = []
+    for seed, name in enumerate(names):
+        response = text2img(client, mix=name, seed=seed)
+        assert response.status_code == 200, response.text
+        ids.append(response.headers["x-deskgen-mix"])
+    info = generator_info()
+    assert sorted(info["cached_mixes"]) == sorted(ids[1:]), info["cached_mixes"]  # the first one went
+    loads = info["mix_loads"]
+    assert text2img(client, mix=names[0], seed=9).status_code == 200
+    again = generator_info()
+    assert again["mix_loads"] == loads + 1 and ids[0] in again["cached_mixes"] and ids[1] not in again["cached_mixes"]
 
 
 # -- streaming ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from bench import soak
 from bench.router_sim import Replica, Timings, adapters_of
-from deployments.generator import MAX_CACHED_MIXES, MAX_LOADED_ADAPTERS
+from deployments.generator import DEFAULT_CACHE
 from deskgen.loras import LoraRegistry
 from deskgen.mixes import MixCatalog
 
@@ -112,13 +112,13 @@ def test_every_mix_resolves_and_the_cycle_reads_adapters_again_once_warm(tiny_mo
     ids = [catalog.resolve(spec).id for spec in mixes]
     assert len(set(ids)) == len(mixes) == len(soak.MIXES) + 2 * 5
     used = set().union(*(adapters_of(spec) for spec in mixes))
-    assert len(used) == 8 > MAX_LOADED_ADAPTERS
+    assert len(used) == 8 > DEFAULT_CACHE.keep_adapters
     # One replica going round the cycle, as the soak's clients make it (the replica's keep rule, as
     # bench.router_sim models it): once warm, every cycle still reads adapters, with 8 adapters; with the
     # tiny three alone, none.
     timings = Timings(image_s=1.0, switch_s=0.0, adapter_load_s=1.0, jitter=0.0)
     for adapters, reads_expected in ((8, True), (3, False)):
-        replica = Replica(0, MAX_CACHED_MIXES)
+        replica = Replica(0, DEFAULT_CACHE.mixes)
         cycle = soak.soak_mixes(adapters)
         for spec in cycle:
             replica.prepare(spec, timings)

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from deployments.captioner import CaptionerConfig
 from deployments.classifier import ClassifierConfig
+from deployments.generator import DEFAULT_CACHE, MixCache
 from deployments.ingress_models import IngressConfig
 from deskgen.mixes import NAMED_MIXES, MixCatalog
 from deskgen.paths import PROJECT_ROOT
@@ -105,6 +106,25 @@ def test_a_misspelt_generator_option_fails_the_build_naming_it() -> None:
     with pytest.raises(InvalidParameter) as info:
         build_app(DeskgenArgs(generator_options={"fuse_hot_mx": "ott_3d"}))
     assert info.value.field == "fuse_hot_mx" and "not a generator setting" in info.value.message
+
+
+def test_the_generator_cache_is_checked_at_build_and_keeps_as_many_adapters_as_mixes(config: dict[str, Any]) -> None:
+    """`args.generator_cache` sizes Serve's multiplexed LRU and the adapters kept per Generator replica; a bad
+    value fails the build naming the field, not a replica later."""
+    from graph import build_app
+
+    (app,) = config["applications"]
+    assert DeskgenArgs.model_validate(app["args"]).generator_cache == DEFAULT_CACHE == MixCache(mixes=4, keep_adapters=4)
+    assert DeskgenArgs(generator_cache={"mixes": 6}).generator_cache.keep_adapters == 6  # type: ignore[arg-type]
+    assert MixCache(mixes=6, keep_adapters=None).keep_adapters == 6  # type: ignore[arg-type]  # null in YAML
+    assert MixCache(mixes=6, keep_adapters=0).keep_adapters == 0
+    cache = MixCache(mixes=2, keep_adapters=1)
+    ingress = build_app(DeskgenArgs(generator_cache=cache))._bound_deployment
+    assert ingress.init_kwargs["generator"]._bound_deployment.init_kwargs["cache"] == cache  # what the replicas get
+    for bad, field in (({"mixes": 0}, "mixes"), ({"mixes": "four"}, "mixes"), ({"keep_adapters": -1}, "keep_adapters"),
+                       ({"mixs": 3}, "mixs")):  # fmt: skip
+        with pytest.raises(ValidationError, match=rf"generator_cache\.{field}"):
+            DeskgenArgs.model_validate({"generator_cache": bad})
 
 
 def test_importing_the_graph_loads_no_model_library() -> None:

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments import generator as generator_module
 from deployments.captioner import Captioner as CaptionerDeployment
 from deployments.classifier import Classifier as ClassifierDeployment
-from deployments.generator import GeneratorReplica, LoadedMix, kept_adapters
+from deployments.generator import DEFAULT_CACHE, GeneratorReplica, LoadedMix, MixCache, kept_adapters
 from deployments.metrics import GeneratorObserver
 from deskgen.contracts import (
     CaptionResult,
@@ -62,12 +61,12 @@ def replica(tiny_models: Path) -> GeneratorReplica:
 
 
 def test_an_evicted_mix_s_adapters_go_at_the_next_load_except_those_the_loaded_mix_uses(
-    replica: GeneratorReplica, monkeypatch: pytest.MonkeyPatch
+    replica: GeneratorReplica,
 ) -> None:
     """Serve evicts the least recently used mix, then loads the mix that needs the room. The adapters only the
     evicted mix used are dropped by that load (none kept beyond the cached mixes' here), except those the
     incoming mix uses: those are never dropped and loaded again at once (what an unload at the eviction did)."""
-    monkeypatch.setattr(generator_module, "MAX_LOADED_ADAPTERS", 0)
+    replica.cache = MixCache(keep_adapters=0)
     loads: list[str] = []
     strategy = replica.generator.adapters
     original = strategy.load
@@ -102,12 +101,12 @@ def test_an_evicted_mix_s_adapters_go_at_the_next_load_except_those_the_loaded_m
 
 
 def test_load_counters_are_kept_by_the_label_each_load_was_requested_under(
-    replica: GeneratorReplica, monkeypatch: pytest.MonkeyPatch
+    replica: GeneratorReplica,
 ) -> None:
     """Which mixes' loads read adapter files: an A/B arm whose adapter the other cached mixes do not use is
     read again after an eviction (none kept beyond the cached mixes' here); the router bench attributes the
     arm's queue wait with these counters."""
-    monkeypatch.setattr(generator_module, "MAX_LOADED_ADAPTERS", 0)
+    replica.cache = MixCache(keep_adapters=0)
 
     async def scenario() -> None:
         first = await replica.load_mix(mix_id("dalle_ott"), "dalle_ott")  # reads dalle and ott
@@ -125,7 +124,7 @@ def test_load_counters_are_kept_by_the_label_each_load_was_requested_under(
 
 
 def test_the_most_recently_used_adapters_no_cached_mix_uses_are_kept_up_to_the_limit() -> None:
-    limit = generator_module.MAX_LOADED_ADAPTERS
+    limit = DEFAULT_CACHE.keep_adapters
     spare = {f"a{i}" for i in range(limit + 2)}
     last_used = {f"a{i}": i for i in range(limit + 2)}  # a0 the least recently used
     assert kept_adapters(spare, set(), last_used, limit) == {f"a{i}" for i in range(2, limit + 2)}
@@ -139,10 +138,10 @@ def test_the_most_recently_used_adapters_no_cached_mix_uses_are_kept_up_to_the_l
 def test_an_evicted_mix_comes_back_without_reading_its_adapters_again(tiny_models: Path, tmp_path: Path) -> None:
     """The colder A/B arm's adapter (dalle: no other cached mix uses it after its mix's eviction) stays
     loaded, so its mix's next load reads no file; a file changed since it was loaded is not kept."""
-    assert generator_module.MAX_LOADED_ADAPTERS >= 3  # the tiny models' three adapters all fit
     shutil.copytree(tiny_models / "loras", tmp_path / "loras")
     generator = DeskGenerator.from_pretrained(settings_for(tiny_models, tmp_path / "loras"))
     replica = GeneratorReplica(generator, replica_id=lambda: "r1")
+    assert replica.cache == DEFAULT_CACHE and replica.cache.keep_adapters >= 3  # the tiny models' three adapters all fit
 
     async def scenario() -> None:
         arm = await replica.load_mix(mix_id("dalle_ott"), "dalle_ott")
