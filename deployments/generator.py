@@ -55,8 +55,9 @@ ADAPTER_CHECK_S = 2.0
 
 
 class MixCache(BaseModel):
-    """How much of the mixes a Generator replica serves it keeps: ``args.generator_cache`` in
-    serve_config.yaml, checked when the application is built. Changing it restarts the replicas."""
+    """How many mixes a Generator replica caches and how many adapters it keeps loaded:
+    ``args.generator_cache`` in serve_config.yaml, checked when the application is built (a bad value fails
+    the deploy naming its field). A change restarts the Generator replicas (a constructor argument)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
